@@ -182,6 +182,11 @@ def iso_time(ts: float | None) -> str | None:
 # (section 2 body)
 
 
+# ---- abstraction names (holds and bookmarks that protect replication) ----
+
+# (section 2b body)
+
+
 # =================================================================================================
 # 3. Keep rules
 # =================================================================================================
