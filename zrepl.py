@@ -26,6 +26,7 @@ Map of this file (sections in dependency order; a section only uses those above 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import errno
@@ -59,6 +60,10 @@ log = logging.getLogger("zrepl")
 
 class ZreplError(Exception):
     """Base of every error we expect and report without a traceback."""
+
+
+class UsageError(ZreplError):
+    """Bad command-line input (exit code 2)."""
 
 
 class ConfigError(ZreplError):
@@ -198,7 +203,636 @@ def iso_time(ts: float | None) -> str | None:
 # 4. Config
 # =================================================================================================
 
-# (section 4 body)
+CONFIG_SEARCH_PATH = ("/etc/zrepl/zrepl.toml", "/usr/local/etc/zrepl/zrepl.toml")
+JOB_TYPES = ("snap", "push", "sink", "pull", "source")
+PROTECTION_LEVELS = ("guarantee_resumability", "guarantee_incremental", "guarantee_nothing")
+INITIAL_REPLICATION = ("most_recent", "all", "fail")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("human", "logfmt", "json")
+_JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_\-:.]+$")
+_REQUIRED = object()
+
+
+@dataclass
+class LoggingConfig:
+    """One log outlet: stderr in a format, or syslog."""
+
+    type: str = "stderr"
+    level: str = "info"
+    format: str = "human"
+    facility: str = "daemon"
+
+
+@dataclass
+class MonitoringConfig:
+    """Thresholds for `zrepl.py status` exit codes (Nagios style)."""
+
+    warn_no_success_after: float = 2 * 3600
+    crit_no_success_after: float = 6 * 3600
+
+
+@dataclass
+class GlobalConfig:
+    """The `[global]` table."""
+
+    status_file: str = "/run/zrepl/status.json"
+    runtime_dir: str = "/run/zrepl"
+    logging: list[LoggingConfig] = field(default_factory=lambda: [LoggingConfig()])
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+
+
+@dataclass
+class HookConfig:
+    """A snapshot hook: `command`, `postgres-checkpoint` or `mysql-lock-tables`."""
+
+    type: str
+    filesystems: DatasetFilter
+    err_is_fatal: bool = False
+    timeout: float = 30.0
+    path: str = ""
+    dsn: str = ""
+
+
+@dataclass
+class SnapshottingConfig:
+    """`snapshotting`: periodic (interval), cron (5-field spec) or manual."""
+
+    type: str = "manual"
+    prefix: str = ""
+    interval: float = 0.0
+    cron: CronSpec | None = None
+    timestamp_format: str = "dense"
+    timestamp_location: str = "UTC"
+    hooks: list[HookConfig] = field(default_factory=list)
+
+
+@dataclass
+class BandwidthLimit:
+    """Token bucket: `max` bytes per second, `bucket_capacity` bytes of burst."""
+
+    max: int
+    bucket_capacity: int
+
+
+@dataclass
+class SendConfig:
+    """`send` options of push and source jobs (zfs send flags)."""
+
+    encrypted: bool = False
+    raw: bool = False
+    send_properties: bool = False
+    backup_properties: bool = False
+    large_blocks: bool = False
+    compressed: bool = False
+    embedded_data: bool = False
+    saved: bool = False
+    bandwidth_limit: BandwidthLimit | None = None
+
+
+@dataclass
+class RecvConfig:
+    """`recv` options of sink and pull jobs."""
+
+    inherit: list[str] = field(default_factory=list)
+    override: dict[str, str] = field(default_factory=dict)
+    placeholder_encryption: str = "unspecified"
+    bandwidth_limit: BandwidthLimit | None = None
+
+
+@dataclass
+class ReplicationConfig:
+    """`replication`: protection levels, step concurrency and the watchdog timeout."""
+
+    protection_initial: str = "guarantee_resumability"
+    protection_incremental: str = "guarantee_resumability"
+    concurrency_steps: int = 1
+    timeout: float = 600.0
+
+
+@dataclass
+class ConnectConfig:
+    """`connect` of push and pull jobs: `local` or `ssh+stdinserver`."""
+
+    type: str
+    listener_name: str = ""
+    client_identity: str = ""
+    host: str = ""
+    user: str = "root"
+    port: int = 22
+    identity_file: str = ""
+    options: list[str] = field(default_factory=list)
+    dial_timeout: float = 10.0
+    ssh_command: str = "ssh"
+
+
+@dataclass
+class ServeConfig:
+    """`serve` of sink and source jobs: `local` or `stdinserver`."""
+
+    type: str
+    listener_name: str = ""
+    client_identities: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JobConfig:
+    """One `[[jobs]]` entry. Fields that do not apply to the job's type keep their defaults."""
+
+    name: str
+    type: str
+    filesystems: DatasetFilter | None = None
+    snapshotting: SnapshottingConfig = field(default_factory=SnapshottingConfig)
+    keep: list[Any] = field(default_factory=list)
+    keep_sender: list[Any] = field(default_factory=list)
+    keep_receiver: list[Any] = field(default_factory=list)
+    connect: ConnectConfig | None = None
+    serve: ServeConfig | None = None
+    root_fs: str = ""
+    interval: float | None = None  # pull jobs; None means manual
+    send: SendConfig = field(default_factory=SendConfig)
+    recv: RecvConfig = field(default_factory=RecvConfig)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    initial_replication: str = "most_recent"
+    path: str = ""  # key path, e.g. jobs[2], for messages
+
+
+@dataclass
+class Config:
+    """A loaded, validated configuration."""
+
+    file: str
+    global_: GlobalConfig
+    jobs: list[JobConfig]
+
+    def job(self, name: str) -> JobConfig:
+        for job in self.jobs:
+            if job.name == name:
+                return job
+        raise ConfigError(f"no job named {name!r} (jobs: {', '.join(j.name for j in self.jobs) or 'none'})",
+                          file=self.file)
+
+
+class _Table:
+    """Reads one TOML table strictly: tracks the key path, checks types, rejects unknown keys."""
+
+    def __init__(self, data: Any, path: str, file: str):
+        if not isinstance(data, dict):
+            raise ConfigError(f"must be a table, got {_toml_type(data)}", path, file)
+        self.data, self.path, self.file = data, path, file
+        self.seen: set[str] = set()
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, self.key_path(key), self.file)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise self.error(key, "is required")
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            names = " or ".join(_TOML_NAMES.get(k, k.__name__) for k in kinds)
+            raise self.error(key, f"must be {names}, got {_toml_type(value)} {value!r}")
+        return value
+
+    def convert(self, key: str, kind: type | tuple[type, ...], fn: Callable[[Any], Any], default: Any = _REQUIRED) -> Any:
+        if key not in self.data and default is not _REQUIRED:
+            self.seen.add(key)
+            return default
+        value = self.get(key, kind)
+        try:
+            return fn(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+
+    def choice(self, key: str, choices: Sequence[str], default: Any = _REQUIRED) -> str:
+        value = self.get(key, str, default)
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        return value
+
+    def table(self, key: str) -> _Table | None:
+        self.seen.add(key)
+        if key not in self.data:
+            return None
+        return _Table(self.data[key], self.key_path(key), self.file)
+
+    def tables(self, key: str) -> list[_Table]:
+        items = self.get(key, list, [])
+        return [_Table(item, f"{self.key_path(key)}[{i}]", self.file) for i, item in enumerate(items)]
+
+    def finish(self) -> None:
+        unknown = [k for k in self.data if k not in self.seen]
+        if unknown:
+            valid = ", ".join(sorted(self.seen)) or "none"
+            raise self.error(unknown[0], f"unknown key (valid keys here: {valid})")
+
+
+_TOML_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
+               dict: "a table"}
+
+
+def _toml_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    return {str: "string", int: "integer", float: "float", list: "array", dict: "table"}.get(type(value), type(value).__name__)
+
+
+def find_config_file(explicit: str | None) -> str:
+    """--config, then $ZREPL_CONFIG, then the standard locations."""
+    if explicit:
+        return explicit
+    if os.environ.get("ZREPL_CONFIG"):
+        return os.environ["ZREPL_CONFIG"]
+    for candidate in CONFIG_SEARCH_PATH:
+        if os.path.exists(candidate):
+            return candidate
+    raise ConfigError(f"no config file found (tried --config, $ZREPL_CONFIG, {', '.join(CONFIG_SEARCH_PATH)})")
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a config file; every problem is a ConfigError naming file and key path."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", file=path) from None
+    return parse_config(raw.decode("utf-8", "replace"), path)
+
+
+def parse_config(text: str, file: str = "<config>") -> Config:
+    """Parse TOML text into a validated Config."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        line = int(m.group(1)) if m else None
+        raise ConfigError(f"TOML syntax error: {exc}", file=file, line=line) from None
+    top = _Table(data, "", file)
+    gtable = top.table("global")
+    global_ = _parse_global(gtable) if gtable else GlobalConfig()
+    jobs = [_parse_job(t) for t in top.tables("jobs")]
+    top.finish()
+    seen: dict[str, str] = {}
+    for job in jobs:
+        if job.name in seen:
+            raise ConfigError(f"job name {job.name!r} is already used by {seen[job.name]}", f"{job.path}.name", file)
+        seen[job.name] = job.path
+    _check_local_listeners(jobs, file)
+    return Config(file=file, global_=global_, jobs=jobs)
+
+
+def _parse_global(t: _Table) -> GlobalConfig:
+    g = GlobalConfig()
+    g.status_file = t.convert("status_file", str, _absolute_path, g.status_file)
+    g.runtime_dir = t.convert("runtime_dir", str, _absolute_path, g.runtime_dir)
+    if t.has("logging"):
+        g.logging = []
+        for lt in t.tables("logging"):
+            outlet = LoggingConfig(type=lt.choice("type", ("stderr", "syslog"), "stderr"),
+                                   level=lt.choice("level", LOG_LEVELS, "info"),
+                                   format=lt.choice("format", LOG_FORMATS, "human"),
+                                   facility=lt.get("facility", str, "daemon"))
+            lt.finish()
+            g.logging.append(outlet)
+    mt = t.table("monitoring")
+    if mt:
+        m = MonitoringConfig()
+        m.warn_no_success_after = mt.convert("warn_no_success_after", (str, int), parse_duration, m.warn_no_success_after)
+        m.crit_no_success_after = mt.convert("crit_no_success_after", (str, int), parse_duration, m.crit_no_success_after)
+        if m.crit_no_success_after < m.warn_no_success_after:
+            raise mt.error("crit_no_success_after", "must not be shorter than warn_no_success_after")
+        mt.finish()
+        g.monitoring = m
+    t.finish()
+    return g
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, got {value!r}")
+    return value
+
+
+def _job_name(value: str) -> str:
+    if not _JOB_NAME_RE.match(value) or value in (".", ".."):
+        raise ValueError(f"job name {value!r} may only use ZFS name characters [A-Za-z0-9_-:.] "
+                         "(it becomes part of hold tags and bookmark names)")
+    if value.startswith("_"):
+        raise ValueError(f"job name {value!r} must not start with '_'")
+    return value
+
+
+_JOB_KEYS = {
+    "snap": {"filesystems", "snapshotting", "pruning"},
+    "push": {"connect", "filesystems", "send", "snapshotting", "pruning", "replication", "conflict_resolution"},
+    "sink": {"serve", "root_fs", "recv"},
+    "pull": {"connect", "root_fs", "interval", "recv", "pruning", "replication", "conflict_resolution"},
+    "source": {"serve", "filesystems", "send", "snapshotting"},
+}
+
+
+def _parse_job(t: _Table) -> JobConfig:
+    name = t.convert("name", str, _job_name)
+    jtype = t.choice("type", JOB_TYPES)
+    job = JobConfig(name=name, type=jtype, path=t.path)
+    allowed = _JOB_KEYS[jtype]
+    for key in t.data:
+        if key not in allowed and key not in ("name", "type"):
+            raise t.error(key, f"unknown key for a {jtype} job (valid keys: name, type, {', '.join(sorted(allowed))})")
+    if "filesystems" in allowed:
+        job.filesystems = t.convert("filesystems", dict, DatasetFilter)
+    if "root_fs" in allowed:
+        job.root_fs = t.convert("root_fs", str, validate_dataset_name)
+    if "snapshotting" in allowed:
+        st = t.table("snapshotting")
+        if st is None:
+            raise t.error("snapshotting", "is required (use type = \"manual\" to take no snapshots)")
+        job.snapshotting = _parse_snapshotting(st)
+    if "pruning" in allowed:
+        pt = t.table("pruning")
+        if pt is None:
+            raise t.error("pruning", "is required (an empty keep list keeps everything)")
+        if jtype == "snap":
+            job.keep = _parse_keep_rules(pt, "keep", allow_not_replicated=False, job_type=jtype)
+        else:
+            job.keep_sender = _parse_keep_rules(pt, "keep_sender", allow_not_replicated=True, job_type=jtype)
+            job.keep_receiver = _parse_keep_rules(pt, "keep_receiver", allow_not_replicated=False, job_type=jtype)
+        pt.finish()
+    if "connect" in allowed:
+        ct = t.table("connect")
+        if ct is None:
+            raise t.error("connect", "is required")
+        job.connect = _parse_connect(ct)
+    if "serve" in allowed:
+        sv = t.table("serve")
+        if sv is None:
+            raise t.error("serve", "is required")
+        job.serve = _parse_serve(sv)
+    if "send" in allowed:
+        se = t.table("send")
+        if se:
+            job.send = _parse_send(se)
+    if "recv" in allowed:
+        rt = t.table("recv")
+        if rt:
+            job.recv = _parse_recv(rt)
+    if "replication" in allowed:
+        rp = t.table("replication")
+        if rp:
+            job.replication = _parse_replication(rp)
+    if "conflict_resolution" in allowed:
+        cr = t.table("conflict_resolution")
+        if cr:
+            job.initial_replication = cr.choice("initial_replication", INITIAL_REPLICATION, "most_recent")
+            cr.finish()
+    if "interval" in allowed:
+        value = t.get("interval", (str, int))
+        if value == "manual":
+            job.interval = None
+        else:
+            job.interval = t.convert("interval", (str, int), _positive_duration)
+    t.finish()
+    return job
+
+
+def _positive_duration(value: str | int) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be a positive duration, got {value!r}")
+    return seconds
+
+
+def _parse_snapshotting(t: _Table) -> SnapshottingConfig:
+    s = SnapshottingConfig(type=t.choice("type", ("periodic", "cron", "manual")))
+    if s.type == "manual":
+        t.finish()
+        return s
+    s.prefix = t.get("prefix", str)
+    if not s.prefix:
+        raise t.error("prefix", "must not be empty")
+    try:
+        validate_snapshot_short_name(s.prefix)
+    except ValueError as exc:
+        raise t.error("prefix", str(exc)) from None
+    if s.type == "periodic":
+        s.interval = t.convert("interval", (str, int), _positive_duration)
+    else:
+        s.cron = t.convert("cron", str, CronSpec.parse)
+    s.timestamp_format = t.get("timestamp_format", str, "dense")
+    s.timestamp_location = t.get("timestamp_location", str, "UTC")
+    try:
+        validate_timestamp_format(s.timestamp_format, s.timestamp_location)
+        snapshot_name(s.prefix, s.timestamp_format, 0.0, s.timestamp_location)
+    except ValueError as exc:
+        raise t.error("timestamp_format", str(exc)) from None
+    s.hooks = [_parse_hook(h) for h in t.tables("hooks")]
+    t.finish()
+    return s
+
+
+def _parse_hook(t: _Table) -> HookConfig:
+    htype = t.choice("type", ("command", "postgres-checkpoint", "mysql-lock-tables"))
+    needs_filter = htype != "command"
+    if needs_filter and not t.has("filesystems"):
+        raise t.error("filesystems", f"is required for {htype} hooks")
+    filt = t.convert("filesystems", dict, DatasetFilter, None) or DatasetFilter({"<": True})
+    hook = HookConfig(type=htype, filesystems=filt, err_is_fatal=t.get("err_is_fatal", bool, False))
+    if htype != "mysql-lock-tables":
+        hook.timeout = t.convert("timeout", (str, int), _positive_duration, 30.0)
+    if htype == "command":
+        hook.path = t.convert("path", str, _absolute_path)
+    else:
+        hook.dsn = t.get("dsn", str)
+    t.finish()
+    return hook
+
+
+def _parse_keep_rules(t: _Table, key: str, allow_not_replicated: bool, job_type: str) -> list[Any]:
+    if not t.has(key):
+        t.seen.add(key)
+        if job_type == "snap" or key in ("keep_sender", "keep_receiver"):
+            raise t.error(key, "is required (an empty list keeps every snapshot)")
+    rules = []
+    for rt in t.tables(key):
+        rtype = rt.choice("type", ("not_replicated", "last_n", "grid", "regex"))
+        try:
+            if rtype == "not_replicated":
+                if not allow_not_replicated:
+                    where = "snap jobs (nothing is replicated)" if job_type == "snap" else "keep_receiver"
+                    raise rt.error("type", f"not_replicated is not allowed in {where}")
+                rule = KeepNotReplicated(keep_snapshot_at_cursor=rt.get("keep_snapshot_at_cursor", bool, True))
+            elif rtype == "last_n":
+                count = rt.get("count", int)
+                if count <= 0:
+                    raise rt.error("count", f"must be greater than 0, got {count}")
+                regex = rt.convert("regex", str, _regex, None)
+                rule = KeepLastN(count=count, regex=regex)
+            elif rtype == "grid":
+                intervals = rt.convert("grid", str, parse_grid)
+                rule = KeepGrid(intervals=tuple(intervals), regex=rt.convert("regex", str, _regex))
+            else:
+                rule = KeepRegex(regex=rt.convert("regex", str, _regex), negate=rt.get("negate", bool, False))
+        except ValueError as exc:
+            raise rt.error("type", str(exc)) from None
+        rt.finish()
+        rules.append(rule)
+    return rules
+
+
+def _regex(value: str) -> str:
+    compile_regex(value)
+    return value
+
+
+def _parse_connect(t: _Table) -> ConnectConfig:
+    c = ConnectConfig(type=t.choice("type", ("local", "ssh+stdinserver")))
+    if c.type == "local":
+        c.listener_name = t.get("listener_name", str)
+        c.client_identity = t.convert("client_identity", str, _identity)
+    else:
+        c.host = t.get("host", str)
+        c.user = t.get("user", str, "root")
+        c.port = t.get("port", int, 22)
+        if not 0 < c.port < 65536:
+            raise t.error("port", f"must be between 1 and 65535, got {c.port}")
+        c.identity_file = t.convert("identity_file", str, _absolute_path)
+        c.options = t.get("options", list, [])
+        for i, opt in enumerate(c.options):
+            if not isinstance(opt, str):
+                raise ConfigError(f"must be a string like 'Compression=yes', got {opt!r}", f"{t.key_path('options')}[{i}]", t.file)
+        c.dial_timeout = t.convert("dial_timeout", (str, int), _positive_duration, 10.0)
+        c.ssh_command = t.get("ssh_command", str, "ssh")
+        for key, value in (("host", c.host), ("user", c.user)):
+            if not value or value.startswith("-") or any(ch.isspace() or ord(ch) < 32 for ch in value):
+                raise t.error(key, f"invalid {key} {value!r}")
+    t.finish()
+    return c
+
+
+def _identity(value: str) -> str:
+    """Client identities become a dataset name component on the sink."""
+    if not value or "/" in value:
+        raise ValueError(f"client identity {value!r} must be a single dataset name component")
+    validate_snapshot_short_name(value)  # same character rules as a single component
+    return value
+
+
+def _parse_serve(t: _Table) -> ServeConfig:
+    s = ServeConfig(type=t.choice("type", ("local", "stdinserver")))
+    if s.type == "local":
+        s.listener_name = t.get("listener_name", str)
+    else:
+        ids = t.get("client_identities", list)
+        if not ids:
+            raise t.error("client_identities", "must list at least one identity")
+        for i, ident in enumerate(ids):
+            try:
+                if not isinstance(ident, str):
+                    raise ValueError(f"must be a string, got {ident!r}")
+                _identity(ident)
+            except ValueError as exc:
+                raise ConfigError(str(exc), f"{t.key_path('client_identities')}[{i}]", t.file) from None
+        s.client_identities = list(ids)
+    t.finish()
+    return s
+
+
+def _parse_bandwidth(t: _Table | None) -> BandwidthLimit | None:
+    if t is None:
+        return None
+    rate = t.convert("max", (str, int), parse_size)
+    if rate <= 0:
+        raise t.error("max", "must be greater than 0")
+    capacity = t.convert("bucket_capacity", (str, int), parse_size, max(rate // 8, 128 * 1024))
+    t.finish()
+    return BandwidthLimit(max=rate, bucket_capacity=capacity)
+
+
+def _parse_send(t: _Table) -> SendConfig:
+    s = SendConfig()
+    for key in ("encrypted", "raw", "send_properties", "backup_properties", "large_blocks", "compressed",
+                "embedded_data", "saved"):
+        setattr(s, key, t.get(key, bool, False))
+    s.bandwidth_limit = _parse_bandwidth(t.table("bandwidth_limit"))
+    t.finish()
+    return s
+
+
+_PROPERTY_RE = re.compile(r"^[a-z0-9_.:\-]+$")
+
+
+def _parse_recv(t: _Table) -> RecvConfig:
+    r = RecvConfig()
+    pt = t.table("properties")
+    if pt:
+        inherit = pt.get("inherit", list, [])
+        for i, prop in enumerate(inherit):
+            if not isinstance(prop, str) or not _PROPERTY_RE.match(prop):
+                raise ConfigError(f"invalid property name {prop!r}", f"{pt.key_path('inherit')}[{i}]", t.file)
+        r.inherit = list(inherit)
+        override = pt.get("override", dict, {})
+        for prop, value in override.items():
+            if not _PROPERTY_RE.match(prop):
+                raise ConfigError(f"invalid property name {prop!r}", pt.key_path("override"), t.file)
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ConfigError(f"value must be a string or integer, got {value!r}", f"{pt.key_path('override')}.{prop}", t.file)
+        r.override = {k: str(v) for k, v in override.items()}
+        pt.finish()
+    ph = t.table("placeholder")
+    if ph:
+        r.placeholder_encryption = ph.choice("encryption", ("unspecified", "inherit", "off"), "unspecified")
+        ph.finish()
+    r.bandwidth_limit = _parse_bandwidth(t.table("bandwidth_limit"))
+    t.finish()
+    return r
+
+
+def _parse_replication(t: _Table) -> ReplicationConfig:
+    r = ReplicationConfig()
+    pt = t.table("protection")
+    if pt:
+        r.protection_initial = pt.choice("initial", PROTECTION_LEVELS, r.protection_initial)
+        r.protection_incremental = pt.choice("incremental", PROTECTION_LEVELS, r.protection_incremental)
+        pt.finish()
+    ct = t.table("concurrency")
+    if ct:
+        r.concurrency_steps = ct.get("steps", int, 1)
+        if r.concurrency_steps < 1:
+            raise ct.error("steps", "must be at least 1")
+        ct.get("size_estimates", int, 4)  # accepted for zrepl compatibility; estimates run in one pass
+        ct.finish()
+    r.timeout = t.convert("timeout", (str, int), _positive_duration, r.timeout)
+    t.finish()
+    return r
+
+
+def _check_local_listeners(jobs: list[JobConfig], file: str) -> None:
+    """Every local connect must name a local serve in the same config."""
+    listeners = {j.serve.listener_name: j for j in jobs if j.serve and j.serve.type == "local"}
+    for job in jobs:
+        if job.connect and job.connect.type == "local":
+            target = listeners.get(job.connect.listener_name)
+            if target is None:
+                raise ConfigError(f"no sink or source job serves local listener {job.connect.listener_name!r}",
+                                  f"{job.path}.connect.listener_name", file)
+            wanted = "sink" if job.type == "push" else "source"
+            if target.type != wanted:
+                raise ConfigError(f"a {job.type} job must connect to a {wanted}, but listener "
+                                  f"{job.connect.listener_name!r} is served by {target.type} job {target.name!r}",
+                                  f"{job.path}.connect.listener_name", file)
 
 
 # =================================================================================================
@@ -244,7 +878,270 @@ class DatasetInfo:
         return [v for v in self.versions if v.kind == "bookmark"]
 
 
-# (section 5 body)
+class ZfsError(ZreplError):
+    """A failed zfs/zpool command, classified so callers can decide what to do.
+
+    kind is one of: "not-exist", "exists", "busy", "no-space", "permission", "resume-token",
+    "diverged", "timeout", "other".
+    """
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str, kind: str = ""):
+        self.argv, self.returncode, self.stderr = list(argv), returncode, stderr.strip()
+        self.kind = kind or classify_zfs_error(self.stderr)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        status = "timed out" if self.returncode is None else f"exit {self.returncode}"
+        return f"`{shlex.join(self.argv)}` failed ({status}, {self.kind}): {self.stderr or '(no stderr)'}"
+
+
+_ERROR_PATTERNS = (
+    ("not-exist", ("does not exist", "no such pool", "no such dataset", "could not find any snapshots",
+                   "no such file or directory")),
+    ("busy", ("dataset is busy", "pool or dataset is busy", "is busy", "tag already exists on this dataset")),
+    ("exists", ("already exists",)),
+    ("no-space", ("out of space", "no space left", "quota exceeded")),
+    ("permission", ("permission denied", "operation not permitted", "insufficient privileges")),
+    ("resume-token", ("resume token", "kernel modules must be upgraded to receive this stream",
+                      "resuming stream", "contains partially-complete state")),
+    ("diverged", ("has been modified", "destination has snapshots", "most recent snapshot of", "does not match incremental source")),
+)
+
+
+def classify_zfs_error(stderr: str) -> str:
+    """Map zfs stderr text to an error kind (first matching pattern wins)."""
+    text = stderr.lower()
+    for kind, patterns in _ERROR_PATTERNS:
+        if any(p in text for p in patterns):
+            return kind
+    return "other"
+
+
+# Properties read by the one listing; user properties must come last (zfs prints "-" when unset).
+LIST_PROPERTIES = ("name", "type", "guid", "createtxg", "creation", "userrefs", "receive_resume_token",
+                   "encryption", "encryptionroot", "keystatus", "zrepl:placeholder")
+
+
+def zfs_list_argv(roots: Sequence[str], properties: Sequence[str] = LIST_PROPERTIES,
+                  types: str = "filesystem,volume,snapshot,bookmark") -> list[str]:
+    """One recursive listing of everything under the given roots (all pools when roots is empty)."""
+    return ["zfs", "list", "-H", "-p", "-r", "-t", types, "-o", ",".join(properties), *roots]
+
+
+def parse_zfs_list(output: str, properties: Sequence[str] = LIST_PROPERTIES) -> dict[str, DatasetInfo]:
+    """Parse `zfs list -Hp` output into datasets with their versions sorted by createtxg.
+
+    Unset properties ("-") are omitted from props. Versions of datasets not in the listing are
+    dropped (they cannot happen with -r, but a racing create must not crash the parser).
+    """
+    datasets: dict[str, DatasetInfo] = {}
+    versions: list[Version] = []
+    for line in output.splitlines():
+        if not line:
+            continue
+        cols = line.split("\t")
+        if len(cols) != len(properties):
+            raise ValueError(f"unexpected zfs list line with {len(cols)} columns, wanted {len(properties)}: {line!r}")
+        row = dict(zip(properties, cols))
+        name, kind = row["name"], row["type"]
+        if kind in ("filesystem", "volume"):
+            props = {k: v for k, v in row.items() if k not in ("name", "type", "guid", "createtxg") and v != "-"}
+            datasets[name] = DatasetInfo(name=name, type=kind, guid=_int(row.get("guid")),
+                                         createtxg=_int(row.get("createtxg")), props=props)
+        elif kind in ("snapshot", "bookmark"):
+            sep = "@" if kind == "snapshot" else "#"
+            dataset, _, short = name.partition(sep)
+            versions.append(Version(dataset=dataset, name=short, kind=kind, guid=_int(row.get("guid")),
+                                    createtxg=_int(row.get("createtxg")), creation=_int(row.get("creation")),
+                                    userrefs=_int(row.get("userrefs"))))
+    for v in versions:
+        if v.dataset in datasets:
+            datasets[v.dataset].versions.append(v)
+    for ds in datasets.values():
+        ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
+    return datasets
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text) if text not in (None, "-", "") else 0
+    except ValueError:
+        return 0
+
+
+def list_roots_for_filter(filt: DatasetFilter | None, extra: Iterable[str] = ()) -> list[str]:
+    """The smallest set of roots whose recursive listing covers every dataset a filter can accept.
+
+    An empty list means all pools. Roots are pool names: listing a whole pool in one spawn is cheap,
+    and covering patterns at pool level keeps the spawn count independent of the dataset count.
+    """
+    names: set[str] = set(extra)
+    if filt is not None:
+        for pattern, accept in filt.mapping.items():
+            if not accept:
+                continue
+            if pattern == "<":
+                return []
+            names.add(pattern.rstrip("<"))
+    return sorted({n.split("/")[0] for n in names})
+
+
+def snapshot_argv(full_names: Sequence[str]) -> list[str]:
+    """`zfs snapshot` of several datasets in one pool: atomic, one transaction group."""
+    return ["zfs", "snapshot", *full_names]
+
+
+def destroy_snapshots_argv(dataset: str, short_names: Sequence[str], dry_run: bool = False) -> list[str]:
+    """`zfs destroy fs@a,b,c`: one command for a batch of one dataset's snapshots."""
+    argv = ["zfs", "destroy"]
+    if dry_run:
+        argv.append("-nv")
+    return argv + [f"{dataset}@{','.join(short_names)}"]
+
+
+def holds_argv(full_names: Sequence[str]) -> list[str]:
+    return ["zfs", "holds", "-H", *full_names]
+
+
+def parse_holds(output: str) -> dict[str, list[str]]:
+    """`zfs holds -H` lines (name, tag, timestamp) -> snapshot -> tags."""
+    holds: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        cols = line.split("\t")
+        if len(cols) >= 2:
+            holds.setdefault(cols[0], []).append(cols[1])
+    return holds
+
+
+def hold_argv(tag: str, full_names: Sequence[str]) -> list[str]:
+    return ["zfs", "hold", tag, *full_names]
+
+
+def release_argv(tag: str, full_names: Sequence[str]) -> list[str]:
+    return ["zfs", "release", tag, *full_names]
+
+
+def bookmark_argv(source: str, bookmark: str) -> list[str]:
+    return ["zfs", "bookmark", source, bookmark]
+
+
+@dataclass
+class ZfsCounters:
+    """zfs spawns per verb (benchmarks and tests count them)."""
+
+    spawns: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, argv: Sequence[str]) -> None:
+        verb = argv[1] if len(argv) > 1 else argv[0]
+        with self.lock:
+            self.spawns[verb] = self.spawns.get(verb, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.spawns.values())
+
+
+class Zfs:
+    """The one place that runs zfs and zpool. Every command is an argv list, never a shell string.
+
+    Names are validated before they reach zfs. Failures raise ZfsError carrying argv and stderr.
+    """
+
+    def __init__(self, zfs_bin: str = "zfs", zpool_bin: str = "zpool", env: dict[str, str] | None = None):
+        self.zfs_bin, self.zpool_bin = zfs_bin, zpool_bin
+        self.env = env
+        self.counters = ZfsCounters()
+
+    def _resolve(self, argv: Sequence[str]) -> list[str]:
+        argv = list(argv)
+        if argv[0] == "zfs":
+            argv[0] = self.zfs_bin
+        elif argv[0] == "zpool":
+            argv[0] = self.zpool_bin
+        return argv
+
+    def run(self, argv: Sequence[str], *, check: bool = True, timeout: float | None = None,
+            input: bytes | None = None) -> subprocess.CompletedProcess:
+        """Run a short zfs command to completion and capture its output."""
+        self.counters.add(argv)
+        log.debug("exec %s", shlex.join(argv))
+        try:
+            proc = subprocess.run(self._resolve(argv), input=input, capture_output=True, timeout=timeout,
+                                  env=self.env)
+        except subprocess.TimeoutExpired as exc:
+            raise ZfsError(argv, None, (exc.stderr or b"").decode("utf-8", "replace"), kind="timeout") from None
+        except OSError as exc:
+            raise ZfsError(argv, 127, f"cannot execute {argv[0]}: {exc.strerror}") from None
+        if check and proc.returncode != 0:
+            raise ZfsError(argv, proc.returncode, proc.stderr.decode("utf-8", "replace"))
+        return proc
+
+    def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
+        """Start a long-running zfs command (send/recv streams); the caller owns the process."""
+        self.counters.add(argv)
+        log.debug("spawn %s", shlex.join(argv))
+        try:
+            return subprocess.Popen(self._resolve(argv), env=self.env, **popen_kwargs)
+        except OSError as exc:
+            raise ZfsError(argv, 127, f"cannot execute {argv[0]}: {exc.strerror}") from None
+
+    def list(self, roots: Sequence[str], properties: Sequence[str] = LIST_PROPERTIES) -> dict[str, DatasetInfo]:
+        """One recursive listing of the roots. Roots that do not exist are skipped, not fatal."""
+        for root in roots:
+            validate_dataset_name(root)
+        argv = zfs_list_argv(roots, properties)
+        proc = self.run(argv, check=False)
+        stderr = proc.stderr.decode("utf-8", "replace")
+        if proc.returncode != 0:
+            missing_only = all("does not exist" in line or not line.strip() for line in stderr.splitlines())
+            if not (missing_only and stderr.strip()):
+                raise ZfsError(argv, proc.returncode, stderr)
+            log.debug("zfs list: %s", stderr.strip())
+        return parse_zfs_list(proc.stdout.decode("utf-8", "replace"), properties)
+
+    def snapshot(self, full_names: Sequence[str]) -> None:
+        for name in full_names:
+            split_version_name(name)
+        self.run(snapshot_argv(full_names))
+
+    def destroy_snapshots(self, dataset: str, short_names: Sequence[str]) -> None:
+        """Destroy snapshots of one dataset in one command. Only ever snapshots: the '@' is ours."""
+        validate_dataset_name(dataset)
+        for short in short_names:
+            validate_snapshot_short_name(short)
+        if short_names:
+            self.run(destroy_snapshots_argv(dataset, short_names))
+
+    def holds(self, full_names: Sequence[str]) -> dict[str, list[str]]:
+        if not full_names:
+            return {}
+        proc = self.run(holds_argv(full_names), check=False)
+        return parse_holds(proc.stdout.decode("utf-8", "replace"))
+
+    def hold(self, tag: str, full_names: Sequence[str]) -> None:
+        if full_names:
+            self.run(hold_argv(tag, full_names))
+
+    def release(self, tag: str, full_names: Sequence[str]) -> None:
+        if full_names:
+            self.run(release_argv(tag, full_names))
+
+    def bookmark(self, source: str, bookmark: str) -> None:
+        split_version_name(source)
+        split_version_name(bookmark)
+        self.run(bookmark_argv(source, bookmark))
+
+    def destroy_bookmark(self, full_name: str) -> None:
+        dataset, sep, _ = split_version_name(full_name)
+        if sep != "#":
+            raise ValueError(f"not a bookmark: {full_name!r}")
+        self.run(["zfs", "destroy", full_name])
+
+    def get_property(self, dataset: str, prop: str) -> str:
+        validate_dataset_name(dataset)
+        out = self.run(["zfs", "get", "-H", "-p", "-o", "value", prop, dataset]).stdout.decode()
+        return out.strip()
 
 
 # =================================================================================================
@@ -279,35 +1176,1155 @@ class DatasetInfo:
 # 10. Snapshotter and hooks
 # =================================================================================================
 
-# (section 10 body)
+HOOK_OUTPUT_LIMIT = 1 << 20
+
+
+@dataclass
+class HookResult:
+    """The outcome of one hook edge (pre or post) for one or more filesystems."""
+
+    hook: str
+    edge: str  # "pre" or "post"
+    filesystems: list[str]
+    ok: bool
+    error: str | None = None
+    duration: float = 0.0
+    output: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def newest_prefixed_snapshot(ds: DatasetInfo, prefix: str) -> Version | None:
+    """The newest (createtxg) snapshot whose name starts with prefix."""
+    matching = [v for v in ds.snapshots() if v.name.startswith(prefix)]
+    return max(matching, key=lambda v: v.createtxg) if matching else None
+
+
+def snapshot_due(ds: DatasetInfo, snap: SnapshottingConfig, now: float) -> tuple[bool, float | None]:
+    """(due now?, when it will next be due). Sync-up: due-ness comes from the newest prefixed snapshot.
+
+    After downtime this catches up ONCE: one overdue snapshot, then the interval starts again.
+    """
+    newest = newest_prefixed_snapshot(ds, snap.prefix)
+    if snap.type == "periodic":
+        if newest is None:
+            return True, now
+        due_at = newest.creation + snap.interval
+        return due_at <= now, due_at
+    if snap.type == "cron" and snap.cron is not None:
+        last_fire = snap.cron.last_at_or_before(now, snap.timestamp_location)
+        if newest is None or (last_fire is not None and last_fire > newest.creation):
+            return True, now
+        return False, snap.cron.next_after(now, snap.timestamp_location)
+    return False, None
+
+
+def pool_of(dataset: str) -> str:
+    return dataset.split("/", 1)[0]
+
+
+class _Hook:
+    """One configured hook. Subclasses implement the pre and post edges for a set of filesystems."""
+
+    def __init__(self, cfg: HookConfig):
+        self.cfg = cfg
+
+    @property
+    def label(self) -> str:
+        return self.cfg.type + (f" {self.cfg.path}" if self.cfg.path else "")
+
+    def pre(self, filesystems: list[str], snapname: str, dry_run: bool) -> list[HookResult]:
+        raise NotImplementedError
+
+    def post(self, filesystems: list[str], snapname: str, dry_run: bool) -> list[HookResult]:
+        return []
+
+    def close(self) -> None:
+        """Release anything the pre edge kept open (called even when post is skipped)."""
+
+
+def _run_captured(argv: list[str], env: dict[str, str] | None, timeout: float,
+                  buffer: RingBuffer, stdin_data: bytes | None = None) -> tuple[int | None, str]:
+    """Run a hook process, streaming its output into a ring buffer (stdout info, stderr warn).
+
+    Returns (exit code or None on timeout, error text). On timeout the whole process group is killed.
+    """
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    except OSError as exc:
+        return 127, f"cannot execute {argv[0]}: {exc.strerror}"
+
+    def pump(stream: Any, level: int) -> None:
+        for line in iter(stream.readline, b""):
+            buffer.write(line)
+            log.log(level, "hook %s: %s", os.path.basename(argv[0]), line.decode("utf-8", "replace").rstrip())
+        stream.close()
+
+    threads = [threading.Thread(target=pump, args=(proc.stdout, logging.INFO), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, logging.WARNING), daemon=True)]
+    for t in threads:
+        t.start()
+    if stdin_data is not None:
+        try:
+            proc.stdin.write(stdin_data)
+            proc.stdin.close()
+        except OSError:
+            pass
+    try:
+        code: int | None = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        code = None
+    for t in threads:
+        t.join(timeout=5)
+    if code is None:
+        return None, f"timed out after {format_duration(timeout)} and was killed"
+    if code != 0:
+        return code, f"exited with status {code}"
+    return 0, ""
+
+
+class CommandHook(_Hook):
+    """`command` hook: runs an executable per filesystem with ZREPL_* environment variables."""
+
+    def _edge(self, edge: str, filesystems: list[str], snapname: str, dry_run: bool) -> list[HookResult]:
+        results = []
+        for fs in filesystems:
+            env = dict(os.environ)
+            env.update(ZREPL_HOOKTYPE=f"{edge}_snapshot", ZREPL_FS=fs, ZREPL_SNAPNAME=snapname,
+                       ZREPL_DRYRUN="true" if dry_run else "", ZREPL_TIMEOUT=str(int(self.cfg.timeout)))
+            buffer = RingBuffer(HOOK_OUTPUT_LIMIT)
+            started = time.monotonic()
+            code, error = _run_captured([self.cfg.path], env, self.cfg.timeout, buffer)
+            results.append(HookResult(self.label, edge, [fs], code == 0, error or None,
+                                      round(time.monotonic() - started, 3), buffer.text()))
+        return results
+
+    def pre(self, filesystems: list[str], snapname: str, dry_run: bool) -> list[HookResult]:
+        return self._edge("pre", filesystems, snapname, dry_run)
+
+    def post(self, filesystems: list[str], snapname: str, dry_run: bool) -> list[HookResult]:
+        return self._edge("post", filesystems, snapname, dry_run)
+
+
+class PostgresCheckpointHook(_Hook):
+    """`postgres-checkpoint`: one CHECKPOINT through psql before the snapshot of all its filesystems."""
+
+    def pre(self, filesystems: list[str], snapname: str, dry_run: bool) -> list[HookResult]:
+        buffer = RingBuffer(HOOK_OUTPUT_LIMIT)
+        started = time.monotonic()
+        if dry_run:
+            code, error = 0, ""
+            buffer.write(b"dry run: would run CHECKPOINT\n")
+        else:
+            argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.cfg.dsn, "-c", "CHECKPOINT"]
+            code, error = _run_captured(argv, None, self.cfg.timeout, buffer)
+        return [HookResult(self.label, "pre", list(filesystems), code == 0, error or None,
+                           round(time.monotonic() - started, 3), buffer.text())]
+
+
+def mysql_client_argv(dsn: str) -> tuple[list[str], dict[str, str]]:
+    """Translate a zrepl (go-sql-driver) DSN `user:pass@unix(/sock)/db` or `@tcp(host:port)` into
+    `mysql` client arguments; the password travels in MYSQL_PWD, never on the command line."""
+    m = re.match(r"^(?:(?P<user>[^:@]*)(?::(?P<pw>[^@]*))?@)?(?:(?P<net>unix|tcp)\((?P<addr>[^)]*)\))?/(?P<db>[^?]*)",
+                 dsn)
+    if not m:
+        raise ValueError(f"cannot parse MySQL DSN {dsn!r} (expected user:password@unix(/path/to.sock)/ "
+                         "or user:password@tcp(host:port)/)")
+    argv = ["mysql", "--batch", "--skip-column-names", "--unbuffered"]
+    env: dict[str, str] = {}
+    if m.group("user"):
+        argv.append(f"--user={m.group('user')}")
+    if m.group("pw"):
+        env["MYSQL_PWD"] = m.group("pw")
+    if m.group("net") == "unix":
+        argv += ["--protocol=socket", f"--socket={m.group('addr')}"]
+    elif m.group("net") == "tcp":
+        host, _, port = m.group("addr").rpartition(":") if ":" in m.group("addr") else (m.group("addr"), "", "")
+        argv += ["--protocol=tcp", f"--host={host or '127.0.0.1'}"] + ([f"--port={port}"] if port else [])
+    if m.group("db"):
+        argv.append(m.group("db"))
+    return argv, env
+
+
+class MysqlLockTablesHook(_Hook):
+    """`mysql-lock-tables`: FLUSH TABLES WITH READ LOCK on one client session held across the snapshot.
+
+    The lock lives as long as the session, so the `mysql` client stays running between the pre and
+    post edges; post sends UNLOCK TABLES on the same session. close() ends the session in any case.
+    """
+
+    _MARK = b"zrepl-lock-held"
+
+    def __init__(self, cfg: HookConfig):
+        super().__init__(cfg)
+        self.proc: subprocess.Popen | None = None
+        self.buffer = RingBuffer(HOOK_OUTPUT_LIMIT)
+
+    def pre(self, filesystems: list[str], snapname: str, dry_run: bool) -> list[HookResult]:
+        started = time.monotonic()
+        if dry_run:
+            return [HookResult(self.label, "pre", list(filesystems), True, None, 0.0,
+                               "dry run: would run FLUSH TABLES WITH READ LOCK")]
+        error = None
+        try:
+            argv, extra_env = mysql_client_argv(self.cfg.dsn)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, env={**os.environ, **extra_env},
+                                         start_new_session=True)
+            self.proc.stdin.write(b"FLUSH TABLES WITH READ LOCK;\nSELECT '" + self._MARK + b"';\n")
+            self.proc.stdin.flush()
+            error = self._await_mark(self.cfg.timeout)
+        except (OSError, ValueError) as exc:
+            error = str(exc)
+        if error:
+            self.close()
+        return [HookResult(self.label, "pre", list(filesystems), error is None, error,
+                           round(time.monotonic() - started, 3), self.buffer.text())]
+
+    def _await_mark(self, timeout: float) -> str | None:
+        """Read the client's output until our marker proves the lock is held."""
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        seen = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return f"FLUSH TABLES WITH READ LOCK did not complete within {format_duration(timeout)}"
+                if not sel.select(left):
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    code = self.proc.wait()
+                    return f"mysql client exited with status {code} before the lock was held"
+                self.buffer.write(chunk)
+                seen += chunk
+                if self._MARK in seen:
+                    return None
+
+    def post(self, filesystems: list[str], snapname: str, dry_run: bool) -> list[HookResult]:
+        started = time.monotonic()
+        if dry_run or self.proc is None:
+            return [HookResult(self.label, "post", list(filesystems), True, None, 0.0,
+                               "dry run: would run UNLOCK TABLES" if dry_run else "")]
+        error = None
+        try:
+            self.proc.stdin.write(b"UNLOCK TABLES;\n")
+            self.proc.stdin.close()
+            rest = self.proc.stdout.read()
+            self.buffer.write(rest)
+            code = self.proc.wait(timeout=30)
+            if code != 0:
+                error = f"mysql client exited with status {code}"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            error = f"UNLOCK TABLES failed: {exc}"
+        self.close()
+        return [HookResult(self.label, "post", list(filesystems), error is None, error,
+                           round(time.monotonic() - started, 3), self.buffer.text())]
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self.proc = None
+
+
+def make_hook(cfg: HookConfig) -> _Hook:
+    return {"command": CommandHook, "postgres-checkpoint": PostgresCheckpointHook,
+            "mysql-lock-tables": MysqlLockTablesHook}[cfg.type](cfg)
+
+
+@dataclass
+class SnapshotBatchResult:
+    """One snapshot name taken across the due filesystems of one pool, with its hooks."""
+
+    pool: str
+    name: str
+    snapshotted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # filesystem -> why no snapshot
+    hooks: list[HookResult] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # filesystem -> snapshot error
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hooks"] = [h.to_json() for h in self.hooks]
+        return d
+
+
+def snapshot_batch(zfs: Zfs, pool: str, filesystems: list[str], name: str, hooks_cfg: list[HookConfig],
+                   dry_run: bool = False) -> SnapshotBatchResult:
+    """Hooks' pre edges, ONE `zfs snapshot` for all of the pool's filesystems, post edges in reverse.
+
+    Stack model per filesystem (zrepl's): pre edges in config order; a failing err_is_fatal pre drops
+    that filesystem from the snapshot and skips its later pres; post edges run in reverse for every
+    hook whose pre succeeded. Database hooks run once for all their filesystems, so one lock covers
+    the whole atomic snapshot.
+    """
+    result = SnapshotBatchResult(pool=pool, name=name)
+    active = list(filesystems)
+    done: list[tuple[_Hook, list[str]]] = []
+    try:
+        for cfg in hooks_cfg:
+            targets = [fs for fs in active if cfg.filesystems.accepts(fs)]
+            if not targets:
+                continue
+            hook = make_hook(cfg)
+            edge_results = hook.pre(targets, name, dry_run)
+            result.hooks.extend(edge_results)
+            ok = [fs for r in edge_results if r.ok for fs in r.filesystems]
+            failed = [fs for r in edge_results if not r.ok for fs in r.filesystems]
+            done.append((hook, ok))
+            for r in edge_results:
+                if not r.ok:
+                    log.warning("pre-snapshot hook %s failed for %s: %s", hook.label, ", ".join(r.filesystems), r.error)
+            if cfg.err_is_fatal:
+                for fs in failed:
+                    active.remove(fs)
+                    result.skipped[fs] = f"pre-snapshot hook {hook.label} failed (err_is_fatal)"
+        if active:
+            full = [f"{fs}@{name}" for fs in active]
+            if dry_run:
+                log.info("dry run: would snapshot %s", ", ".join(full))
+                result.snapshotted = list(active)
+            else:
+                try:
+                    zfs.snapshot(full)
+                    result.snapshotted = list(active)
+                    log.info("snapshotted %d filesystem(s) of pool %s as @%s", len(active), pool, name)
+                except ZfsError as exc:
+                    # One bad filesystem must not cost the others their snapshot: retry one by one.
+                    log.warning("atomic snapshot of pool %s failed, retrying per filesystem: %s", pool, exc)
+                    for fs in active:
+                        try:
+                            zfs.snapshot([f"{fs}@{name}"])
+                            result.snapshotted.append(fs)
+                        except ZfsError as one:
+                            result.errors[fs] = str(one)
+    finally:
+        for hook, ok in reversed(done):
+            try:
+                if ok:
+                    post = hook.post(ok, name, dry_run)
+                    result.hooks.extend(post)
+                    for r in post:
+                        if not r.ok:
+                            log.warning("post-snapshot hook %s failed: %s", hook.label, r.error)
+            finally:
+                hook.close()
+    return result
+
+
+def take_due_snapshots(zfs: Zfs, snap: SnapshottingConfig, datasets: list[DatasetInfo], now: float,
+                       dry_run: bool = False) -> tuple[list[SnapshotBatchResult], float | None]:
+    """Snapshot every due filesystem, one command per pool, one name per run.
+
+    Returns the batches and the earliest time something will next be due.
+    """
+    if snap.type == "manual":
+        return [], None
+    due_by_pool: dict[str, list[str]] = {}
+    next_due: float | None = None
+    for ds in datasets:
+        due, when = snapshot_due(ds, snap, now)
+        if due:
+            due_by_pool.setdefault(pool_of(ds.name), []).append(ds.name)
+        elif when is not None:
+            next_due = when if next_due is None else min(next_due, when)
+    if not due_by_pool:
+        return [], next_due
+    name = snapshot_name(snap.prefix, snap.timestamp_format, now, snap.timestamp_location)
+    batches = [snapshot_batch(zfs, pool, fss, name, snap.hooks, dry_run) for pool, fss in sorted(due_by_pool.items())]
+    if snap.type == "periodic":
+        soonest = now + snap.interval
+    else:
+        soonest = snap.cron.next_after(now, snap.timestamp_location) if snap.cron else None
+    if soonest is not None:
+        next_due = soonest if next_due is None else min(next_due, soonest)
+    return batches, next_due
 
 
 # =================================================================================================
 # 11. Pruner
 # =================================================================================================
 
-# (section 11 body)
+@dataclass
+class PruneResult:
+    """What pruning did (or would do) to one dataset."""
+
+    dataset: str
+    destroyed: list[str] = field(default_factory=list)
+    kept: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> rules that keep it
+    held: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> hold tags (not destroyed)
+    errors: dict[str, str] = field(default_factory=dict)  # snapshot -> error
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "destroyed": self.destroyed, "kept": len(self.kept),
+                "held": self.held, "errors": self.errors, "notes": self.notes}
+
+
+def destroy_with_bisect(zfs: Zfs, dataset: str, names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Destroy snapshots of one dataset in one command; on failure split the batch in halves.
+
+    Returns (destroyed, errors by name). A snapshot that is already gone counts as destroyed.
+    """
+    if not names:
+        return [], {}
+    try:
+        zfs.destroy_snapshots(dataset, names)
+        return list(names), {}
+    except ZfsError as exc:
+        if len(names) == 1:
+            if exc.kind == "not-exist":
+                return list(names), {}
+            return [], {names[0]: exc.stderr or str(exc)}
+    half = len(names) // 2
+    left_done, left_err = destroy_with_bisect(zfs, dataset, names[:half])
+    right_done, right_err = destroy_with_bisect(zfs, dataset, names[half:])
+    return left_done + right_done, {**left_err, **right_err}
+
+
+def prune_datasets(zfs: Zfs, datasets: list[DatasetInfo], rules: Sequence[Any],
+                   contexts: dict[str, PruneContext] | None = None, dry_run: bool = False) -> list[PruneResult]:
+    """Apply keep rules to each dataset's snapshots; destroy the rest in batches.
+
+    Held snapshots are reported with their hold tags and left alone. Bookmarks and datasets are never
+    destroyed here: destroy_snapshots only ever names `dataset@snap`.
+    """
+    results: list[PruneResult] = []
+    plans: list[tuple[DatasetInfo, PruneDecision]] = []
+    held_candidates: list[str] = []
+    for ds in datasets:
+        ctx = (contexts or {}).get(ds.name) or PruneContext()
+        decision = decide_prune(ds.snapshots(), rules, ctx)
+        plans.append((ds, decision))
+        held_candidates += [v.full_name for v in decision.destroy if v.userrefs > 0]
+    hold_tags = zfs.holds(held_candidates) if held_candidates else {}
+    for ds, decision in plans:
+        result = PruneResult(dataset=ds.name, kept=decision.keep, notes=list(decision.notes))
+        victims = []
+        for v in decision.destroy:
+            if v.userrefs > 0:
+                result.held[v.name] = hold_tags.get(v.full_name, ["(unknown tag)"])
+            else:
+                victims.append(v.name)
+        for snap, tags in result.held.items():
+            log.warning("not destroying %s@%s: held by %s", ds.name, snap, ", ".join(tags))
+        if victims:
+            if dry_run:
+                log.info("dry run: would destroy %s@%s", ds.name, ",".join(victims))
+                result.destroyed = victims
+            else:
+                log.info("destroying %d snapshot(s) of %s: %s", len(victims), ds.name, ", ".join(victims))
+                result.destroyed, result.errors = destroy_with_bisect(zfs, ds.name, victims)
+                # A hold placed after our listing shows up as "dataset is busy": report its tags.
+                raced = zfs.holds([f"{ds.name}@{snap}" for snap in result.errors]) if result.errors else {}
+                for full, tags in raced.items():
+                    snap = full.partition("@")[2]
+                    if tags and snap in result.errors:
+                        del result.errors[snap]
+                        result.held[snap] = tags
+                for snap, err in result.errors.items():
+                    log.error("could not destroy %s@%s: %s", ds.name, snap, err)
+        results.append(result)
+    return results
 
 
 # =================================================================================================
 # 12. Jobs and watchdog
 # =================================================================================================
 
-# (section 12 body)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create a root-only directory (locks and requests live there)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+class JobLock:
+    """A per-job flock in the runtime dir, so overlapping cron/timer runs never work on one job twice.
+
+    The lock dies with the process, so a crashed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, runtime_dir: str, job: str):
+        self.path = os.path.join(runtime_dir, f"{job}.lock")
+        self.runtime_dir = runtime_dir
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        ensure_private_dir(self.runtime_dir)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return True
+
+    def holder_pid(self) -> int | None:
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class WakeupRequest:
+    """A file that asks whichever run holds the job to do one more pass before it exits.
+
+    Protocol (no wakeup is ever lost): the waker writes the request THEN tries the lock; a run
+    removes the request before each pass, checks it again before releasing the lock, and once more
+    after releasing it (then re-takes the lock if it can).
+    """
+
+    def __init__(self, runtime_dir: str, job: str):
+        self.path = os.path.join(runtime_dir, f"{job}.wakeup")
+        self.runtime_dir = runtime_dir
+
+    def post(self) -> None:
+        ensure_private_dir(self.runtime_dir)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, f"{time.time()}\n".encode())
+        os.close(fd)
+
+    def pending(self) -> bool:
+        return os.path.exists(self.path)
+
+    def consume(self) -> bool:
+        try:
+            os.unlink(self.path)
+            return True
+        except FileNotFoundError:
+            return False
+
+
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+def _no_publish(job: str, doc: dict[str, Any]) -> None:
+    pass
+
+
+@dataclass
+class PassResult:
+    """The outcome of one pass of a job."""
+
+    exit_code: int = EXIT_OK
+    error: str | None = None
+    failures: dict[str, str] = field(default_factory=dict)  # filesystem -> what failed
+
+
+class JobRunner:
+    """Runs passes of one job under its lock and publishes the job's status document.
+
+    `publish(job_name, doc)` is injected (the status section stores it), so this section does not
+    depend on how status is kept.
+    """
+
+    def __init__(self, config: Config, job: JobConfig, zfs: Zfs, publish: Publish = _no_publish,
+                 dry_run: bool = False, clock: Callable[[], float] = utcnow):
+        self.config, self.job, self.zfs = config, job, zfs
+        self.publish = publish if not dry_run else _no_publish
+        self.dry_run, self.clock = dry_run, clock
+        self.doc: dict[str, Any] = {"type": job.type, "state": "idle"}
+        self.last_batches: list[SnapshotBatchResult] = []  # for dry-run reports
+        self.last_prune: list[PruneResult] = []
+
+    # -- status helpers ------------------------------------------------------------------------
+    def _set_activity(self, step: str, progress: str = "") -> None:
+        self.doc["state"] = "running"
+        self.doc["pid"] = os.getpid()
+        self.doc["activity"] = {"step": step, "progress": progress, "since": iso_time(self.clock())}
+        self.publish(self.job.name, self.doc)
+
+    def _fs(self, name: str) -> dict[str, Any]:
+        return self.doc.setdefault("filesystems", {}).setdefault(name, {})
+
+    # -- runs ------------------------------------------------------------------------------------
+    def run(self, previous: dict[str, Any] | None = None) -> int | None:
+        """Run passes while wakeups are pending. Returns the worst exit code, or None if busy."""
+        rt = self.config.global_.runtime_dir
+        lock, wakeup = JobLock(rt, self.job.name), WakeupRequest(rt, self.job.name)
+        if previous:
+            for key in ("last_success", "filesystems", "last_run"):
+                if key in previous:
+                    self.doc[key] = previous[key]
+        worst: int | None = None
+        while True:
+            if not lock.try_acquire():
+                return worst
+            try:
+                while True:
+                    wakeup.consume()
+                    code = self.run_pass().exit_code
+                    worst = code if worst is None else max(worst, code)
+                    if not wakeup.pending():
+                        break
+                    log.info("job %s: wakeup requested during the run, running once more", self.job.name)
+            finally:
+                lock.release()
+            if not wakeup.pending():
+                return worst
+
+    def run_pass(self) -> PassResult:
+        """One pass: whatever the job type does (snapshot if due, replicate, prune)."""
+        started = self.clock()
+        self.doc["last_run"] = {"start": iso_time(started), "end": None, "result": "running",
+                                "dry_run": self.dry_run}
+        self._set_activity("starting")
+        try:
+            result = self._dispatch()
+        except ZreplError as exc:
+            log.error("job %s: %s", self.job.name, exc)
+            result = PassResult(EXIT_FAILED, error=str(exc))
+        ended = self.clock()
+        outcome = "ok" if result.exit_code == EXIT_OK else ("error" if result.error else "failed")
+        self.doc["last_run"] = {"start": iso_time(started), "end": iso_time(ended), "result": outcome,
+                                "error": result.error, "failures": result.failures, "dry_run": self.dry_run}
+        if outcome == "ok":
+            self.doc["last_success"] = iso_time(ended)
+        self.doc["state"] = "idle"
+        self.doc.pop("activity", None)
+        self.doc.pop("pid", None)
+        self.publish(self.job.name, self.doc)
+        return result
+
+    def _dispatch(self) -> PassResult:
+        if self.job.type in ("snap", "source"):
+            return self._snap_pass(prune=self.job.type == "snap")
+        if self.job.type == "sink":
+            log.info("job %s: sink jobs are passive; they run when a client connects", self.job.name)
+            return PassResult()
+        raise ZreplError(f"job {self.job.name}: {self.job.type} jobs are not supported by this version yet")
+
+    def _select(self) -> list[DatasetInfo]:
+        assert self.job.filesystems is not None
+        listing = self.zfs.list(list_roots_for_filter(self.job.filesystems))
+        return [ds for name, ds in sorted(listing.items()) if self.job.filesystems.accepts(name)]
+
+    def _snap_pass(self, prune: bool) -> PassResult:
+        result = PassResult()
+        self._set_activity("listing")
+        datasets = self._select()
+        if not datasets:
+            log.warning("job %s: the filesystems filter selects no dataset", self.job.name)
+        now = self.clock()
+        snap = self.job.snapshotting
+        if snap.type != "manual":
+            self._set_activity("snapshotting", f"{len(datasets)} filesystems")
+        batches, next_due = take_due_snapshots(self.zfs, snap, datasets, now, self.dry_run)
+        self.doc["next_snapshot_due"] = iso_time(next_due)
+        self.doc["snapshots"] = [b.to_json() for b in batches]
+        self.doc["hooks"] = [h.to_json() for b in batches for h in b.hooks]
+        for batch in batches:
+            for fs in batch.snapshotted:
+                self._fs(fs).update(last_snapshot=f"{fs}@{batch.name}", last_snapshot_time=iso_time(now),
+                                    snapshot_error=None)
+            for fs, why in {**batch.skipped, **batch.errors}.items():
+                self._fs(fs)["snapshot_error"] = why
+                result.failures[fs] = why
+        if prune:
+            if any(b.snapshotted for b in batches):
+                if self.dry_run:
+                    datasets = _with_planned_snapshots(datasets, batches, now)
+                else:
+                    datasets = self._select()  # pruning must see the new snapshots' real txg and guid
+            self._set_activity("pruning", f"{len(datasets)} filesystems")
+            pruned = prune_datasets(self.zfs, datasets, self.job.keep, dry_run=self.dry_run)
+            self.doc["pruning"] = {"destroyed": [f"{r.dataset}@{s}" for r in pruned for s in r.destroyed],
+                                   "kept": sum(len(r.kept) for r in pruned),
+                                   "held": {f"{r.dataset}@{s}": t for r in pruned for s, t in r.held.items()},
+                                   "errors": {f"{r.dataset}@{s}": e for r in pruned for s, e in r.errors.items()},
+                                   "notes": [n for r in pruned for n in r.notes]}
+            self.last_prune = pruned
+            for r in pruned:
+                self._fs(r.dataset)["pruning"] = r.to_json()
+                if r.errors:
+                    result.failures[r.dataset] = f"pruning: {len(r.errors)} snapshot(s) could not be destroyed"
+        if result.failures:
+            result.exit_code = EXIT_FAILED
+        self.last_batches = batches
+        return result
+
+
+def _with_planned_snapshots(datasets: list[DatasetInfo], batches: list[SnapshotBatchResult],
+                            now: float) -> list[DatasetInfo]:
+    """Dry run: pretend the planned snapshots exist so pruning shows what it would keep."""
+    planned = {fs: b.name for b in batches for fs in b.snapshotted}
+    out = []
+    for ds in datasets:
+        if ds.name in planned:
+            top = max((v.createtxg for v in ds.versions), default=ds.createtxg)
+            extra = Version(ds.name, planned[ds.name], "snapshot", 0, top + 1, int(now))
+            ds = dataclasses.replace(ds, versions=[*ds.versions, extra])
+        out.append(ds)
+    return out
 
 
 # =================================================================================================
 # 13. Status
 # =================================================================================================
 
-# (section 13 body)
+NAGIOS_OK, NAGIOS_WARNING, NAGIOS_CRITICAL, NAGIOS_UNKNOWN = 0, 1, 2, 3
+NAGIOS_NAMES = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
+STATUS_VERSION = 1
+
+
+class StatusStore:
+    """The JSON status file: read-merge-write under a lock, replaced atomically (temp file + rename).
+
+    Several processes (one per job run) share the file; each replaces only its own jobs' entries.
+    """
+
+    def __init__(self, path: str, runtime_dir: str):
+        self.path, self.runtime_dir = path, runtime_dir
+        self._lock = threading.Lock()
+
+    def read(self) -> dict[str, Any]:
+        """The current document; raises ZreplError if it exists but is unreadable."""
+        try:
+            with open(self.path) as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return {"version": STATUS_VERSION, "jobs": {}}
+        except (OSError, ValueError) as exc:
+            raise ZreplError(f"cannot read status file {self.path}: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), dict):
+            raise ZreplError(f"status file {self.path} is not a zrepl.py status document")
+        return doc
+
+    def job(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.read()["jobs"].get(name)
+        except ZreplError:
+            return None
+
+    def publish(self, job: str, job_doc: dict[str, Any]) -> None:
+        """Replace one job's entry. Status problems are logged, never fatal to the job."""
+        try:
+            with self._lock:
+                self._update(job, job_doc)
+        except (OSError, ZreplError) as exc:
+            log.warning("cannot write status file %s: %s", self.path, exc)
+
+    def _update(self, job: str, job_doc: dict[str, Any]) -> None:
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        ensure_private_dir(self.runtime_dir)
+        lock_fd = os.open(os.path.join(self.runtime_dir, "status.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                doc = self.read()
+            except ZreplError as exc:
+                log.warning("%s; starting a new status document", exc)
+                doc = {"version": STATUS_VERSION, "jobs": {}}
+            doc["version"] = STATUS_VERSION
+            doc["updated"] = iso_time(utcnow())
+            doc["jobs"][job] = job_doc
+            fd, tmp = tempfile.mkstemp(prefix=".status.", dir=directory)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(doc, f, indent=1, sort_keys=True, default=str)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        finally:
+            os.close(lock_fd)
+
+
+
+def parse_iso(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+@dataclass
+class JobHealth:
+    """One job's health for `zrepl.py status`: a Nagios level and a one-line summary."""
+
+    name: str
+    level: int
+    line: str
+    details: list[str] = field(default_factory=list)
+
+
+def _ago(ts: float | None, now: float) -> str:
+    return "never" if ts is None else f"{format_duration(now - ts)} ago"
+
+
+def evaluate_job(name: str, jtype: str, doc: dict[str, Any] | None, now: float,
+                 monitoring: MonitoringConfig) -> JobHealth:
+    """Turn a job's status document into a Nagios level and a summary line."""
+    if jtype == "sink" and not doc:
+        return JobHealth(name, NAGIOS_OK, "passive sink, no client has connected yet")
+    if not doc:
+        return JobHealth(name, NAGIOS_WARNING, "no run recorded yet")
+    level = NAGIOS_OK
+    parts: list[str] = []
+    details: list[str] = []
+    last = doc.get("last_run") or {}
+    success = parse_iso(doc.get("last_success"))
+    if doc.get("state") == "running":
+        act = doc.get("activity") or {}
+        if _pid_alive(doc.get("pid")):
+            parts.append(f"running: {act.get('step', '?')} {act.get('progress', '')}".rstrip())
+        else:
+            level = max(level, NAGIOS_WARNING)
+            parts.append(f"a run (pid {doc.get('pid')}) died during {act.get('step', '?')}")
+    result = last.get("result")
+    if result in ("failed", "error"):
+        level = max(level, NAGIOS_WARNING)
+        failures = last.get("failures") or {}
+        what = last.get("error") or f"{len(failures)} filesystem(s) failed"
+        parts.append(f"last run {_ago(parse_iso(last.get('end')), now)} {result}: {what}")
+        details += [f"{fs}: {why}" for fs, why in sorted(failures.items())]
+    elif result == "ok":
+        parts.append(f"last run {_ago(parse_iso(last.get('end')), now)} ok")
+    age = None if success is None else now - success
+    if age is None or age > monitoring.crit_no_success_after:
+        level = max(level, NAGIOS_CRITICAL if success is not None or result else NAGIOS_WARNING)
+        parts.append(f"no successful run {'ever' if success is None else 'for ' + format_duration(age)}")
+    elif age > monitoring.warn_no_success_after:
+        level = max(level, NAGIOS_WARNING)
+        parts.append(f"no successful run for {format_duration(age)}")
+    pruning = doc.get("pruning") or {}
+    if pruning.get("held"):
+        details.append(f"held snapshots not pruned: {len(pruning['held'])}")
+        details += [f"  {snap}: held by {', '.join(tags)}" for snap, tags in sorted(pruning["held"].items())]
+    if pruning.get("destroyed"):
+        details.append(f"pruned {len(pruning['destroyed'])} snapshot(s), kept {pruning.get('kept', 0)}")
+    if doc.get("next_snapshot_due"):
+        details.append(f"next snapshot due {doc['next_snapshot_due']}")
+    for fs, fsdoc in sorted((doc.get("filesystems") or {}).items()):
+        line = f"{fs}: last snapshot {fsdoc.get('last_snapshot') or '-'}"
+        if fsdoc.get("snapshot_error"):
+            line += f"; snapshot error: {fsdoc['snapshot_error']}"
+        details.append(line)
+    for hook in doc.get("hooks") or []:
+        state = "ok" if hook.get("ok") else f"FAILED ({hook.get('error')})"
+        details.append(f"hook {hook.get('hook')} {hook.get('edge')} {', '.join(hook.get('filesystems', []))}: {state}")
+        output = (hook.get("output") or "").strip()
+        if output:
+            details += ["    " + ln for ln in output.splitlines()[-5:]]
+    return JobHealth(name, level, "; ".join(parts) or "idle", details)
+
+
+def evaluate_status(doc: dict[str, Any], jobs: Sequence[tuple[str, str]], now: float,
+                    monitoring: MonitoringConfig) -> list[JobHealth]:
+    """Health of every configured job (name, type), worst first."""
+    health = [evaluate_job(name, jtype, doc.get("jobs", {}).get(name), now, monitoring) for name, jtype in jobs]
+    return sorted(health, key=lambda h: (-h.level, h.name))
+
+
+def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool) -> tuple[str, int]:
+    """Nagios-style text: a first summary line, then a line per job (problems first)."""
+    worst = max((h.level for h in health), default=NAGIOS_OK)
+    bad = sum(1 for h in health if h.level != NAGIOS_OK)
+    head = f"{NAGIOS_NAMES[worst]}: {len(health)} job(s)" + (f", {bad} need attention" if bad else ", all ok")
+    lines = [head]
+    width = max((len(h.name) for h in health), default=0)
+    for h in health:
+        lines.append(f"{NAGIOS_NAMES[h.level]:<8} {h.name:<{width}} {types.get(h.name, ''):<6} {h.line}")
+        if verbose:
+            lines += [f"    {d}" for d in h.details]
+    return "\n".join(lines), worst
 
 
 # =================================================================================================
 # 14. CLI
 # =================================================================================================
 
-# (section 14 body)
+class _LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {"time": iso_time(record.created), "level": record.levelname.lower(), "msg": record.getMessage()}
+        return " ".join(f"{k}={json.dumps(v) if (' ' in str(v) or '=' in str(v) or not v) else v}"
+                        for k, v in fields.items())
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": iso_time(record.created), "level": record.levelname.lower(),
+                           "msg": record.getMessage()})
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+
+
+def setup_logging(outlets: Sequence[LoggingConfig], level_override: str | None = None) -> None:
+    """Configure the `zrepl` logger from `[[global.logging]]` (stderr human|logfmt|json, or syslog)."""
+    import logging.handlers
+
+    log.handlers.clear()
+    log.propagate = False
+    lowest = logging.ERROR
+    for outlet in outlets:
+        level = _LEVELS[level_override or outlet.level]
+        lowest = min(lowest, level)
+        if outlet.type == "syslog":
+            try:
+                handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log", facility=outlet.facility)
+            except OSError as exc:
+                print(f"zrepl.py: cannot open syslog: {exc}", file=sys.stderr)
+                continue
+            handler.setFormatter(logging.Formatter("zrepl.py[%(process)d]: %(levelname)s %(message)s"))
+        else:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter({"human": logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"),
+                                  "logfmt": _LogfmtFormatter(), "json": _JsonFormatter()}[outlet.format])
+        handler.setLevel(level)
+        log.addHandler(handler)
+    log.setLevel(lowest)
+
+
+def _open_config(args: argparse.Namespace) -> Config:
+    config = load_config(find_config_file(args.config))
+    setup_logging(config.global_.logging, args.log_level)
+    return config
+
+
+def _status_store(config: Config) -> StatusStore:
+    return StatusStore(config.global_.status_file, config.global_.runtime_dir)
+
+
+def _select_jobs(config: Config, names: Sequence[str]) -> list[JobConfig]:
+    return [config.job(n) for n in names] if names else list(config.jobs)
+
+
+def cmd_configcheck(args: argparse.Namespace) -> int:
+    _open_config(args)
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _open_config(args)
+    jobs = _select_jobs(config, args.jobs)
+    if not args.jobs:
+        jobs = [j for j in jobs if j.type != "sink"]  # passive: sinks run when a client connects
+    store = _status_store(config)
+    zfs = Zfs()
+    worst = EXIT_OK
+    for job in jobs:
+        runner = JobRunner(config, job, zfs, store.publish, dry_run=args.dry_run)
+        code = runner.run(previous=store.job(job.name))
+        if code is None:
+            pid = JobLock(config.global_.runtime_dir, job.name).holder_pid()
+            log.warning("job %s is busy (another run, pid %s, holds it); skipping", job.name, pid or "?")
+            continue
+        if args.dry_run:
+            print(render_dry_run(job, runner))
+        worst = max(worst, code)
+    return worst
+
+
+def render_dry_run(job: JobConfig, runner: JobRunner) -> str:
+    """What a run would snapshot, destroy and keep (and which rule keeps each survivor)."""
+    lines = [f"job {job.name} ({job.type}), dry run:"]
+    if not runner.last_batches:
+        lines.append("  no snapshot due")
+    for batch in runner.last_batches:
+        if batch.snapshotted:
+            lines.append(f"  would snapshot @{batch.name} in pool {batch.pool}: {', '.join(batch.snapshotted)}")
+        for fs, why in batch.skipped.items():
+            lines.append(f"  would NOT snapshot {fs}: {why}")
+    for r in runner.last_prune:
+        for snap in r.destroyed:
+            lines.append(f"  would destroy {r.dataset}@{snap}")
+        for snap, tags in r.held.items():
+            lines.append(f"  would keep {r.dataset}@{snap}: held by {', '.join(tags)}")
+        for full, reasons in r.kept.items():
+            lines.append(f"  keep {full}: {', '.join(reasons)}")
+        for note in r.notes:
+            lines.append(f"  note ({r.dataset}): {note}")
+    return "\n".join(lines)
+
+
+def cmd_wakeup(args: argparse.Namespace) -> int:
+    config = _open_config(args)
+    job = config.job(args.job)
+    rt = config.global_.runtime_dir
+    WakeupRequest(rt, job.name).post()  # first the request, then the lock: see WakeupRequest
+    store = _status_store(config)
+    runner = JobRunner(config, job, Zfs(), store.publish)
+    code = runner.run(previous=store.job(job.name))
+    if code is None:
+        pid = JobLock(rt, job.name).holder_pid()
+        print(f"job {job.name} is running (pid {pid or '?'}); it will run once more before it exits")
+        return EXIT_OK
+    return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        config = _open_config(args)
+    except ConfigError as exc:
+        print(f"UNKNOWN: {exc}")
+        return NAGIOS_UNKNOWN
+    store = _status_store(config)
+    try:
+        doc = store.read()
+    except ZreplError as exc:
+        print(f"UNKNOWN: {exc}")
+        return NAGIOS_UNKNOWN
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    monitoring = dataclasses.replace(config.global_.monitoring)
+    if args.warn:
+        monitoring.warn_no_success_after = parse_duration(args.warn)
+    if args.crit:
+        monitoring.crit_no_success_after = parse_duration(args.crit)
+    jobs = [(j.name, j.type) for j in config.jobs]
+    health = evaluate_status(doc, jobs, utcnow(), monitoring)
+    text, worst = render_status(health, dict(jobs), args.verbose)
+    if not args.json:
+        print(text)
+    return worst
+
+
+def cmd_test_filesystems(args: argparse.Namespace) -> int:
+    config = _open_config(args)
+    job = config.job(args.job)
+    if job.filesystems is None:
+        raise ConfigError(f"job {job.name!r} ({job.type}) has no filesystems filter")
+    if args.input:
+        try:
+            names = [validate_dataset_name(args.input)]
+        except ValueError as exc:
+            raise UsageError(f"--input: {exc}") from None
+    else:
+        listing = Zfs().list(list_roots_for_filter(job.filesystems) if not args.all else [])
+        names = sorted(listing)
+    for name in names:
+        accepted, pattern = job.filesystems.explain(name)
+        why = f"(pattern {pattern!r})" if pattern else "(no pattern matches)"
+        print(f"{'ACCEPT' if accepted else 'REJECT'}\t{name}\t{why}")
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"zrepl.py {__version__}")
+    return EXIT_OK
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that exits with 2 and a one-line hint (usage errors are config-class errors)."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="zrepl.py", description="ZFS snapshots, replication and pruning (zrepl-compatible).")
+    parser.add_argument("--config", help="config file (default: $ZREPL_CONFIG, /etc/zrepl/zrepl.toml, "
+                                         "/usr/local/etc/zrepl/zrepl.toml)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="override the configured log level")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+
+    p = sub.add_parser("run", help="run jobs once: snapshot if due, replicate, prune")
+    p.add_argument("jobs", nargs="*", help="job names (default: all active and snap jobs)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be done, change nothing")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="summarize the status file (Nagios exit codes)")
+    p.add_argument("-v", "--verbose", action="store_true", help="details per job")
+    p.add_argument("--json", action="store_true", help="print the raw status document")
+    p.add_argument("--warn", help="warn when a job had no successful run for this long (e.g. 2h)")
+    p.add_argument("--crit", help="critical when a job had no successful run for this long (e.g. 6h)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("wakeup", help="run a job now, or make the running one do one more pass")
+    p.add_argument("job")
+    p.set_defaults(func=cmd_wakeup)
+
+    p = sub.add_parser("configcheck", help="validate the config; prints nothing when it is valid")
+    p.set_defaults(func=cmd_configcheck)
+
+    p = sub.add_parser("test", help="inspect what a job would do")
+    tsub = p.add_subparsers(dest="test_command", required=True, parser_class=_ArgumentParser)
+    t = tsub.add_parser("filesystems", help="print ACCEPT/REJECT per dataset for a job's filter")
+    t.add_argument("--job", required=True)
+    group = t.add_mutually_exclusive_group()
+    group.add_argument("--all", action="store_true", help="every dataset of every pool")
+    group.add_argument("--input", metavar="FS", help="one dataset name (need not exist)")
+    t.set_defaults(func=cmd_test_filesystems)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not log.handlers:
+        setup_logging([LoggingConfig()], args.log_level)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"zrepl.py: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"zrepl.py: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ZreplError, ValueError) as exc:
+        print(f"zrepl.py: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("zrepl.py: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so plainly, traceback only on request
+        if args.debug:
+            raise
+        print(f"zrepl.py: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
