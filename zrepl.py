@@ -1025,6 +1025,115 @@ def bookmark_argv(source: str, bookmark: str) -> list[str]:
     return ["zfs", "bookmark", source, bookmark]
 
 
+@dataclass(frozen=True)
+class SendFlags:
+    """zfs send flags from a job's `send` settings (zrepl's key names)."""
+
+    raw: bool = False  # -w
+    send_properties: bool = False  # -p
+    backup_properties: bool = False  # -b
+    large_blocks: bool = False  # -L
+    compressed: bool = False  # -c
+    embedded_data: bool = False  # -e
+    saved: bool = False  # -S
+
+    def argv(self) -> list[str]:
+        pairs = (("-w", self.raw), ("-p", self.send_properties), ("-b", self.backup_properties),
+                 ("-L", self.large_blocks), ("-c", self.compressed), ("-e", self.embedded_data),
+                 ("-S", self.saved))
+        return [flag for flag, on in pairs if on]
+
+
+def send_argv(to: str, from_: str | None = None, *, multi: bool = False, flags: SendFlags = SendFlags(),
+              resume_token: str | None = None, estimate: bool = False) -> list[str]:
+    """`zfs send` for a full (no from_), incremental (-i) or multi-snapshot (-I) stream, or a resume (-t).
+
+    With estimate, `-n -v -P` prints the expected size instead of sending.
+    """
+    argv = ["zfs", "send"]
+    if estimate:
+        argv += ["-n", "-v", "-P"]
+    if resume_token:
+        # Flags are part of the token; -t takes none of the stream options.
+        return argv + ["-t", resume_token]
+    argv += flags.argv()
+    if from_ is not None:
+        argv += ["-I" if multi else "-i", from_]
+    return argv + [to]
+
+
+def parse_send_estimate(output: str) -> int | None:
+    """Bytes from `zfs send -nvP` output (the `size` line; older releases print only per-snapshot lines)."""
+    total = None
+    for line in output.splitlines():
+        cols = line.split("\t")
+        if cols[0] == "size" and len(cols) >= 2 and cols[1].isdigit():
+            return int(cols[1])
+        if cols[0] in ("full", "incremental") and cols[-1].isdigit():
+            total = (total or 0) + int(cols[-1])
+    return total
+
+
+def recv_argv(target: str, *, resumable: bool = True, force: bool = False, inherit: Sequence[str] = (),
+              override: dict[str, str] | None = None) -> list[str]:
+    """`zfs recv` into a filesystem (snapshot names come from the stream), never mounted by us.
+
+    -F is only passed when the caller proved the target holds no user data (a placeholder).
+    """
+    argv = ["zfs", "recv", "-u"]
+    if resumable:
+        argv.append("-s")
+    if force:
+        argv.append("-F")
+    for prop in inherit:
+        argv += ["-x", prop]
+    for prop, value in (override or {}).items():
+        argv += ["-o", f"{prop}={value}"]
+    return argv + [target]
+
+
+def recv_abort_argv(target: str) -> list[str]:
+    """`zfs recv -A`: discard the partial state of an interrupted resumable receive."""
+    return ["zfs", "recv", "-A", target]
+
+
+@dataclass(frozen=True)
+class DecodedToken:
+    """What `zfs send -nvt TOKEN` says a resume token continues."""
+
+    toguid: int
+    toname: str
+    fromguid: int | None
+    bytes: int | None
+
+
+def parse_resume_token_info(output: str) -> DecodedToken:
+    """Parse the nvlist dump of `zfs send -nvt`. Raises ValueError when toguid/toname are missing."""
+    fields: dict[str, str] = {}
+    for line in output.splitlines():
+        key, sep, value = line.strip().partition(" = ")
+        if sep:
+            fields[key.strip()] = value.strip()
+    if "toguid" not in fields or "toname" not in fields:
+        raise ValueError("resume token contents lack toguid/toname")
+
+    def number(text: str | None) -> int | None:
+        if text is None:
+            return None
+        return int(text, 16) if text.lower().startswith("0x") else int(text)
+
+    return DecodedToken(toguid=number(fields["toguid"]) or 0, toname=fields["toname"],
+                        fromguid=number(fields.get("fromguid")) or None, bytes=number(fields.get("bytes")))
+
+
+def create_placeholder_argv(dataset: str, encryption_off: bool) -> list[str]:
+    """A placeholder: an empty, unmounted filesystem marked so a later receive may replace it."""
+    argv = ["zfs", "create", "-o", "zrepl:placeholder=on", "-o", "mountpoint=none"]
+    if encryption_off:
+        argv += ["-o", "encryption=off"]
+    return argv + [dataset]
+
+
 @dataclass
 class ZfsCounters:
     """zfs spawns per verb (benchmarks and tests count them)."""
