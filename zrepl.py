@@ -1118,7 +1118,7 @@ def list_roots_for_filter(filt: DatasetFilter | None, extra: Iterable[str] = ())
     """
     names: set[str] = set(extra)
     if filt is not None:
-        for pattern, accept in filt.mapping.items():
+        for pattern, accept in filt.patterns.items():
             if not accept:
                 continue
             if pattern == "<":
