@@ -192,10 +192,10 @@ _ZFS_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY
 _ZFS_ALLOWED_TEXT = "letters, digits, '_', '-', ':', '.' and space"
 
 
-def _check_name_chars(what: str, name: str) -> None:
+def _check_name_chars(what: str, name: str, also_allowed: str = "") -> None:
     """Raise ValueError naming the first character ZFS would refuse (control chars called out)."""
     for ch in name:
-        if ch in _ZFS_NAME_CHARS:
+        if ch in _ZFS_NAME_CHARS or ch in also_allowed:
             continue
         if ord(ch) < 32 or ord(ch) == 127:
             raise ValueError(f"{what} {name!r} contains a control character ({ch!r})")
@@ -217,7 +217,7 @@ def validate_dataset_name(name: str) -> str:
     if name.startswith("/") or name.endswith("/"):
         raise ValueError(f"dataset name {name!r} must not start or end with '/' "
                          f"(write 'pool/fs', not a mountpoint path)")
-    _check_name_chars("dataset name", name.replace("/", ""))
+    _check_name_chars("dataset name", name, also_allowed="/")
     components = name.split("/")
     for comp in components:
         if comp == "":
@@ -250,12 +250,14 @@ def validate_snapshot_short_name(name: str) -> str:
 
 
 def split_version_name(full: str) -> tuple[str, str, str]:
-    """'pool/fs@snap' -> ('pool/fs', '@', 'snap'); 'pool/fs#bm' -> ('pool/fs', '#', 'bm'). ValueError if invalid."""
+    """'pool/fs@snap' -> ('pool/fs', '@', 'snap'); 'pool/fs#bm' -> ('pool/fs', '#', 'bm').
+    Both parts are validated; ValueError if invalid."""
     if not isinstance(full, str):
         raise ValueError(f"snapshot or bookmark name must be a string, got {type(full).__name__}")
     seps = [i for i, ch in enumerate(full) if ch in "@#"]
     if not seps:
-        raise ValueError(f"{full!r} is not a snapshot or bookmark name (expected 'pool/fs@name' or 'pool/fs#name')")
+        raise ValueError(f"{full!r} is not a snapshot or bookmark name "
+                         f"(expected 'pool/fs@name' or 'pool/fs#name')")
     if len(seps) > 1:
         raise ValueError(f"{full!r} contains more than one '@' or '#'")
     i = seps[0]
@@ -287,7 +289,8 @@ class DatasetFilter:
 
     def __init__(self, mapping: dict[str, bool]):
         if not isinstance(mapping, dict):
-            raise ValueError(f"filesystems filter must be a table of pattern = true/false, got {type(mapping).__name__}")
+            raise ValueError(f"filesystems filter must be a table of pattern = true/false, "
+                             f"got {type(mapping).__name__}")
         self._exact: dict[str, tuple[bool, str]] = {}
         self._subtree: dict[str, tuple[bool, str]] = {}  # "" is the root ("<" alone)
         for pattern, value in mapping.items():
@@ -355,7 +358,8 @@ class DatasetFilter:
 def resolve_zone(location: str = "UTC") -> dt.tzinfo:
     """'UTC', 'Local' (the host's zone) or an IANA name like 'Europe/Berlin' -> tzinfo. ValueError if unknown."""
     if not isinstance(location, str) or not location:
-        raise ValueError(f"time zone must be 'UTC', 'Local' or an IANA name like 'Europe/Berlin', got {location!r}")
+        raise ValueError(f"time zone must be 'UTC', 'Local' or an IANA name like 'Europe/Berlin', "
+                         f"got {location!r}")
     if location == "UTC":
         return dt.timezone.utc
     if location == "Local":
@@ -430,7 +434,8 @@ def snapshot_name(prefix: str, fmt: str, when: float, location: str = "UTC") -> 
     try:
         validate_snapshot_short_name(name)
     except ValueError as e:
-        raise ValueError(f"prefix {prefix!r} with timestamp format {fmt!r} gives an invalid snapshot name: {e}") from None
+        raise ValueError(f"prefix {prefix!r} with timestamp format {fmt!r} gives an invalid "
+                         f"snapshot name: {e}") from None
     return name
 
 
@@ -758,7 +763,8 @@ class GridInterval:
             raise ValueError(f"grid interval count must be a positive integer, got {self.count!r}")
         if isinstance(self.length, bool) or not isinstance(self.length, (int, float)) or not self.length > 0:
             raise ValueError(f"grid interval length must be a positive duration, got {self.length!r}")
-        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep <= 0):
+        bad_keep = isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep <= 0
+        if self.keep is not None and bad_keep:
             raise ValueError(f"grid keep must be a positive integer or all, got {self.keep!r}")
 
     def __str__(self) -> str:
@@ -1020,7 +1026,9 @@ class KeepNotReplicated(KeepRule):
         return kept
 
     def describe(self) -> str:
-        return "not_replicated" if self.keep_snapshot_at_cursor else "not_replicated(keep_snapshot_at_cursor=false)"
+        if self.keep_snapshot_at_cursor:
+            return "not_replicated"
+        return "not_replicated(keep_snapshot_at_cursor=false)"
 
 
 def decide_prune(snapshots: list[Version], rules: Sequence[KeepRule],
@@ -1032,7 +1040,6 @@ def decide_prune(snapshots: list[Version], rules: Sequence[KeepRule],
     """
     ctx = ctx if ctx is not None else PruneContext()
     snaps = sorted(_only_snapshots(snapshots), key=lambda s: (s.createtxg, s.name))
-    keep: dict[str, list[str]] = {}
     if not rules:
         ctx.notes.append("no keep rules: keeping every snapshot")
         return PruneDecision({s.full_name: ["no keep rules"] for s in snaps}, [], list(ctx.notes))

@@ -48,7 +48,7 @@ def test_valid_dataset_names(name):
     ("tank//a", "empty component"),
     ("tank/./a", "'.'"),
     ("tank/..", "'..'"),
-    ("tank/a@snap", "'@'"),
+    ("tank/a@snap", "'tank/a@snap' contains '@'"),
     ("tank/a#bm", "'#'"),
     ("tank/a%b", "'%'"),
     ("tank/a\nb", "control character"),
