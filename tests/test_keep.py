@@ -1,0 +1,282 @@
+"""Section 3: keep rules and prune decisions (pure, no zfs)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from zrepl import (  # noqa: E402
+    GridInterval,
+    KeepGrid,
+    KeepLastN,
+    KeepNotReplicated,
+    KeepRegex,
+    PruneContext,
+    Version,
+    compile_regex,
+    decide_prune,
+    parse_grid,
+)
+
+H = 3600
+D = 86400
+FS = "tank/data"
+
+
+def snap(name: str, creation: int, txg: int | None = None, guid: int | None = None) -> Version:
+    txg = creation if txg is None else txg
+    return Version(FS, name, "snapshot", guid if guid is not None else 1000 + txg, txg, creation)
+
+
+def bookmark(name: str, creation: int, txg: int, guid: int) -> Version:
+    return Version(FS, name, "bookmark", guid, txg, creation)
+
+
+def short(names) -> set[str]:
+    return {n.split("@", 1)[1] for n in names}
+
+
+# ---- grid parsing ----
+
+def test_parse_grid_valid():
+    g = parse_grid(" 1x1h(keep=all) |24 x 1h|  14x1d ( keep = 2 ) ")
+    assert g == [GridInterval(1, H, None), GridInterval(24, H, 1), GridInterval(14, D, 2)]
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("", "non-empty"),
+    ("0x1h", "at least 1"),
+    ("1x1h(keep=0)", "keep=0"),
+    ("1x1h(keep=-1)", "keep must be a positive number"),
+    ("1x1h(keep=some)", "keep must be a positive number"),
+    ("1x1h(foo=1)", "only parameter"),
+    ("1h", "expected 'N x DURATION'"),
+    ("1x1h | | 1x1d", "2 of 3"),
+    ("2x1y", "1 of 1 ('2x1y')"),
+    ("1x0s", "positive"),
+    ("24x1h | 1x30m", "lengths must not decrease"),
+    ("1x1h | 1x1d(keep=all) | 1x1h", "3 of 3"),
+])
+def test_parse_grid_errors(spec, needle):
+    with pytest.raises(ValueError) as e:
+        parse_grid(spec)
+    assert needle in str(e.value)
+
+
+def test_parse_grid_allows_shorter_after_leading_keep_all():
+    g = parse_grid("1x1d(keep=all) | 2x1d(keep=all) | 24x1h | 7x1d")
+    assert [i.length for i in g] == [D, D, H, D]
+    with pytest.raises(ValueError, match="must not decrease"):
+        parse_grid("1x1d(keep=all) | 1x2d | 24x1h")
+
+
+def test_grid_interval_validates_itself():
+    with pytest.raises(ValueError):
+        GridInterval(0, H, 1)
+    with pytest.raises(ValueError):
+        GridInterval(1, 0, 1)
+    with pytest.raises(ValueError):
+        GridInterval(1, H, 0)
+    assert str(GridInterval(24, H, 1)) == "24x1h"
+    assert str(GridInterval(1, 90 * 60, None)) == "1x90m(keep=all)"
+
+
+# ---- grid semantics ----
+
+def test_grid_bucket_boundaries_belong_to_older_bucket():
+    # zrepl's retentiongrid: buckets are (edge - len, edge]; now = youngest matching snapshot.
+    rule = KeepGrid(parse_grid("3x10m"), regex="^z")
+    now = 10_000_000
+    snaps = [
+        snap("z_now", now),                  # bucket 0 (now is inclusive)
+        snap("z_m05", now - 5 * 60),         # bucket 0, and the oldest there
+        snap("z_m10", now - 10 * 60),        # exactly on edge -> bucket 1 (the older one)
+        snap("z_m15", now - 15 * 60),        # bucket 1
+        snap("z_m30", now - 30 * 60),        # exactly on the oldest edge -> outside -> not kept
+        snap("z_m29", now - 29 * 60),        # bucket 2
+    ]
+    kept = short(rule.keep(snaps, PruneContext()))
+    # Bucket 0 = {z_now, z_m05} keeps the oldest: z_m05. Bucket 1 = {z_m10, z_m15} keeps z_m15.
+    assert kept == {"z_m05", "z_m15", "z_m29"}
+
+
+def test_grid_keeps_k_oldest_per_bucket_and_all():
+    rule = KeepGrid(parse_grid("1x1h(keep=all) | 2x1h(keep=2) | 1x1d"), regex=".")
+    now = 50 * D
+    snaps = [snap(f"s{m}", now - m * 60) for m in (0, 10, 59, 61, 70, 80, 119, 130, 500, 1000, 1500, 1700)]
+    kept = short(rule.keep(snaps, PruneContext()))
+    # (now-1h, now] keep=all: s0 s10 s59; (now-2h, now-1h]: s61 s70 s80 s119 -> 2 oldest: s119 s80;
+    # (now-3h, now-2h]: s130 -> kept; (now-27h, now-3h]: s500 s1000 s1500 -> oldest s1500;
+    # s1700 (28h20m) is older than the last bucket.
+    assert kept == {"s0", "s10", "s59", "s119", "s80", "s130", "s1500"}
+
+
+def test_grid_youngest_matching_defines_now_and_ignores_non_matching():
+    rule = KeepGrid(parse_grid("1x1h | 1x1d"), regex="^zrepl_")
+    snaps = [
+        snap("manual_new", 100 * D),         # non-matching, much younger: does not move "now"
+        snap("zrepl_a", 10 * D),             # now
+        snap("zrepl_b", 10 * D - 30 * 60),   # bucket 0 (oldest there)
+        snap("zrepl_c", 10 * D - 2 * H),     # bucket 1
+        snap("zrepl_d", 10 * D - 3 * H),     # bucket 1, older -> kept instead of c
+        snap("zrepl_e", 10 * D - 2 * D),     # older than the grid
+    ]
+    kept = short(rule.keep(snaps, PruneContext()))
+    assert kept == {"zrepl_b", "zrepl_d"}
+    assert KeepGrid(parse_grid("1x1h"), regex="^nothing").keep(snaps, PruneContext()) == set()
+
+
+def test_grid_ties_resolved_by_createtxg():
+    rule = KeepGrid(parse_grid("1x1h | 1x1h"), regex=".")
+    now = 10 * D
+    snaps = [snap("now", now, txg=10), snap("b", now - 2 * H + 60, txg=3), snap("a", now - 2 * H + 60, txg=2)]
+    assert short(rule.keep(snaps, PruneContext())) == {"now", "a"}
+
+
+def test_grid_rule_validation_and_describe():
+    with pytest.raises(ValueError, match="regex"):
+        KeepGrid(parse_grid("1x1h"), regex="")
+    with pytest.raises(ValueError, match="invalid regular expression"):
+        KeepGrid(parse_grid("1x1h"), regex="(")
+    with pytest.raises(ValueError, match="at least one"):
+        KeepGrid((), regex="x")
+    with pytest.raises(ValueError, match="must not decrease"):
+        KeepGrid([GridInterval(1, D, 1), GridInterval(1, H, 1)], regex="x")
+    rule = KeepGrid([GridInterval(1, H, None), GridInterval(24, H, 1)], regex="^zrepl_")
+    assert rule.describe() == "grid(1x1h(keep=all) | 24x1h, regex='^zrepl_')"
+    assert KeepGrid("1x1h | 7x1d", regex="^z").intervals == (GridInterval(1, H, 1), GridInterval(7, D, 1))
+    assert hash(rule) == hash(KeepGrid(tuple(rule.intervals), regex="^zrepl_"))
+
+
+# ---- last_n ----
+
+def test_last_n_newest_by_creation_ties_by_name_descending():
+    snaps = [snap("a", 100, 1), snap("c", 200, 2), snap("b", 200, 3), snap("d", 50, 4)]
+    assert short(KeepLastN(2).keep(snaps, PruneContext())) == {"c", "b"}
+    assert short(KeepLastN(1).keep(snaps, PruneContext())) == {"c"}  # tie at 200: 'c' > 'b'
+    assert short(KeepLastN(10).keep(snaps, PruneContext())) == {"a", "b", "c", "d"}
+
+
+def test_last_n_with_regex_only_counts_and_keeps_matches():
+    snaps = [snap("zrepl_1", 10), snap("zrepl_2", 20), snap("manual", 30), snap("zrepl_3", 40)]
+    kept = KeepLastN(2, regex="^zrepl_").keep(snaps, PruneContext())
+    assert short(kept) == {"zrepl_2", "zrepl_3"}
+    # More than there are: still never keeps non-matching ones (zrepl <0.7 did, a bug fixed upstream).
+    assert short(KeepLastN(10, regex="^zrepl_").keep(snaps, PruneContext())) == {"zrepl_1", "zrepl_2", "zrepl_3"}
+
+
+def test_last_n_validation_and_describe():
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="positive integer"):
+            KeepLastN(bad)
+    with pytest.raises(ValueError, match="invalid regular expression"):
+        KeepLastN(3, regex="[")
+    assert KeepLastN(10).describe() == "last_n(count=10)"
+    assert KeepLastN(3, regex="^z").describe() == "last_n(count=3, regex='^z')"
+
+
+# ---- regex ----
+
+def test_regex_unanchored_and_negate():
+    snaps = [snap("zrepl_1", 1), snap("manual_zrepl", 2), snap("other", 3)]
+    assert short(KeepRegex("zrepl").keep(snaps, PruneContext())) == {"zrepl_1", "manual_zrepl"}
+    assert short(KeepRegex("^zrepl_").keep(snaps, PruneContext())) == {"zrepl_1"}
+    assert short(KeepRegex("^zrepl_", negate=True).keep(snaps, PruneContext())) == {"manual_zrepl", "other"}
+    assert KeepRegex("^manual_", negate=True).describe() == "regex(regex='^manual_', negate=true)"
+    with pytest.raises(ValueError, match="invalid regular expression"):
+        KeepRegex("*x")
+
+
+def test_compile_regex():
+    assert compile_regex("a+").search("xaa")
+    with pytest.raises(ValueError) as e:
+        compile_regex("(unclosed")
+    assert "(unclosed" in str(e.value) and "missing )" in str(e.value)
+
+
+# ---- not_replicated ----
+
+def _chain():
+    return [snap("s1", 100, 10, 0x11), snap("s2", 200, 20, 0x22), snap("s3", 300, 30, 0x33), snap("s4", 400, 40, 0x44)]
+
+
+def test_not_replicated_with_cursor():
+    ctx = PruneContext(cursor_guid=0x22, cursor_createtxg=20)
+    assert short(KeepNotReplicated().keep(_chain(), ctx)) == {"s2", "s3", "s4"}
+    assert short(KeepNotReplicated(keep_snapshot_at_cursor=False).keep(_chain(), ctx)) == {"s3", "s4"}
+    assert ctx.notes == []
+
+
+def test_not_replicated_cursor_guid_only_and_snapshot_gone():
+    assert short(KeepNotReplicated().keep(_chain(), PruneContext(cursor_guid=0x33))) == {"s3", "s4"}
+    # The cursor's snapshot was destroyed, but the bookmark's createtxg still orders the rest.
+    ctx = PruneContext(cursor_guid=0x99, cursor_createtxg=25)
+    assert short(KeepNotReplicated().keep(_chain(), ctx)) == {"s3", "s4"}
+    # Without createtxg nothing can be proven replicated.
+    ctx = PruneContext(cursor_guid=0x99)
+    assert short(KeepNotReplicated().keep(_chain(), ctx)) == {"s1", "s2", "s3", "s4"}
+    assert len(ctx.notes) == 1 and "keeping every snapshot" in ctx.notes[0]
+
+
+def test_not_replicated_without_cursor_keeps_everything_with_note():
+    ctx = PruneContext()
+    assert short(KeepNotReplicated().keep(_chain(), ctx)) == {"s1", "s2", "s3", "s4"}
+    assert "no replication cursor" in ctx.notes[0]
+    assert KeepNotReplicated().describe() == "not_replicated"
+    assert KeepNotReplicated(False).describe() == "not_replicated(keep_snapshot_at_cursor=false)"
+
+
+# ---- decide_prune ----
+
+def test_decide_prune_union_of_rules():
+    snaps = [snap(f"zrepl_{i}", i * H, i) for i in range(1, 7)] + [snap("manual_keep", 0, 0)]
+    rules = [KeepRegex("^zrepl_", negate=True), KeepLastN(2, regex="^zrepl_"),
+             KeepNotReplicated()]
+    d = decide_prune(snaps, rules, PruneContext(cursor_guid=1000 + 3, cursor_createtxg=3))
+    assert [v.name for v in d.destroy] == ["zrepl_1", "zrepl_2"]
+    assert short(d.keep) == {"manual_keep", "zrepl_3", "zrepl_4", "zrepl_5", "zrepl_6"}
+    assert d.keep[f"{FS}@zrepl_6"] == ["last_n(count=2, regex='^zrepl_')", "not_replicated"]
+    assert d.keep[f"{FS}@manual_keep"] == ["regex(regex='^zrepl_', negate=true)"]
+    assert d.notes == []
+
+
+def test_decide_prune_destroy_in_createtxg_order_and_bookmarks_ignored():
+    versions = [
+        snap("c", 300, 30), bookmark("c", 300, 30, 1030), snap("a", 100, 10), snap("b", 200, 20),
+        bookmark("zrepl_CURSOR_G_x", 50, 5, 1005),
+    ]
+    d = decide_prune(versions, [KeepLastN(1)])
+    assert [v.name for v in d.destroy] == ["a", "b"]
+    assert all(v.kind == "snapshot" for v in d.destroy)
+    assert list(d.keep) == [f"{FS}@c"]
+    # A rule that would "keep" nothing still never destroys bookmarks.
+    d = decide_prune(versions, [KeepRegex("^nomatch$")])
+    assert {v.full_name for v in d.destroy} == {f"{FS}@a", f"{FS}@b", f"{FS}@c"}
+
+
+def test_decide_prune_empty_rules_keep_everything():
+    snaps = [snap("a", 1), snap("b", 2)]
+    d = decide_prune(snaps, [])
+    assert d.destroy == []
+    assert short(d.keep) == {"a", "b"}
+    assert d.notes
+
+
+def test_decide_prune_not_replicated_without_cursor_protects_everything():
+    snaps = [snap(f"zrepl_{i}", i * H, i) for i in range(1, 5)]
+    d = decide_prune(snaps, [KeepLastN(1), KeepNotReplicated()])
+    assert d.destroy == []
+    assert any("no replication cursor" in n for n in d.notes)
+
+
+def test_decide_prune_grid_example_destroys_thinned_snapshots():
+    # Hourly snapshots for three days under 1x1h(keep=all) | 24x1h | 2x1d.
+    snaps = [snap(f"zrepl_{i:03d}", i * H, i) for i in range(0, 73)]
+    d = decide_prune(snaps, [KeepGrid(parse_grid("1x1h(keep=all) | 24x1h | 2x1d"), regex="^zrepl_")])
+    kept = sorted(short(d.keep))
+    # now = 72h; (71h,72h] -> 72; 24 hourly buckets (47h,71h] -> each one snapshot: 48..71;
+    # (23h,47h] -> oldest 24; (-1h,23h] -> oldest 0.
+    assert kept == [f"zrepl_{i:03d}" for i in [0, 24] + list(range(48, 73))]
+    assert len(d.destroy) == 73 - len(kept)
