@@ -7,8 +7,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from zfstest import exists, list_all, run, zfs
 
 
@@ -190,7 +188,7 @@ def test_command_hooks_stack_model(pool, zfs_tree, run_zrepl, tmp_path):
     zfs_tree(pool, "good\nbad")
     trace = tmp_path / "trace"
     script = tmp_path / "hook.sh"
-    script.write_text(f"#!/bin/sh\necho \"$1 $ZREPL_HOOKTYPE $ZREPL_FS $ZREPL_SNAPNAME dry=$ZREPL_DRYRUN "
+    script.write_text(f"#!/bin/sh\necho \"first $ZREPL_HOOKTYPE $ZREPL_FS $ZREPL_SNAPNAME dry=$ZREPL_DRYRUN "
                       f"t=$ZREPL_TIMEOUT\" >> {trace}\necho hello-from-hook\n")
     failing = tmp_path / "fail.sh"
     failing.write_text(f"#!/bin/sh\necho \"fail $ZREPL_HOOKTYPE $ZREPL_FS\" >> {trace}\n"
@@ -209,14 +207,18 @@ def test_command_hooks_stack_model(pool, zfs_tree, run_zrepl, tmp_path):
     assert len(snapshots(f"{pool}/good")) == 1 and snapshots(f"{pool}/bad") == []
     lines = trace.read_text().splitlines()
     snap = snapshots(f"{pool}/good")[0]
-    assert f" pre_snapshot {pool}/good {snap} dry= t=20" in lines[0]
-    bad_lines = [ln for ln in lines if f"{pool}/bad" in ln]
-    # bad: first hook's pre, failing pre, NO third pre, NO snapshot, first hook's post only
-    assert [ln.split()[1] if not ln.startswith(("fail", "third")) else ln.split()[0] + ln.split()[1]
-            for ln in bad_lines] == ["pre_snapshot", "failpre_snapshot", "post_snapshot"]
-    good_lines = [ln for ln in lines if f"{pool}/good" in ln]
-    assert [ln.split()[0] if ln.startswith(("fail", "third")) else "first" for ln in good_lines][-3:] == \
-        ["third", "fail", "first"]  # post edges in reverse order
+    assert f"first pre_snapshot {pool}/good {snap} dry= t=20" in lines
+
+    def sequence(fs):
+        return [tuple(ln.split()[:2]) for ln in lines if ln.split()[2] == fs]
+
+    # bad: first pre, failing pre, then NO third pre, NO snapshot, and only the first hook's post
+    assert sequence(f"{pool}/bad") == [("first", "pre_snapshot"), ("fail", "pre_snapshot"),
+                                       ("first", "post_snapshot")]
+    # good: pres in config order, posts in reverse
+    assert sequence(f"{pool}/good") == [("first", "pre_snapshot"), ("fail", "pre_snapshot"),
+                                        ("third", "pre_snapshot"), ("third", "post_snapshot"),
+                                        ("fail", "post_snapshot"), ("first", "post_snapshot")]
     doc = status(tmp_path)["jobs"]["s"]
     assert any("hello-from-hook" in h["output"] for h in doc["hooks"])
     assert any(not h["ok"] and "nope" in h["output"] for h in doc["hooks"])
