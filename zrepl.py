@@ -1899,7 +1899,7 @@ class ZfsError(ZreplError):
 _ERROR_PATTERNS = (
     ("not-exist", ("does not exist", "no such pool", "no such dataset", "could not find any snapshots",
                    "no such file or directory")),
-    ("busy", ("dataset is busy", "pool or dataset is busy", "is busy", "tag already exists on this dataset")),
+    ("busy", ("dataset is busy", "pool or dataset is busy", "is busy")),
     ("exists", ("already exists",)),
     ("no-space", ("out of space", "no space left", "quota exceeded")),
     ("permission", ("permission denied", "operation not permitted", "insufficient privileges")),
@@ -2233,6 +2233,24 @@ class Zfs:
         if full_names:
             self.run(hold_argv(tag, full_names))
 
+    def hold_idempotent(self, tag: str, full_names: Sequence[str]) -> None:
+        """Hold every snapshot with tag; snapshots that already carry it are fine.
+
+        One `zfs hold` for all; only if that fails because a tag exists, one per snapshot."""
+        if not full_names:
+            return
+        try:
+            self.hold(tag, full_names)
+        except ZfsError as exc:
+            if "tag already exists" not in exc.stderr:
+                raise
+            for name in full_names:
+                try:
+                    self.hold(tag, [name])
+                except ZfsError as one:
+                    if "tag already exists" not in one.stderr:
+                        raise
+
     def release(self, tag: str, full_names: Sequence[str]) -> None:
         if full_names:
             self.run(release_argv(tag, full_names))
@@ -2252,6 +2270,28 @@ class Zfs:
         validate_dataset_name(dataset)
         out = self.run(["zfs", "get", "-H", "-p", "-o", "value", prop, dataset]).stdout.decode()
         return out.strip()
+
+
+def destroy_with_bisect(zfs: Zfs, dataset: str, names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Destroy snapshots of one dataset in one command; on failure split the batch in halves.
+
+    Returns (destroyed, errors by name). A snapshot that is already gone counts as destroyed.
+    """
+    if not names:
+        return [], {}
+    try:
+        zfs.destroy_snapshots(dataset, names)
+        return list(names), {}
+    except ZfsError as exc:
+        if len(names) == 1:
+            if exc.kind == "not-exist":
+                return list(names), {}
+            return [], {names[0]: exc.stderr or str(exc)}
+    half = len(names) // 2
+    left_done, left_err = destroy_with_bisect(zfs, dataset, names[:half])
+    right_done, right_err = destroy_with_bisect(zfs, dataset, names[half:])
+    return left_done + right_done, {**left_err, **right_err}
+
 
 
 # =================================================================================================
@@ -3199,33 +3239,20 @@ class PruneResult:
                 "held": self.held, "errors": self.errors, "notes": self.notes}
 
 
-def destroy_with_bisect(zfs: Zfs, dataset: str, names: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Destroy snapshots of one dataset in one command; on failure split the batch in halves.
-
-    Returns (destroyed, errors by name). A snapshot that is already gone counts as destroyed.
-    """
-    if not names:
-        return [], {}
-    try:
-        zfs.destroy_snapshots(dataset, names)
-        return list(names), {}
-    except ZfsError as exc:
-        if len(names) == 1:
-            if exc.kind == "not-exist":
-                return list(names), {}
-            return [], {names[0]: exc.stderr or str(exc)}
-    half = len(names) // 2
-    left_done, left_err = destroy_with_bisect(zfs, dataset, names[:half])
-    right_done, right_err = destroy_with_bisect(zfs, dataset, names[half:])
-    return left_done + right_done, {**left_err, **right_err}
+Destroyer = Callable[[str, list[str]], tuple[list[str], dict[str, str]]]
+HoldLookup = Callable[[list[str]], dict[str, list[str]]]
 
 
-def prune_datasets(zfs: Zfs, datasets: list[DatasetInfo], rules: Sequence[Any],
-                   contexts: dict[str, PruneContext] | None = None, dry_run: bool = False) -> list[PruneResult]:
-    """Apply keep rules to each dataset's snapshots; destroy the rest in batches.
+def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[Any], destroy: Destroyer,
+                   holds: HoldLookup | None = None, contexts: dict[str, PruneContext] | None = None,
+                   dry_run: bool = False, names: dict[str, str] | None = None) -> list[PruneResult]:
+    """Apply keep rules to each dataset's snapshots; destroy the rest in one batch per dataset.
 
-    Held snapshots are reported with their hold tags and left alone. Bookmarks and datasets are never
-    destroyed here: destroy_snapshots only ever names `dataset@snap`.
+    `destroy(dataset, short_names)` does the batch (locally: destroy_with_bisect; on a peer: a
+    request), `holds(full_names)` looks up hold tags (None: tags unknown). Held snapshots are
+    reported with their tags and left alone. Only snapshots are ever destroyed: bookmarks and
+    datasets never reach `destroy`. `names` maps a dataset to the name `destroy` expects (the
+    sender's name for a remote receiver).
     """
     results: list[PruneResult] = []
     plans: list[tuple[DatasetInfo, PruneDecision]] = []
@@ -3235,26 +3262,27 @@ def prune_datasets(zfs: Zfs, datasets: list[DatasetInfo], rules: Sequence[Any],
         decision = decide_prune(ds.snapshots(), rules, ctx)
         plans.append((ds, decision))
         held_candidates += [v.full_name for v in decision.destroy if v.userrefs > 0]
-    hold_tags = zfs.holds(held_candidates) if held_candidates else {}
+    hold_tags = holds(held_candidates) if (held_candidates and holds) else {}
     for ds, decision in plans:
         result = PruneResult(dataset=ds.name, kept=decision.keep, notes=list(decision.notes))
         victims = []
         for v in decision.destroy:
             if v.userrefs > 0:
-                result.held[v.name] = hold_tags.get(v.full_name, ["(unknown tag)"])
+                result.held[v.name] = hold_tags.get(v.full_name, [f"{v.userrefs} hold(s)"])
             else:
                 victims.append(v.name)
         for snap, tags in result.held.items():
-            log.warning("not destroying %s@%s: held by %s", ds.name, snap, ", ".join(tags))
+            level = logging.INFO if all(t.startswith("zrepl_") for t in tags) else logging.WARNING
+            log.log(level, "not destroying %s@%s: held by %s", ds.name, snap, ", ".join(tags))
         if victims:
             if dry_run:
                 log.info("dry run: would destroy %s@%s", ds.name, ",".join(victims))
                 result.destroyed = victims
             else:
                 log.info("destroying %d snapshot(s) of %s: %s", len(victims), ds.name, ", ".join(victims))
-                result.destroyed, result.errors = destroy_with_bisect(zfs, ds.name, victims)
+                result.destroyed, result.errors = destroy((names or {}).get(ds.name, ds.name), victims)
                 # A hold placed after our listing shows up as "dataset is busy": report its tags.
-                raced = zfs.holds([f"{ds.name}@{snap}" for snap in result.errors]) if result.errors else {}
+                raced = holds([f"{ds.name}@{snap}" for snap in result.errors]) if (result.errors and holds) else {}
                 for full, tags in raced.items():
                     snap = full.partition("@")[2]
                     if tags and snap in result.errors:
@@ -3264,6 +3292,19 @@ def prune_datasets(zfs: Zfs, datasets: list[DatasetInfo], rules: Sequence[Any],
                     log.error("could not destroy %s@%s: %s", ds.name, snap, err)
         results.append(result)
     return results
+
+
+def local_destroyer(zfs: Zfs) -> Destroyer:
+    return lambda dataset, names: destroy_with_bisect(zfs, dataset, names)
+
+
+def prune_summary(pruned: list[PruneResult]) -> dict[str, Any]:
+    """The `pruning` part of a job's status document."""
+    return {"destroyed": [f"{r.dataset}@{s}" for r in pruned for s in r.destroyed],
+            "kept": sum(len(r.kept) for r in pruned),
+            "held": {f"{r.dataset}@{s}": t for r in pruned for s, t in r.held.items()},
+            "errors": {f"{r.dataset}@{s}": e for r in pruned for s, e in r.errors.items()},
+            "notes": [n for r in pruned for n in r.notes]}
 
 
 # =================================================================================================
@@ -3477,12 +3518,9 @@ class JobRunner:
                 else:
                     datasets = self._select()  # pruning must see the new snapshots' real txg and guid
             self._set_activity("pruning", f"{len(datasets)} filesystems")
-            pruned = prune_datasets(self.zfs, datasets, self.job.keep, dry_run=self.dry_run)
-            self.doc["pruning"] = {"destroyed": [f"{r.dataset}@{s}" for r in pruned for s in r.destroyed],
-                                   "kept": sum(len(r.kept) for r in pruned),
-                                   "held": {f"{r.dataset}@{s}": t for r in pruned for s, t in r.held.items()},
-                                   "errors": {f"{r.dataset}@{s}": e for r in pruned for s, e in r.errors.items()},
-                                   "notes": [n for r in pruned for n in r.notes]}
+            pruned = prune_datasets(datasets, self.job.keep, local_destroyer(self.zfs), self.zfs.holds,
+                                    dry_run=self.dry_run)
+            self.doc["pruning"] = prune_summary(pruned)
             self.last_prune = pruned
             for r in pruned:
                 self._fs(r.dataset)["pruning"] = r.to_json()
