@@ -2826,14 +2826,961 @@ def replication_cursor(info: DatasetInfo, job: str) -> Version | None:
 # 8. Endpoints
 # =================================================================================================
 
-# (section 8 body)
+# Endpoints serve one side of a replication: a SenderEndpoint (push's own side, or a source job
+# serving a pull client) and a ReceiverEndpoint (a sink serving a push client, or pull's own side).
+# They only ever act on their job's datasets: a sender on what its filesystems filter accepts, a
+# receiver below root_fs[/client identity]. Every name from the other side is validated and
+# confined here, before it reaches the ZFS layer: the peer may be hostile.
+
+
+class EndpointError(ZreplError):
+    """A request an endpoint refuses or cannot do. `temporary` tells the runner whether to retry."""
+
+    def __init__(self, message: str, *, temporary: bool = False, kind: str = "error"):
+        self.temporary, self.kind = temporary, kind
+        super().__init__(message)
+
+
+class ProcessRegistry:
+    """The zfs processes one job run has started, so the watchdog can kill them all on cancel."""
+
+    def __init__(self) -> None:
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self.cancelled: str | None = None
+
+    def add(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            if self.cancelled:
+                proc.kill()
+            self._procs.add(proc)
+
+    def discard(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def kill_all(self, reason: str) -> None:
+        with self._lock:
+            self.cancelled = reason
+            procs = list(self._procs)
+        for proc in procs:
+            if proc.poll() is None:
+                log.warning("killing `%s` (pid %d): %s", shlex.join(map(str, proc.args)), proc.pid, reason)
+                proc.kill()
+
+
+class Progress:
+    """Bytes moved and steps finished, for status and for the no-progress watchdog."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.steps = 0
+        self.last_change = time.monotonic()
+        self._lock = threading.Lock()
+
+    def add_bytes(self, n: int) -> None:
+        if n > 0:
+            with self._lock:
+                self.bytes += n
+                self.last_change = time.monotonic()
+
+    def step_done(self) -> None:
+        with self._lock:
+            self.steps += 1
+            self.last_change = time.monotonic()
+
+    def touch(self) -> None:
+        with self._lock:
+            self.last_change = time.monotonic()
+
+
+# ---- wire forms of the listing records (validated on the way in: the peer may lie) --------------
+
+def version_to_wire(v: Version) -> dict[str, Any]:
+    return {"name": v.name, "kind": v.kind, "guid": v.guid, "createtxg": v.createtxg, "creation": v.creation,
+            "userrefs": v.userrefs}
+
+
+def dataset_to_wire(ds: DatasetInfo) -> dict[str, Any]:
+    return {"name": ds.name, "type": ds.type, "guid": ds.guid, "createtxg": ds.createtxg, "props": ds.props,
+            "versions": [version_to_wire(v) for v in ds.versions]}
+
+
+def _wire_int(d: dict[str, Any], key: str) -> int:
+    value = d.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise EndpointError(f"peer sent an invalid {key!r}: {value!r}")
+    return value
+
+
+def dataset_from_wire(d: Any) -> DatasetInfo:
+    """Rebuild a DatasetInfo from the peer's JSON, validating every name and number."""
+    try:
+        if not isinstance(d, dict):
+            raise ValueError("dataset entry is not an object")
+        name = validate_dataset_name(d.get("name", ""))
+        props = d.get("props", {})
+        if not isinstance(props, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in props.items()):
+            raise ValueError("props must map strings to strings")
+        ds = DatasetInfo(name=name, type=d.get("type") if d.get("type") in ("filesystem", "volume") else "filesystem",
+                         guid=_wire_int(d, "guid"), createtxg=_wire_int(d, "createtxg"), props=dict(props))
+        for v in d.get("versions", []):
+            if not isinstance(v, dict) or v.get("kind") not in ("snapshot", "bookmark"):
+                raise ValueError("version entry must be an object with kind snapshot or bookmark")
+            ds.versions.append(Version(dataset=name, name=validate_snapshot_short_name(v.get("name", "")),
+                                       kind=v["kind"], guid=_wire_int(v, "guid"), createtxg=_wire_int(v, "createtxg"),
+                                       creation=_wire_int(v, "creation"), userrefs=_wire_int(v, "userrefs")))
+        ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
+        return ds
+    except ValueError as exc:
+        raise EndpointError(f"peer sent an invalid dataset listing: {exc}") from None
+
+
+@dataclass
+class StepRequest:
+    """What one transfer moves, as both sides see it (wire form: to_wire / from_wire)."""
+
+    fs: str  # the sender's filesystem name
+    to: str  # short snapshot name
+    to_guid: int
+    from_: str | None = None  # "@snap" or "#bookmark" short form, None for full sends
+    from_guid: int | None = None
+    multi: bool = False
+    resume_token: str | None = None
+    received: list[tuple[str, int]] = field(default_factory=list)  # (short name, guid) oldest first
+    replace_placeholder: bool = False
+
+    @classmethod
+    def from_step(cls, fs: str, step: Step, replace_placeholder: bool = False) -> StepRequest:
+        src = step.from_version
+        return cls(fs=fs, to=step.to_version.name, to_guid=step.to_version.guid,
+                   from_=None if src is None else ("@" if src.is_snapshot else "#") + src.name,
+                   from_guid=None if src is None else src.guid, multi=step.multi,
+                   resume_token=step.resume_token,
+                   received=[(v.name, v.guid) for v in step.received_versions()],
+                   replace_placeholder=replace_placeholder)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"fs": self.fs, "to": self.to, "to_guid": self.to_guid, "from": self.from_,
+                "from_guid": self.from_guid, "multi": self.multi, "resume_token": self.resume_token,
+                "received": [list(r) for r in self.received], "replace_placeholder": self.replace_placeholder}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> StepRequest:
+        try:
+            fs = validate_dataset_name(str(d.get("fs", "")))
+            to = validate_snapshot_short_name(str(d.get("to", "")))
+            src = d.get("from")
+            if src is not None:
+                if not isinstance(src, str) or src[:1] not in ("@", "#"):
+                    raise ValueError(f"bad incremental source {src!r}")
+                validate_snapshot_short_name(src[1:])
+            token = d.get("resume_token")
+            if token is not None and (not isinstance(token, str) or not re.fullmatch(r"[0-9a-zA-Z-]+", token)):
+                raise ValueError("bad resume token")
+            received = []
+            for item in d.get("received", []):
+                if not isinstance(item, list) or len(item) != 2:
+                    raise ValueError("bad received list")
+                received.append((validate_snapshot_short_name(str(item[0])), int(item[1])))
+            from_guid = d.get("from_guid")
+            return cls(fs=fs, to=to, to_guid=int(d.get("to_guid", 0)), from_=src,
+                       from_guid=None if from_guid is None else int(from_guid), multi=bool(d.get("multi")),
+                       resume_token=token, received=received, replace_placeholder=bool(d.get("replace_placeholder")))
+        except (ValueError, TypeError) as exc:
+            raise EndpointError(f"invalid step request: {exc}") from None
+
+
+def _progress_reader(stream: Any, buffer: RingBuffer, progress: Progress | None) -> None:
+    """Read `zfs send -v -P` stderr: keep the text for errors and turn per-second lines
+    (`HH:MM:SS<TAB>bytes<TAB>snapshot`) into progress."""
+    last = 0
+    for raw in iter(stream.readline, b""):
+        buffer.write(raw)
+        cols = raw.decode("utf-8", "replace").rstrip("\n").split("\t")
+        if progress is not None and len(cols) == 3 and re.fullmatch(r"\d\d:\d\d:\d\d", cols[0]) and cols[1].isdigit():
+            value = int(cols[1])
+            # the counter restarts for each snapshot of a -I package
+            progress.add_bytes(value - last if value >= last else value)
+            last = value
+    stream.close()
+
+
+class SenderEndpoint:
+    """The sending side of a job: lists its filesystems, sends streams, protects and moves cursors.
+
+    `job` names the sending job (hold tags and cursor bookmarks carry it). Everything a request names
+    must be a filesystem the filter accepts and a version of that filesystem.
+    """
+
+    def __init__(self, zfs: Zfs, job: str, filesystems: DatasetFilter, send: SendConfig,
+                 processes: ProcessRegistry | None = None, progress: Progress | None = None):
+        self.zfs, self.job, self.filter, self.send_cfg = zfs, job, filesystems, send
+        self.processes = processes or ProcessRegistry()
+        self.progress = progress
+        self._listing: dict[str, DatasetInfo] = {}
+
+    # -- confinement -----------------------------------------------------------------------------
+    def _allowed(self, fs: str) -> str:
+        try:
+            validate_dataset_name(fs)
+        except ValueError as exc:
+            raise EndpointError(f"invalid filesystem name: {exc}", kind="forbidden") from None
+        if not self.filter.accepts(fs):
+            raise EndpointError(f"filesystem {fs!r} is not served by job {self.job!r}", kind="forbidden")
+        return fs
+
+    # -- listing ---------------------------------------------------------------------------------
+    def list_filesystems(self) -> list[DatasetInfo]:
+        listing = self.zfs.list(list_roots_for_filter(self.filter))
+        self._listing = {n: ds for n, ds in listing.items() if self.filter.accepts(n)}
+        return [self._listing[n] for n in sorted(self._listing)]
+
+    def _info(self, fs: str) -> DatasetInfo | None:
+        return self._listing.get(fs)
+
+    # -- sending ---------------------------------------------------------------------------------
+    def _flags(self) -> SendFlags:
+        c = self.send_cfg
+        return SendFlags(raw=c.encrypted or c.raw, send_properties=c.send_properties,
+                         backup_properties=c.backup_properties, large_blocks=c.large_blocks,
+                         compressed=c.compressed, embedded_data=c.embedded_data, saved=c.saved)
+
+    def _send_argv(self, req: StepRequest, estimate: bool) -> list[str]:
+        fs = self._allowed(req.fs)
+        if req.resume_token:
+            decoded = self.decode_token(req.resume_token)
+            dataset = decoded.toname.split("@", 1)[0]
+            if dataset != fs:
+                raise EndpointError(f"resume token belongs to {dataset!r}, not {fs!r}", kind="forbidden")
+            argv = send_argv("", resume_token=req.resume_token, estimate=estimate)
+        else:
+            info = self._info(fs)
+            encrypted = info is not None and info.props.get("encryption", "off") not in ("off", "")
+            if info is None:
+                encrypted = self.zfs.get_property(fs, "encryption") not in ("off", "-", "")
+            problem = check_send_encryption(self.send_cfg.encrypted, self.send_cfg.raw, encrypted)
+            if problem:
+                raise EndpointError(f"{fs}: {problem}", kind="encryption")
+            src = f"{fs}{req.from_}" if req.from_ else None
+            argv = send_argv(f"{fs}@{req.to}", src, multi=req.multi, flags=self._flags(), estimate=estimate)
+        if not estimate:
+            argv[2:2] = ["-v", "-P"]  # per-second progress on stderr (watchdog, status)
+        return argv
+
+    def decode_token(self, token: str) -> DecodedToken:
+        proc = self.zfs.run(["zfs", "send", "-n", "-v", "-t", token], check=False)
+        text = proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
+        try:
+            return parse_resume_token_info(text)
+        except ValueError:
+            raise EndpointError(f"cannot decode resume token: {text.strip()[-500:]}") from None
+
+    def estimate(self, req: StepRequest) -> int | None:
+        try:
+            proc = self.zfs.run(self._send_argv(req, estimate=True))
+        except ZfsError as exc:
+            log.debug("size estimate failed: %s", exc)
+            return None
+        return parse_send_estimate(proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace"))
+
+    def open_send(self, req: StepRequest) -> OutgoingStream:
+        """Start `zfs send`; the stream's finish() reports its exit status with stderr."""
+        argv = self._send_argv(req, estimate=False)
+        proc = self.zfs.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.processes.add(proc)
+        buffer = RingBuffer(64 * 1024)
+        reader = threading.Thread(target=_progress_reader, args=(proc.stderr, buffer, self.progress), daemon=True)
+        reader.start()
+        describe = f"`{shlex.join(argv)}`"
+        out = OutgoingStream.from_process(proc, describe, buffer)
+        inner = out.finish
+
+        def finish() -> str | None:
+            try:
+                result = inner() if inner else None
+            finally:
+                reader.join(timeout=10)
+                self.processes.discard(proc)
+            return result
+
+        out.finish = finish
+        return out
+
+    # -- protection ------------------------------------------------------------------------------
+    def _snapshots_of(self, fs: str, names: Sequence[str]) -> list[str]:
+        return [f"{fs}@{validate_snapshot_short_name(n)}" for n in names]
+
+    def protect(self, fs: str, level: str, snapshots: Sequence[tuple[str, int]], source: str | None) -> None:
+        """Before a step: step holds (resumability) or tentative cursors (incremental) on what it needs."""
+        self._allowed(fs)
+        if level == "guarantee_resumability":
+            names = [n for n, _ in snapshots] + ([source[1:]] if source and source.startswith("@") else [])
+            self.zfs.hold_idempotent(step_hold_tag(self.job), self._snapshots_of(fs, names))
+        elif level == "guarantee_incremental":
+            for name, guid in snapshots:
+                self._bookmark_once(fs, name, tentative_cursor_bookmark_name(guid, self.job))
+
+    def _bookmark_once(self, fs: str, snapshot: str, bookmark: str) -> None:
+        try:
+            self.zfs.bookmark(f"{fs}@{snapshot}", f"{fs}#{bookmark}")
+        except ZfsError as exc:
+            if exc.kind != "exists":
+                raise
+
+    def complete(self, fs: str, to: str, to_guid: int, level: str) -> None:
+        """After a step: move the replication cursor to `to`, then drop this job's older
+        cursors, tentative cursors and step holds on this filesystem (never another job's)."""
+        self._allowed(fs)
+        if level != "guarantee_nothing":
+            self._bookmark_once(fs, to, cursor_bookmark_name(to_guid, self.job))
+        self.release_stale(fs, keep_cursor_guid=to_guid if level != "guarantee_nothing" else None)
+
+    def release_stale(self, fs: str, keep_cursor_guid: int | None = None, dry_run: bool = False) -> list[Abstraction]:
+        """Release this job's stale abstractions on one filesystem (see stale_abstractions)."""
+        self._allowed(fs)
+        listing = self.zfs.list([fs]) if not dry_run or fs not in self._listing else self._listing
+        info = listing.get(fs)
+        if info is None:
+            return []
+        abstractions = bookmark_abstractions(info)
+        held = [v for v in info.snapshots() if v.userrefs > 0]
+        tags = self.zfs.holds([v.full_name for v in held]) if held else {}
+        for v in held:
+            abstractions += hold_abstractions(v, tags.get(v.full_name, []))
+        stale = [a for a in stale_abstractions(abstractions, self.job) if a.type != ABSTRACTION_LAST_RECEIVED_HOLD]
+        if keep_cursor_guid is not None:
+            stale = [a for a in stale if not (a.type == ABSTRACTION_CURSOR and a.guid == keep_cursor_guid)]
+        if not dry_run:
+            destroy_abstractions(self.zfs, stale)
+        return stale
+
+    # -- pruning ---------------------------------------------------------------------------------
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        self._allowed(fs)
+        for n in names:
+            validate_snapshot_short_name(n)
+        return destroy_with_bisect(self.zfs, fs, list(names))
+
+
+def destroy_abstractions(zfs: Zfs, stale: Sequence[Abstraction]) -> None:
+    """Release holds and destroy bookmarks; each is named in the log before it goes."""
+    for a in stale:
+        if a.is_hold:
+            log.info("releasing hold %s on %s", a.tag, a.full_name)
+            try:
+                zfs.release(a.tag or "", [a.full_name])
+            except ZfsError as exc:
+                if exc.kind != "not-exist":
+                    raise
+        else:
+            log.info("destroying bookmark %s (%s)", a.full_name, a.type)
+            try:
+                zfs.destroy_bookmark(a.full_name)
+            except ZfsError as exc:
+                if exc.kind != "not-exist":
+                    raise
+
+
+class ReceiverEndpoint:
+    """The receiving side: receives below `root` (= root_fs, or root_fs/<client identity> on a sink).
+
+    Requests name the SENDER's filesystem; the receiver maps it below its root itself, so a client
+    can never name a dataset outside its subtree. `job` is the receiving job (last-received holds).
+    """
+
+    def __init__(self, zfs: Zfs, job: str, root_fs: str, client_identity: str | None, recv: RecvConfig,
+                 processes: ProcessRegistry | None = None, progress: Progress | None = None):
+        self.zfs, self.job, self.root_fs, self.identity, self.recv_cfg = zfs, job, root_fs, client_identity, recv
+        self.root = f"{root_fs}/{client_identity}" if client_identity else root_fs
+        self.processes = processes or ProcessRegistry()
+        self.progress = progress
+        self._listing: dict[str, DatasetInfo] = {}
+
+    def target(self, sender_fs: str) -> str:
+        try:
+            validate_dataset_name(sender_fs)
+            target = validate_dataset_name(receiver_path(self.root_fs, sender_fs, self.identity))
+        except ValueError as exc:
+            raise EndpointError(f"invalid filesystem name: {exc}", kind="forbidden") from None
+        if not is_descendant(target, self.root):
+            raise EndpointError(f"{target!r} is outside {self.root!r}", kind="forbidden")
+        return target
+
+    def _sender_name(self, target: str) -> str:
+        return target[len(self.root) + 1:]
+
+    # -- listing ---------------------------------------------------------------------------------
+    def list_filesystems(self) -> dict[str, tuple[DatasetInfo, DecodedToken | None]]:
+        """Datasets below root keyed by the sender's name, with decoded resume tokens."""
+        pool = self.root_fs.split("/", 1)[0]
+        listing = self.zfs.list([self.root_fs]) if pool else {}
+        if self.root_fs not in listing:
+            raise EndpointError(f"root_fs {self.root_fs!r} does not exist on the receiver (create it first)")
+        self._listing = listing
+        out: dict[str, tuple[DatasetInfo, DecodedToken | None]] = {}
+        for name, ds in listing.items():
+            if not is_descendant(name, self.root):
+                continue
+            token = None
+            raw = ds.props.get("receive_resume_token")
+            if raw:
+                try:
+                    token = parse_resume_token_info(self._token_text(raw))
+                except ValueError:
+                    log.warning("%s: undecodable resume token; it will be cleared", name)
+                    token = DecodedToken(toguid=0, toname="", fromguid=None, bytes=None)
+            out[self._sender_name(name)] = (ds, token)
+        return out
+
+    def _token_text(self, token: str) -> str:
+        proc = self.zfs.run(["zfs", "send", "-n", "-v", "-t", token], check=False)
+        return proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
+
+    # -- placeholders ----------------------------------------------------------------------------
+    def _ensure_parents(self, target: str) -> None:
+        existing = set(self._listing) or set(self.zfs.list([self.root_fs]))
+        for ph in placeholders_needed(target, self.root_fs, existing):
+            is_identity = self.identity is not None and ph == self.root
+            enc = self.recv_cfg.placeholder_encryption
+            if enc == "unspecified" and not is_identity:
+                raise EndpointError(
+                    f"{target}: parent {ph} must be created as a placeholder, but recv.placeholder.encryption "
+                    "is unspecified; set it to \"inherit\" or \"off\"")
+            log.info("creating placeholder %s", ph)
+            try:
+                self.zfs.run(create_placeholder_argv(ph, encryption_off=(enc == "off")))
+            except ZfsError as exc:
+                if exc.kind != "exists":
+                    raise
+            self._listing.setdefault(ph, DatasetInfo(name=ph, type="filesystem", props={PLACEHOLDER_PROPERTY: "on"}))
+
+    # -- receiving -------------------------------------------------------------------------------
+    def receive(self, req: StepRequest, stream_fd: int) -> dict[str, Any]:
+        """Run `zfs recv` with stdin = stream_fd (closed here), then verify what arrived."""
+        try:
+            target = self.target(req.fs)
+            current = self.zfs.list([target]).get(target) if req.from_ is None else None
+            force = False
+            if req.from_ is None and not req.resume_token and current is not None:
+                # A full stream onto an existing dataset: only into a placeholder without snapshots,
+                # checked here on the receiving side, never on the client's word.
+                if current.props.get(PLACEHOLDER_PROPERTY) != "on" or current.snapshots():
+                    raise EndpointError(f"refusing to overwrite {target}: it exists and is not an empty placeholder",
+                                        kind="receiver-has-data")
+                force = True
+            if current is None and req.from_ is None:
+                self._ensure_parents(target)
+            override = dict(self.recv_cfg.override)
+            if req.from_ is None and not req.resume_token:
+                override.setdefault(PLACEHOLDER_PROPERTY, "off")
+            argv = recv_argv(target, resumable=True, force=force, inherit=self.recv_cfg.inherit, override=override)
+            proc = self.zfs.spawn(argv, stdin=stream_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        finally:
+            os.close(stream_fd)
+        self.processes.add(proc)
+        try:
+            out, err = proc.communicate()
+        finally:
+            self.processes.discard(proc)
+        if proc.returncode != 0:
+            raise ZfsError(argv, proc.returncode, err.decode("utf-8", "replace"))
+        return self._verify(target, req)
+
+    def _verify(self, target: str, req: StepRequest) -> dict[str, Any]:
+        info = self.zfs.list([target]).get(target)
+        if info is None:
+            raise EndpointError(f"{target} does not exist after the receive")
+        got = {v.name: v.guid for v in info.snapshots()}
+        if got.get(req.to) != req.to_guid:
+            raise EndpointError(f"{target}@{req.to} has guid {got.get(req.to)} after the receive, "
+                                f"expected {req.to_guid}")
+        self._hold_last_received(target, info, req.to)
+        return {"received": req.to, "guid": req.to_guid}
+
+    def _hold_last_received(self, target: str, info: DatasetInfo, newest: str) -> None:
+        """Hold the newest received snapshot (the next incremental base) and release older holds."""
+        tag = last_received_hold_tag(self.job)
+        self.zfs.hold_idempotent(tag, [f"{target}@{newest}"])
+        held = [v.full_name for v in info.snapshots() if v.userrefs > 0 and v.name != newest]
+        if held:
+            tags = self.zfs.holds(held)
+            older = [name for name, t in tags.items() if tag in t]
+            if older:
+                log.info("releasing hold %s on %s", tag, ", ".join(older))
+                self.zfs.release(tag, older)
+
+    def clear_resume_token(self, sender_fs: str) -> None:
+        target = self.target(sender_fs)
+        log.warning("%s: discarding the partial receive state (zfs recv -A): its source is gone", target)
+        try:
+            self.zfs.run(recv_abort_argv(target))
+        except ZfsError as exc:
+            if exc.kind != "not-exist" and "does not have any resumable receive state" not in exc.stderr:
+                raise
+
+    # -- pruning ---------------------------------------------------------------------------------
+    def destroy_snapshots(self, sender_fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        target = self.target(sender_fs)
+        for n in names:
+            validate_snapshot_short_name(n)
+        return destroy_with_bisect(self.zfs, target, list(names))
+
+
+# ---- serving endpoints over the protocol, and the client-side proxies ---------------------------
+
+def _wire_str_list(body: dict[str, Any], key: str) -> list[str]:
+    value = body.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise EndpointError(f"{key!r} must be a list of strings")
+    return value
+
+
+def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
+    """Protocol handlers of a source job's sender (a pull client talks to these)."""
+
+    def list_(body: dict, ctx: RequestContext) -> dict:
+        return {"job": ep.job, "filesystems": [dataset_to_wire(d) for d in ep.list_filesystems()]}
+
+    def estimate(body: dict, ctx: RequestContext) -> dict:
+        return {"bytes": ep.estimate(StepRequest.from_wire(body))}
+
+    def send(body: dict, ctx: RequestContext) -> Reply:
+        return Reply({"ok": True}, stream=ep.open_send(StepRequest.from_wire(body)))
+
+    def protect(body: dict, ctx: RequestContext) -> dict:
+        snaps = [(validate_snapshot_short_name(str(n)), int(g)) for n, g in body.get("snapshots", [])]
+        source = body.get("source")
+        ep.protect(str(body.get("fs", "")), _level(body), snaps, source if isinstance(source, str) else None)
+        return {}
+
+    def complete(body: dict, ctx: RequestContext) -> dict:
+        ep.complete(str(body.get("fs", "")), validate_snapshot_short_name(str(body.get("to", ""))),
+                    int(body.get("to_guid", 0)), _level(body))
+        return {}
+
+    def destroy(body: dict, ctx: RequestContext) -> dict:
+        done, errors = ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names"))
+        return {"destroyed": done, "errors": errors}
+
+    return {"sender.list": list_, "sender.estimate": estimate, "sender.send": send, "sender.protect": protect,
+            "sender.complete": complete, "sender.destroy": destroy}
+
+
+def _level(body: dict[str, Any]) -> str:
+    level = body.get("level")
+    if level not in PROTECTION_CHOICES:
+        raise EndpointError(f"invalid protection level {level!r}")
+    return level
+
+
+def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
+    """Protocol handlers of a sink's receiver (a push client talks to these)."""
+
+    def list_(body: dict, ctx: RequestContext) -> dict:
+        out = {}
+        for name, (ds, token) in ep.list_filesystems().items():
+            out[name] = {"dataset": dataset_to_wire(ds),
+                         "token": None if token is None else dataclasses.asdict(token)}
+        return {"job": ep.job, "root": ep.root, "filesystems": out}
+
+    def receive(body: dict, ctx: RequestContext) -> dict:
+        if ctx.stream is None:
+            raise EndpointError("receive request without a stream")
+        req = StepRequest.from_wire(body)
+        fd = ctx.stream.open_fd()
+        try:
+            result = ep.receive(req, fd)
+        except BaseException:
+            ctx.stream.abandon()
+            raise
+        ctx.stream.finish()
+        return result
+
+    def clear_token(body: dict, ctx: RequestContext) -> dict:
+        ep.clear_resume_token(str(body.get("fs", "")))
+        return {}
+
+    def destroy(body: dict, ctx: RequestContext) -> dict:
+        done, errors = ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names"))
+        return {"destroyed": done, "errors": errors}
+
+    return {"receiver.list": list_, "receiver.receive": receive, "receiver.clear_token": clear_token,
+            "receiver.destroy": destroy}
+
+
+class RemoteSender:
+    """A pull job's view of a source's SenderEndpoint, through a connection."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.job = ""
+
+    def list_filesystems(self) -> list[DatasetInfo]:
+        body = self.conn.request("sender.list", {})
+        self.job = str(body.get("job", ""))
+        items = body.get("filesystems", [])
+        if not isinstance(items, list):
+            raise EndpointError("peer sent an invalid listing")
+        return [dataset_from_wire(d) for d in items]
+
+    def estimate(self, req: StepRequest) -> int | None:
+        value = self.conn.request("sender.estimate", req.to_wire()).get("bytes")
+        return value if isinstance(value, int) else None
+
+    def send_into(self, req: StepRequest, consume: Callable[[IncomingStream], dict[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+
+        def on_stream(body: dict[str, Any], stream: IncomingStream) -> None:
+            result.update(consume(stream))
+
+        self.conn.request("sender.send", req.to_wire(), stream_out=on_stream)
+        return result
+
+    def protect(self, fs: str, level: str, snapshots: Sequence[tuple[str, int]], source: str | None) -> None:
+        self.conn.request("sender.protect", {"fs": fs, "level": level, "snapshots": [list(s) for s in snapshots],
+                                             "source": source})
+
+    def complete(self, fs: str, to: str, to_guid: int, level: str) -> None:
+        self.conn.request("sender.complete", {"fs": fs, "to": to, "to_guid": to_guid, "level": level})
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        body = self.conn.request("sender.destroy", {"fs": fs, "names": list(names)})
+        return list(body.get("destroyed", [])), dict(body.get("errors", {}))
+
+
+class RemoteReceiver:
+    """A push job's view of a sink's ReceiverEndpoint, through a connection."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.job = ""
+        self.root = ""
+
+    def list_filesystems(self) -> dict[str, tuple[DatasetInfo, DecodedToken | None]]:
+        body = self.conn.request("receiver.list", {})
+        self.job, self.root = str(body.get("job", "")), str(body.get("root", ""))
+        out: dict[str, tuple[DatasetInfo, DecodedToken | None]] = {}
+        items = body.get("filesystems", {})
+        if not isinstance(items, dict):
+            raise EndpointError("peer sent an invalid listing")
+        for name, entry in items.items():
+            validate_dataset_name(name)
+            token = entry.get("token") if isinstance(entry, dict) else None
+            decoded = None
+            if isinstance(token, dict):
+                decoded = DecodedToken(toguid=int(token.get("toguid") or 0), toname=str(token.get("toname", "")),
+                                       fromguid=token.get("fromguid"), bytes=token.get("bytes"))
+            out[name] = (dataset_from_wire(entry.get("dataset") if isinstance(entry, dict) else None), decoded)
+        return out
+
+    def receive(self, req: StepRequest, stream: OutgoingStream) -> dict[str, Any]:
+        return self.conn.request("receiver.receive", req.to_wire(), stream_in=stream)
+
+    def clear_resume_token(self, fs: str) -> None:
+        self.conn.request("receiver.clear_token", {"fs": fs})
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        body = self.conn.request("receiver.destroy", {"fs": fs, "names": list(names)})
+        return list(body.get("destroyed", [])), dict(body.get("errors", {}))
+
+
+def receive_from_stream(ep: ReceiverEndpoint, req: StepRequest, stream: IncomingStream) -> dict[str, Any]:
+    """Pull: feed a stream arriving from the source into the local `zfs recv`."""
+    fd = stream.open_fd()
+    try:
+        result = ep.receive(req, fd)
+    except BaseException:
+        stream.abandon()
+        raise
+    stream.finish()
+    return result
 
 
 # =================================================================================================
 # 9. Replication runner
 # =================================================================================================
 
-# (section 9 body)
+# The runner plans from both listings and drives the steps. It works the same whether the sender
+# or the receiver is the local side: push = SenderEndpoint + RemoteReceiver, pull = RemoteSender +
+# ReceiverEndpoint. Failures stay per filesystem; temporary ones are retried within the run.
+
+RETRY_ATTEMPTS = 3
+_PERMANENT_KINDS = {"forbidden", "encryption", "receiver-has-data", "permission", "no-space", "diverged"}
+
+
+def is_temporary(exc: BaseException) -> bool:
+    """Whether retrying the step may help (lost connections, cut streams, busy datasets)."""
+    if isinstance(exc, Cancelled):
+        return False
+    if isinstance(exc, EndpointError):
+        return exc.temporary
+    if isinstance(exc, ZfsError):
+        return exc.kind not in _PERMANENT_KINDS
+    if isinstance(exc, RemoteError):
+        if exc.remote_type in ("EndpointError", "PlanError"):
+            return exc.temporary
+        return not any(k in exc.message for k in ("permission denied", "refusing", "not served", "outside"))
+    return isinstance(exc, (ProtocolError, StreamError, OSError))
+
+
+@dataclass
+class FilesystemReport:
+    """Replication status of one filesystem (the `filesystems` entries of a job's status)."""
+
+    sender_fs: str
+    receiver_fs: str = ""
+    state: str = "planning"  # planning | planning-error | stepping | step-error | blocked | done
+    step: str = ""
+    steps_total: int = 0
+    steps_done: int = 0
+    bytes_expected: int | None = None
+    bytes_replicated: int = 0
+    last_replicated: str | None = None
+    last_success: str | None = None
+    error: str | None = None
+    error_details: dict[str, Any] = field(default_factory=dict)
+    error_count: int = 0
+    blocked_by: str | None = None
+    plan: str = ""
+    step_started: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ReplicationSettings:
+    """What the runner needs from the active job's config."""
+
+    job: str
+    plan: PlanSettings
+    timeout: float = 600.0
+    attempts: int = RETRY_ATTEMPTS
+    retry_delay: float = 2.0
+    dry_run: bool = False
+
+
+class Replication:
+    """One replication pass between a sender and a receiver.
+
+    `on_update(reports)` is called whenever a filesystem's status changes (status file).
+    `error_counts` carries each filesystem's consecutive failures from earlier runs; failing ones
+    go behind healthy ones in the queue.
+    """
+
+    def __init__(self, sender: Any, receiver: Any, settings: ReplicationSettings, progress: Progress,
+                 on_update: Callable[[dict[str, FilesystemReport]], None] = lambda r: None,
+                 error_counts: dict[str, int] | None = None,
+                 previous: dict[str, dict[str, Any]] | None = None):
+        self.sender, self.receiver, self.settings = sender, receiver, settings
+        self.progress, self.on_update = progress, on_update
+        self.error_counts = dict(error_counts or {})
+        self.reports: dict[str, FilesystemReport] = {}
+        self.previous = previous or {}
+        self.cancel_reason: str | None = None
+        self.plans: list[FilesystemPlan] = []
+        self.estimates: dict[str, int | None] = {}
+        self.current: tuple[FilesystemReport, int] | None = None  # the step in flight, bytes at its start
+
+    def refresh(self) -> None:
+        """Update the in-flight step's byte count (called by the status ticker)."""
+        if self.current is not None:
+            rep, base = self.current
+            rep.bytes_replicated = self.progress.bytes - base
+
+    def _report(self, fs: str) -> FilesystemReport:
+        if fs not in self.reports:
+            prev = self.previous.get(fs, {})
+            self.reports[fs] = FilesystemReport(sender_fs=fs, last_replicated=prev.get("last_replicated"),
+                                                last_success=prev.get("last_success"),
+                                                error_count=self.error_counts.get(fs, 0))
+        return self.reports[fs]
+
+    def _publish(self) -> None:
+        self.on_update(self.reports)
+
+    # -- planning --------------------------------------------------------------------------------
+    def plan(self) -> list[FilesystemPlan]:
+        sender_list = self.sender.list_filesystems()
+        receiver_list = self.receiver.list_filesystems()
+        inputs = []
+        for ds in sender_list:
+            r = receiver_list.get(ds.name)
+            token = None
+            if r and r[1] is not None:
+                t = r[1]
+                token = ResumeToken(fromguid=t.fromguid, toguid=t.toguid, toname=t.toname,
+                                    raw=r[0].props.get("receive_resume_token", ""))
+            receiver_fs = getattr(self.receiver, "root", "") or ""
+            receiver_fs = f"{receiver_fs}/{ds.name}" if receiver_fs else ds.name
+            inputs.append(FilesystemInput(sender=ds, receiver=r[0] if r else None, receiver_fs=receiver_fs,
+                                          resume_token=token))
+        plans = plan_filesystems(inputs, self.settings.plan, self.error_counts)
+        replanned = []
+        for p in plans:
+            if p.clear_resume_token and not self.settings.dry_run:
+                self.receiver.clear_resume_token(p.sender_fs)
+                inp = next(i for i in inputs if i.sender.name == p.sender_fs)
+                inp.resume_token = None
+                if inp.receiver is not None:
+                    inp.receiver.props.pop("receive_resume_token", None)
+                replanned.append(p.sender_fs)
+        if replanned:
+            plans = plan_filesystems(inputs, self.settings.plan, self.error_counts)
+        for p in plans:
+            rep = self._report(p.sender_fs)
+            rep.receiver_fs, rep.plan = p.receiver_fs, p.describe()
+            rep.blocked_by = p.blocked_by
+            rep.steps_total, rep.steps_done = len(p.steps), 0
+            if p.error:
+                rep.state, rep.error, rep.error_details = "planning-error", p.error.message, p.error.details
+            elif p.blocked_by:
+                rep.state, rep.error = "blocked", f"blocked by {p.blocked_by}: {p.note}".rstrip(": ")
+            elif not p.steps:
+                rep.state, rep.error = "done", None
+            else:
+                rep.state, rep.error = "stepping", None
+        self.plans = plans
+        self.progress.touch()
+        self._publish()
+        return plans
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, FilesystemReport]:
+        """Plan and run all steps; retry temporary failures with back-off; return the reports."""
+        failed_now: set[str] = set()
+        for attempt in range(1, self.settings.attempts + 1):
+            if self.cancel_reason:
+                break
+            try:
+                plans = self.plan()
+            except (ZreplError, OSError) as exc:
+                if attempt < self.settings.attempts and is_temporary(exc) and not self.cancel_reason:
+                    log.warning("%s: planning failed (attempt %d): %s", self.settings.job, attempt, exc)
+                    time.sleep(self.settings.retry_delay * attempt)
+                    continue
+                raise
+            if self.settings.dry_run:
+                for p in plans:
+                    if p.runnable:
+                        for step in p.steps:
+                            self.estimates[f"{p.sender_fs}: {step.describe()}"] = self._estimate(p, step)
+                return self.reports
+            retry = self._run_steps(plans, failed_now)
+            if not retry or self.cancel_reason:
+                break
+            log.info("%s: retrying %d filesystem(s) after temporary errors", self.settings.job, len(retry))
+            time.sleep(self.settings.retry_delay * attempt)
+        for fs, rep in self.reports.items():
+            if rep.state in ("planning-error", "step-error", "blocked"):
+                rep.error_count = self.error_counts.get(fs, 0) + 1
+            elif rep.state == "done":
+                rep.error_count = 0
+        self._publish()
+        return self.reports
+
+    def _estimate(self, plan: FilesystemPlan, step: Step) -> int | None:
+        try:
+            return self.sender.estimate(StepRequest.from_step(plan.sender_fs, step))
+        except (ZreplError, OSError):
+            return None
+
+    def _run_steps(self, plans: list[FilesystemPlan], failed_now: set[str]) -> set[str]:
+        """Run steps in order; returns the filesystems worth another attempt."""
+        retry: set[str] = set()
+        stopped: set[str] = set()
+        for plan, step in order_steps(plans, self.error_counts):
+            fs = plan.sender_fs
+            rep = self._report(fs)
+            if fs in stopped or (plan.depends_on and plan.depends_on in stopped):
+                if fs not in stopped and plan.depends_on in stopped:
+                    rep.state, rep.blocked_by = "blocked", plan.depends_on
+                    rep.error = f"blocked: parent {plan.depends_on} failed"
+                    stopped.add(fs)
+                continue
+            if self.cancel_reason:
+                rep.state, rep.error = "step-error", f"cancelled: {self.cancel_reason}"
+                stopped.add(fs)
+                continue
+            try:
+                self._run_step(plan, step, rep)
+            except Exception as exc:  # one filesystem's failure never stops the others
+                if not isinstance(exc, (ZreplError, OSError)):
+                    log.error("internal error replicating %s: %s: %s", fs, type(exc).__name__, exc)
+                reason = f"cancelled by the watchdog: {self.cancel_reason}" if self.cancel_reason else str(exc)
+                rep.state, rep.error = "step-error", f"{step.describe()}: {reason}"
+                log.error("%s: %s: %s", self.settings.job, fs, rep.error)
+                stopped.add(fs)
+                if is_temporary(exc) and not self.cancel_reason:
+                    retry.add(fs)
+                failed_now.add(fs)
+                self._publish()
+                continue
+            rep.steps_done += 1
+            if rep.steps_done >= rep.steps_total:
+                rep.state, rep.error = "done", None
+                rep.last_success = iso_time(utcnow())
+            self._publish()
+        return retry
+
+    def _run_step(self, plan: FilesystemPlan, step: Step, rep: FilesystemReport) -> None:
+        fs = plan.sender_fs
+        req = StepRequest.from_step(fs, step, replace_placeholder=plan.replace_placeholder and step.is_full)
+        level = self.settings.plan.protection_for(step)
+        rep.state, rep.step = "stepping", step.describe()
+        rep.bytes_expected = self._estimate(plan, step)
+        rep.bytes_replicated = 0
+        rep.step_started = iso_time(utcnow())
+        self.current = (rep, self.progress.bytes)
+        self._publish()
+        log.info("%s: %s", self.settings.job, step.describe())
+        if level != "guarantee_nothing" and not step.resume_token:
+            protect = [(v.name, v.guid) for v in step.received_versions() if v.is_snapshot]
+            self.sender.protect(fs, level, protect, req.from_)
+        if isinstance(self.sender, SenderEndpoint):
+            stream = self.sender.open_send(req)
+            self.receiver.receive(req, stream)
+        else:
+            self.sender.send_into(req, lambda incoming: receive_from_stream(self.receiver, req, incoming))
+        self.refresh()
+        self.current = None
+        self.progress.step_done()
+        rep.last_replicated = f"{fs}@{step.to_version.name}"
+        self.sender.complete(fs, step.to_version.name, step.to_version.guid, level)
+
+
+class Watchdog:
+    """Cancels a replication that makes no progress (bytes moved or steps finished) for `timeout`.
+
+    Cancelling kills the run's zfs processes and cancels the connection, so every blocked call
+    returns; the reason is kept for the status file.
+    """
+
+    def __init__(self, progress: Progress, timeout: float, cancel: Callable[[str], None], interval: float = 1.0):
+        self.progress, self.timeout, self.cancel, self.interval = progress, timeout, cancel, interval
+        self.fired: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="watchdog", daemon=True)
+
+    def __enter__(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            idle = time.monotonic() - self.progress.last_change
+            if idle > self.timeout:
+                self.fired = (f"no progress for {format_duration(idle)} (replication.timeout = "
+                              f"{format_duration(self.timeout)}; {format_size(self.progress.bytes)} moved, "
+                              f"{self.progress.steps} step(s) done)")
+                log.error("watchdog: %s: cancelling", self.fired)
+                self.cancel(self.fired)
+                return
 
 
 # =================================================================================================
@@ -3417,6 +4364,8 @@ class JobRunner:
         self.doc: dict[str, Any] = {"type": job.type, "state": "idle"}
         self.last_batches: list[SnapshotBatchResult] = []  # for dry-run reports
         self.last_prune: list[PruneResult] = []
+        self.last_prune_receiver: list[PruneResult] = []
+        self.last_replication: Replication | None = None
 
     # -- status helpers ------------------------------------------------------------------------
     def _set_activity(self, step: str, progress: str = "") -> None:
@@ -3434,7 +4383,7 @@ class JobRunner:
         rt = self.config.global_.runtime_dir
         lock, wakeup = JobLock(rt, self.job.name), WakeupRequest(rt, self.job.name)
         if previous:
-            for key in ("last_success", "filesystems", "last_run"):
+            for key in ("last_success", "filesystems", "last_run", "replication"):
                 if key in previous:
                     self.doc[key] = previous[key]
         worst: int | None = None
@@ -3480,20 +4429,18 @@ class JobRunner:
     def _dispatch(self) -> PassResult:
         if self.job.type in ("snap", "source"):
             return self._snap_pass(prune=self.job.type == "snap")
-        if self.job.type == "sink":
-            log.info("job %s: sink jobs are passive; they run when a client connects", self.job.name)
-            return PassResult()
-        raise ZreplError(f"job {self.job.name}: {self.job.type} jobs are not supported by this version yet")
+        if self.job.type in ("push", "pull"):
+            return self._active_pass()
+        log.info("job %s: sink jobs are passive; they serve when a client connects", self.job.name)
+        return PassResult()
 
     def _select(self) -> list[DatasetInfo]:
         assert self.job.filesystems is not None
         listing = self.zfs.list(list_roots_for_filter(self.job.filesystems))
         return [ds for name, ds in sorted(listing.items()) if self.job.filesystems.accepts(name)]
 
-    def _snap_pass(self, prune: bool) -> PassResult:
-        result = PassResult()
-        self._set_activity("listing")
-        datasets = self._select()
+    def _take_snapshots(self, datasets: list[DatasetInfo], result: PassResult) -> list[SnapshotBatchResult]:
+        """Snapshot the due filesystems (one command per pool) and record it in the status."""
         if not datasets:
             log.warning("job %s: the filesystems filter selects no dataset", self.job.name)
         now = self.clock()
@@ -3511,10 +4458,18 @@ class JobRunner:
             for fs, why in {**batch.skipped, **batch.errors}.items():
                 self._fs(fs)["snapshot_error"] = why
                 result.failures[fs] = why
+        self.last_batches = batches
+        return batches
+
+    def _snap_pass(self, prune: bool) -> PassResult:
+        result = PassResult()
+        self._set_activity("listing")
+        datasets = self._select()
+        batches = self._take_snapshots(datasets, result)
         if prune:
             if any(b.snapshotted for b in batches):
                 if self.dry_run:
-                    datasets = _with_planned_snapshots(datasets, batches, now)
+                    datasets = _with_planned_snapshots(datasets, batches, self.clock())
                 else:
                     datasets = self._select()  # pruning must see the new snapshots' real txg and guid
             self._set_activity("pruning", f"{len(datasets)} filesystems")
@@ -3528,8 +4483,140 @@ class JobRunner:
                     result.failures[r.dataset] = f"pruning: {len(r.errors)} snapshot(s) could not be destroyed"
         if result.failures:
             result.exit_code = EXIT_FAILED
-        self.last_batches = batches
         return result
+
+    # -- push and pull -----------------------------------------------------------------------------
+    def _replication_settings(self) -> ReplicationSettings:
+        job = self.job
+        receiving = None
+        if job.type == "pull":
+            receiving = job.name
+        plan = PlanSettings(initial=job.initial_replication, protection_initial=job.replication.protection_initial,
+                            protection_incremental=job.replication.protection_incremental,
+                            encrypted=job.send.encrypted, raw=job.send.raw, receiving_job=receiving)
+        return ReplicationSettings(job=job.name, plan=plan, timeout=job.replication.timeout, dry_run=self.dry_run,
+                                   retry_delay=float(os.environ.get("ZREPL_RETRY_DELAY", "2")))
+
+    def _active_pass(self) -> PassResult:
+        """push: snapshot if due, replicate, prune sender, prune receiver. pull: replicate, prune."""
+        job, result = self.job, PassResult()
+        if job.type == "push":
+            self._set_activity("listing")
+            self._take_snapshots(self._select(), result)
+        processes, progress = ProcessRegistry(), Progress()
+        self._set_activity("connecting")
+        peer = connect_peer(self.config, job, self.zfs, processes, progress)
+        try:
+            if job.type == "push":
+                assert job.filesystems is not None
+                sender: Any = SenderEndpoint(self.zfs, job.name, job.filesystems, job.send, processes, progress)
+                receiver: Any = RemoteReceiver(peer.conn)
+            else:
+                sender = RemoteSender(peer.conn)
+                receiver = ReceiverEndpoint(self.zfs, job.name, job.root_fs, None, job.recv, processes, progress)
+            peer = self._replicate(sender, receiver, peer, processes, progress, result)
+            if job.type == "pull":
+                sender = RemoteSender(peer.conn)
+            else:
+                receiver = RemoteReceiver(peer.conn)
+            self._prune_both(sender, receiver, result)
+        finally:
+            peer.close()
+        if result.failures and result.exit_code == EXIT_OK:
+            result.exit_code = EXIT_FAILED
+        return result
+
+    def _replicate(self, sender: Any, receiver: Any, peer: Peer, processes: ProcessRegistry, progress: Progress,
+                   result: PassResult) -> Peer:
+        """Run the replication under the watchdog; returns a usable peer (reconnected if cancelled)."""
+        previous = (self.doc.get("replication") or {}).get("filesystems") or {}
+        counts = {fs: int(v.get("error_count") or 0) for fs, v in previous.items() if isinstance(v, dict)}
+        settings = self._replication_settings()
+        repl = Replication(sender, receiver, settings, progress, error_counts=counts, previous=previous)
+        self.last_replication = repl
+        state: dict[str, Any] = {"started": iso_time(self.clock()), "cancelled": None}
+
+        def publish(reports: dict[str, FilesystemReport]) -> None:
+            self.doc["replication"] = {**state, "filesystems": {fs: r.to_json() for fs, r in reports.items()}}
+            self.publish(self.job.name, self.doc)
+
+        repl.on_update = publish
+
+        def cancel(reason: str) -> None:
+            repl.cancel_reason = reason
+            state["cancelled"] = reason
+            processes.kill_all(reason)
+            peer.conn.cancel(reason)
+
+        self._set_activity("replicating")
+        try:
+            with Watchdog(progress, settings.timeout, cancel), StatusTicker(lambda: (repl.refresh(), publish(repl.reports))):
+                repl.run()
+        except (ZreplError, OSError) as exc:
+            reason = f"cancelled by the watchdog: {repl.cancel_reason}" if repl.cancel_reason else str(exc)
+            log.error("job %s: replication failed: %s", self.job.name, reason)
+            result.error = reason
+            result.exit_code = EXIT_FAILED
+        publish(repl.reports)
+        for fs, rep in repl.reports.items():
+            if rep.error:
+                result.failures[fs] = rep.error
+        if repl.cancel_reason and not self.dry_run:
+            peer.close()
+            log.info("job %s: reconnecting for pruning after the cancelled replication", self.job.name)
+            return connect_peer(self.config, self.job, self.zfs, ProcessRegistry(), Progress())
+        return peer
+
+    def _prune_both(self, sender: Any, receiver: Any, result: PassResult) -> None:
+        job = self.job
+        self._set_activity("pruning sender")
+        try:
+            sender_list = sender.list_filesystems()
+        except (ZreplError, OSError) as exc:
+            log.error("job %s: listing the sender for pruning failed: %s", job.name, exc)
+            result.failures["(pruning)"] = str(exc)
+            return
+        try:
+            cursor_job = job.name if job.type == "push" else sender.job
+            contexts = {}
+            for ds in sender_list:
+                cursor = replication_cursor(ds, cursor_job)
+                contexts[ds.name] = PruneContext(cursor_guid=cursor.guid if cursor else None,
+                                                 cursor_createtxg=cursor.createtxg if cursor else None)
+            if job.type == "push":
+                destroy, holds = local_destroyer(self.zfs), self.zfs.holds
+            else:
+                destroy, holds = sender.destroy_snapshots, None
+            pruned = prune_datasets(sender_list, job.keep_sender, destroy, holds, contexts, self.dry_run)
+            self.doc["pruning_sender"] = prune_summary(pruned)
+            self.last_prune = pruned
+            for r in pruned:
+                if r.errors:
+                    result.failures[r.dataset] = f"pruning sender: {len(r.errors)} snapshot(s) could not be destroyed"
+        except (ZreplError, OSError) as exc:
+            log.error("job %s: pruning the sender failed: %s", job.name, exc)
+            result.failures["(pruning sender)"] = str(exc)
+        self._set_activity("pruning receiver")
+        try:
+            wanted = {ds.name for ds in sender_list}
+            datasets, names = [], {}
+            for sender_name, (ds, _token) in sorted(receiver.list_filesystems().items()):
+                if sender_name in wanted:
+                    datasets.append(ds)
+                    names[ds.name] = sender_name
+            if job.type == "pull":
+                destroy, holds, names = local_destroyer(self.zfs), self.zfs.holds, {}
+            else:
+                destroy, holds = receiver.destroy_snapshots, None
+            pruned = prune_datasets(datasets, job.keep_receiver, destroy, holds, None, self.dry_run, names=names)
+            self.doc["pruning_receiver"] = prune_summary(pruned)
+            self.last_prune_receiver = pruned
+            for r in pruned:
+                if r.errors:
+                    result.failures[r.dataset] = f"pruning receiver: {len(r.errors)} snapshot(s) could not be destroyed"
+        except (ZreplError, OSError) as exc:
+            log.error("job %s: pruning the receiver failed: %s", job.name, exc)
+            result.failures["(pruning receiver)"] = str(exc)
 
 
 def _with_planned_snapshots(datasets: list[DatasetInfo], batches: list[SnapshotBatchResult],
@@ -3544,6 +4631,124 @@ def _with_planned_snapshots(datasets: list[DatasetInfo], batches: list[SnapshotB
             ds = dataclasses.replace(ds, versions=[*ds.versions, extra])
         out.append(ds)
     return out
+
+
+class StatusTicker:
+    """Republishes a running job's status every few seconds (bytes moved, ETA) while it works."""
+
+    def __init__(self, tick: Callable[[], None], interval: float = 2.0):
+        self.tick, self.interval = tick, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="status", daemon=True)
+
+    def __enter__(self) -> StatusTicker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.tick()
+            except Exception as exc:  # status is best effort; never kill the run over it
+                log.debug("status tick failed: %s", exc)
+
+
+@dataclass
+class Peer:
+    """A connected peer for one active run: the connection and how to tear it down."""
+
+    conn: Connection
+    close: Callable[[], None]
+
+
+def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry,
+                  progress: Progress) -> Peer:
+    """Join an active job to the sink/source serving its local listener: a socketpair, the passive
+    endpoint served in a thread of this process. Streams pass as file descriptors (zero copies)
+    unless a bandwidth limit forces copying."""
+    assert job.connect is not None
+    passive = next(j for j in config.jobs if j.serve and j.serve.type == "local"
+                   and j.serve.listener_name == job.connect.listener_name)
+    client, server = local_pair()
+    client.name, server.name = f"local listener {job.connect.listener_name}", f"local client {job.name}"
+    identity = job.connect.client_identity
+    handlers: dict[str, Handler]
+    if passive.type == "sink":
+        handlers = receiver_handlers(ReceiverEndpoint(zfs, passive.name, passive.root_fs, identity, passive.recv,
+                                                      processes, progress))
+        client.send_limit = _bucket(job.send.bandwidth_limit)
+        server.recv_limit = _bucket(passive.recv.bandwidth_limit)
+    else:
+        assert passive.filesystems is not None
+        handlers = sender_handlers(SenderEndpoint(zfs, passive.name, passive.filesystems, passive.send,
+                                                  processes, progress))
+        server.send_limit = _bucket(passive.send.bandwidth_limit)
+        client.recv_limit = _bucket(job.recv.bandwidth_limit)
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            serve_connection(server, handlers)
+        except (ZreplError, OSError) as exc:
+            failure.append(exc)
+            log.debug("local server for %s ended: %s", passive.name, exc)
+        finally:
+            server.close()
+
+    thread = threading.Thread(target=serve, name=f"serve {passive.name}", daemon=True)
+    thread.start()
+    client.handshake_client(identity)
+
+    def close() -> None:
+        client.close()
+        thread.join(timeout=30)
+
+    return Peer(client, close)
+
+
+def _bucket(limit: BandwidthLimit | None) -> TokenBucket | None:
+    return TokenBucket(limit.max, limit.bucket_capacity) if limit else None
+
+
+def connect_peer(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress) -> Peer:
+    """Connect an active job to its passive side over the configured transport."""
+    assert job.connect is not None
+    if job.connect.type == "local":
+        return connect_local(config, job, zfs, processes, progress)
+    return connect_ssh(job, progress)
+
+
+def connect_ssh(job: JobConfig, progress: Progress) -> Peer:
+    """ssh+stdinserver: ssh with no remote command; the passive host's authorized_keys forces
+    `zrepl.py stdinserver IDENTITY`, which serves the protocol on its stdin/stdout."""
+    assert job.connect is not None
+    conn = ssh_connect(ssh_argv(job.connect), name=f"{job.connect.user}@{job.connect.host}",
+                       timeout=max(job.connect.dial_timeout, DEFAULT_PEER_TIMEOUT))
+    if job.type == "push":
+        conn.send_limit = _bucket(job.send.bandwidth_limit)
+    else:
+        conn.recv_limit = _bucket(job.recv.bandwidth_limit)
+    conn.progress = progress.add_bytes
+    try:
+        conn.handshake_client(job.name)
+    except BaseException:
+        conn.close()
+        raise
+    return Peer(conn, conn.close)
+
+
+def ssh_argv(c: ConnectConfig) -> list[str]:
+    """`ssh -T -o BatchMode=yes [-o opt]... -i identity_file -p port user@host` (no remote command:
+    the forced command in authorized_keys decides what runs)."""
+    argv = [c.ssh_command, "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(c.dial_timeout)}",
+            "-o", "ServerAliveInterval=15"]
+    for opt in c.options:
+        argv += ["-o", opt]
+    return argv + ["-i", c.identity_file, "-p", str(c.port), "--", f"{c.user}@{c.host}"]
 
 
 # =================================================================================================
