@@ -672,7 +672,8 @@ class Connection:
             pass
 
     def close(self) -> None:
-        """Cancel, close the fds and stop the transport process (ssh) if there is one."""
+        """Cancel, close the fds and stop the transport process (ssh) if there is one. Call it from
+        the owning thread once nothing uses the connection; other threads use cancel()."""
         if self._closed:
             return
         self.cancel("connection closed")

@@ -285,7 +285,7 @@ def test_version_mismatch_is_refused_with_a_clear_message():
 
 def test_client_reports_a_server_printing_garbage(tmp_path):
     # a shell rc file printing a banner is the classic ssh forced-command failure
-    conn = zrepl.ssh_connect(["sh", "-c", "echo 'Welcome to backup host'; sleep 5"], timeout=5)
+    conn = zrepl.ssh_connect(["sh", "-c", "echo 'Welcome to backup host'; exec sleep 5"], timeout=5)
     try:
         with pytest.raises(zrepl.ProtocolError) as ei:
             conn.handshake_client("c")
@@ -433,9 +433,10 @@ def test_64mib_over_pipes_both_directions(stdio_server, payload_64m):
     assert result["sha256"] == digest and conn.stats.stream_bytes_received == 64 * MiB
 
 
-def test_copy_to_a_regular_file_falls_back_from_splice(local, payload_64m, tmp_path):
+@pytest.mark.parametrize("fd_passing", [False, True])
+def test_copy_to_a_regular_file(local, payload_64m, tmp_path, fd_passing):
     client, _, _ = local
-    client.fd_passing = False  # socket -> regular file: splice refuses, read/write takes over
+    client.fd_passing = fd_passing  # copying: socket -> regular file, splice refuses, read/write takes over
     path, digest = payload_64m
     out = tmp_path / "copy.bin"
 
