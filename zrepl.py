@@ -47,7 +47,7 @@ import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 __version__ = "0.1.0"
 

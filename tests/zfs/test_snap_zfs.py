@@ -25,7 +25,7 @@ def snap_job(name: str, filesystems: str, snapshotting: str, keep: str = "[]", h
 
 def snapshots(dataset: str) -> list[str]:
     """Short snapshot names of one dataset, createtxg order."""
-    rows = [r for r in list_all(dataset, recursive=False) if r.type == "snapshot"]
+    rows = [r for r in list_all(dataset) if r.type == "snapshot" and r.name.startswith(dataset + "@")]
     return [r.name.split("@", 1)[1] for r in sorted(rows, key=lambda r: r.createtxg)]
 
 
@@ -68,12 +68,12 @@ def test_listing_spawns_do_not_grow_with_datasets(pool, zfs_tree, zfs_shim, tmp_
 def test_due_ness_never_twice_and_catch_up_once(pool, zfs_tree, run_zrepl, tmp_path):
     zfs_tree(pool, "fs")
     cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}',
-                                          'type = "periodic"\nprefix = "auto_"\ninterval = "3s"\n'
+                                          'type = "periodic"\nprefix = "auto_"\ninterval = "12s"\n'
                                           'timestamp_format = "unix-seconds"'))
     assert run_zrepl("--config", cfg, "run").returncode == 0
     assert run_zrepl("--config", cfg, "run").returncode == 0
     assert len(snapshots(f"{pool}/fs")) == 1  # second run: not due yet
-    time.sleep(10)  # three intervals missed
+    time.sleep(37)  # three intervals missed
     assert run_zrepl("--config", cfg, "run").returncode == 0
     assert run_zrepl("--config", cfg, "run").returncode == 0
     assert len(snapshots(f"{pool}/fs")) == 2  # caught up once, not three times
@@ -130,28 +130,30 @@ def test_undestroyable_snapshot_fails_the_run_but_not_the_others(pool, zfs_tree,
     assert doc["last_run"]["result"] == "failed"
     assert f"{pool}/a@s1" in doc["pruning"]["errors"]
     st = zfs_shim.run_zrepl("--config", cfg, "status", "-v")
-    assert st.returncode == 1 and "WARNING" in st.stdout
+    assert st.returncode == 2 and st.stdout.startswith("CRITICAL")  # failed and never succeeded
 
 
 def test_dry_run_changes_nothing_and_explains(pool, zfs_tree, zfs_shim, tmp_path):
     zfs_tree(pool, "fs @zrepl_1 @zrepl_2 @zrepl_3")
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}', PERIODIC,
-                                          keep='[{ type = "last_n", count = 2, regex = "^zrepl_" }]'))
+    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}', PERIODIC.replace("zrepl_", "auto_"),
+                                          keep='[{ type = "last_n", count = 1, regex = "^zrepl_" },'
+                                               ' { type = "regex", regex = "^auto_" }]'))
     before = list_all(pool)
     proc = zfs_shim.run_zrepl("--config", cfg, "run", "--dry-run", "s")
     assert proc.returncode == 0, proc.stderr
     assert list_all(pool) == before
     assert zfs_shim.count("snapshot") == 0 and zfs_shim.count("destroy") == 0
     out = proc.stdout
-    assert "would snapshot @zrepl_" in out
+    assert "would snapshot @auto_" in out
     assert f"would destroy {pool}/fs@zrepl_1" in out and f"would destroy {pool}/fs@zrepl_2" in out
-    assert f"keep {pool}/fs@zrepl_3: last_n(count=2" in out
+    assert f"keep {pool}/fs@zrepl_3: last_n(count=1" in out
+    assert f"keep {pool}/fs@auto_" in out and "regex(regex='^auto_'" in out
     assert not (tmp_path / "status" / "status.json").exists()
 
 
 def test_concurrent_runs_one_works_other_reports_busy(pool, zfs_tree, zfs_shim, tmp_path):
     zfs_tree(pool, "fs")
-    zfs_shim.delay("snapshot", 4)
+    zfs_shim.delay("snapshot", 15)
     cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}', PERIODIC))
     first = subprocess.Popen(["python3", "/src/zrepl.py", "--config", str(cfg), "run", "s"], env=zfs_shim.env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -171,7 +173,7 @@ def test_wakeup_runs_now_or_makes_the_running_job_pass_again(pool, zfs_tree, zfs
     idle = zfs_shim.run_zrepl("--config", cfg, "wakeup", "s")
     assert idle.returncode == 0 and zfs_shim.count("list") == 1  # ran in the foreground
     zfs_shim.reset_log()
-    zfs_shim.delay("list", 3, times=1)
+    zfs_shim.delay("list", 15, times=1)
     first = subprocess.Popen(["python3", "/src/zrepl.py", "--config", str(cfg), "run", "s"], env=zfs_shim.env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
