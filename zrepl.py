@@ -4842,14 +4842,21 @@ class ReceiverEndpoint:
 
     # -- placeholders ----------------------------------------------------------------------------
     def _ensure_parents(self, target: str) -> None:
-        existing = set(self._listing) or set(self.zfs.list([self.root_fs]))
-        for ph in placeholders_needed(target, self.root_fs, existing):
+        if not self._listing:
+            self._listing = self.zfs.list([self.root_fs])
+        for ph in placeholders_needed(target, self.root_fs, set(self._listing)):
             is_identity = self.identity is not None and ph == self.root
             enc = self.recv_cfg.placeholder_encryption
-            if enc == "unspecified" and not is_identity:
+            parent = self._listing.get(ph.rsplit("/", 1)[0])
+            parent_encrypted = parent is not None and parent.props.get("encryption", "off") not in ("off", "")
+            # zrepl refuses every placeholder while this is unspecified. The choice only matters
+            # below an encrypted parent (inherit = encrypted, off = plain), so only there we ask.
+            if enc == "unspecified" and parent_encrypted and not is_identity:
                 raise EndpointError(
-                    f"{target}: parent {ph} must be created as a placeholder, but recv.placeholder.encryption "
-                    "is unspecified; set it to \"inherit\" or \"off\"")
+                    f"{target}: parent {ph} must be created as a placeholder below the encrypted "
+                    f"{parent.name if parent else self.root_fs}, and recv.placeholder.encryption is unspecified: "
+                    "set it to \"inherit\" (placeholders and what is received below them are encrypted "
+                    "with the parent's key) or \"off\"")
             log.info("creating placeholder %s", ph)
             try:
                 self.zfs.run(create_placeholder_argv(ph, encryption_off=(enc == "off")))
