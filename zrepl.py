@@ -6522,6 +6522,20 @@ def evaluate_job(name: str, jtype: str, doc: dict[str, Any] | None, now: float,
         if fsdoc.get("snapshot_error"):
             line += f"; snapshot error: {fsdoc['snapshot_error']}"
         details.append(line)
+    replication = doc.get("replication") or {}
+    if replication.get("cancelled"):
+        details.append(f"replication cancelled: {replication['cancelled']}")
+    for fs, rep in sorted((replication.get("filesystems") or {}).items()):
+        details.append(describe_replication(fs, rep, now))
+        if rep.get("state") == "stepping" and doc.get("state") == "running":
+            parts.append(describe_replication(fs, rep, now))
+        for cmd in (rep.get("error_details") or {}).get("recovery_commands", []):
+            details.append(f"    recovery: {cmd}")
+    for key, label in (("pruning_sender", "sender"), ("pruning_receiver", "receiver")):
+        pr = doc.get(key) or {}
+        if pr.get("destroyed") or pr.get("errors"):
+            details.append(f"pruning {label}: destroyed {len(pr.get('destroyed', []))}, kept {pr.get('kept', 0)}, "
+                           f"errors {len(pr.get('errors', {}))}")
     for hook in doc.get("hooks") or []:
         state = "ok" if hook.get("ok") else f"FAILED ({hook.get('error')})"
         details.append(f"hook {hook.get('hook')} {hook.get('edge')} {', '.join(hook.get('filesystems', []))}: {state}")
@@ -6529,6 +6543,27 @@ def evaluate_job(name: str, jtype: str, doc: dict[str, Any] | None, now: float,
         if output:
             details += ["    " + ln for ln in output.splitlines()[-5:]]
     return JobHealth(name, level, "; ".join(parts) or "idle", details)
+
+
+def describe_replication(fs: str, rep: dict[str, Any], now: float) -> str:
+    """One filesystem's replication line: state, progress with ETA, last replicated, error."""
+    state = rep.get("state", "?")
+    line = f"{fs}: {state}"
+    if state == "stepping":
+        done, expected = rep.get("bytes_replicated") or 0, rep.get("bytes_expected")
+        line += f" {rep.get('step', '')}: {format_size(done)}"
+        started = parse_iso(rep.get("step_started"))
+        if expected:
+            line += f" of {format_size(expected)} ({min(100, 100 * done // max(expected, 1))}%)"
+            if started and done > 0 and now > started:
+                rate = done / (now - started)
+                line += f", ETA {format_duration(max(expected - done, 0) / rate)}"
+        line += f" (step {rep.get('steps_done', 0) + 1}/{rep.get('steps_total', 0)})"
+    if rep.get("last_replicated"):
+        line += f"; last replicated {rep['last_replicated']}"
+    if rep.get("error"):
+        line += f"; error ({rep.get('error_count', 0)} in a row): {rep['error']}"
+    return line
 
 
 def evaluate_status(doc: dict[str, Any], jobs: Sequence[tuple[str, str]], now: float,
@@ -6648,7 +6683,13 @@ def render_dry_run(job: JobConfig, runner: JobRunner) -> str:
             lines.append(f"  would snapshot @{batch.name} in pool {batch.pool}: {', '.join(batch.snapshotted)}")
         for fs, why in batch.skipped.items():
             lines.append(f"  would NOT snapshot {fs}: {why}")
-    for r in runner.last_prune:
+    repl = runner.last_replication
+    if repl is not None:
+        for plan in repl.plans:
+            lines += ["  " + ln for ln in plan.describe().splitlines()]
+        for what, size in repl.estimates.items():
+            lines.append(f"  estimate {what}: {format_size(size) if size is not None else 'unknown'}")
+    for r in runner.last_prune + runner.last_prune_receiver:
         for snap in r.destroyed:
             lines.append(f"  would destroy {r.dataset}@{snap}")
         for snap, tags in r.held.items():
@@ -6722,6 +6763,91 @@ def cmd_test_filesystems(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_test_placeholder(args: argparse.Namespace) -> int:
+    """Print each dataset's placeholder state (zrepl:placeholder=on marks an empty stand-in parent)."""
+    if args.dataset:
+        try:
+            root = validate_dataset_name(args.dataset)
+        except ValueError as exc:
+            raise UsageError(f"--dataset: {exc}") from None
+        listing = Zfs().list([root])
+        names = [root] if root in listing else []
+        if not names:
+            raise ZreplError(f"dataset {root!r} does not exist")
+    else:
+        listing = Zfs().list([])
+        names = sorted(listing)
+    for name in names:
+        state = "placeholder" if listing[name].props.get(PLACEHOLDER_PROPERTY) == "on" else "not a placeholder"
+        print(f"{name}\t{state}")
+    return EXIT_OK
+
+
+def cmd_test_decoderesumetoken(args: argparse.Namespace) -> int:
+    """Decode a receive_resume_token with `zfs send -nvt` and print what it would resume."""
+    if not re.fullmatch(r"[0-9a-zA-Z-]+", args.token):
+        raise UsageError("--token: not a resume token (expected the receive_resume_token property's value)")
+    proc = Zfs().run(["zfs", "send", "-n", "-v", "-t", args.token], check=False)
+    text = proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
+    try:
+        decoded = parse_resume_token_info(text)
+    except ValueError:
+        raise ZreplError(f"cannot decode the token: {text.strip()}") from None
+    print(json.dumps(dataclasses.asdict(decoded), indent=2))
+    return EXIT_OK
+
+
+def list_abstractions(zfs: Zfs, roots: Sequence[str]) -> list[Abstraction]:
+    """Every zrepl hold and bookmark below the roots (all pools when empty): one listing, then one
+    `zfs holds` per 500 held snapshots."""
+    listing = zfs.list(roots)
+    found: list[Abstraction] = []
+    held: list[Version] = []
+    for ds in listing.values():
+        found += bookmark_abstractions(ds)
+        held += [v for v in ds.snapshots() if v.userrefs > 0]
+    for i in range(0, len(held), 500):
+        chunk = held[i:i + 500]
+        tags = zfs.holds([v.full_name for v in chunk])
+        for v in chunk:
+            found += hold_abstractions(v, tags.get(v.full_name, []))
+    return found
+
+
+def cmd_zfs_abstractions(args: argparse.Namespace) -> int:
+    """list | release-stale | release-all of zrepl's holds and bookmarks, for one job or all."""
+    roots: list[str] = []
+    if args.fs:
+        try:
+            roots = [validate_dataset_name(args.fs)]
+        except ValueError as exc:
+            raise UsageError(f"--fs: {exc}") from None
+    zfs = Zfs()
+    found = list_abstractions(zfs, roots)
+    if args.job:
+        found = [a for a in found if a.job == args.job]
+    if args.fs:
+        found = [a for a in found if a.dataset == args.fs or is_descendant(a.dataset, args.fs)]
+    if args.action == "list":
+        chosen = found
+    elif args.action == "release-stale":
+        chosen = [a for job in sorted({a.job for a in found}) for a in stale_abstractions(found, job)]
+    else:
+        if not args.job and not args.fs:
+            raise UsageError("release-all needs --job or --fs (it removes replication cursors: the next "
+                             "replication may then need a full send)")
+        chosen = found
+    if args.json:
+        print(json.dumps([dataclasses.asdict(a) for a in chosen], indent=2))
+    else:
+        for a in chosen:
+            what = f"hold {a.tag}" if a.is_hold else "bookmark"
+            print(f"{a.type}\t{a.job}\t{a.full_name}\t{what}")
+    if args.action != "list" and not args.dry_run:
+        destroy_abstractions(zfs, chosen)
+    return EXIT_OK
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"zrepl.py {__version__}")
     return EXIT_OK
@@ -6771,6 +6897,23 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--all", action="store_true", help="every dataset of every pool")
     group.add_argument("--input", metavar="FS", help="one dataset name (need not exist)")
     t.set_defaults(func=cmd_test_filesystems)
+
+    t = tsub.add_parser("placeholder", help="show which datasets are placeholders")
+    group = t.add_mutually_exclusive_group()
+    group.add_argument("--all", action="store_true", help="every dataset (the default)")
+    group.add_argument("--dataset", metavar="DS", help="one dataset")
+    t.set_defaults(func=cmd_test_placeholder)
+    t = tsub.add_parser("decoderesumetoken", help="decode a receive_resume_token")
+    t.add_argument("--token", required=True)
+    t.set_defaults(func=cmd_test_decoderesumetoken)
+
+    p = sub.add_parser("zfs-abstractions", help="list or release zrepl's holds and bookmarks")
+    p.add_argument("action", choices=("list", "release-stale", "release-all"))
+    p.add_argument("--job", help="only this job's abstractions")
+    p.add_argument("--fs", help="only this dataset and its descendants")
+    p.add_argument("--dry-run", action="store_true", help="show what would be released, change nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_zfs_abstractions)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
