@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from zfstest import exists, list_all, run, zfs
+from zfstest import exists, list_all, run, zfs, zrepl_argv, zrepl_env
 
 
 def write_config(tmp_path: Path, jobs: str) -> Path:
@@ -155,7 +155,7 @@ def test_concurrent_runs_one_works_other_reports_busy(pool, zfs_tree, zfs_shim, 
     zfs_tree(pool, "fs")
     zfs_shim.delay("snapshot", 15)
     cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}', PERIODIC))
-    first = subprocess.Popen(["python3", "/src/zrepl.py", "--config", str(cfg), "run", "s"], env=zfs_shim.env,
+    first = subprocess.Popen(zrepl_argv("--config", cfg, "run", "s"), env=zrepl_env(zfs_shim.env),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
     while zfs_shim.count("snapshot") == 0 and time.time() < deadline:
@@ -174,7 +174,7 @@ def test_wakeup_runs_now_or_makes_the_running_job_pass_again(pool, zfs_tree, zfs
     assert idle.returncode == 0 and zfs_shim.count("list") == 1  # ran in the foreground
     zfs_shim.reset_log()
     zfs_shim.delay("list", 15, times=1)
-    first = subprocess.Popen(["python3", "/src/zrepl.py", "--config", str(cfg), "run", "s"], env=zfs_shim.env,
+    first = subprocess.Popen(zrepl_argv("--config", cfg, "run", "s"), env=zrepl_env(zfs_shim.env),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
     while zfs_shim.count("list") == 0 and time.time() < deadline:
@@ -275,7 +275,7 @@ def test_mysql_lock_held_while_snapshot_is_taken(pool, zfs_tree, zfs_shim, maria
     hooks = (f'[[jobs.snapshotting.hooks]]\ntype = "mysql-lock-tables"\ndsn = "{mariadb_server.dsn}"\n'
              f'filesystems = {{ "{pool}/db" = true }}\nerr_is_fatal = true\n')
     cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/db" = true }}', PERIODIC, hooks=hooks))
-    job = subprocess.Popen(["python3", "/src/zrepl.py", "--config", str(cfg), "run", "s"], env=zfs_shim.env,
+    job = subprocess.Popen(zrepl_argv("--config", cfg, "run", "s"), env=zrepl_env(zfs_shim.env),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while zfs_shim.count("snapshot") == 0 and time.time() < deadline:

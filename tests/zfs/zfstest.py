@@ -584,15 +584,31 @@ class ZfsShim:
         return run_zrepl(*args, env=env, timeout=timeout, input=input)
 
 
+def zrepl_argv(*args: str) -> list[str]:
+    """argv that runs zrepl.py with ARGS.
+
+    `python3 -m zrepl` (with the checkout on PYTHONPATH, see zrepl_env) instead of
+    `python3 zrepl.py`: a script run directly is compiled on every start, a module comes from its
+    cached bytecode. In the TCG guest that is ~1 s instead of ~9 s per invocation.
+    """
+    return ["python3", "-m", "zrepl", *map(str, args)]
+
+
+def zrepl_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """env (default os.environ) with the checkout first on PYTHONPATH, for zrepl_argv."""
+    out = dict(os.environ if env is None else env)
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), out.get("PYTHONPATH", "")) if p)
+    return out
+
+
 def run_zrepl(*args: str, env: Mapping[str, str] | None = None, timeout: float = 300,
               input: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python3 <checkout>/zrepl.py ARGS` as a subprocess; never raises on exit code.
+    """Run zrepl.py ARGS (see zrepl_argv) as a subprocess; never raises on exit code.
 
     Returns the CompletedProcess (text stdout/stderr). In the guest the checkout is /src.
     """
-    return subprocess.run(["python3", str(ZREPL_PY), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, input=input,
-                          env=dict(env) if env is not None else None, cwd=cwd)
+    return subprocess.run(zrepl_argv(*args), capture_output=True, text=True, timeout=timeout, input=input,
+                          env=zrepl_env(env), cwd=cwd)
 
 
 # ------------------------------------------------------------------------------------------------
