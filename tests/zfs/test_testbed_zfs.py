@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -76,11 +77,16 @@ def test_shim_rule_with_times_applies_only_to_first_spawns(pool, zfs_shim):
 def test_shim_hang_blocks_until_killed(zfs_shim):
     zfs_shim.hang("list", seconds=60)
     proc = subprocess.Popen([str(zfs_shim.zfs_path), "list"], stdout=subprocess.PIPE)
-    with pytest.raises(subprocess.TimeoutExpired):
-        proc.wait(timeout=1.5)
-    proc.kill()
-    proc.wait()
-    assert zfs_shim.calls("list")[0].action == "hang"
+    try:
+        deadline = time.monotonic() + 60
+        while zfs_shim.count("list") == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # python startup is slow under emulation
+        assert zfs_shim.calls("list")[0].action == "hang"
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.5)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_shim_cut_truncates_send_stream(pool, zfs_tree, zfs_shim):
