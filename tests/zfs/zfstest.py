@@ -18,7 +18,6 @@ Overview:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pwd
