@@ -1899,7 +1899,8 @@ class ZfsError(ZreplError):
 _ERROR_PATTERNS = (
     ("not-exist", ("does not exist", "no such pool", "no such dataset", "could not find any snapshots",
                    "no such file or directory")),
-    ("busy", ("dataset is busy", "pool or dataset is busy", "is busy")),
+    # a held snapshot: "cannot destroy snapshot ...: it's being held. Run 'zfs holds -r ...'" (2.1, 2.3)
+    ("busy", ("dataset is busy", "pool or dataset is busy", "is busy", "being held")),
     ("exists", ("already exists",)),
     ("no-space", ("out of space", "no space left", "quota exceeded")),
     ("permission", ("permission denied", "operation not permitted", "insufficient privileges")),

@@ -41,6 +41,7 @@ def test_parse_zfs_list_rejects_wrong_column_count():
 @pytest.mark.parametrize("stderr,kind", [
     ("cannot open 'tank/x': dataset does not exist", "not-exist"),
     ("cannot destroy snapshot tank/x@a: dataset is busy", "busy"),
+    ("cannot destroy snapshot tank/x@a: it's being held. Run 'zfs holds -r tank/x@a' to see holders.", "busy"),
     ("cannot create snapshot 'tank/x@a': out of space", "no-space"),
     ("cannot create 'tank/x': permission denied", "permission"),
     ("cannot create snapshot 'tank/x@a': dataset already exists", "exists"),
