@@ -4800,6 +4800,7 @@ class ReceiverEndpoint:
         self.processes = processes or ProcessRegistry()
         self.progress = progress
         self._listing: dict[str, DatasetInfo] = {}
+        self._prepared_absent: set[str] = set()  # targets prepare() found missing (parents made)
 
     def target(self, sender_fs: str) -> str:
         try:
@@ -4867,11 +4868,30 @@ class ReceiverEndpoint:
             self._listing.setdefault(ph, DatasetInfo(name=ph, type="filesystem", props={PLACEHOLDER_PROPERTY: "on"}))
 
     # -- receiving -------------------------------------------------------------------------------
+    def prepare(self, req: StepRequest) -> None:
+        """Before a full send starts: look for the target and create its placeholder parents.
+
+        Done while no `zfs send` runs yet: otherwise the sender sits on a full pipe while we run
+        zfs commands, and that wait counts against the stream (local replication must keep up
+        with a raw `zfs send | zfs recv`)."""
+        if req.from_ is not None or req.resume_token:
+            return
+        target = self.target(req.fs)
+        if target not in self.zfs.list([target]):
+            self._ensure_parents(target)
+            self._prepared_absent.add(target)
+
     def receive(self, req: StepRequest, stream_fd: int) -> dict[str, Any]:
         """Run `zfs recv` with stdin = stream_fd (closed here), then verify what arrived."""
         try:
             target = self.target(req.fs)
-            current = self.zfs.list([target]).get(target) if req.from_ is None else None
+            if req.from_ is None and not req.resume_token and target in self._prepared_absent:
+                # prepare() just found no target: no listing while the stream waits. Should one
+                # appear meanwhile, `zfs recv` without -F refuses it: nothing is overwritten.
+                self._prepared_absent.discard(target)
+                current = None
+            else:
+                current = self.zfs.list([target]).get(target) if req.from_ is None else None
             force = False
             if req.from_ is None and not req.resume_token and current is not None:
                 # A full stream onto an existing dataset: only into a placeholder without snapshots,
@@ -4906,6 +4926,8 @@ class ReceiverEndpoint:
         if got.get(req.to) != req.to_guid:
             raise EndpointError(f"{target}@{req.to} has guid {got.get(req.to)} after the receive, "
                                 f"expected {req.to_guid}")
+        if self._listing:  # a child's step must not take this new dataset for a missing parent
+            self._listing[target] = info
         self._hold_last_received(target, info, req.to)
         return {"received": req.to, "guid": req.to_guid}
 
@@ -5008,6 +5030,10 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
         ctx.stream.finish()
         return result
 
+    def prepare(body: dict, ctx: RequestContext) -> dict:
+        ep.prepare(StepRequest.from_wire(body))
+        return {}
+
     def clear_token(body: dict, ctx: RequestContext) -> dict:
         ep.clear_resume_token(str(body.get("fs", "")))
         return {}
@@ -5016,8 +5042,8 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
         done, errors = ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names"))
         return {"destroyed": done, "errors": errors}
 
-    return {"receiver.list": list_, "receiver.receive": receive, "receiver.clear_token": clear_token,
-            "receiver.destroy": destroy}
+    return {"receiver.list": list_, "receiver.prepare": prepare, "receiver.receive": receive,
+            "receiver.clear_token": clear_token, "receiver.destroy": destroy}
 
 
 class RemoteSender:
@@ -5084,6 +5110,9 @@ class RemoteReceiver:
                                        fromguid=token.get("fromguid"), bytes=token.get("bytes"))
             out[name] = (dataset_from_wire(entry.get("dataset") if isinstance(entry, dict) else None), decoded)
         return out
+
+    def prepare(self, req: StepRequest) -> None:
+        self.conn.request("receiver.prepare", req.to_wire())
 
     def receive(self, req: StepRequest, stream: OutgoingStream) -> dict[str, Any]:
         return self.conn.request("receiver.receive", req.to_wire(), stream_in=stream)
@@ -5349,6 +5378,8 @@ class Replication:
         if level != "guarantee_nothing" and not step.resume_token:
             protect = [(v.name, v.guid) for v in step.received_versions() if v.is_snapshot]
             self.sender.protect(fs, level, protect, req.from_)
+        # Receiver set-up (placeholders) before `zfs send` starts, not while it waits on the pipe.
+        self.receiver.prepare(req)
         if isinstance(self.sender, SenderEndpoint):
             stream = self.sender.open_send(req)
             self.receiver.receive(req, stream)
