@@ -4969,6 +4969,23 @@ def _wire_str_list(body: dict[str, Any], key: str) -> list[str]:
     return value
 
 
+def _refuse_malformed(handlers: dict[str, Handler]) -> dict[str, Handler]:
+    """A body of the wrong shape (a number where a list belongs, a missing pair) is the client's
+    error: answer it as a refused request, not as an internal error of ours."""
+    def guard(kind: str, handler: Handler) -> Handler:
+        def call(body: dict, ctx: RequestContext) -> Any:
+            for key in ("fs", "to"):  # names are strings: None must not become a dataset "None"
+                if key in body and not isinstance(body[key], str):
+                    raise EndpointError(f"malformed {kind} request: {key!r} must be a string", kind="forbidden")
+            try:
+                return handler(body, ctx)
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+                raise EndpointError(f"malformed {kind} request: {type(exc).__name__}: {exc}",
+                                    kind="forbidden") from None
+        return call
+    return {kind: guard(kind, handler) for kind, handler in handlers.items()}
+
+
 def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
     """Protocol handlers of a source job's sender (a pull client talks to these)."""
 
@@ -4996,8 +5013,8 @@ def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
         done, errors = ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names"))
         return {"destroyed": done, "errors": errors}
 
-    return {"sender.list": list_, "sender.estimate": estimate, "sender.send": send, "sender.protect": protect,
-            "sender.complete": complete, "sender.destroy": destroy}
+    return _refuse_malformed({"sender.list": list_, "sender.estimate": estimate, "sender.send": send,
+                              "sender.protect": protect, "sender.complete": complete, "sender.destroy": destroy})
 
 
 def _level(body: dict[str, Any]) -> str:
@@ -5042,8 +5059,8 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
         done, errors = ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names"))
         return {"destroyed": done, "errors": errors}
 
-    return {"receiver.list": list_, "receiver.prepare": prepare, "receiver.receive": receive,
-            "receiver.clear_token": clear_token, "receiver.destroy": destroy}
+    return _refuse_malformed({"receiver.list": list_, "receiver.prepare": prepare, "receiver.receive": receive,
+                              "receiver.clear_token": clear_token, "receiver.destroy": destroy})
 
 
 class RemoteSender:
@@ -6366,31 +6383,254 @@ def connect_peer(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessReg
 
 def connect_ssh(job: JobConfig, progress: Progress) -> Peer:
     """ssh+stdinserver: ssh with no remote command; the passive host's authorized_keys forces
-    `zrepl.py stdinserver IDENTITY`, which serves the protocol on its stdin/stdout."""
+    `zrepl.py stdinserver IDENTITY`, which serves the protocol on its stdin/stdout.
+
+    The connection redials after it broke (RedialingConnection), so the runner's retry attempts
+    after a lost connection (ssh killed, network gone) get a fresh one and resume from the
+    receiver's resume token."""
     assert job.connect is not None
-    conn = ssh_connect(ssh_argv(job.connect), name=f"{job.connect.user}@{job.connect.host}",
-                       timeout=max(job.connect.dial_timeout, DEFAULT_PEER_TIMEOUT))
-    if job.type == "push":
-        conn.send_limit = _bucket(job.send.bandwidth_limit)
-    else:
-        conn.recv_limit = _bucket(job.recv.bandwidth_limit)
-    conn.progress = progress.add_bytes
-    try:
-        conn.handshake_client(job.name)
-    except BaseException:
-        conn.close()
-        raise
-    return Peer(conn, conn.close)
+    connect = job.connect
+
+    def dial() -> Connection:
+        conn = ssh_connect(ssh_argv(connect), name=f"{connect.user}@{connect.host}",
+                           timeout=max(connect.dial_timeout, DEFAULT_PEER_TIMEOUT))
+        if job.type == "push":
+            conn.send_limit = _bucket(job.send.bandwidth_limit)
+        else:
+            conn.recv_limit = _bucket(job.recv.bandwidth_limit)
+            # push counts bytes from the local `zfs send -v -P`; pull has only the stream to count
+            conn.progress = progress.add_bytes
+        try:
+            conn.handshake_client(job.name)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    redialing = RedialingConnection(dial)
+    return Peer(redialing, redialing.close)  # type: ignore[arg-type]
 
 
 def ssh_argv(c: ConnectConfig) -> list[str]:
-    """`ssh -T -o BatchMode=yes [-o opt]... -i identity_file -p port user@host` (no remote command:
-    the forced command in authorized_keys decides what runs)."""
-    argv = [c.ssh_command, "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(c.dial_timeout)}",
-            "-o", "ServerAliveInterval=15"]
+    """`ssh -T -o BatchMode=yes [-o opt]... -o ConnectTimeout=<dial_timeout> -i identity_file -p port
+    user@host`, no remote command: the forced command in authorized_keys decides what runs.
+
+    ConnectTimeout comes after the configured options because ssh keeps the FIRST value of an
+    option: an explicit `options = ["ConnectTimeout=30"]` wins over dial_timeout."""
+    argv = [c.ssh_command, "-T", "-o", "BatchMode=yes"]
     for opt in c.options:
         argv += ["-o", opt]
-    return argv + ["-i", c.identity_file, "-p", str(c.port), "--", f"{c.user}@{c.host}"]
+    argv += ["-o", f"ConnectTimeout={max(1, int(c.dial_timeout))}"]
+    return argv + ["-i", c.identity_file, "-p", str(c.port), f"{c.user}@{c.host}"]
+
+
+class RedialingConnection:
+    """An active side's connection that dials again after the previous one broke.
+
+    Quacks like the Connection the Remote* proxies use (request, cancel, close). A request that
+    fails with ProtocolError (lost, timed out, garbage) marks the connection stale; the next request
+    dials anew. Cancelled connections never redial: cancel means stop.
+    """
+
+    def __init__(self, dial: Callable[[], Connection]):
+        self._dial = dial
+        self.conn: Connection = dial()
+        self.dials = 1
+        self._stale = False
+        self._cancelled: str | None = None
+
+    def request(self, kind: str, body: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+        if self._stale and self._cancelled is None:
+            try:
+                self._redial()
+            except BaseException:
+                stream_in = kwargs.get("stream_in")
+                if stream_in is not None:  # ownership passed to us: don't leak the producer's pipe
+                    os.close(stream_in if isinstance(stream_in, int) else stream_in.fd)
+                raise
+        try:
+            return self.conn.request(kind, body, **kwargs)
+        except ProtocolError:
+            self._stale = True
+            raise
+
+    def _redial(self) -> None:
+        log.info("%s: connecting again after the lost connection", self.conn.name)
+        self.conn.close()
+        self.conn = self._dial()
+        self.dials += 1
+        self._stale = False
+
+    @property
+    def name(self) -> str:
+        return self.conn.name
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self._cancelled = reason
+        self.conn.cancel(reason)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# ---- the passive side of ssh+stdinserver: one process per client connection ----------------------
+
+STDINSERVER_LOCK_WAIT = 30.0  # seconds a new connection waits for the same identity's previous one
+CLIENT_TRANSFERS_KEPT = 20
+CLIENT_ERRORS_KEPT = 10
+
+StatusMerge = Callable[[str, Callable[[dict[str, Any]], None]], None]
+
+
+def stdinserver_job(config: Config, identity: str) -> JobConfig:
+    """The sink or source job whose `serve = {type = "stdinserver"}` lists `identity`."""
+    matches = [j for j in config.jobs
+               if j.serve is not None and j.serve.type == "stdinserver" and identity in j.serve.client_identities]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ZreplError(f"client identity {identity!r} is listed by several jobs "
+                         f"({', '.join(j.name for j in matches)}); it must select exactly one sink or source job")
+    known = sorted({i for j in config.jobs if j.serve is not None and j.serve.type == "stdinserver"
+                    for i in j.serve.client_identities})
+    raise ZreplError(f"unknown client identity {identity!r}: no sink or source job in {config.file} lists it "
+                     f"in serve.client_identities (known: {', '.join(known) or 'none'})")
+
+
+def passive_handlers(job: JobConfig, identity: str, zfs: Zfs, processes: ProcessRegistry,
+                     progress: Progress) -> dict[str, Handler]:
+    """The protocol handlers a sink (receiver below root_fs/<identity>) or a source (sender of its
+    filesystems filter) offers one client."""
+    if job.type == "sink":
+        return receiver_handlers(ReceiverEndpoint(zfs, job.name, job.root_fs, identity, job.recv, processes, progress))
+    assert job.filesystems is not None
+    return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress))
+
+
+def acquire_client_lock(runtime_dir: str, job: str, identity: str, wait: float = STDINSERVER_LOCK_WAIT) -> JobLock | None:
+    """One connection per (job, identity) at a time: a client that reconnects after a lost connection
+    waits here until the previous server process has let its `zfs recv` save the resume state.
+    Returns the held lock, or None when the runtime dir is unusable (then we serve unlocked)."""
+    lock = JobLock(runtime_dir, f"{job}.client.{identity}")
+    deadline = time.monotonic() + wait
+    try:
+        while not lock.try_acquire():
+            if time.monotonic() >= deadline:
+                raise ZreplError(f"another connection of client {identity!r} to job {job!r} is still being "
+                                 f"served (pid {lock.holder_pid() or '?'}); try again later")
+            time.sleep(0.2)
+    except OSError as exc:
+        log.warning("cannot lock %s (%s); serving without the per-client lock", lock.path, exc.strerror or exc)
+        return None
+    return lock
+
+
+class ClientRecorder:
+    """The passive side's record of one client connection, kept in its job's status document under
+    `clients[<identity>]`: the last connection (start, end, result, error), what was received or sent
+    (`transfers`, newest last), destroyed snapshots and recent errors.
+
+    It writes through `merge(job, mutate)`, which changes only this client's entry, so connections of
+    other clients and the job's own runs keep theirs.
+    """
+
+    def __init__(self, job: JobConfig, identity: str, merge: StatusMerge, clock: Callable[[], float] = utcnow):
+        self.job, self.identity, self.merge, self.clock = job, identity, merge, clock
+        self.connection: dict[str, Any] = {"start": iso_time(clock()), "end": None, "result": "running",
+                                           "error": None, "pid": os.getpid(), "requests": 0, "transfers": 0,
+                                           "bytes": 0, "destroyed": 0, "failed_requests": 0}
+        self._new_transfers: list[dict[str, Any]] = []
+        self._new_errors: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def publish(self) -> None:
+        with self._lock:
+            connection = dict(self.connection)
+            transfers, self._new_transfers = self._new_transfers, []
+            errors, self._new_errors = self._new_errors, []
+        jtype, identity = self.job.type, self.identity
+
+        def mutate(doc: dict[str, Any]) -> None:
+            doc.setdefault("type", jtype)
+            client = doc.setdefault("clients", {}).setdefault(identity, {})
+            client["last_connection"] = connection
+            if connection["result"] == "ok":
+                client["last_success"] = connection["end"]
+            if transfers:
+                client["transfers"] = (list(client.get("transfers") or []) + transfers)[-CLIENT_TRANSFERS_KEPT:]
+                client["last_transfer"] = transfers[-1]
+            if errors:
+                client["errors"] = (list(client.get("errors") or []) + errors)[-CLIENT_ERRORS_KEPT:]
+
+        self.merge(self.job.name, mutate)
+
+    def _error(self, kind: str, message: str) -> None:
+        with self._lock:
+            self.connection["failed_requests"] += 1
+            self.connection["error"] = self.connection["error"] or f"{kind}: {message}"
+            self._new_errors.append({"time": iso_time(self.clock()), "request": kind, "error": message[:2000]})
+
+    def _transfer(self, body: dict[str, Any], nbytes: int) -> None:
+        what = "received" if self.job.type == "sink" else "sent"
+        src = body.get("from")
+        entry = {"time": iso_time(self.clock()), what: f"{body.get('fs')}@{body.get('to')}",
+                 "from": src if isinstance(src, str) else None, "resumed": bool(body.get("resume_token")),
+                 "bytes": nbytes}
+        with self._lock:
+            self.connection["transfers"] += 1
+            self.connection["bytes"] += nbytes
+            self._new_transfers.append(entry)
+        self.publish()
+
+    def wrap(self, handlers: dict[str, Handler]) -> dict[str, Handler]:
+        """The same handlers, recording requests, transfers and failures."""
+        return {kind: self._wrap_one(kind, handler) for kind, handler in handlers.items()}
+
+    def _wrap_one(self, kind: str, handler: Handler) -> Handler:
+        def recorded(body: dict, ctx: RequestContext) -> Any:
+            with self._lock:
+                self.connection["requests"] += 1
+            try:
+                result = handler(body, ctx)
+            except Exception as exc:
+                self._error(kind, str(exc))
+                raise
+            if kind == "receiver.receive":
+                self._transfer(body, ctx.stream.nbytes if ctx.stream is not None else 0)
+            elif kind == "sender.send" and isinstance(result, Reply) and result.stream is not None:
+                self._track_send(body, ctx, result.stream)
+            elif kind.endswith(".destroy") and isinstance(result, dict):
+                with self._lock:
+                    self.connection["destroyed"] += len(result.get("destroyed") or [])
+                for name, why in (result.get("errors") or {}).items():
+                    self._error(kind, f"{body.get('fs')}@{name}: {why}")
+            return result
+        return recorded
+
+    def _track_send(self, body: dict[str, Any], ctx: RequestContext, stream: OutgoingStream) -> None:
+        """The stream goes out after the handler returns: record it when the producer finishes."""
+        stats, inner = ctx.conn.stats, stream.finish
+        base = stats.stream_bytes_sent
+
+        def finish() -> str | None:
+            error = inner() if inner is not None else None
+            if error:
+                self._error("sender.send", error)
+            else:
+                self._transfer(body, stats.stream_bytes_sent - base)
+            return error
+
+        stream.finish = finish
+
+    def finished(self, error: str | None) -> None:
+        """The connection ended: `error` is why it broke (None: the client hung up cleanly)."""
+        with self._lock:
+            self.connection["end"] = iso_time(self.clock())
+            if error:
+                self.connection["error"] = error
+            failed = error is not None or self.connection["failed_requests"] > 0
+            self.connection["result"] = "error" if failed else "ok"
+        self.publish()
 
 
 # =================================================================================================
@@ -6432,14 +6672,25 @@ class StatusStore:
             return None
 
     def publish(self, job: str, job_doc: dict[str, Any]) -> None:
-        """Replace one job's entry. Status problems are logged, never fatal to the job."""
+        """Replace one job's entry, keeping its `clients` (written by stdinserver processes). Status
+        problems are logged, never fatal to the job."""
+        def replace(entry: dict[str, Any]) -> None:
+            clients = entry.get("clients")
+            entry.clear()
+            entry.update(job_doc)
+            if clients is not None and "clients" not in job_doc:
+                entry["clients"] = clients
+        self.update(job, replace)
+
+    def update(self, job: str, mutate: Callable[[dict[str, Any]], None]) -> None:
+        """Change one job's entry in place under the lock (mutate gets the entry, {} if none)."""
         try:
             with self._lock:
-                self._update(job, job_doc)
+                self._update(job, mutate)
         except (OSError, ZreplError) as exc:
             log.warning("cannot write status file %s: %s", self.path, exc)
 
-    def _update(self, job: str, job_doc: dict[str, Any]) -> None:
+    def _update(self, job: str, mutate: Callable[[dict[str, Any]], None]) -> None:
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, mode=0o755, exist_ok=True)
         ensure_private_dir(self.runtime_dir)
@@ -6453,7 +6704,10 @@ class StatusStore:
                 doc = {"version": STATUS_VERSION, "jobs": {}}
             doc["version"] = STATUS_VERSION
             doc["updated"] = iso_time(utcnow())
-            doc["jobs"][job] = job_doc
+            entry = doc["jobs"].get(job)
+            entry = dict(entry) if isinstance(entry, dict) else {}
+            mutate(entry)
+            doc["jobs"][job] = entry
             fd, tmp = tempfile.mkstemp(prefix=".status.", dir=directory)
             try:
                 with os.fdopen(fd, "w") as f:
@@ -6500,17 +6754,65 @@ class JobHealth:
     level: int
     line: str
     details: list[str] = field(default_factory=list)
+    clients: list[str] = field(default_factory=list)  # passive jobs: one line per client, always shown
 
 
 def _ago(ts: float | None, now: float) -> str:
     return "never" if ts is None else f"{format_duration(now - ts)} ago"
 
 
+def evaluate_clients(jtype: str, clients: dict[str, Any], now: float,
+                     monitoring: MonitoringConfig) -> tuple[int, list[str]]:
+    """Health of a passive job's clients (recorded by stdinserver): the worst level and one line
+    per client saying when it last connected, whether that worked and what it moved."""
+    verb = "pushed" if jtype == "sink" else "pulled"
+    level, lines = NAGIOS_OK, []
+    for identity, c in sorted(clients.items()):
+        if not isinstance(c, dict):
+            continue
+        conn = c.get("last_connection") or {}
+        success = parse_iso(c.get("last_success"))
+        when = _ago(parse_iso(conn.get("end") or conn.get("start")), now)
+        result = conn.get("result")
+        if result == "running" and not _pid_alive(conn.get("pid")):
+            result = "died"
+        if result == "ok":
+            text = f"client {identity}: last connection {when} ok"
+        elif result == "running":
+            text = f"client {identity}: connected since {_ago(parse_iso(conn.get('start')), now)}"
+        else:
+            level = max(level, NAGIOS_WARNING)
+            why = conn.get("error") or ("the server process died" if result == "died" else "?")
+            text = f"client {identity}: last connection {when} FAILED: {why}"
+        last = c.get("last_transfer") or {}
+        moved = last.get("received") or last.get("sent")
+        if moved:
+            text += f"; last {verb} {moved} {_ago(parse_iso(last.get('time')), now)}"
+        age = None if success is None else now - success
+        if age is None:
+            level = max(level, NAGIOS_WARNING)
+            text += "; no successful connection ever"
+        elif age > monitoring.crit_no_success_after:
+            level = NAGIOS_CRITICAL
+            text += f"; no successful connection for {format_duration(age)}"
+        elif age > monitoring.warn_no_success_after:
+            level = max(level, NAGIOS_WARNING)
+            text += f"; no successful connection for {format_duration(age)}"
+        lines.append(text)
+    return level, lines
+
+
 def evaluate_job(name: str, jtype: str, doc: dict[str, Any] | None, now: float,
                  monitoring: MonitoringConfig) -> JobHealth:
     """Turn a job's status document into a Nagios level and a summary line."""
-    if jtype == "sink" and not doc:
+    clients = (doc or {}).get("clients") or {}
+    if jtype == "sink" and not clients:
         return JobHealth(name, NAGIOS_OK, "passive sink, no client has connected yet")
+    if jtype == "sink":
+        level, lines = evaluate_clients(jtype, clients, now, monitoring)
+        failing = sum(1 for ln in lines if "FAILED" in ln or "no successful" in ln)
+        summary = f"{len(lines)} client(s)" + (f", {failing} need attention" if failing else ", all ok")
+        return JobHealth(name, level, summary, clients=lines)
     if not doc:
         return JobHealth(name, NAGIOS_WARNING, "no run recorded yet")
     level = NAGIOS_OK
@@ -6574,7 +6876,11 @@ def evaluate_job(name: str, jtype: str, doc: dict[str, Any] | None, now: float,
         output = (hook.get("output") or "").strip()
         if output:
             details += ["    " + ln for ln in output.splitlines()[-5:]]
-    return JobHealth(name, level, "; ".join(parts) or "idle", details)
+    client_lines: list[str] = []
+    if clients:
+        client_level, client_lines = evaluate_clients(jtype, clients, now, monitoring)
+        level = max(level, client_level)
+    return JobHealth(name, level, "; ".join(parts) or "idle", details, clients=client_lines)
 
 
 def describe_replication(fs: str, rep: dict[str, Any], now: float) -> str:
@@ -6614,6 +6920,7 @@ def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool)
     width = max((len(h.name) for h in health), default=0)
     for h in health:
         lines.append(f"{NAGIOS_NAMES[h.level]:<8} {h.name:<{width}} {types.get(h.name, ''):<6} {h.line}")
+        lines += [f"    {c}" for c in h.clients]
         if verbose:
             lines += [f"    {d}" for d in h.details]
     return "\n".join(lines), worst
@@ -6775,6 +7082,87 @@ def cmd_status(args: argparse.Namespace) -> int:
     return worst
 
 
+def _refuse_stdio_client(message: str, wait: float = 5.0) -> None:
+    """Tell the ssh client on our stdin/stdout why it is not served: an ERROR frame, which it reports
+    as "handshake refused: ...". Then wait briefly for it to hang up, so the frame is not lost when
+    our exit closes the pipes before the client has read it."""
+    if os.isatty(1):
+        return
+    payload = json.dumps({"error": message, "type": "ZreplError", "fatal": True, "temporary": False}).encode()
+    view = memoryview(FRAME_HEADER.pack(FRAME_MAGIC, FRAME_ERROR, len(payload)) + payload)
+    try:
+        while view:
+            view = view[os.write(1, view):]
+    except OSError:
+        return
+    if os.isatty(0):
+        return
+    deadline = time.monotonic() + wait
+    try:
+        with selectors.PollSelector() as sel:  # poll, unlike epoll, takes any fd (even /dev/null)
+            sel.register(0, selectors.EVENT_READ)
+            while (left := deadline - time.monotonic()) > 0 and sel.select(left):
+                if not os.read(0, 65536):
+                    return
+    except OSError:
+        return
+
+
+def cmd_stdinserver(args: argparse.Namespace) -> int:
+    """The ssh forced command of a sink or source: serve one client on stdin/stdout, then exit.
+
+    No daemon: sshd starts this per connection. The identity comes from authorized_keys (never from
+    the client); it selects the job and, on a sink, the client's subtree root_fs/<identity>. stdout
+    carries only the protocol; logs go to stderr (the client's ssh shows them) or syslog."""
+    identity = args.identity
+    try:
+        config = _open_config(args)
+        job = stdinserver_job(config, identity)
+        lock = acquire_client_lock(config.global_.runtime_dir, job.name, identity)
+    except ZreplError as exc:
+        _refuse_stdio_client(str(exc))
+        raise
+    store = _status_store(config)
+    error: str | None = None
+    try:
+        processes, progress = ProcessRegistry(), Progress()
+        recorder = ClientRecorder(job, identity, store.update)
+        handlers = recorder.wrap(passive_handlers(job, identity, Zfs(), processes, progress))
+        conn = Connection.from_stdio(name=f"client {identity}")
+        if job.type == "sink":
+            conn.recv_limit = _bucket(job.recv.bandwidth_limit)
+        else:
+            conn.send_limit = _bucket(job.send.bandwidth_limit)
+        for signum in (signal.SIGTERM, signal.SIGHUP):  # record the end instead of vanishing
+            signal.signal(signum, lambda n, _f: conn.cancel(f"terminated by {signal.Signals(n).name}"))
+        log.info("job %s: serving client %s (pid %d)", job.name, identity, os.getpid())
+        recorder.publish()
+        try:
+            serve_connection(conn, handlers, identity=identity)
+        except (ZreplError, OSError) as exc:
+            error = str(exc).removeprefix(f"{conn.name}: ")
+        except Exception as exc:  # a bug: record it, never a traceback on the client's terminal
+            error = f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            processes.kill_all("the client connection ended")  # leftovers only: handlers wait for theirs
+            conn.close()
+            recorder.finished(error)
+    finally:
+        if lock is not None:
+            lock.release()
+    c = recorder.connection
+    if error:
+        log.error("job %s: client %s: %s", job.name, identity, error)
+        return EXIT_FAILED
+    summary = f"{c['requests']} request(s), {c['transfers']} transfer(s), {format_size(c['bytes'])}"
+    if c["result"] != "ok":
+        log.warning("job %s: client %s done with %d failed request(s) (%s): %s", job.name, identity,
+                    c["failed_requests"], summary, c["error"])
+        return EXIT_FAILED
+    log.info("job %s: client %s done: %s", job.name, identity, summary)
+    return EXIT_OK
+
+
 def cmd_test_filesystems(args: argparse.Namespace) -> int:
     config = _open_config(args)
     job = config.job(args.job)
@@ -6917,6 +7305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("wakeup", help="run a job now, or make the running one do one more pass")
     p.add_argument("job")
     p.set_defaults(func=cmd_wakeup)
+
+    p = sub.add_parser("stdinserver", help="serve one ssh client on stdin/stdout (the forced command in "
+                                           "authorized_keys of a sink or source host)")
+    p.add_argument("identity", help="the client identity: one of a sink/source job's serve.client_identities")
+    p.set_defaults(func=cmd_stdinserver)
 
     p = sub.add_parser("configcheck", help="validate the config; prints nothing when it is valid")
     p.set_defaults(func=cmd_configcheck)
