@@ -168,6 +168,33 @@ class RingBuffer:
         return prefix + self.getvalue().decode("utf-8", "replace")
 
 
+class PeriodicThread:
+    """A daemon thread that calls `tick()` every `interval` seconds while used as a context manager.
+
+    `tick()` returning True ends the thread early (e.g. a watchdog that fired)."""
+
+    def __init__(self, interval: float, name: str):
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def __enter__(self) -> PeriodicThread:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.tick():
+                return
+
+    def tick(self) -> bool | None:
+        raise NotImplementedError
+
+
 def utcnow() -> float:
     """Wall-clock seconds; one place so tests can reason about time."""
     return time.time()
@@ -5409,7 +5436,7 @@ class Replication:
         self.sender.complete(fs, step.to_version.name, step.to_version.guid, level)
 
 
-class Watchdog:
+class Watchdog(PeriodicThread):
     """Cancels a replication that makes no progress (bytes moved or steps finished) for `timeout`.
 
     Cancelling kills the run's zfs processes and cancels the connection, so every blocked call
@@ -5417,29 +5444,20 @@ class Watchdog:
     """
 
     def __init__(self, progress: Progress, timeout: float, cancel: Callable[[str], None], interval: float = 1.0):
-        self.progress, self.timeout, self.cancel, self.interval = progress, timeout, cancel, interval
+        super().__init__(interval, "watchdog")
+        self.progress, self.timeout, self.cancel = progress, timeout, cancel
         self.fired: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="watchdog", daemon=True)
 
-    def __enter__(self) -> Watchdog:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            idle = time.monotonic() - self.progress.last_change
-            if idle > self.timeout:
-                self.fired = (f"no progress for {format_duration(idle)} (replication.timeout = "
-                              f"{format_duration(self.timeout)}; {format_size(self.progress.bytes)} moved, "
-                              f"{self.progress.steps} step(s) done)")
-                log.error("watchdog: %s: cancelling", self.fired)
-                self.cancel(self.fired)
-                return
+    def tick(self) -> bool:
+        idle = time.monotonic() - self.progress.last_change
+        if idle <= self.timeout:
+            return False
+        self.fired = (f"no progress for {format_duration(idle)} (replication.timeout = "
+                      f"{format_duration(self.timeout)}; {format_size(self.progress.bytes)} moved, "
+                      f"{self.progress.steps} step(s) done)")
+        log.error("watchdog: %s: cancelling", self.fired)
+        self.cancel(self.fired)
+        return True
 
 
 # =================================================================================================
@@ -6292,28 +6310,18 @@ def _with_planned_snapshots(datasets: list[DatasetInfo], batches: list[SnapshotB
     return out
 
 
-class StatusTicker:
+class StatusTicker(PeriodicThread):
     """Republishes a running job's status every few seconds (bytes moved, ETA) while it works."""
 
-    def __init__(self, tick: Callable[[], None], interval: float = 2.0):
-        self.tick, self.interval = tick, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="status", daemon=True)
+    def __init__(self, publish: Callable[[], None], interval: float = 2.0):
+        super().__init__(interval, "status")
+        self.publish = publish
 
-    def __enter__(self) -> StatusTicker:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.tick()
-            except Exception as exc:  # status is best effort; never kill the run over it
-                log.debug("status tick failed: %s", exc)
+    def tick(self) -> None:
+        try:
+            self.publish()
+        except Exception as exc:  # status is best effort; never kill the run over it
+            log.debug("status tick failed: %s", exc)
 
 
 @dataclass
