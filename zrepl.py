@@ -1900,7 +1900,7 @@ _ERROR_PATTERNS = (
     ("not-exist", ("does not exist", "no such pool", "no such dataset", "could not find any snapshots",
                    "no such file or directory")),
     ("busy", ("dataset is busy", "pool or dataset is busy", "is busy")),
-    ("exists", ("already exists",)),
+    ("exists", ("already exists", "bookmark exists")),
     ("no-space", ("out of space", "no space left", "quota exceeded")),
     ("permission", ("permission denied", "operation not permitted", "insufficient privileges")),
     ("resume-token", ("resume token", "kernel modules must be upgraded to receive this stream",
