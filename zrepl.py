@@ -2437,7 +2437,10 @@ class FilesystemPlan:
     clear_resume_token: the resume token's source is gone; the runner runs `zfs recv -A` and
     replans. replace_placeholder: the first (full) step receives with -F into a placeholder.
     depends_on: a parent whose initial replication must run first; blocked_by: a parent whose
-    plan failed, so this (not yet existing) child cannot be created now."""
+    plan failed, so this (not yet existing) child cannot be created now. common / receiver_common:
+    the newest snapshot both sides have (the sender's version, possibly a bookmark, and the
+    receiver's snapshot), set when the plan continues incrementally or is up to date; the runner
+    uses them to restore a cursor or last-received hold whose placement was lost."""
 
     sender_fs: str
     receiver_fs: str
@@ -2450,6 +2453,8 @@ class FilesystemPlan:
     note: str = ""
     blocked_by: str | None = None
     depends_on: str | None = None
+    common: Version | None = None
+    receiver_common: Version | None = None
 
     @property
     def runnable(self) -> bool:
@@ -2611,6 +2616,7 @@ def plan_filesystem(sender: DatasetInfo, receiver: DatasetInfo | None, settings:
         plan.error = _diverged_error(plan, source, common_recv, pending, _newer_than(rsnaps, common_recv), settings)
         return plan
 
+    plan.common, plan.receiver_common = source, common_recv
     if not pending:
         plan.up_to_date = True
         plan.note = f"up to date at {common_recv.name}"
@@ -4920,6 +4926,18 @@ class ReceiverEndpoint:
                 log.info("releasing hold %s on %s", tag, ", ".join(older))
                 self.zfs.release(tag, older)
 
+    def hold_last_received(self, sender_fs: str, snapshot: str, guid: int) -> None:
+        """Put the last-received hold on a snapshot that already arrived (its receive's own hold was
+        lost). Only a snapshot that exists here with the GUID the client names is held."""
+        target = self.target(sender_fs)
+        validate_snapshot_short_name(snapshot)
+        info = self.zfs.list([target]).get(target)
+        found = {v.name: v.guid for v in info.snapshots()} if info else {}
+        if found.get(snapshot) != guid:
+            raise EndpointError(f"{target}@{snapshot} with guid {guid} does not exist on the receiver")
+        log.info("%s@%s: restoring the last-received hold", target, snapshot)
+        self._hold_last_received(target, info, snapshot)
+
     def clear_resume_token(self, sender_fs: str) -> None:
         target = self.target(sender_fs)
         log.warning("%s: discarding the partial receive state (zfs recv -A): its source is gone", target)
@@ -5011,12 +5029,20 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
         ep.clear_resume_token(str(body.get("fs", "")))
         return {}
 
+    def hold_last_received(body: dict, ctx: RequestContext) -> dict:
+        try:
+            snap_guid = int(body.get("guid", 0))
+        except (TypeError, ValueError):
+            raise EndpointError("invalid guid") from None
+        ep.hold_last_received(str(body.get("fs", "")), str(body.get("snapshot", "")), snap_guid)
+        return {}
+
     def destroy(body: dict, ctx: RequestContext) -> dict:
         done, errors = ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names"))
         return {"destroyed": done, "errors": errors}
 
     return {"receiver.list": list_, "receiver.receive": receive, "receiver.clear_token": clear_token,
-            "receiver.destroy": destroy}
+            "receiver.hold_last_received": hold_last_received, "receiver.destroy": destroy}
 
 
 class RemoteSender:
@@ -5089,6 +5115,9 @@ class RemoteReceiver:
 
     def clear_resume_token(self, fs: str) -> None:
         self.conn.request("receiver.clear_token", {"fs": fs})
+
+    def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None:
+        self.conn.request("receiver.hold_last_received", {"fs": fs, "snapshot": snapshot, "guid": guid})
 
     def destroy_snapshots(self, fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         body = self.conn.request("receiver.destroy", {"fs": fs, "names": list(names)})
@@ -5238,6 +5267,15 @@ class Replication:
                 replanned.append(p.sender_fs)
         if replanned:
             plans = plan_filesystems(inputs, self.settings.plan, self.error_counts)
+        listed = {i.sender.name: i.sender for i in inputs}
+        for fs in [fs for fs in self.reports if fs not in listed]:
+            # Destroyed on the sender since an earlier attempt of this run: nothing left to do.
+            log.info("%s: %s no longer exists on the sender", self.settings.job, fs)
+            del self.reports[fs]
+        if not self.settings.dry_run:
+            for p in plans:
+                if p.common is not None and p.error is None:
+                    self._restore_bookkeeping(p, listed[p.sender_fs])
         for p in plans:
             rep = self._report(p.sender_fs)
             rep.receiver_fs, rep.plan = p.receiver_fs, p.describe()
@@ -5255,6 +5293,29 @@ class Replication:
         self.progress.touch()
         self._publish()
         return plans
+
+    def _restore_bookkeeping(self, plan: FilesystemPlan, sender_info: DatasetInfo) -> None:
+        """zrepl's "hint most recent common ancestor". The newest snapshot both sides have should
+        carry this job's replication cursor (sender) and a hold (receiver). If not, the completion
+        of an earlier step was lost after the data arrived (a failed `zfs bookmark` or `zfs hold`,
+        a crash, a cut connection): put them back now, before pruning can take the incremental
+        base. Costs no spawn when both are in place. Failures are logged, never fatal: the
+        replication itself does not depend on them."""
+        fs, level = plan.sender_fs, self.settings.plan.protection_incremental
+        common, rcommon = plan.common, plan.receiver_common
+        try:
+            if level != "guarantee_nothing" and common is not None and common.is_snapshot:
+                current = replication_cursor(sender_info, getattr(self.sender, "job", ""))
+                if current is None or current.guid != common.guid:
+                    log.info("%s: %s: moving the replication cursor to %s (its completion was lost)",
+                             self.settings.job, fs, common.full_name)
+                    self.sender.complete(fs, common.name, common.guid, level)
+            if rcommon is not None and rcommon.userrefs == 0:
+                log.info("%s: %s: restoring the last-received hold on %s", self.settings.job, fs, rcommon.full_name)
+                self.receiver.hold_last_received(fs, rcommon.name, rcommon.guid)
+        except (ZreplError, OSError) as exc:
+            log.warning("%s: %s: could not restore the replication cursor or last-received hold: %s",
+                        self.settings.job, fs, exc)
 
     # -- running ---------------------------------------------------------------------------------
     def run(self) -> dict[str, FilesystemReport]:
