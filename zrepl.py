@@ -4601,18 +4601,52 @@ class StepRequest:
 
 
 def _progress_reader(stream: Any, buffer: RingBuffer, progress: Progress | None) -> None:
-    """Read `zfs send -v -P` stderr: keep the text for errors and turn per-second lines
-    (`HH:MM:SS<TAB>bytes<TAB>snapshot`) into progress."""
+    """Read `zfs send -v -P` stderr: turn per-second lines (`HH:MM:SS<TAB>bytes<TAB>snapshot`)
+    into progress and keep the rest for error messages (without the size header lines, which
+    would push the actual error out of the message's tail)."""
     last = 0
     for raw in iter(stream.readline, b""):
-        buffer.write(raw)
         cols = raw.decode("utf-8", "replace").rstrip("\n").split("\t")
-        if progress is not None and len(cols) == 3 and re.fullmatch(r"\d\d:\d\d:\d\d", cols[0]) and cols[1].isdigit():
-            value = int(cols[1])
-            # the counter restarts for each snapshot of a -I package
-            progress.add_bytes(value - last if value >= last else value)
-            last = value
+        if len(cols) == 3 and re.fullmatch(r"\d\d:\d\d:\d\d", cols[0]) and cols[1].isdigit():
+            if progress is not None:
+                value = int(cols[1])
+                # the counter restarts for each snapshot of a -I package
+                progress.add_bytes(value - last if value >= last else value)
+                last = value
+        elif cols[0] not in ("full", "incremental", "size"):
+            buffer.write(raw)
     stream.close()
+
+
+class SendProcess:
+    """One `zfs send` of a step. result() waits for it exactly once, whichever way the step ended:
+    by the protocol after a passed or copied stream, or by the runner after a failed receive
+    (which may leave the send blocked on a pipe nobody reads: then it is killed)."""
+
+    def __init__(self, proc: subprocess.Popen, argv: Sequence[str], buffer: RingBuffer, reader: threading.Thread,
+                 processes: ProcessRegistry):
+        self.proc, self.argv, self.buffer, self.reader, self.processes = proc, list(argv), buffer, reader, processes
+        self._lock = threading.Lock()
+        self._done = False
+        self._error: str | None = None
+
+    def result(self, timeout: float | None = None) -> str | None:
+        """None when the send succeeded, else its exit status and stderr tail."""
+        with self._lock:
+            if not self._done:
+                try:
+                    rc = self.proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("killing `%s`: its receiver is gone", shlex.join(self.argv))
+                    self.proc.kill()
+                    rc = self.proc.wait()
+                self.reader.join(timeout=10)
+                self.processes.discard(self.proc)
+                if rc != 0:
+                    tail = self.buffer.text().strip()[-2000:]
+                    self._error = f"`{shlex.join(self.argv)}` exited with status {rc}" + (f": {tail}" if tail else "")
+                self._done = True
+            return self._error
 
 
 class SenderEndpoint:
@@ -4628,6 +4662,7 @@ class SenderEndpoint:
         self.processes = processes or ProcessRegistry()
         self.progress = progress
         self._listing: dict[str, DatasetInfo] = {}
+        self.last_send: SendProcess | None = None  # steps run one at a time
 
     # -- confinement -----------------------------------------------------------------------------
     def _allowed(self, fs: str) -> str:
@@ -4701,20 +4736,17 @@ class SenderEndpoint:
         buffer = RingBuffer(64 * 1024)
         reader = threading.Thread(target=_progress_reader, args=(proc.stderr, buffer, self.progress), daemon=True)
         reader.start()
-        describe = f"`{shlex.join(argv)}`"
-        out = OutgoingStream.from_process(proc, describe, buffer)
-        inner = out.finish
+        send = SendProcess(proc, argv, buffer, reader, self.processes)
+        self.last_send = send
+        assert proc.stdout is not None
+        fd = os.dup(proc.stdout.fileno())  # the protocol owns and closes this one
+        proc.stdout.close()
+        return OutgoingStream(fd, send.result)
 
-        def finish() -> str | None:
-            try:
-                result = inner() if inner else None
-            finally:
-                reader.join(timeout=10)
-                self.processes.discard(proc)
-            return result
-
-        out.finish = finish
-        return out
+    def send_error(self, timeout: float = 30.0) -> str | None:
+        """After a failed step: the error of its `zfs send` (None if it succeeded or never ran),
+        waiting for it to end and killing it after `timeout` seconds."""
+        return self.last_send.result(timeout) if self.last_send is not None else None
 
     # -- protection ------------------------------------------------------------------------------
     def _snapshots_of(self, fs: str, names: Sequence[str]) -> list[str]:
@@ -5163,6 +5195,21 @@ def is_temporary(exc: BaseException) -> bool:
     return isinstance(exc, (ProtocolError, StreamError, OSError))
 
 
+def with_sender_error(exc: BaseException, send_error: str | None) -> BaseException:
+    """A failed step's error, naming the sender's failure when it is the cause.
+
+    When `zfs send` fails (cut connection, vanished source), `zfs recv` fails too, with a message
+    that only says the stream ended ("failed to read from stream"); the receiver's error is what
+    arrives first, so without this the cause never reaches the status. When the receiver fails
+    first, the sender only reports a broken pipe: then the receiver's error is the whole story."""
+    if not send_error or send_error in str(exc) or isinstance(exc, Cancelled):
+        return exc
+    if "broken pipe" in send_error.lower() or "status -13" in send_error:
+        return exc
+    return EndpointError(f"the sending side failed: {send_error} (then the receiving side: {exc})",
+                         temporary=is_temporary(exc), kind="send-failed")
+
+
 @dataclass
 class FilesystemReport:
     """Replication status of one filesystem (the `filesystems` entries of a job's status)."""
@@ -5411,9 +5458,22 @@ class Replication:
             self.sender.protect(fs, level, protect, req.from_)
         if isinstance(self.sender, SenderEndpoint):
             stream = self.sender.open_send(req)
-            self.receiver.receive(req, stream)
+            try:
+                self.receiver.receive(req, stream)
+            except (ZreplError, OSError) as exc:
+                raise with_sender_error(exc, self.sender.send_error()) from exc
         else:
-            self.sender.send_into(req, lambda incoming: receive_from_stream(self.receiver, req, incoming))
+            streams: list[IncomingStream] = []
+
+            def consume(incoming: IncomingStream) -> dict[str, Any]:
+                streams.append(incoming)
+                return receive_from_stream(self.receiver, req, incoming)
+            try:
+                self.sender.send_into(req, consume)
+            except (ZreplError, OSError) as exc:
+                # discard() has drained the stream to its END: it says whether the sender failed
+                failed = [i.sender_error for i in streams if i.sender_status == "error"]
+                raise with_sender_error(exc, str(failed[0]) if failed else None) from exc
         self.refresh()
         self.current = None
         self.progress.step_done()
