@@ -6231,7 +6231,7 @@ class JobRunner:
     def _active_pass(self) -> PassResult:
         """push: snapshot if due, replicate, prune sender, prune receiver. pull: replicate, prune."""
         job, result = self.job, PassResult()
-        if job.type == "push":
+        if job.type == "push" and job.snapshotting.type != "manual":  # manual: no listing needed
             self._set_activity("listing")
             self._take_snapshots(self._select(), result)
         processes, progress = ProcessRegistry(), Progress()
@@ -6288,6 +6288,9 @@ class JobRunner:
             log.error("job %s: replication failed: %s", self.job.name, reason)
             result.error = reason
             result.exit_code = EXIT_FAILED
+        if repl.cancel_reason and result.error is None:
+            # The whole replication was stopped, not one filesystem: say why at the run's level too.
+            result.error = f"replication cancelled by the watchdog: {repl.cancel_reason}"
         publish(repl.reports)
         for fs, rep in repl.reports.items():
             if rep.error:
