@@ -6303,6 +6303,10 @@ class JobRunner:
 
     def _prune_both(self, sender: Any, receiver: Any, result: PassResult) -> None:
         job = self.job
+        if not job.keep_sender and not job.keep_receiver:
+            # Empty keep lists keep everything: skip both listings (two spawns per run).
+            self.doc["pruning_sender"] = self.doc["pruning_receiver"] = prune_summary([])
+            return
         self._set_activity("pruning sender")
         try:
             sender_list = sender.list_filesystems()
