@@ -1928,7 +1928,7 @@ _ERROR_PATTERNS = (
                    "no such file or directory")),
     # a held snapshot: "cannot destroy snapshot ...: it's being held. Run 'zfs holds -r ...'" (2.1, 2.3)
     ("busy", ("dataset is busy", "pool or dataset is busy", "is busy", "being held")),
-    ("exists", ("already exists",)),
+    ("exists", ("already exists", "bookmark exists")),
     ("no-space", ("out of space", "no space left", "quota exceeded")),
     ("permission", ("permission denied", "operation not permitted", "insufficient privileges")),
     ("resume-token", ("resume token", "kernel modules must be upgraded to receive this stream",
@@ -2465,7 +2465,10 @@ class FilesystemPlan:
     clear_resume_token: the resume token's source is gone; the runner runs `zfs recv -A` and
     replans. replace_placeholder: the first (full) step receives with -F into a placeholder.
     depends_on: a parent whose initial replication must run first; blocked_by: a parent whose
-    plan failed, so this (not yet existing) child cannot be created now."""
+    plan failed, so this (not yet existing) child cannot be created now. common / receiver_common:
+    the newest snapshot both sides have (the sender's version, possibly a bookmark, and the
+    receiver's snapshot), set when the plan continues incrementally or is up to date; the runner
+    uses them to restore a cursor or last-received hold whose placement was lost."""
 
     sender_fs: str
     receiver_fs: str
@@ -2478,6 +2481,8 @@ class FilesystemPlan:
     note: str = ""
     blocked_by: str | None = None
     depends_on: str | None = None
+    common: Version | None = None
+    receiver_common: Version | None = None
 
     @property
     def runnable(self) -> bool:
@@ -2639,6 +2644,7 @@ def plan_filesystem(sender: DatasetInfo, receiver: DatasetInfo | None, settings:
         plan.error = _diverged_error(plan, source, common_recv, pending, _newer_than(rsnaps, common_recv), settings)
         return plan
 
+    plan.common, plan.receiver_common = source, common_recv
     if not pending:
         plan.up_to_date = True
         plan.note = f"up to date at {common_recv.name}"
@@ -4623,18 +4629,52 @@ class StepRequest:
 
 
 def _progress_reader(stream: Any, buffer: RingBuffer, progress: Progress | None) -> None:
-    """Read `zfs send -v -P` stderr: keep the text for errors and turn per-second lines
-    (`HH:MM:SS<TAB>bytes<TAB>snapshot`) into progress."""
+    """Read `zfs send -v -P` stderr: turn per-second lines (`HH:MM:SS<TAB>bytes<TAB>snapshot`)
+    into progress and keep the rest for error messages (without the size header lines, which
+    would push the actual error out of the message's tail)."""
     last = 0
     for raw in iter(stream.readline, b""):
-        buffer.write(raw)
         cols = raw.decode("utf-8", "replace").rstrip("\n").split("\t")
-        if progress is not None and len(cols) == 3 and re.fullmatch(r"\d\d:\d\d:\d\d", cols[0]) and cols[1].isdigit():
-            value = int(cols[1])
-            # the counter restarts for each snapshot of a -I package
-            progress.add_bytes(value - last if value >= last else value)
-            last = value
+        if len(cols) == 3 and re.fullmatch(r"\d\d:\d\d:\d\d", cols[0]) and cols[1].isdigit():
+            if progress is not None:
+                value = int(cols[1])
+                # the counter restarts for each snapshot of a -I package
+                progress.add_bytes(value - last if value >= last else value)
+                last = value
+        elif cols[0] not in ("full", "incremental", "size"):
+            buffer.write(raw)
     stream.close()
+
+
+class SendProcess:
+    """One `zfs send` of a step. result() waits for it exactly once, whichever way the step ended:
+    by the protocol after a passed or copied stream, or by the runner after a failed receive
+    (which may leave the send blocked on a pipe nobody reads: then it is killed)."""
+
+    def __init__(self, proc: subprocess.Popen, argv: Sequence[str], buffer: RingBuffer, reader: threading.Thread,
+                 processes: ProcessRegistry):
+        self.proc, self.argv, self.buffer, self.reader, self.processes = proc, list(argv), buffer, reader, processes
+        self._lock = threading.Lock()
+        self._done = False
+        self._error: str | None = None
+
+    def result(self, timeout: float | None = None) -> str | None:
+        """None when the send succeeded, else its exit status and stderr tail."""
+        with self._lock:
+            if not self._done:
+                try:
+                    rc = self.proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("killing `%s`: its receiver is gone", shlex.join(self.argv))
+                    self.proc.kill()
+                    rc = self.proc.wait()
+                self.reader.join(timeout=10)
+                self.processes.discard(self.proc)
+                if rc != 0:
+                    tail = self.buffer.text().strip()[-2000:]
+                    self._error = f"`{shlex.join(self.argv)}` exited with status {rc}" + (f": {tail}" if tail else "")
+                self._done = True
+            return self._error
 
 
 class SenderEndpoint:
@@ -4650,6 +4690,7 @@ class SenderEndpoint:
         self.processes = processes or ProcessRegistry()
         self.progress = progress
         self._listing: dict[str, DatasetInfo] = {}
+        self.last_send: SendProcess | None = None  # steps run one at a time
 
     # -- confinement -----------------------------------------------------------------------------
     def _allowed(self, fs: str) -> str:
@@ -4723,20 +4764,17 @@ class SenderEndpoint:
         buffer = RingBuffer(64 * 1024)
         reader = threading.Thread(target=_progress_reader, args=(proc.stderr, buffer, self.progress), daemon=True)
         reader.start()
-        describe = f"`{shlex.join(argv)}`"
-        out = OutgoingStream.from_process(proc, describe, buffer)
-        inner = out.finish
+        send = SendProcess(proc, argv, buffer, reader, self.processes)
+        self.last_send = send
+        assert proc.stdout is not None
+        fd = os.dup(proc.stdout.fileno())  # the protocol owns and closes this one
+        proc.stdout.close()
+        return OutgoingStream(fd, send.result)
 
-        def finish() -> str | None:
-            try:
-                result = inner() if inner else None
-            finally:
-                reader.join(timeout=10)
-                self.processes.discard(proc)
-            return result
-
-        out.finish = finish
-        return out
+    def send_error(self, timeout: float = 30.0) -> str | None:
+        """After a failed step: the error of its `zfs send` (None if it succeeded or never ran),
+        waiting for it to end and killing it after `timeout` seconds."""
+        return self.last_send.result(timeout) if self.last_send is not None else None
 
     # -- protection ------------------------------------------------------------------------------
     def _snapshots_of(self, fs: str, names: Sequence[str]) -> list[str]:
@@ -4970,6 +5008,18 @@ class ReceiverEndpoint:
                 log.info("releasing hold %s on %s", tag, ", ".join(older))
                 self.zfs.release(tag, older)
 
+    def hold_last_received(self, sender_fs: str, snapshot: str, guid: int) -> None:
+        """Put the last-received hold on a snapshot that already arrived (its receive's own hold was
+        lost). Only a snapshot that exists here with the GUID the client names is held."""
+        target = self.target(sender_fs)
+        validate_snapshot_short_name(snapshot)
+        info = self.zfs.list([target]).get(target)
+        found = {v.name: v.guid for v in info.snapshots()} if info else {}
+        if found.get(snapshot) != guid:
+            raise EndpointError(f"{target}@{snapshot} with guid {guid} does not exist on the receiver")
+        log.info("%s@%s: restoring the last-received hold", target, snapshot)
+        self._hold_last_received(target, info, snapshot)
+
     def clear_resume_token(self, sender_fs: str) -> None:
         target = self.target(sender_fs)
         log.warning("%s: discarding the partial receive state (zfs recv -A): its source is gone", target)
@@ -5082,12 +5132,21 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
         ep.clear_resume_token(str(body.get("fs", "")))
         return {}
 
+    def hold_last_received(body: dict, ctx: RequestContext) -> dict:
+        try:
+            snap_guid = int(body.get("guid", 0))
+        except (TypeError, ValueError):
+            raise EndpointError("invalid guid") from None
+        ep.hold_last_received(str(body.get("fs", "")), str(body.get("snapshot", "")), snap_guid)
+        return {}
+
     def destroy(body: dict, ctx: RequestContext) -> dict:
         done, errors = ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names"))
         return {"destroyed": done, "errors": errors}
 
     return _refuse_malformed({"receiver.list": list_, "receiver.prepare": prepare, "receiver.receive": receive,
-                              "receiver.clear_token": clear_token, "receiver.destroy": destroy})
+                              "receiver.clear_token": clear_token, "receiver.hold_last_received": hold_last_received,
+                              "receiver.destroy": destroy})
 
 
 class RemoteSender:
@@ -5164,6 +5223,9 @@ class RemoteReceiver:
     def clear_resume_token(self, fs: str) -> None:
         self.conn.request("receiver.clear_token", {"fs": fs})
 
+    def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None:
+        self.conn.request("receiver.hold_last_received", {"fs": fs, "snapshot": snapshot, "guid": guid})
+
     def destroy_snapshots(self, fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         body = self.conn.request("receiver.destroy", {"fs": fs, "names": list(names)})
         return list(body.get("destroyed", [])), dict(body.get("errors", {}))
@@ -5206,6 +5268,21 @@ def is_temporary(exc: BaseException) -> bool:
             return exc.temporary
         return not any(k in exc.message for k in ("permission denied", "refusing", "not served", "outside"))
     return isinstance(exc, (ProtocolError, StreamError, OSError))
+
+
+def with_sender_error(exc: BaseException, send_error: str | None) -> BaseException:
+    """A failed step's error, naming the sender's failure when it is the cause.
+
+    When `zfs send` fails (cut connection, vanished source), `zfs recv` fails too, with a message
+    that only says the stream ended ("failed to read from stream"); the receiver's error is what
+    arrives first, so without this the cause never reaches the status. When the receiver fails
+    first, the sender only reports a broken pipe: then the receiver's error is the whole story."""
+    if not send_error or send_error in str(exc) or isinstance(exc, Cancelled):
+        return exc
+    if "broken pipe" in send_error.lower() or "status -13" in send_error:
+        return exc
+    return EndpointError(f"the sending side failed: {send_error} (then the receiving side: {exc})",
+                         temporary=is_temporary(exc), kind="send-failed")
 
 
 @dataclass
@@ -5312,6 +5389,15 @@ class Replication:
                 replanned.append(p.sender_fs)
         if replanned:
             plans = plan_filesystems(inputs, self.settings.plan, self.error_counts)
+        listed = {i.sender.name: i.sender for i in inputs}
+        for fs in [fs for fs in self.reports if fs not in listed]:
+            # Destroyed on the sender since an earlier attempt of this run: nothing left to do.
+            log.info("%s: %s no longer exists on the sender", self.settings.job, fs)
+            del self.reports[fs]
+        if not self.settings.dry_run:
+            for p in plans:
+                if p.common is not None and p.error is None:
+                    self._restore_bookkeeping(p, listed[p.sender_fs])
         for p in plans:
             rep = self._report(p.sender_fs)
             rep.receiver_fs, rep.plan = p.receiver_fs, p.describe()
@@ -5329,6 +5415,29 @@ class Replication:
         self.progress.touch()
         self._publish()
         return plans
+
+    def _restore_bookkeeping(self, plan: FilesystemPlan, sender_info: DatasetInfo) -> None:
+        """zrepl's "hint most recent common ancestor". The newest snapshot both sides have should
+        carry this job's replication cursor (sender) and a hold (receiver). If not, the completion
+        of an earlier step was lost after the data arrived (a failed `zfs bookmark` or `zfs hold`,
+        a crash, a cut connection): put them back now, before pruning can take the incremental
+        base. Costs no spawn when both are in place. Failures are logged, never fatal: the
+        replication itself does not depend on them."""
+        fs, level = plan.sender_fs, self.settings.plan.protection_incremental
+        common, rcommon = plan.common, plan.receiver_common
+        try:
+            if level != "guarantee_nothing" and common is not None and common.is_snapshot:
+                current = replication_cursor(sender_info, getattr(self.sender, "job", ""))
+                if current is None or current.guid != common.guid:
+                    log.info("%s: %s: moving the replication cursor to %s (its completion was lost)",
+                             self.settings.job, fs, common.full_name)
+                    self.sender.complete(fs, common.name, common.guid, level)
+            if rcommon is not None and rcommon.userrefs == 0:
+                log.info("%s: %s: restoring the last-received hold on %s", self.settings.job, fs, rcommon.full_name)
+                self.receiver.hold_last_received(fs, rcommon.name, rcommon.guid)
+        except (ZreplError, OSError) as exc:
+            log.warning("%s: %s: could not restore the replication cursor or last-received hold: %s",
+                        self.settings.job, fs, exc)
 
     # -- running ---------------------------------------------------------------------------------
     def run(self) -> dict[str, FilesystemReport]:
@@ -5426,9 +5535,22 @@ class Replication:
         self.receiver.prepare(req)
         if isinstance(self.sender, SenderEndpoint):
             stream = self.sender.open_send(req)
-            self.receiver.receive(req, stream)
+            try:
+                self.receiver.receive(req, stream)
+            except (ZreplError, OSError) as exc:
+                raise with_sender_error(exc, self.sender.send_error()) from exc
         else:
-            self.sender.send_into(req, lambda incoming: receive_from_stream(self.receiver, req, incoming))
+            streams: list[IncomingStream] = []
+
+            def consume(incoming: IncomingStream) -> dict[str, Any]:
+                streams.append(incoming)
+                return receive_from_stream(self.receiver, req, incoming)
+            try:
+                self.sender.send_into(req, consume)
+            except (ZreplError, OSError) as exc:
+                # discard() has drained the stream to its END: it says whether the sender failed
+                failed = [i.sender_error for i in streams if i.sender_status == "error"]
+                raise with_sender_error(exc, str(failed[0]) if failed else None) from exc
         self.refresh()
         self.current = None
         self.progress.step_done()
@@ -6177,7 +6299,7 @@ class JobRunner:
     def _active_pass(self) -> PassResult:
         """push: snapshot if due, replicate, prune sender, prune receiver. pull: replicate, prune."""
         job, result = self.job, PassResult()
-        if job.type == "push":
+        if job.type == "push" and job.snapshotting.type != "manual":  # manual: no listing needed
             self._set_activity("listing")
             self._take_snapshots(self._select(), result)
         processes, progress = ProcessRegistry(), Progress()
@@ -6234,6 +6356,9 @@ class JobRunner:
             log.error("job %s: replication failed: %s", self.job.name, reason)
             result.error = reason
             result.exit_code = EXIT_FAILED
+        if repl.cancel_reason and result.error is None:
+            # The whole replication was stopped, not one filesystem: say why at the run's level too.
+            result.error = f"replication cancelled by the watchdog: {repl.cancel_reason}"
         publish(repl.reports)
         for fs, rep in repl.reports.items():
             if rep.error:
@@ -6246,6 +6371,10 @@ class JobRunner:
 
     def _prune_both(self, sender: Any, receiver: Any, result: PassResult) -> None:
         job = self.job
+        if not job.keep_sender and not job.keep_receiver:
+            # Empty keep lists keep everything: skip both listings (two spawns per run).
+            self.doc["pruning_sender"] = self.doc["pruning_receiver"] = prune_summary([])
+            return
         self._set_activity("pruning sender")
         try:
             sender_list = sender.list_filesystems()
