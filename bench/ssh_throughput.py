@@ -43,6 +43,10 @@ from zfstest import PoolFactory, SshServer, get, zfs  # noqa: E402
 MiB = 1 << 20
 
 
+def say(text: str) -> None:
+    print(text, flush=True)  # run-in-guest streams the output live
+
+
 def timed(fn) -> float:
     start = time.monotonic()
     fn()
@@ -95,9 +99,9 @@ def main() -> int:
             'snapshotting = { type = "manual" }\npruning = { keep_sender = [], keep_receiver = [] }\n')
 
         setup = statistics.median(timed(lambda: subprocess.run(ssh + ["true"], check=True)) for _ in range(3))
-        print(f"{args.size} MiB of random data, stream {stream_bytes / MiB:.1f} MiB; ssh connection setup "
+        say(f"{args.size} MiB of random data, stream {stream_bytes / MiB:.1f} MiB; ssh connection setup "
               f"{setup:.2f}s (median of 3)")
-        print(f"ssh argv: {' '.join(ssh)}")
+        say(f"ssh argv: {' '.join(ssh)}")
         results = []
         for rnd in range(1, args.rounds + 1):
             target = f"{dst}/raw/data"
@@ -128,12 +132,12 @@ def main() -> int:
             raw_rate = stream_bytes / max(t_raw - setup, 1e-3)
             zrepl_rate = nbytes / max(t_xfer, 1e-3)
             results.append((zrepl_rate / raw_rate, t_raw / t_run))
-            print(f"round {rnd}: raw {t_raw:.2f}s ({raw_rate / MiB:.1f} MiB/s without setup); "
+            say(f"round {rnd}: raw {t_raw:.2f}s ({raw_rate / MiB:.1f} MiB/s without setup); "
                   f"zrepl stream {t_xfer:.2f}s for {nbytes / MiB:.1f} MiB ({zrepl_rate / MiB:.1f} MiB/s), "
                   f"run {t_run:.2f}s; stream ratio {zrepl_rate / raw_rate:.1%}, end-to-end {t_raw / t_run:.1%}")
         stream = statistics.median(r[0] for r in results)
         e2e = statistics.median(r[1] for r in results)
-        print(f"median over {len(results)} round(s): stream throughput ratio zrepl/raw = {stream:.1%}; "
+        say(f"median over {len(results)} round(s): stream throughput ratio zrepl/raw = {stream:.1%}; "
               f"end-to-end = {e2e:.1%}")
         return 0
     finally:

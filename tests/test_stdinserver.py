@@ -571,6 +571,34 @@ def test_connect_ssh_runs_ssh_without_a_remote_command_and_talks_to_stdinserver(
     assert argv[-1] == "zrepl@backup.example.com"  # nothing after user@host: no remote command
 
 
+def test_connect_ssh_applies_the_push_jobs_send_limit(setup, tmp_path):
+    fake, cfg, _ = setup
+    script = tmp_path / "fake-ssh"
+    script.write_text(FAKE_SSH.format(dir=tmp_path, python=sys.executable, zrepl=REPO / "zrepl.py", config=cfg,
+                                      identity="client1"))
+    script.chmod(0o755)
+    job = ssh_job(ssh_command=str(script))
+    job.send.bandwidth_limit = zrepl.BandwidthLimit(max=1 * MiB, bucket_capacity=256 << 10)
+    env_path = os.environ["PATH"]
+    os.environ["PATH"] = fake.env["PATH"]
+    try:
+        peer = zrepl.connect_ssh(job, zrepl.Progress())
+        try:
+            producer = subprocess.Popen(["head", "-c", str(3 * MiB), "/dev/zero"], stdout=subprocess.PIPE)
+            start = time.monotonic()
+            with pytest.raises(zrepl.RemoteError):  # the fake recv leaves nothing to verify
+                zrepl.RemoteReceiver(peer.conn).receive(
+                    zrepl.StepRequest(fs="prod/fs", to="s2", to_guid=5, from_="@s1", from_guid=11),
+                    zrepl.OutgoingStream.from_process(producer, "head"))
+            elapsed = time.monotonic() - start
+            producer.wait()
+        finally:
+            peer.close()
+    finally:
+        os.environ["PATH"] = env_path
+    assert elapsed >= 2.3, elapsed
+
+
 def test_redialing_connection_dials_again_after_a_lost_connection():
     handlers = {"echo": lambda body, ctx: {"echo": body}}
     servers: list[zrepl.Connection] = []
