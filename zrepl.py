@@ -4001,6 +4001,7 @@ class IncomingStream:
                  progress: Callable[[int], None] | None, rid: int):
         self.mode, self.kind, self.rid = mode, kind, rid
         self.nbytes = 0  # bytes copied (stays 0 when the fd was passed: Python never sees them)
+        self.discarded = 0  # bytes dropped after abandon(): they arrived, so END's count includes them
         self.sender_status: str | None = None
         self.sender_error: str | None = None
         self.consumer_gone = False
@@ -4145,9 +4146,9 @@ class IncomingStream:
         status, count = body.get("status"), body.get("bytes")
         if status not in ("ok", "error", "aborted") or not (count is None or isinstance(count, int)):
             raise self._conn._fail_protocol(f"malformed END frame {body!r:.200}")
-        if self.mode == "data" and status == "ok" and count != self.nbytes:
+        if self.mode == "data" and status == "ok" and count != self.nbytes + self.discarded:
             raise self._conn._fail_protocol(f"stream length mismatch: the peer sent {count} bytes, "
-                                            f"{self.nbytes} arrived")
+                                            f"{self.nbytes + self.discarded} arrived")
         self.sender_status, self.sender_error = status, body.get("error")
         self._done = True
 
@@ -4196,6 +4197,7 @@ class IncomingStream:
                     if dst is None:
                         self._send_abort()
                         n = self._discard_some(left)
+                        self.discarded += n
                         left -= n
                         continue
                     step = left
@@ -4928,7 +4930,9 @@ class ReceiverEndpoint:
             try:
                 self.zfs.run(create_placeholder_argv(ph, encryption_off=(enc == "off")))
             except ZfsError as exc:
-                if exc.kind != "exists":
+                # as non-root (zfs allow), `zfs create` exits 1 after creating because only root may
+                # mount; a placeholder is never mounted (mountpoint=none), so that is success
+                if exc.kind != "exists" and "successfully created, but it may only be mounted by root" not in exc.stderr:
                     raise
             self._listing.setdefault(ph, DatasetInfo(name=ph, type="filesystem", props={PLACEHOLDER_PROPERTY: "on"}))
 
@@ -6644,6 +6648,12 @@ def passive_handlers(job: JobConfig, identity: str, zfs: Zfs, processes: Process
     return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress))
 
 
+class ClientBusy(ZreplError):
+    """The same client identity is still being served by another stdinserver process."""
+
+    temporary = True
+
+
 def acquire_client_lock(runtime_dir: str, job: str, identity: str, wait: float = STDINSERVER_LOCK_WAIT) -> JobLock | None:
     """One connection per (job, identity) at a time: a client that reconnects after a lost connection
     waits here until the previous server process has let its `zfs recv` save the resume state.
@@ -6653,7 +6663,7 @@ def acquire_client_lock(runtime_dir: str, job: str, identity: str, wait: float =
     try:
         while not lock.try_acquire():
             if time.monotonic() >= deadline:
-                raise ZreplError(f"another connection of client {identity!r} to job {job!r} is still being "
+                raise ClientBusy(f"another connection of client {identity!r} to job {job!r} is still being "
                                  f"served (pid {lock.holder_pid() or '?'}); try again later")
             time.sleep(0.2)
     except OSError as exc:
@@ -6707,12 +6717,12 @@ class ClientRecorder:
             self.connection["error"] = self.connection["error"] or f"{kind}: {message}"
             self._new_errors.append({"time": iso_time(self.clock()), "request": kind, "error": message[:2000]})
 
-    def _transfer(self, body: dict[str, Any], nbytes: int) -> None:
+    def _transfer(self, body: dict[str, Any], nbytes: int, started: float) -> None:
         what = "received" if self.job.type == "sink" else "sent"
         src = body.get("from")
         entry = {"time": iso_time(self.clock()), what: f"{body.get('fs')}@{body.get('to')}",
                  "from": src if isinstance(src, str) else None, "resumed": bool(body.get("resume_token")),
-                 "bytes": nbytes}
+                 "bytes": nbytes, "seconds": round(time.monotonic() - started, 3)}
         with self._lock:
             self.connection["transfers"] += 1
             self.connection["bytes"] += nbytes
@@ -6727,15 +6737,16 @@ class ClientRecorder:
         def recorded(body: dict, ctx: RequestContext) -> Any:
             with self._lock:
                 self.connection["requests"] += 1
+            started = time.monotonic()
             try:
                 result = handler(body, ctx)
             except Exception as exc:
                 self._error(kind, str(exc))
                 raise
             if kind == "receiver.receive":
-                self._transfer(body, ctx.stream.nbytes if ctx.stream is not None else 0)
+                self._transfer(body, ctx.stream.nbytes if ctx.stream is not None else 0, started)
             elif kind == "sender.send" and isinstance(result, Reply) and result.stream is not None:
-                self._track_send(body, ctx, result.stream)
+                self._track_send(body, ctx, result.stream, started)
             elif kind.endswith(".destroy") and isinstance(result, dict):
                 with self._lock:
                     self.connection["destroyed"] += len(result.get("destroyed") or [])
@@ -6744,7 +6755,7 @@ class ClientRecorder:
             return result
         return recorded
 
-    def _track_send(self, body: dict[str, Any], ctx: RequestContext, stream: OutgoingStream) -> None:
+    def _track_send(self, body: dict[str, Any], ctx: RequestContext, stream: OutgoingStream, started: float) -> None:
         """The stream goes out after the handler returns: record it when the producer finishes."""
         stats, inner = ctx.conn.stats, stream.finish
         base = stats.stream_bytes_sent
@@ -6754,7 +6765,7 @@ class ClientRecorder:
             if error:
                 self._error("sender.send", error)
             else:
-                self._transfer(body, stats.stream_bytes_sent - base)
+                self._transfer(body, stats.stream_bytes_sent - base, started)
             return error
 
         stream.finish = finish
@@ -7219,13 +7230,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return worst
 
 
-def _refuse_stdio_client(message: str, wait: float = 5.0) -> None:
+def _refuse_stdio_client(message: str, temporary: bool = False, wait: float = 5.0) -> None:
     """Tell the ssh client on our stdin/stdout why it is not served: an ERROR frame, which it reports
     as "handshake refused: ...". Then wait briefly for it to hang up, so the frame is not lost when
     our exit closes the pipes before the client has read it."""
     if os.isatty(1):
         return
-    payload = json.dumps({"error": message, "type": "ZreplError", "fatal": True, "temporary": False}).encode()
+    payload = json.dumps({"error": message, "type": "ZreplError", "fatal": True, "temporary": temporary}).encode()
     view = memoryview(FRAME_HEADER.pack(FRAME_MAGIC, FRAME_ERROR, len(payload)) + payload)
     try:
         while view:
@@ -7257,7 +7268,7 @@ def cmd_stdinserver(args: argparse.Namespace) -> int:
         job = stdinserver_job(config, identity)
         lock = acquire_client_lock(config.global_.runtime_dir, job.name, identity)
     except ZreplError as exc:
-        _refuse_stdio_client(str(exc))
+        _refuse_stdio_client(str(exc), temporary=isinstance(exc, ClientBusy))
         raise
     store = _status_store(config)
     error: str | None = None

@@ -279,11 +279,12 @@ def test_sink_refuses_bad_names_before_any_zfs_call(setup):
     assert conn.request("receiver.list", {})["root"] == "tank/sink/client1"  # still usable
 
 
-def test_sink_receive_with_a_traversing_name_never_starts_zfs_recv(setup):
+@pytest.mark.parametrize("size", [1000, 2 * MiB])  # small: the whole stream is out before the refusal
+def test_sink_receive_with_a_traversing_name_never_starts_zfs_recv(setup, size):
     fake, cfg, connect = setup
     conn = connect("client1")
     for fs in ("../client2/prod/fs", "prod/fs@evil", "/etc"):
-        producer = subprocess.Popen(["head", "-c", str(2 * MiB), "/dev/zero"], stdout=subprocess.PIPE)
+        producer = subprocess.Popen(["head", "-c", str(size), "/dev/zero"], stdout=subprocess.PIPE)
         req = {"fs": fs, "to": "s2", "to_guid": 5, "from": None}
         with pytest.raises(zrepl.RemoteError, match="invalid"):
             conn.request("receiver.receive", req, stream_in=zrepl.OutgoingStream.from_process(producer, "head"))
@@ -445,6 +446,27 @@ def test_truncated_frame_ends_the_connection(setup):
     assert fake.calls() == []
 
 
+def test_one_connection_per_identity_a_reconnect_waits_for_the_previous(setup):
+    fake, cfg, connect = setup
+    first = connect("client1")
+    first.request("receiver.list", {})
+    other = connect("client2")  # another identity is not held up
+    assert other.request("receiver.list", {})["root"] == "tank/sink/client2"
+    second = connect("client1", handshake=False)
+    import threading
+    done = {}
+    t = threading.Thread(target=lambda: done.update(hello=second.handshake_client("client1"),
+                                                    at=time.monotonic()))
+    t.start()
+    time.sleep(2)
+    assert "hello" not in done  # still waiting for the first connection's server to exit
+    closed_at = time.monotonic()
+    first.close()
+    t.join(20)
+    assert done["at"] >= closed_at
+    assert second.request("receiver.list", {})["root"] == "tank/sink/client1"
+
+
 # ---- bandwidth limits on the passive side ------------------------------------------------------
 
 def test_passive_side_applies_its_bandwidth_limits(tmp_path):
@@ -486,6 +508,9 @@ def test_passive_side_applies_its_bandwidth_limits(tmp_path):
         elapsed = time.monotonic() - start
     assert got["n"] == 3 * MiB
     assert elapsed >= 2.3, elapsed  # 3 MiB at 1 MiB/s with a 256 KiB head start
+    sent = json.loads((tmp_path / "status.json").read_text())["jobs"]["source"]["clients"]["puller"]
+    assert sent["last_transfer"]["sent"] == "tank/data@a" and sent["last_transfer"]["bytes"] == 3 * MiB
+    assert sent["last_transfer"]["seconds"] >= 2.3
 
     with connect("client1") as conn:
         producer = subprocess.Popen(["head", "-c", str(3 * MiB), "/dev/zero"], stdout=subprocess.PIPE)
@@ -544,6 +569,34 @@ def test_connect_ssh_runs_ssh_without_a_remote_command_and_talks_to_stdinserver(
     argv = (tmp_path / "ssh-argv").read_text().splitlines()
     assert argv == zrepl.ssh_argv(job.connect)[1:]
     assert argv[-1] == "zrepl@backup.example.com"  # nothing after user@host: no remote command
+
+
+def test_connect_ssh_applies_the_push_jobs_send_limit(setup, tmp_path):
+    fake, cfg, _ = setup
+    script = tmp_path / "fake-ssh"
+    script.write_text(FAKE_SSH.format(dir=tmp_path, python=sys.executable, zrepl=REPO / "zrepl.py", config=cfg,
+                                      identity="client1"))
+    script.chmod(0o755)
+    job = ssh_job(ssh_command=str(script))
+    job.send.bandwidth_limit = zrepl.BandwidthLimit(max=1 * MiB, bucket_capacity=256 << 10)
+    env_path = os.environ["PATH"]
+    os.environ["PATH"] = fake.env["PATH"]
+    try:
+        peer = zrepl.connect_ssh(job, zrepl.Progress())
+        try:
+            producer = subprocess.Popen(["head", "-c", str(3 * MiB), "/dev/zero"], stdout=subprocess.PIPE)
+            start = time.monotonic()
+            with pytest.raises(zrepl.RemoteError):  # the fake recv leaves nothing to verify
+                zrepl.RemoteReceiver(peer.conn).receive(
+                    zrepl.StepRequest(fs="prod/fs", to="s2", to_guid=5, from_="@s1", from_guid=11),
+                    zrepl.OutgoingStream.from_process(producer, "head"))
+            elapsed = time.monotonic() - start
+            producer.wait()
+        finally:
+            peer.close()
+    finally:
+        os.environ["PATH"] = env_path
+    assert elapsed >= 2.3, elapsed
 
 
 def test_redialing_connection_dials_again_after_a_lost_connection():
