@@ -5367,8 +5367,12 @@ class Replication:
 
     # -- planning --------------------------------------------------------------------------------
     def plan(self) -> list[FilesystemPlan]:
+        # Each finished command is a sign of life for the watchdog, which is there to catch a
+        # command that hangs, not a slow host working through many short ones.
         sender_list = self.sender.list_filesystems()
+        self.progress.touch()
         receiver_list = self.receiver.list_filesystems()
+        self.progress.touch()
         inputs = []
         for ds in sender_list:
             r = receiver_list.get(ds.name)
@@ -5530,13 +5534,16 @@ class Replication:
         rep.bytes_replicated = 0
         rep.step_started = iso_time(utcnow())
         self.current = (rep, self.progress.bytes)
+        self.progress.touch()  # signs of life between commands: see plan()
         self._publish()
         log.info("%s: %s", self.settings.job, step.describe())
         if level != "guarantee_nothing" and not step.resume_token:
             protect = [(v.name, v.guid) for v in step.received_versions() if v.is_snapshot]
             self.sender.protect(fs, level, protect, req.from_)
+            self.progress.touch()
         # Receiver set-up (placeholders) before `zfs send` starts, not while it waits on the pipe.
         self.receiver.prepare(req)
+        self.progress.touch()
         if isinstance(self.sender, SenderEndpoint):
             stream = self.sender.open_send(req)
             try:
@@ -5560,6 +5567,7 @@ class Replication:
         self.progress.step_done()
         rep.last_replicated = f"{fs}@{step.to_version.name}"
         self.sender.complete(fs, step.to_version.name, step.to_version.guid, level)
+        self.progress.touch()
 
 
 class Watchdog(PeriodicThread):

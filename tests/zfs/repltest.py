@@ -74,14 +74,21 @@ def push_sink(src: str, dst: str, *, filesystems: str | None = None, keep_sender
 
 # ---- observation helpers -----------------------------------------------------------------------
 
+def _versions(dataset: str, kind: str) -> list[tuple[str, int, int]]:
+    """(short name, guid, createtxg) of one dataset's snapshots or bookmarks, one spawn."""
+    out = zfs("list", "-Hp", "-d", "1", "-t", kind, "-o", "name,guid,createtxg", dataset)
+    sep = "@" if kind == "snapshot" else "#"
+    rows = [line.split("\t") for line in out.splitlines() if line]
+    return [(n.split(sep, 1)[1], int(g), int(t)) for n, g, t in rows if n.startswith(dataset + sep)]
+
+
 def snapshots(dataset: str) -> list[str]:
-    rows = [r for r in list_all(dataset) if r.type == "snapshot" and r.name.startswith(dataset + "@")]
-    return [r.name.split("@", 1)[1] for r in sorted(rows, key=lambda r: r.createtxg)]
+    """Short snapshot names in createtxg order."""
+    return [n for n, _, _ in sorted(_versions(dataset, "snapshot"), key=lambda v: v[2])]
 
 
 def bookmarks(dataset: str) -> list[str]:
-    rows = [r for r in list_all(dataset) if r.type == "bookmark" and r.name.startswith(dataset + "#")]
-    return sorted(r.name.split("#", 1)[1] for r in rows)
+    return sorted(n for n, _, _ in _versions(dataset, "bookmark"))
 
 
 def holds(snapshot: str) -> set[str]:
@@ -108,7 +115,7 @@ def fs_status(tmp_path: Path, job: str, fs: str) -> dict:
 
 def same_guids(a: str, b: str) -> bool:
     """Both datasets have the same snapshots with the same GUIDs (the received data is the sent data)."""
-    return ({s: guid(f"{a}@{s}") for s in snapshots(a)} == {s: guid(f"{b}@{s}") for s in snapshots(b)})
+    return ({n: g for n, g, _ in _versions(a, "snapshot")} == {n: g for n, g, _ in _versions(b, "snapshot")})
 
 
 def fill(dataset: str, nbytes: int, name: str = "big.bin") -> None:

@@ -6,9 +6,9 @@ import os
 import time
 from pathlib import Path
 
-from repltest import (bookmarks, cursor, fs_status, holds, push_sink, real_sends, run, same_guids, snapshots, start,
-                      state, status, tentative, wait_for_call, write_config)
-from zfstest import exists, get, guid, zfs
+from repltest import (bookmarks, cursor, fill, fs_status, holds, push_sink, real_sends, run, same_guids, snapshots,
+                      start, state, status, tentative, wait_for_call, write_config)
+from zfstest import exists, get, guid, send_recv, zfs
 
 
 def test_snapshot_and_dataset_vanishing_between_listing_and_sending(make_pool, zfs_tree, zfs_shim, tmp_path):
@@ -45,16 +45,18 @@ def test_not_replicated_keeps_the_incremental_base_and_last_received_hold_the_ne
     incremental needs is destroyed (guarantee_incremental: no step holds help here). On the
     receiver a rule that keeps nothing still cannot destroy the last received snapshot."""
     src, dst = make_pool("src"), make_pool("dst")
-    zfs_tree(src, "data @a")
+    zfs_tree(src, "data @a @b @c")
     zfs_tree(dst, "sink")
+    sfs, target = f"{src}/data", f"{dst}/sink/client1/{src}/data"
+    # @a was replicated by an earlier run: its copy, the cursor and the last-received hold
+    zfs("create", "-p", f"{dst}/sink/client1/{src}")
+    send_recv([f"{sfs}@a"], ["-u", target])
+    zfs("bookmark", f"{sfs}@a", f"{sfs}#{cursor(f'{sfs}@a', 'push')}")
+    zfs("hold", "zrepl_last_received_J_sink", f"{target}@a")
     cfg = write_config(tmp_path, push_sink(
         src, dst, keep_sender='[{ type = "not_replicated" }, { type = "last_n", count = 1 }]',
         keep_receiver='[{ type = "regex", regex = "^never$" }]',
         replication='protection = { initial = "guarantee_resumability", incremental = "guarantee_incremental" }'))
-    assert run(None, cfg, "run", "push").returncode == 0
-    sfs, target = f"{src}/data", f"{dst}/sink/client1/{src}/data"
-    assert snapshots(target) == ["a"] and holds(f"{target}@a") == {"zrepl_last_received_J_sink"}
-    zfs_tree(src, "data @b @c")
     zfs_shim.fail("recv", stderr="cannot receive incremental stream: injected\n")
     proc = run(zfs_shim, cfg, "run", "push")
     assert proc.returncode == 1
@@ -101,7 +103,8 @@ def test_watchdog_cancels_a_hung_receive_and_pruning_still_runs(make_pool, zfs_t
     assert elapsed < 90, elapsed  # 5 s without progress, then cancelled; not 600 s
     assert _zfs_shim_processes(zfs_shim.dir) == []  # the hung `zfs recv` was killed
     doc = status(tmp_path)["jobs"]["push"]
-    rep = doc["replication"]["filesystems"][f"{src}/data"]
+    rep = doc["replication"]["filesystems"].get(f"{src}/data")
+    assert rep is not None, (doc, proc.stderr)  # the watchdog fired while stepping, not while planning
     assert rep["state"] == "step-error"
     assert "no progress" in rep["error"] and "replication.timeout" in rep["error"]
     assert "no progress" in (doc["replication"]["cancelled"] or "")
@@ -114,7 +117,7 @@ def test_watchdog_cancels_a_hung_receive_and_pruning_still_runs(make_pool, zfs_t
 
 def test_pull_from_a_source_that_takes_its_own_snapshots(make_pool, zfs_tree, tmp_path):
     src, dst = make_pool("src"), make_pool("dst")
-    zfs_tree(src, "data\ndata/child")
+    zfs_tree(src, "data @old\ndata/child")
     zfs_tree(dst, "pulled")
     cfg = write_config(tmp_path, f'''
 [[jobs]]
@@ -139,11 +142,15 @@ keep_receiver = []
 ''')
     proc = run(None, cfg, "run", "source")
     assert proc.returncode == 0, proc.stderr
-    taken = snapshots(f"{src}/data")
-    assert len(taken) == 1 and taken[0].startswith("zrepl_") and snapshots(f"{src}/data/child") == taken
+    taken = snapshots(f"{src}/data/child")
+    assert len(taken) == 1 and taken[0].startswith("zrepl_") and snapshots(f"{src}/data") == ["old", *taken]
     proc = run(None, cfg, "run", "pull")
     assert proc.returncode == 0, proc.stderr
     snap = taken[0]
+    # most_recent sent only the new snapshot; @old is older than the cursor, so not_replicated
+    # counts it as replicated and last_n 1 pruned it on the source, through the connection
+    assert snapshots(f"{src}/data") == [snap]
+    assert status(tmp_path)["jobs"]["pull"]["pruning_sender"]["destroyed"] == [f"{src}/data@old"]
     target = f"{dst}/pulled/{src}/data"
     assert get(f"{dst}/pulled/{src}", "zrepl:placeholder") == "on"
     for sfs, rfs in ((f"{src}/data", target), (f"{src}/data/child", f"{target}/child")):
@@ -155,10 +162,16 @@ keep_receiver = []
         assert rep["state"] == "done" and rep["last_replicated"] == f"{sfs}@{snap}"
 
 
-def test_protection_guarantee_nothing_then_guarantee_incremental(make_pool, zfs_tree, zfs_shim, tmp_path):
+def zrepl_holds(snapshot: str) -> set[str]:
+    return {t for t in holds(snapshot) if t.startswith("zrepl_")}
+
+
+def test_guarantee_nothing_then_incremental_restarts_when_the_interrupted_snapshot_is_gone(
+        make_pool, zfs_tree, zfs_shim, tmp_path):
     """Initial step at guarantee_nothing: no holds, no bookmarks on the sender. Incremental at
-    guarantee_incremental: tentative cursors (no holds) protect the step while it runs, then a
-    cursor replaces them."""
+    guarantee_incremental: an interrupted -I step leaves tentative cursors and no holds, so the
+    sender may destroy the snapshot that was being received. The next run discards the partial
+    receive (`zfs recv -A`) and continues from the common snapshot to the newest one."""
     src, dst = make_pool("src"), make_pool("dst")
     zfs_tree(src, "data @a")
     zfs_tree(dst, "sink")
@@ -167,24 +180,30 @@ def test_protection_guarantee_nothing_then_guarantee_incremental(make_pool, zfs_
     assert run(None, cfg, "run", "push").returncode == 0
     sfs, target = f"{src}/data", f"{dst}/sink/client1/{src}/data"
     assert snapshots(target) == ["a"] and same_guids(target, sfs)
-    assert bookmarks(sfs) == [] and holds(f"{sfs}@a") == set()
+    assert bookmarks(sfs) == [] and zrepl_holds(f"{sfs}@a") == set()
+    fill(sfs, 3 << 20)
     zfs_tree(src, "data @b @c")
-    zfs_shim.delay("recv", 6, times=1)
-    proc = start(zfs_shim, cfg, "run", "push")
-    try:
-        wait_for_call(zfs_shim, "recv", "delay")
-        during = bookmarks(sfs)
-        # only ours: `zfs send` itself holds its source snapshot (`.send-<pid>-<n>`) while it runs
-        during_holds = [{t for t in holds(f"{sfs}@{s}") if not t.startswith(".send-")} for s in ("a", "b", "c")]
-    finally:
-        out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    assert tentative(f"{sfs}@b", "push") in during and tentative(f"{sfs}@c", "push") in during
-    assert during_holds == [set(), set(), set()]
-    assert snapshots(target) == ["a", "b", "c"] and same_guids(target, sfs)
-    assert bookmarks(sfs) == [cursor(f"{sfs}@c", "push")]
-    assert all(holds(f"{sfs}@{s}") == set() for s in ("a", "b", "c"))
-    assert fs_status(tmp_path, "push", sfs)["state"] == "done"
+    zfs_shim.cut("send", nbytes=1 << 20, times=1, match="send -v -P")  # inside b's part of the -I stream
+    zfs_shim.fail("send", match="send -v -P -t", stderr="ssh: connection reset by peer\n")
+    assert run(zfs_shim, cfg, "run", "push").returncode == 1
+    assert get(target, "receive_resume_token") != "-"
+    tentative_b, tentative_c = tentative(f"{sfs}@b", "push"), tentative(f"{sfs}@c", "push")
+    # the cursor on a: planning put it on the common snapshot at the incremental level
+    assert bookmarks(sfs) == sorted([cursor(f"{sfs}@a", "push"), tentative_b, tentative_c])
+    assert [zrepl_holds(f"{sfs}@{s}") for s in ("a", "b", "c")] == [set(), set(), set()]
+    zfs("destroy", f"{sfs}@b")  # nothing holds it: guarantee_incremental does not promise resumability
+    zfs_shim.clear()
+    zfs_shim.reset_log()
+    proc = run(zfs_shim, cfg, "run", "push")
+    assert proc.returncode == 0, proc.stderr
+    assert [c.argv for c in zfs_shim.calls("recv") if "-A" in c.argv] == [["recv", "-A", target]]
+    assert real_sends(zfs_shim) == [["send", "-v", "-P", "-i", f"{sfs}@a", f"{sfs}@c"]]
+    assert snapshots(target) == ["a", "c"] and same_guids(target, sfs)
+    assert get(target, "receive_resume_token") == "-"
+    assert bookmarks(sfs) == [cursor(f"{sfs}@c", "push")]  # tentative ones and the old cursor went
+    assert all(zrepl_holds(f"{sfs}@{s}") == set() for s in ("a", "c"))
+    rep = fs_status(tmp_path, "push", sfs)
+    assert rep["state"] == "done" and rep["last_replicated"] == f"{sfs}@c"
 
 
 def test_dry_run_push_changes_nothing(make_pool, zfs_tree, zfs_shim, tmp_path):
@@ -201,5 +220,7 @@ def test_dry_run_push_changes_nothing(make_pool, zfs_tree, zfs_shim, tmp_path):
     assert [c.argv for c in zfs_shim.calls() if c.verb in changing] == []
     assert real_sends(zfs_shim) == []
     assert "would snapshot" in proc.stdout
-    if "full send" in proc.stdout:  # the replication plan, once the CLI prints it
-        assert f"{src}/data@" in proc.stdout
+    if "full send" in proc.stdout:  # the replication plan and its estimates, once the CLI prints them
+        assert f"full send of {src}/data@a" in proc.stdout and f"full send of {src}/data/child@x" in proc.stdout
+        estimates = [line for line in proc.stdout.splitlines() if line.strip().startswith("estimate ")]
+        assert len(estimates) == 2 and not any(line.endswith("unknown") for line in estimates), proc.stdout
