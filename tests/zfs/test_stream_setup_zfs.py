@@ -51,5 +51,7 @@ def test_receiver_setup_happens_before_zfs_send_starts(make_pool, zfs_tree, zfs_
     assert [c.argv[-1] for c in calls if c.verb == "create"] == [f"{dst}/sink/c", f"{dst}/sink/c/{src}"]
     assert all(c.verb != "create" for c in calls[sends[0]:])
     for i in sends:
-        # the very next zfs command is the receive: nothing runs while the sender waits for it
-        assert calls[i + 1].verb == "recv", [c.argv for c in calls[i:i + 3]]
+        # send and receive are adjacent: nothing runs while the sender waits for its receiver (the
+        # two start at the same moment, so the shim may log either one first)
+        neighbours = [calls[j].verb for j in (i - 1, i + 1) if 0 <= j < len(calls)]
+        assert "recv" in neighbours, [c.argv[:3] for c in calls[max(i - 2, 0):i + 3]]
