@@ -1057,7 +1057,9 @@ def _init_regex(rule: Any, pattern: str | None) -> None:
 @dataclass(frozen=True)
 class KeepLastN(KeepRule):
     """last_n: the newest `count` snapshots whose name matches `regex` (all if no regex).
-    Newest = latest creation, ties broken by name descending (as zrepl)."""
+    Newest = latest creation; snapshots made in the same second are ordered by createtxg (the
+    order ZFS made them), then by name descending as zrepl does. zrepl breaks creation ties by
+    name alone, which keeps the wrong snapshot when several are taken within one second."""
 
     count: int
     regex: str | None = None
@@ -1070,8 +1072,8 @@ class KeepLastN(KeepRule):
 
     def keep(self, snapshots: list[Version], ctx: PruneContext) -> set[str]:
         matching = [s for s in _only_snapshots(snapshots) if self._re is None or self._re.search(s.name)]
-        # Sort ascending by (creation, name), then take from the end: newest first, names descending.
-        matching.sort(key=lambda s: (s.creation, s.name))
+        # Sort ascending, then take from the end: newest first.
+        matching.sort(key=lambda s: (s.creation, s.createtxg or 0, s.name))
         return {s.full_name for s in matching[-self.count:]}
 
     def describe(self) -> str:

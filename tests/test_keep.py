@@ -152,11 +152,17 @@ def test_grid_rule_validation_and_describe():
 
 # ---- last_n ----
 
-def test_last_n_newest_by_creation_ties_by_name_descending():
+def test_last_n_newest_by_creation_ties_by_createtxg_then_name():
     snaps = [snap("a", 100, 1), snap("c", 200, 2), snap("b", 200, 3), snap("d", 50, 4)]
     assert short(KeepLastN(2).keep(snaps, PruneContext())) == {"c", "b"}
-    assert short(KeepLastN(1).keep(snaps, PruneContext())) == {"c"}  # tie at 200: 'c' > 'b'
+    # same second: the later createtxg is newer, whatever the names say
+    assert short(KeepLastN(1).keep(snaps, PruneContext())) == {"b"}
     assert short(KeepLastN(10).keep(snaps, PruneContext())) == {"a", "b", "c", "d"}
+    # the case CI hit: c then b in one second, a a second later: the two newest are a and b
+    made = [snap("c", 300, 10), snap("b", 300, 11), snap("a", 301, 12)]
+    assert short(KeepLastN(2).keep(made, PruneContext())) == {"a", "b"}
+    # with the same createtxg (unknown), names decide, descending
+    assert short(KeepLastN(1).keep([snap("x", 5, 0), snap("y", 5, 0)], PruneContext())) == {"y"}
 
 
 def test_last_n_with_regex_only_counts_and_keeps_matches():
