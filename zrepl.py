@@ -3198,6 +3198,10 @@ class Connection:
                          if restore_blocking else [])
         for fd in {self._rfd, self._wfd}:
             os.set_blocking(fd, False)
+            if sock is None:
+                # ssh's stdio pipes default to 64 KiB: at 1 MiB a DATA frame moves in one splice
+                # and the copy loop wakes far less often (measured: 82% -> 97% of raw ssh).
+                _proto_grow_pipe(fd)
         self.name = name
         self.timeout = timeout
         self.heartbeat_interval = heartbeat_interval
