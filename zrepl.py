@@ -3662,8 +3662,11 @@ class Connection:
                 if frame.type != FRAME_HEARTBEAT:
                     break
             if frame.type == FRAME_ERROR:
-                msg = str((frame.body or {}).get("error", "no reason given"))
-                self._broken = ProtocolError(f"handshake refused: {msg}", peer=self.name)
+                body = frame.body or {}
+                msg = str(body.get("error", "no reason given"))
+                # temporary: e.g. the server is still serving this identity's previous connection
+                self._broken = ProtocolError(f"handshake refused: {msg}", peer=self.name,
+                                             temporary=body.get("temporary") is True)
                 raise self._broken
             if frame.type != FRAME_HELLO:
                 raise self._fail_protocol(f"expected HELLO from the server, got {frame.name}")
@@ -5418,9 +5421,15 @@ class Replication:
             rep.blocked_by = p.blocked_by
             rep.steps_total, rep.steps_done = len(p.steps), 0
             if p.error:
+                if rep.error != p.error.message:  # once per run, not once per retry attempt
+                    log.error("%s: %s: cannot replicate: %s%s", self.settings.job, p.sender_fs, p.error.message,
+                              " (recovery steps: zrepl.py status -v)" if p.error.details else "")
                 rep.state, rep.error, rep.error_details = "planning-error", p.error.message, p.error.details
             elif p.blocked_by:
-                rep.state, rep.error = "blocked", f"blocked by {p.blocked_by}: {p.note}".rstrip(": ")
+                blocked = f"blocked by {p.blocked_by}: {p.note}".rstrip(": ")
+                if rep.error != blocked:
+                    log.warning("%s: %s: %s", self.settings.job, p.sender_fs, blocked)
+                rep.state, rep.error = "blocked", blocked
             elif not p.steps:
                 rep.state, rep.error = "done", None
             else:
@@ -6536,6 +6545,9 @@ def connect_peer(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessReg
     return connect_ssh(job, progress)
 
 
+DIAL_RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds between dials refused as temporary
+
+
 def connect_ssh(job: JobConfig, progress: Progress) -> Peer:
     """ssh+stdinserver: ssh with no remote command; the passive host's authorized_keys forces
     `zrepl.py stdinserver IDENTITY`, which serves the protocol on its stdin/stdout.
@@ -6546,7 +6558,7 @@ def connect_ssh(job: JobConfig, progress: Progress) -> Peer:
     assert job.connect is not None
     connect = job.connect
 
-    def dial() -> Connection:
+    def dial_once() -> Connection:
         conn = ssh_connect(ssh_argv(connect), name=f"{connect.user}@{connect.host}",
                            timeout=max(connect.dial_timeout, DEFAULT_PEER_TIMEOUT))
         if job.type == "push":
@@ -6561,6 +6573,19 @@ def connect_ssh(job: JobConfig, progress: Progress) -> Peer:
             conn.close()
             raise
         return conn
+
+    def dial() -> Connection:
+        # A temporary refusal (the server still holds this identity's lock, e.g. its previous
+        # stdinserver is winding down) is worth a few short waits; anything else fails at once.
+        for delay in DIAL_RETRY_DELAYS:
+            try:
+                return dial_once()
+            except ProtocolError as exc:
+                if not exc.temporary:
+                    raise
+                log.warning("job %s: %s; dialing again in %gs", job.name, exc, delay)
+                time.sleep(delay)
+        return dial_once()
 
     redialing = RedialingConnection(dial)
     return Peer(redialing, redialing.close)  # type: ignore[arg-type]

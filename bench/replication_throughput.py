@@ -142,19 +142,13 @@ serve = {{ type = "local", listener_name = "sink" }}
         full send into an empty receiver."""
         for target in (self.raw_target, f"{self.sink_root}/c"):
             if benchlib.zfstest.exists(target):
-                for snap in zfs("list", "-H", "-o", "name", "-t", "snapshot", "-r", target).splitlines():
-                    self._release_all(snap)  # zrepl holds what it received; held snapshots stay
+                benchlib.zfstest.release_holds(target)  # zrepl holds what it received
                 zfs("destroy", "-r", target)
-        self._release_all(self.snap)
+        benchlib.zfstest.release_holds(self.snap)
         for bookmark in zfs("list", "-H", "-o", "name", "-t", "bookmark", self.fs).split():
             zfs("destroy", bookmark)
         subprocess.run(["sync"], check=False)
         self.shim.reset()
-
-    @staticmethod
-    def _release_all(snapshot: str) -> None:
-        for line in zfs("holds", "-H", snapshot).splitlines():
-            zfs("release", line.split("\t")[1], snapshot)
 
     def _verify(self, target: str) -> None:
         got, want = benchlib.zfstest.guid(f"{target}@bench"), benchlib.zfstest.guid(self.snap)

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "zfs"))
 sys.path.insert(0, str(REPO))
 import zrepl  # noqa: E402
-from zfstest import PoolFactory, SshServer, get, zfs  # noqa: E402
+from zfstest import PoolFactory, SshServer, get, release_holds, zfs  # noqa: E402
 
 MiB = 1 << 20
 
@@ -126,7 +126,9 @@ def main() -> int:
             doc = json.loads((sink_dir / "status.json").read_text())
             transfer = doc["jobs"]["sink"]["clients"]["bench"]["last_transfer"]
             t_xfer, nbytes = transfer["seconds"], transfer["bytes"]
+            release_holds(f"{dst}/sink/bench")  # the sink holds the last received snapshot
             zfs("destroy", "-r", f"{dst}/sink/bench")
+            release_holds(f"{src}/data@s")
             for line in zfs("list", "-H", "-o", "name", "-t", "bookmark", "-r", f"{src}/data").splitlines():
                 zfs("destroy", line)  # the cursor: the next round starts with a full send again
             raw_rate = stream_bytes / max(t_raw - setup, 1e-3)

@@ -149,10 +149,10 @@ def setup(tmp_path):
     servers: list[zrepl.Connection] = []
 
     def connect(identity: str, claimed: str | None = None, handshake: bool = True,
-                log_level: str = "info") -> zrepl.Connection:
+                log_level: str = "info", timeout: float = 20) -> zrepl.Connection:
         conn = zrepl.ssh_connect([sys.executable, str(REPO / "zrepl.py"), "--config", str(cfg),
                                   "--log-level", log_level, "stdinserver", identity],
-                                 name="stdinserver", timeout=20, env=fake.env)
+                                 name="stdinserver", timeout=timeout, env=fake.env)
         servers.append(conn)
         if handshake:
             conn.handshake_client(claimed or identity)
@@ -215,6 +215,17 @@ def test_unknown_identity_is_refused_with_a_clear_message_before_any_zfs_call(se
     stderr = conn._child_stderr.text()
     assert "unknown client identity 'mallory'" in stderr and "Traceback" not in stderr
     assert fake.calls() == []
+
+
+def test_second_connection_of_one_identity_is_refused_as_temporary(setup):
+    fake, cfg, connect = setup
+    first = connect("client1")
+    # the server waits STDINSERVER_LOCK_WAIT for the first connection to end, then refuses
+    second = connect("client1", handshake=False, timeout=zrepl.STDINSERVER_LOCK_WAIT + 20)
+    with pytest.raises(zrepl.ProtocolError) as ei:
+        second.handshake_client("client1")
+    assert "handshake refused" in str(ei.value) and ei.value.temporary is True  # worth dialing again
+    assert first.request("receiver.list", {})["root"] == "tank/sink/client1"  # the first is still served
 
 
 def test_unknown_identity_without_a_client_exits_with_the_message(setup):

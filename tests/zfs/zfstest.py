@@ -110,6 +110,18 @@ def guid(name: str) -> int:
     return int(get(name, "guid"))
 
 
+def release_holds(name: str) -> None:
+    """Release every hold on a snapshot, or on all snapshots at and below a dataset, so that
+    `zfs destroy -r` can remove what zrepl received (it holds its last received snapshot)."""
+    if "@" in name:
+        snaps = [name]
+    else:
+        snaps = zfs("list", "-H", "-o", "name", "-t", "snapshot", "-r", name).splitlines()
+    for snap in snaps:
+        for line in zfs("holds", "-H", snap).splitlines():
+            zfs("release", line.split("\t")[1], snap)
+
+
 def exists(name: str) -> bool:
     """True if the dataset/snapshot/bookmark exists."""
     return run([REAL_ZFS, "list", "-H", "-o", "name", "-t", "all", name], check=False).returncode == 0
