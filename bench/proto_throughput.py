@@ -9,6 +9,8 @@ Pumps SIZE bytes of /dev/zero (via `head -c`, standing in for `zfs send`) into `
   pipes/splice     head -> client -> pipe -> stdinserver stand-in -> cat    (ssh_connect + from_stdio)
   pipes/read-write same, with os.splice disabled on both ends (the fallback path)
   pipes pull       the stdinserver stand-in produces, the client consumes
+  .../16k relay    the same through `dd bs=16k` on both pipes, which reads and writes in small
+                   pieces as ssh does (raw 16k relay: head | dd bs=16k | cat)
   local/fd-pass    local transport: the `head` stdout fd itself is passed to `cat` (no copies)
   local/copy       local transport with fd passing off: DATA frames over the socketpair
 
@@ -76,8 +78,14 @@ def run_shell(pipeline: str) -> float:
     return time.perf_counter() - start
 
 
-def run_pipes(size: int, *, no_splice: bool = False, pull: bool = False) -> float:
+# ssh reads and writes its stdio in small pieces (channel packets of 16-32 KiB); dd stands in for it.
+RELAY = "dd bs=16k status=none"
+
+
+def run_pipes(size: int, *, no_splice: bool = False, pull: bool = False, relay: bool = False) -> float:
     argv = [sys.executable, __file__, "--serve"] + (["--no-splice"] if no_splice else [])
+    if relay:
+        argv = ["sh", "-c", f"{RELAY} | {' '.join(argv)} | {RELAY}"]
     saved = getattr(os, "splice", None)
     if no_splice and saved is not None:
         del os.splice
@@ -130,6 +138,9 @@ def main() -> None:
     cases = {
         "raw 1 hop": lambda: run_shell(f"head -c {size} /dev/zero | cat > /dev/null"),
         "raw 2 hops": lambda: run_shell(f"head -c {size} /dev/zero | cat | cat > /dev/null"),
+        "raw 16k relay": lambda: run_shell(f"head -c {size} /dev/zero | {RELAY} | cat > /dev/null"),
+        "pipes/16k relay": lambda: run_pipes(size, relay=True),
+        "pipes pull/16k relay": lambda: run_pipes(size, pull=True, relay=True),
         "pipes/splice": lambda: run_pipes(size),
         "pipes/read-write": lambda: run_pipes(size, no_splice=True),
         "pipes pull": lambda: run_pipes(size, pull=True),

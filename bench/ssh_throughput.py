@@ -6,7 +6,7 @@ Run as root inside the test guest (real OpenZFS, sshd on 127.0.0.1 started here)
     tests/vm/run-in-guest python3 bench/ssh_throughput.py [--size 256] [--rounds 2]
 
 It writes SIZE MiB of random (incompressible) data into a fresh filesystem, snapshots it, then per
-round replicates the snapshot into a fresh target twice:
+round replicates the snapshot into a fresh target twice (odd rounds raw first, even rounds zrepl first):
 
   raw     zfs send POOL/data@s | ssh -T -o BatchMode=yes [-o opt]... -i KEY -p PORT root@127.0.0.1 zfs recv -u T
   zrepl   zrepl.py run push, connect = ssh+stdinserver with the same ssh options; the key's
@@ -113,8 +113,8 @@ def main() -> int:
                 if send.wait() or recv.returncode:
                     raise SystemExit(f"raw pipeline failed: {recv.stderr.decode()}")
 
-            t_raw = timed(raw)
-            zfs("destroy", "-r", target)
+            def clean_raw() -> None:
+                zfs("destroy", "-r", target)
 
             def push() -> None:
                 proc = subprocess.run(["python3", str(REPO / "zrepl.py"), "--config", str(push_cfg), "run", "push"],
@@ -122,7 +122,15 @@ def main() -> int:
                 if proc.returncode:
                     raise SystemExit(f"zrepl.py run push failed:\n{proc.stderr}")
 
-            t_run = timed(push)
+            # Alternate who goes first: the first reader of the snapshot may find a colder ARC.
+            if rnd % 2:
+                t_raw = timed(raw)
+                clean_raw()
+                t_run = timed(push)
+            else:
+                t_run = timed(push)
+                t_raw = timed(raw)
+                clean_raw()
             doc = json.loads((sink_dir / "status.json").read_text())
             transfer = doc["jobs"]["sink"]["clients"]["bench"]["last_transfer"]
             t_xfer, nbytes = transfer["seconds"], transfer["bytes"]
