@@ -7054,12 +7054,16 @@ def evaluate_clients(jtype: str, clients: dict[str, Any], now: float,
 
 
 def evaluate_job(name: str, jtype: str, doc: dict[str, Any] | None, now: float,
-                 monitoring: MonitoringConfig) -> JobHealth:
-    """Turn a job's status document into a Nagios level and a summary line."""
+                 monitoring: MonitoringConfig, runs: bool | None = None) -> JobHealth:
+    """Turn a job's status document into a Nagios level and a summary line.
+
+    `runs` says whether the job has runs of its own to judge (default: every type but sink). A
+    sink, and a source with manual snapshotting, only serve clients: they are judged by those."""
     clients = (doc or {}).get("clients") or {}
-    if jtype == "sink" and not clients:
-        return JobHealth(name, NAGIOS_OK, "passive sink, no client has connected yet")
-    if jtype == "sink":
+    passive = not runs if runs is not None else jtype == "sink"
+    if passive and not clients:
+        return JobHealth(name, NAGIOS_OK, f"passive {jtype}, no client has connected yet")
+    if passive:
         level, lines = evaluate_clients(jtype, clients, now, monitoring)
         failing = sum(1 for ln in lines if "FAILED" in ln or "no successful" in ln)
         summary = f"{len(lines)} client(s)" + (f", {failing} need attention" if failing else ", all ok")
@@ -7156,9 +7160,13 @@ def describe_replication(fs: str, rep: dict[str, Any], now: float) -> str:
 
 
 def evaluate_status(doc: dict[str, Any], jobs: Sequence[tuple[str, str]], now: float,
-                    monitoring: MonitoringConfig) -> list[JobHealth]:
-    """Health of every configured job (name, type), worst first."""
-    health = [evaluate_job(name, jtype, doc.get("jobs", {}).get(name), now, monitoring) for name, jtype in jobs]
+                    monitoring: MonitoringConfig, passive: Iterable[str] = ()) -> list[JobHealth]:
+    """Health of every configured job (name, type), worst first. Jobs named in `passive` have no
+    runs of their own (see evaluate_job)."""
+    passive = set(passive)
+    health = [evaluate_job(name, jtype, doc.get("jobs", {}).get(name), now, monitoring,
+                           runs=None if name not in passive else False)
+              for name, jtype in jobs]
     return sorted(health, key=lambda h: (-h.level, h.name))
 
 
@@ -7326,7 +7334,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.crit:
         monitoring.crit_no_success_after = parse_duration(args.crit)
     jobs = [(j.name, j.type) for j in config.jobs]
-    health = evaluate_status(doc, jobs, utcnow(), monitoring)
+    passive = [j.name for j in config.jobs
+               if j.type == "sink" or (j.type == "source" and j.snapshotting.type == "manual")]
+    health = evaluate_status(doc, jobs, utcnow(), monitoring, passive)
     text, worst = render_status(health, dict(jobs), args.verbose)
     if not args.json:
         print(text)

@@ -170,6 +170,7 @@ def test_status_store_unreadable_is_error(tmp_path):
 
 MON = zrepl.MonitoringConfig(warn_no_success_after=7200, crit_no_success_after=6 * 3600)
 NOW = 1_800_000_000.0
+NOW_ISO = zrepl.iso_time(NOW)
 
 
 def _doc(result="ok", success_age=60.0, **extra):
@@ -193,6 +194,16 @@ def _doc(result="ok", success_age=60.0, **extra):
 def test_evaluate_job_levels(doc, level):
     health = zrepl.evaluate_job("j", "snap", doc, NOW, MON)
     assert health.level == level, health.line
+
+
+def test_source_with_manual_snapshotting_is_judged_by_its_clients():
+    # it never runs: "no successful run ever" must not turn monitoring yellow
+    assert zrepl.evaluate_status({"jobs": {}}, [("src", "source")], NOW, MON, passive=["src"])[0].level == 0
+    ok = {"clients": {"backup": {"last_connection": {"start": NOW_ISO, "end": NOW_ISO, "result": "ok"}, "last_success": NOW_ISO}}}
+    health = zrepl.evaluate_status({"jobs": {"src": ok}}, [("src", "source")], NOW, MON, passive=["src"])[0]
+    assert health.level == 0 and any("backup" in c for c in health.clients), health
+    # a source that takes snapshots has runs of its own, and one that never ran is a problem
+    assert zrepl.evaluate_status({"jobs": {}}, [("src", "source")], NOW, MON)[0].level == 1
 
 
 def test_render_status_problems_first():
