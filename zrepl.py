@@ -5416,6 +5416,10 @@ class Replication:
         self.plans: list[FilesystemPlan] = []
         self.estimates: dict[str, int | None] = {}
         self.current: tuple[FilesystemReport, int] | None = None  # the step in flight, bytes at its start
+        # The last planning's listings and whether we changed either side since: pruning reuses
+        # unchanged listings instead of listing both sides again (half the spawns of a no-op run).
+        self.listings: tuple[list[DatasetInfo], dict[str, Any]] | None = None
+        self.changed = False
 
     def refresh(self) -> None:
         """Update the in-flight step's byte count (called by the status ticker)."""
@@ -5442,6 +5446,7 @@ class Replication:
         self.progress.touch()
         receiver_list = self.receiver.list_filesystems()
         self.progress.touch()
+        self.listings = (sender_list, receiver_list)
         inputs = []
         for ds in sender_list:
             r = receiver_list.get(ds.name)
@@ -5458,6 +5463,7 @@ class Replication:
         replanned = []
         for p in plans:
             if p.clear_resume_token and not self.settings.dry_run:
+                self.changed = True
                 self.receiver.clear_resume_token(p.sender_fs)
                 inp = next(i for i in inputs if i.sender.name == p.sender_fs)
                 inp.resume_token = None
@@ -5514,8 +5520,10 @@ class Replication:
                 if current is None or current.guid != common.guid:
                     log.info("%s: %s: moving the replication cursor to %s (its completion was lost)",
                              self.settings.job, fs, common.full_name)
+                    self.changed = True
                     self.sender.complete(fs, common.name, common.guid, level)
             if rcommon is not None and rcommon.userrefs == 0:
+                self.changed = True
                 log.info("%s: %s: restoring the last-received hold on %s", self.settings.job, fs, rcommon.full_name)
                 self.receiver.hold_last_received(fs, rcommon.name, rcommon.guid)
         except (ZreplError, OSError) as exc:
@@ -5580,6 +5588,7 @@ class Replication:
                 stopped.add(fs)
                 continue
             try:
+                self.changed = True
                 self._run_step(plan, step, rep)
             except Exception as exc:  # one filesystem's failure never stops the others
                 if not isinstance(exc, (ZreplError, OSError)):
@@ -6409,7 +6418,10 @@ class JobRunner:
                 sender = RemoteSender(peer.conn)
             else:
                 receiver = RemoteReceiver(peer.conn)
-            self._prune_both(sender, receiver, result)
+            repl = self.last_replication
+            unchanged = (repl.listings if repl is not None and not repl.changed and not repl.cancel_reason
+                         else None)
+            self._prune_both(sender, receiver, result, unchanged)
         finally:
             peer.close()
         if result.failures and result.exit_code == EXIT_OK:
@@ -6460,7 +6472,10 @@ class JobRunner:
             return connect_peer(self.config, self.job, self.zfs, ProcessRegistry(), Progress())
         return peer
 
-    def _prune_both(self, sender: Any, receiver: Any, result: PassResult) -> None:
+    def _prune_both(self, sender: Any, receiver: Any, result: PassResult,
+                    listings: tuple[list[DatasetInfo], dict[str, Any]] | None = None) -> None:
+        """Prune the sender, then the receiver. `listings` (sender, receiver) are the replication's
+        own when it changed nothing since; otherwise both sides are listed again."""
         job = self.job
         if not job.keep_sender and not job.keep_receiver:
             # Empty keep lists keep everything: skip both listings (two spawns per run).
@@ -6468,7 +6483,7 @@ class JobRunner:
             return
         self._set_activity("pruning sender")
         try:
-            sender_list = sender.list_filesystems()
+            sender_list = listings[0] if listings is not None else sender.list_filesystems()
         except (ZreplError, OSError) as exc:
             log.error("job %s: listing the sender for pruning failed: %s", job.name, exc)
             result.failures["(pruning)"] = str(exc)
@@ -6497,7 +6512,8 @@ class JobRunner:
         try:
             wanted = {ds.name for ds in sender_list}
             datasets, names = [], {}
-            for sender_name, (ds, _token) in sorted(receiver.list_filesystems().items()):
+            receiver_list = listings[1] if listings is not None else receiver.list_filesystems()
+            for sender_name, (ds, _token) in sorted(receiver_list.items()):
                 if sender_name in wanted:
                     datasets.append(ds)
                     names[ds.name] = sender_name

@@ -224,3 +224,31 @@ def test_dry_run_push_changes_nothing(make_pool, zfs_tree, zfs_shim, tmp_path):
         assert f"full send of {src}/data@a" in proc.stdout and f"full send of {src}/data/child@x" in proc.stdout
         estimates = [line for line in proc.stdout.splitlines() if line.strip().startswith("estimate ")]
         assert len(estimates) == 2 and not any(line.endswith("unknown") for line in estimates), proc.stdout
+
+
+def test_nothing_to_do_costs_two_listings_and_prunes_from_them(make_pool, zfs_tree, zfs_shim, tmp_path):
+    """A push run with nothing to send lists each side once: pruning reuses the listings the plan
+    was made from, since replication changed neither side. With something to send, pruning lists
+    again and sees what arrived."""
+    src, dst = make_pool("src"), make_pool("dst")
+    zfs_tree(src, "data @a @b\ndata/child @a @b")
+    zfs_tree(dst, "sink")
+    cfg = write_config(tmp_path, push_sink(
+        src, dst, keep_sender='[{ type = "not_replicated" }, { type = "last_n", count = 2 }]',
+        keep_receiver='[{ type = "last_n", count = 2 }]', initial="all"))
+    assert run(None, cfg, "run", "push").returncode == 0
+    zfs_shim.reset_log()
+    proc = run(zfs_shim, cfg, "run", "push")
+    assert proc.returncode == 0, proc.stderr
+    assert [c.verb for c in zfs_shim.calls()] == ["list", "list"]
+    # new snapshots: replication runs, so pruning must not trust the old listings
+    zfs("snapshot", "-r", f"{src}/data@c")
+    zfs_shim.reset_log()
+    proc = run(zfs_shim, cfg, "run", "push")
+    assert proc.returncode == 0, proc.stderr
+    target = f"{dst}/sink/client1/{src}/data"
+    assert snapshots(f"{src}/data") == ["b", "c"] and snapshots(target) == ["b", "c"]
+    assert snapshots(f"{target}/child") == ["b", "c"]
+    doc = status(tmp_path)["jobs"]["push"]
+    assert sorted(doc["pruning_receiver"]["destroyed"]) == [f"{target}/child@a", f"{target}@a"]
+    assert sorted(doc["pruning_sender"]["destroyed"]) == [f"{src}/data/child@a", f"{src}/data@a"]
