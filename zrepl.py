@@ -43,6 +43,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import tomllib
@@ -1954,9 +1955,11 @@ LIST_PROPERTIES = ("name", "type", "guid", "createtxg", "creation", "userrefs", 
 
 
 def zfs_list_argv(roots: Sequence[str], properties: Sequence[str] = LIST_PROPERTIES,
-                  types: str = "filesystem,volume,snapshot,bookmark") -> list[str]:
-    """One recursive listing of everything under the given roots (all pools when roots is empty)."""
-    return ["zfs", "list", "-H", "-p", "-r", "-t", types, "-o", ",".join(properties), *roots]
+                  types: str = "filesystem,volume,snapshot,bookmark", depth: int | None = None) -> list[str]:
+    """One recursive listing of everything under the given roots (all pools when roots is empty).
+    depth=1 stops at each root's own snapshots and bookmarks (and its direct children)."""
+    limit = ["-d", str(depth)] if depth is not None else ["-r"]
+    return ["zfs", "list", "-H", "-p", *limit, "-t", types, "-o", ",".join(properties), *roots]
 
 
 def parse_zfs_list(output: str, properties: Sequence[str] = LIST_PROPERTIES) -> dict[str, DatasetInfo]:
@@ -2226,11 +2229,12 @@ class Zfs:
         except OSError as exc:
             raise ZfsError(argv, 127, f"cannot execute {argv[0]}: {exc.strerror}") from None
 
-    def list(self, roots: Sequence[str], properties: Sequence[str] = LIST_PROPERTIES) -> dict[str, DatasetInfo]:
+    def list(self, roots: Sequence[str], properties: Sequence[str] = LIST_PROPERTIES,
+             depth: int | None = None) -> dict[str, DatasetInfo]:
         """One recursive listing of the roots. Roots that do not exist are skipped, not fatal."""
         for root in roots:
             validate_dataset_name(root)
-        argv = zfs_list_argv(roots, properties)
+        argv = zfs_list_argv(roots, properties, depth=depth)
         proc = self.run(argv, check=False)
         stderr = proc.stderr.decode("utf-8", "replace")
         if proc.returncode != 0:
@@ -2239,6 +2243,11 @@ class Zfs:
                 raise ZfsError(argv, proc.returncode, stderr)
             log.debug("zfs list: %s", stderr.strip())
         return parse_zfs_list(proc.stdout.decode("utf-8", "replace"), properties)
+
+    def list_one(self, dataset: str) -> DatasetInfo | None:
+        """One dataset with its snapshots and bookmarks, None if it does not exist. Not recursive:
+        a parent's step must not pay for listing a thousand children and their snapshots."""
+        return self.list([dataset], depth=1).get(dataset)
 
     def snapshot(self, full_names: Sequence[str]) -> None:
         for name in full_names:
@@ -3116,7 +3125,6 @@ Handler = Callable[[dict, RequestContext], "dict | Reply | None"]
 
 def _proto_fionread(fd: int) -> int | None:
     """Bytes readable without blocking (pipes, sockets, files), None where the kernel can't tell."""
-    import termios
     buf = array.array("i", [0])
     try:
         fcntl.ioctl(fd, termios.FIONREAD, buf, True)
@@ -4879,8 +4887,7 @@ class SenderEndpoint:
     def release_stale(self, fs: str, keep_cursor_guid: int | None = None, dry_run: bool = False) -> list[Abstraction]:
         """Release this job's stale abstractions on one filesystem (see stale_abstractions)."""
         self._allowed(fs)
-        listing = self.zfs.list([fs]) if not dry_run or fs not in self._listing else self._listing
-        info = listing.get(fs)
+        info = self.zfs.list_one(fs) if not dry_run or fs not in self._listing else self._listing.get(fs)
         if info is None:
             return []
         abstractions = bookmark_abstractions(info)
@@ -5015,7 +5022,7 @@ class ReceiverEndpoint:
         if req.from_ is not None or req.resume_token:
             return
         target = self.target(req.fs)
-        if target not in self.zfs.list([target]):
+        if self.zfs.list_one(target) is None:
             self._ensure_parents(target)
             self._prepared_absent.add(target)
 
@@ -5029,7 +5036,7 @@ class ReceiverEndpoint:
                 self._prepared_absent.discard(target)
                 current = None
             else:
-                current = self.zfs.list([target]).get(target) if req.from_ is None else None
+                current = self.zfs.list_one(target) if req.from_ is None else None
             force = False
             if req.from_ is None and not req.resume_token and current is not None:
                 # A full stream onto an existing dataset: only into a placeholder without snapshots,
@@ -5057,7 +5064,7 @@ class ReceiverEndpoint:
         return self._verify(target, req)
 
     def _verify(self, target: str, req: StepRequest) -> dict[str, Any]:
-        info = self.zfs.list([target]).get(target)
+        info = self.zfs.list_one(target)
         if info is None:
             raise EndpointError(f"{target} does not exist after the receive")
         got = {v.name: v.guid for v in info.snapshots()}
@@ -5086,7 +5093,7 @@ class ReceiverEndpoint:
         lost). Only a snapshot that exists here with the GUID the client names is held."""
         target = self.target(sender_fs)
         validate_snapshot_short_name(snapshot)
-        info = self.zfs.list([target]).get(target)
+        info = self.zfs.list_one(target)
         found = {v.name: v.guid for v in info.snapshots()} if info else {}
         if found.get(snapshot) != guid:
             raise EndpointError(f"{target}@{snapshot} with guid {guid} does not exist on the receiver")

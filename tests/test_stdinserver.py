@@ -48,7 +48,9 @@ world = json.load(open(os.path.join(DIR, "world.json")))
 verb = argv[0] if argv else ""
 if verb == "list":
     props = argv[argv.index("-o") + 1].split(",")
-    roots = [a for a in argv[1:] if not a.startswith("-") and a not in (argv[argv.index("-o") + 1], argv[argv.index("-t") + 1])]
+    values = {argv[argv.index(o) + 1] for o in ("-o", "-t", "-d") if o in argv}
+    depth = int(argv[argv.index("-d") + 1]) if "-d" in argv else None
+    roots = [a for a in argv[1:] if not a.startswith("-") and a not in values]
     txg = 100
     out = []
     for root in roots:
@@ -58,8 +60,10 @@ if verb == "list":
     for name, snaps in sorted(world["datasets"].items()):
         if not any(name == r or name.startswith(r + "/") for r in roots):
             continue
+        if depth is not None and not any(name == r or "/" not in name[len(r) + 1:] for r in roots):
+            continue  # -d 1: the root, its direct children and the root's own snapshots
         rows = [(name, "filesystem", 1000 + len(out), txg)]
-        for snap, guid in snaps:
+        for snap, guid in (snaps if depth is None or name in roots else []):
             txg += 1
             rows.append((f"{name}@{snap}", "snapshot", guid, txg))
         for n, kind, guid, t in rows:
