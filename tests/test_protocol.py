@@ -781,3 +781,26 @@ def test_oversized_request_is_refused_locally_and_connection_survives(local):
     with pytest.raises(zrepl.ZreplError, match="refusing to send"):
         client.request("echo", {"blob": "x" * (zrepl.MAX_HEADER_SIZE + 10)})
     assert client.request("echo", {"small": 1})["echo"] == {"small": 1}
+
+
+def test_stream_pacer_waits_for_a_batch_only_when_the_rate_says_it_is_worth_it(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(zrepl.time, "sleep", slept.append)
+    r, w = os.pipe()
+    try:
+        zrepl._proto_grow_pipe(w, 1 << 20)
+        pacer = zrepl._StreamPacer(w)
+        assert pacer.batch == (1 << 20) // 4
+        pacer.pause(0, 1 << 20)
+        assert slept == []  # no rate known yet: never wait blind
+        pacer.rate = 16 << 20  # 16 MiB/s, as ssh under emulation
+        pacer.pause(64 << 10, 1 << 20)  # a quarter MiB is 12 ms away: capped
+        assert slept == [zrepl.MAX_PACE_DELAY]
+        pacer.pause(pacer.batch, 1 << 20)  # a batch is ready: move it now
+        pacer.pause(10, 20)  # the frame wants only what is there
+        pacer.rate = 2 << 30  # 2 GiB/s: the batch is 0.1 ms away, not worth a sleep
+        pacer.pause(0, 1 << 20)
+        assert slept == [zrepl.MAX_PACE_DELAY]
+    finally:
+        os.close(r)
+        os.close(w)
