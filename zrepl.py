@@ -26,6 +26,8 @@ Map of this file (sections in dependency order; a section only uses those above 
 from __future__ import annotations
 
 import argparse
+import array
+import bisect
 import contextlib
 import dataclasses
 import datetime as dt
@@ -33,6 +35,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import selectors
@@ -47,8 +50,10 @@ import termios
 import threading
 import time
 import tomllib
+import zoneinfo
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 __version__ = "0.1.0"
 
@@ -205,16 +210,12 @@ def iso_time(ts: float | None) -> str | None:
     """Unix seconds -> RFC 3339 UTC string (None stays None)."""
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # =================================================================================================
 # 2. Filters and naming
 # =================================================================================================
-
-import bisect
-import math
-import zoneinfo
 
 # ---- ZFS names ----
 
@@ -352,7 +353,7 @@ class DatasetFilter:
             raise ValueError(f"filesystems pattern {pattern!r} is not a valid dataset pattern: {e}") from None
 
     @classmethod
-    def accept_all(cls) -> "DatasetFilter":
+    def accept_all(cls) -> DatasetFilter:
         """The filter `{"<": true}`: every dataset."""
         return cls({"<": True})
 
@@ -394,7 +395,7 @@ def resolve_zone(location: str = "UTC") -> dt.tzinfo:
         raise ValueError(f"time zone must be 'UTC', 'Local' or an IANA name like 'Europe/Berlin', "
                          f"got {location!r}")
     if location == "UTC":
-        return dt.timezone.utc
+        return dt.UTC
     if location == "Local":
         return _local_zone()
     try:
@@ -416,7 +417,7 @@ def _local_zone() -> dt.tzinfo:
         with open("/etc/localtime", "rb") as f:
             return zoneinfo.ZoneInfo.from_file(f, key="localtime")
     except (OSError, ValueError):
-        return dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
+        return dt.datetime.now().astimezone().tzinfo or dt.UTC
 
 
 TIMESTAMP_FORMATS = ("dense", "human", "iso-8601", "unix-seconds")
@@ -568,7 +569,7 @@ class CronSpec:
     weekdays_unrestricted: bool
 
     @classmethod
-    def parse(cls, text: str) -> "CronSpec":
+    def parse(cls, text: str) -> CronSpec:
         if not isinstance(text, str):
             raise ValueError(f"cron spec must be a string, got {type(text).__name__}")
         spec = text.strip()
@@ -894,8 +895,8 @@ def stale_abstractions(abstractions: Iterable[Abstraction], job: str) -> list[Ab
             by_dataset.setdefault(a.dataset, []).append(a)
     stale: list[Abstraction] = []
     for items in by_dataset.values():
-        def of(kind: str) -> list[Abstraction]:
-            return sorted((a for a in items if a.type == kind), key=lambda a: (a.createtxg, a.name))
+        def of(kind: str, group: list[Abstraction] = items) -> list[Abstraction]:
+            return sorted((a for a in group if a.type == kind), key=lambda a: (a.createtxg or 0, a.name))
         cursors, last_received = of(ABSTRACTION_CURSOR), of(ABSTRACTION_LAST_RECEIVED_HOLD)
         steps, tentative = of(ABSTRACTION_STEP_HOLD), of(ABSTRACTION_TENTATIVE_CURSOR)
         stale += cursors[:-1] + last_received[:-1]
@@ -963,7 +964,7 @@ def _check_grid_order(intervals: Sequence[GridInterval], labels: Sequence[str]) 
     """zrepl's rule: bucket lengths must not decrease, unless every bucket before is keep=all."""
     longest: float = 0
     all_keep_all = True
-    for interval, label in zip(intervals, labels):
+    for interval, label in zip(intervals, labels, strict=True):
         if interval.length < longest and not all_keep_all:
             raise ValueError(f"grid entry {label}: interval {_exact_duration(interval.length)} is shorter than "
                              f"the {_exact_duration(longest)} before it; lengths must not decrease "
@@ -1131,7 +1132,7 @@ class KeepGrid(KeepRule):
             elif j <= len(lengths):  # bucket j-1 covers (edge_j, edge_{j-1}]
                 buckets[j - 1].append(s)
             # else: at or beyond the oldest edge -> not kept
-        for bucket, keep in zip(buckets, keeps):
+        for bucket, keep in zip(buckets, keeps, strict=True):
             bucket.sort(key=lambda s: (s.creation, s.createtxg, s.name))  # oldest first
             kept.update(s.full_name for s in (bucket if keep is None else bucket[:keep]))
         return kept
@@ -1438,7 +1439,8 @@ class _Table:
             raise self.error(key, f"must be {names}, got {_toml_type(value)} {value!r}")
         return value
 
-    def convert(self, key: str, kind: type | tuple[type, ...], fn: Callable[[Any], Any], default: Any = _REQUIRED) -> Any:
+    def convert(self, key: str, kind: type | tuple[type, ...], fn: Callable[[Any], Any],
+                default: Any = _REQUIRED) -> Any:
         if key not in self.data and default is not _REQUIRED:
             self.seen.add(key)
             return default
@@ -1478,7 +1480,8 @@ _TOML_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a b
 def _toml_type(value: Any) -> str:
     if isinstance(value, bool):
         return "boolean"
-    return {str: "string", int: "integer", float: "float", list: "array", dict: "table"}.get(type(value), type(value).__name__)
+    names = {str: "string", int: "integer", float: "float", list: "array", dict: "table"}
+    return names.get(type(value), type(value).__name__)
 
 
 def find_config_file(explicit: str | None) -> str:
@@ -1541,8 +1544,8 @@ def _parse_global(t: _Table) -> GlobalConfig:
     mt = t.table("monitoring")
     if mt:
         m = MonitoringConfig()
-        m.warn_no_success_after = mt.convert("warn_no_success_after", (str, int), parse_duration, m.warn_no_success_after)
-        m.crit_no_success_after = mt.convert("crit_no_success_after", (str, int), parse_duration, m.crit_no_success_after)
+        for key in ("warn_no_success_after", "crit_no_success_after"):
+            setattr(m, key, mt.convert(key, (str, int), parse_duration, getattr(m, key)))
         if m.crit_no_success_after < m.warn_no_success_after:
             raise mt.error("crit_no_success_after", "must not be shorter than warn_no_success_after")
         mt.finish()
@@ -1696,9 +1699,10 @@ def _parse_keep_rules(t: _Table, key: str, allow_not_replicated: bool, job_type:
         t.seen.add(key)
         if job_type == "snap" or key in ("keep_sender", "keep_receiver"):
             raise t.error(key, "is required (an empty list keeps every snapshot)")
-    rules = []
+    rules: list[KeepRule] = []
     for rt in t.tables(key):
         rtype = rt.choice("type", ("not_replicated", "last_n", "grid", "regex"))
+        rule: KeepRule
         try:
             if rtype == "not_replicated":
                 if not allow_not_replicated:
@@ -1743,7 +1747,8 @@ def _parse_connect(t: _Table) -> ConnectConfig:
         c.options = t.get("options", list, [])
         for i, opt in enumerate(c.options):
             if not isinstance(opt, str):
-                raise ConfigError(f"must be a string like 'Compression=yes', got {opt!r}", f"{t.key_path('options')}[{i}]", t.file)
+                raise ConfigError(f"must be a string like 'Compression=yes', got {opt!r}",
+                                  f"{t.key_path('options')}[{i}]", t.file)
         c.dial_timeout = t.convert("dial_timeout", (str, int), _positive_duration, 10.0)
         c.ssh_command = t.get("ssh_command", str, "ssh")
         for key, value in (("host", c.host), ("user", c.user)):
@@ -1819,7 +1824,8 @@ def _parse_recv(t: _Table) -> RecvConfig:
             if not _PROPERTY_RE.match(prop):
                 raise ConfigError(f"invalid property name {prop!r}", pt.key_path("override"), t.file)
             if not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise ConfigError(f"value must be a string or integer, got {value!r}", f"{pt.key_path('override')}.{prop}", t.file)
+                raise ConfigError(f"value must be a string or integer, got {value!r}",
+                                  f"{pt.key_path('override')}.{prop}", t.file)
         r.override = {k: str(v) for k, v in override.items()}
         pt.finish()
     ph = t.table("placeholder")
@@ -1936,7 +1942,8 @@ _ERROR_PATTERNS = (
     ("permission", ("permission denied", "operation not permitted", "insufficient privileges")),
     ("resume-token", ("resume token", "kernel modules must be upgraded to receive this stream",
                       "resuming stream", "contains partially-complete state")),
-    ("diverged", ("has been modified", "destination has snapshots", "most recent snapshot of", "does not match incremental source")),
+    ("diverged", ("has been modified", "destination has snapshots", "most recent snapshot of",
+                  "does not match incremental source")),
 )
 
 
@@ -1976,7 +1983,7 @@ def parse_zfs_list(output: str, properties: Sequence[str] = LIST_PROPERTIES) -> 
         cols = line.split("\t")
         if len(cols) != len(properties):
             raise ValueError(f"unexpected zfs list line with {len(cols)} columns, wanted {len(properties)}: {line!r}")
-        row = dict(zip(properties, cols))
+        row = dict(zip(properties, cols, strict=True))
         name, kind = row["name"], row["type"]
         if kind in ("filesystem", "volume"):
             props = {k: v for k, v in row.items() if k not in ("name", "type", "guid", "createtxg") and v != "-"}
@@ -2185,6 +2192,13 @@ class ZfsCounters:
         return sum(self.spawns.values())
 
 
+def _describe_argv(args: object) -> str:
+    """A Popen's args as a shell-quoted line, for log messages."""
+    if isinstance(args, (list, tuple)):
+        return shlex.join(str(a) for a in args)
+    return str(args)
+
+
 class Zfs:
     """The one place that runs zfs and zpool. Every command is an argv list, never a shell string.
 
@@ -2229,7 +2243,7 @@ class Zfs:
         except OSError as exc:
             raise ZfsError(argv, 127, f"cannot execute {argv[0]}: {exc.strerror}") from None
 
-    def list(self, roots: Sequence[str], properties: Sequence[str] = LIST_PROPERTIES,
+    def list_datasets(self, roots: Sequence[str], properties: Sequence[str] = LIST_PROPERTIES,
              depth: int | None = None) -> dict[str, DatasetInfo]:
         """One recursive listing of the roots. Roots that do not exist are skipped, not fatal."""
         for root in roots:
@@ -2247,7 +2261,7 @@ class Zfs:
     def list_one(self, dataset: str) -> DatasetInfo | None:
         """One dataset with its snapshots and bookmarks, None if it does not exist. Not recursive:
         a parent's step must not pay for listing a thousand children and their snapshots."""
-        return self.list([dataset], depth=1).get(dataset)
+        return self.list_datasets([dataset], depth=1).get(dataset)
 
     def snapshot(self, full_names: Sequence[str]) -> None:
         for name in full_names:
@@ -2400,7 +2414,7 @@ class PlanSettings:
         """Whether sends use `zfs send -w` (encrypted=true implies a raw send)."""
         return self.encrypted or self.raw
 
-    def protection_for(self, step: "Step") -> str:
+    def protection_for(self, step: Step) -> str:
         """The guarantee that applies to a step: initial for full sends, incremental otherwise."""
         return self.protection_initial if step.from_version is None else self.protection_incremental
 
@@ -2515,7 +2529,8 @@ class FilesystemPlan:
             return f"{head}: up to date"
         if not self.steps:
             return f"{head}: {self.note or 'nothing to do'}"
-        lines = [f"{head}: {len(self.steps)} step(s)" + (" (replacing placeholder)" if self.replace_placeholder else "")]
+        replacing = " (replacing placeholder)" if self.replace_placeholder else ""
+        lines = [f"{head}: {len(self.steps)} step(s){replacing}"]
         lines += [f"  {i + 1}. {s.describe()}" for i, s in enumerate(self.steps)]
         return "\n".join(lines)
 
@@ -2890,8 +2905,6 @@ def replication_cursor(info: DatasetInfo, job: str) -> Version | None:
 #   copies DATA frames even over AF_UNIX) and a side with a receive limit announces in its HELLO /
 #   REQUEST that it does not accept fds: forcing the copying path keeps one code path for limiting
 #   instead of a limiter thread interposed between two pipes.
-
-import array
 
 PROTOCOL_NAME = "zrepl.py"
 PROTOCOL_VERSION = 1
@@ -3468,9 +3481,9 @@ class Connection:
             masks[fd] = masks.get(fd, 0) | selectors.EVENT_READ
         for fd in writes:
             masks[fd] = masks.get(fd, 0) | selectors.EVENT_WRITE
-        for fd in (self._wake_r, extra_wake):
-            if fd is not None:
-                masks[fd] = masks.get(fd, 0) | selectors.EVENT_READ
+        for wake in (self._wake_r, extra_wake):
+            if wake is not None:
+                masks[wake] = masks.get(wake, 0) | selectors.EVENT_READ
         sel = selectors.PollSelector()
         try:
             for fd, mask in masks.items():
@@ -3577,6 +3590,7 @@ class Connection:
                 raise self._fail_protocol(f"HEARTBEAT frame with a {length} byte payload")
             return WireFrame(ftype, None, 0)
         payload = self._read_exact(length, deadline=deadline, what=f"{name} frame") if length else b""
+        assert payload is not None  # allow_eof is off: EOF raised ConnectionLost
         try:
             body = json.loads(payload)
         except (ValueError, UnicodeDecodeError) as e:
@@ -3617,13 +3631,15 @@ class Connection:
         or show life (its unread bytes grow) within the timeout."""
         view = memoryview(data)
         alive_mark, probe = time.monotonic(), -1
+        probe_unset = True
         while view:
             if self._cancel_reason is not None:
                 raise self._cancelled()
             try:
                 if fds:
+                    assert self._sock is not None  # only sockets pass fds (_may_pass_fd)
                     n = self._sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                     array.array("i", fds))])  # type: ignore[union-attr]
+                                                     array.array("i", fds))])
                 elif self._sock is not None:
                     n = self._sock.send(view)
                 else:
@@ -3646,8 +3662,8 @@ class Connection:
                 continue
             now = time.monotonic()
             pending = _proto_fionread(self._rfd)
-            if probe == -1:
-                probe = pending
+            if probe_unset:
+                probe, probe_unset = pending if pending is not None else -1, False
             elif pending is not None and pending != probe:
                 probe, alive_mark = pending, now  # the peer keeps talking: alive, just not reading yet
             limit = alive_mark + self.timeout if deadline is None else deadline
@@ -3944,6 +3960,7 @@ class Connection:
                 src_error = None
             else:
                 total, src_error = self._copy_out(out.fd, progress)
+            error: str | None
             if self._stream_stop:
                 status, error = "aborted", "the receiving side stopped the stream"
             elif src_error is not None:
@@ -4581,7 +4598,7 @@ class ProcessRegistry:
             procs = list(self._procs)
         for proc in procs:
             if proc.poll() is None:
-                log.warning("killing `%s` (pid %d): %s", shlex.join(map(str, proc.args)), proc.pid, reason)
+                log.warning("killing `%s` (pid %d): %s", _describe_argv(proc.args), proc.pid, reason)
                 proc.kill()
 
 
@@ -4638,7 +4655,9 @@ def dataset_from_wire(d: Any) -> DatasetInfo:
         props = d.get("props", {})
         if not isinstance(props, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in props.items()):
             raise ValueError("props must map strings to strings")
-        ds = DatasetInfo(name=name, type=d.get("type") if d.get("type") in ("filesystem", "volume") else "filesystem",
+        dtype = d.get("type")
+        ds = DatasetInfo(name=name, type=dtype if isinstance(dtype, str) and dtype in ("filesystem", "volume")
+                         else "filesystem",
                          guid=_wire_int(d, "guid"), createtxg=_wire_int(d, "createtxg"), props=dict(props))
         for v in d.get("versions", []):
             if not isinstance(v, dict) or v.get("kind") not in ("snapshot", "bookmark"):
@@ -4783,7 +4802,7 @@ class SenderEndpoint:
 
     # -- listing ---------------------------------------------------------------------------------
     def list_filesystems(self) -> list[DatasetInfo]:
-        listing = self.zfs.list(list_roots_for_filter(self.filter))
+        listing = self.zfs.list_datasets(list_roots_for_filter(self.filter))
         self._listing = {n: ds for n, ds in listing.items() if self.filter.accepts(n)}
         return [self._listing[n] for n in sorted(self._listing)]
 
@@ -4962,7 +4981,7 @@ class ReceiverEndpoint:
     def list_filesystems(self) -> dict[str, tuple[DatasetInfo, DecodedToken | None]]:
         """Datasets below root keyed by the sender's name, with decoded resume tokens."""
         pool = self.root_fs.split("/", 1)[0]
-        listing = self.zfs.list([self.root_fs]) if pool else {}
+        listing = self.zfs.list_datasets([self.root_fs]) if pool else {}
         if self.root_fs not in listing:
             raise EndpointError(f"root_fs {self.root_fs!r} does not exist on the receiver (create it first)")
         self._listing = listing
@@ -4988,7 +5007,7 @@ class ReceiverEndpoint:
     # -- placeholders ----------------------------------------------------------------------------
     def _ensure_parents(self, target: str) -> None:
         if not self._listing:
-            self._listing = self.zfs.list([self.root_fs])
+            self._listing = self.zfs.list_datasets([self.root_fs])
         for ph in placeholders_needed(target, self.root_fs, set(self._listing)):
             is_identity = self.identity is not None and ph == self.root
             enc = self.recv_cfg.placeholder_encryption
@@ -5008,7 +5027,8 @@ class ReceiverEndpoint:
             except ZfsError as exc:
                 # as non-root (zfs allow), `zfs create` exits 1 after creating because only root may
                 # mount; a placeholder is never mounted (mountpoint=none), so that is success
-                if exc.kind != "exists" and "successfully created, but it may only be mounted by root" not in exc.stderr:
+                mounted_by_root_only = "successfully created, but it may only be mounted by root" in exc.stderr
+                if exc.kind != "exists" and not mounted_by_root_only:
                     raise
             self._listing.setdefault(ph, DatasetInfo(name=ph, type="filesystem", props={PLACEHOLDER_PROPERTY: "on"}))
 
@@ -5095,7 +5115,7 @@ class ReceiverEndpoint:
         validate_snapshot_short_name(snapshot)
         info = self.zfs.list_one(target)
         found = {v.name: v.guid for v in info.snapshots()} if info else {}
-        if found.get(snapshot) != guid:
+        if info is None or found.get(snapshot) != guid:
             raise EndpointError(f"{target}@{snapshot} with guid {guid} does not exist on the receiver")
         log.info("%s@%s: restoring the last-received hold", target, snapshot)
         self._hold_last_received(target, info, snapshot)
@@ -5780,6 +5800,7 @@ def _run_captured(argv: list[str], env: dict[str, str] | None, timeout: float,
     for t in threads:
         t.start()
     if stdin_data is not None:
+        assert proc.stdin is not None
         try:
             proc.stdin.write(stdin_data)
             proc.stdin.close()
@@ -5832,6 +5853,7 @@ class PostgresCheckpointHook(_Hook):
     def pre(self, filesystems: list[str], snapname: str, dry_run: bool) -> list[HookResult]:
         buffer = RingBuffer(HOOK_OUTPUT_LIMIT)
         started = time.monotonic()
+        code: int | None
         if dry_run:
             code, error = 0, ""
             buffer.write(b"dry run: would run CHECKPOINT\n")
@@ -5891,6 +5913,7 @@ class MysqlLockTablesHook(_Hook):
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, env={**os.environ, **extra_env},
                                          start_new_session=True)
+            assert self.proc.stdin is not None
             self.proc.stdin.write(b"FLUSH TABLES WITH READ LOCK;\nSELECT '" + self._MARK + b"';\n")
             self.proc.stdin.flush()
             error = self._await_mark(self.cfg.timeout)
@@ -5930,6 +5953,7 @@ class MysqlLockTablesHook(_Hook):
             return [HookResult(self.label, "post", list(filesystems), True, None, 0.0,
                                "dry run: would run UNLOCK TABLES" if dry_run else "")]
         error = None
+        assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
             self.proc.stdin.write(b"UNLOCK TABLES;\n")
             self.proc.stdin.close()
@@ -6059,6 +6083,7 @@ def take_due_snapshots(zfs: Zfs, snap: SnapshottingConfig, datasets: list[Datase
         return [], next_due
     name = snapshot_name(snap.prefix, snap.timestamp_format, now, snap.timestamp_location)
     batches = [snapshot_batch(zfs, pool, fss, name, snap.hooks, dry_run) for pool, fss in sorted(due_by_pool.items())]
+    soonest: float | None
     if snap.type == "periodic":
         soonest = now + snap.interval
     else:
@@ -6338,7 +6363,7 @@ class JobRunner:
 
     def _select(self) -> list[DatasetInfo]:
         assert self.job.filesystems is not None
-        listing = self.zfs.list(list_roots_for_filter(self.job.filesystems))
+        listing = self.zfs.list_datasets(list_roots_for_filter(self.job.filesystems))
         return [ds for name, ds in sorted(listing.items()) if self.job.filesystems.accepts(name)]
 
     def _take_snapshots(self, datasets: list[DatasetInfo], result: PassResult) -> list[SnapshotBatchResult]:
@@ -6459,7 +6484,10 @@ class JobRunner:
 
         self._set_activity("replicating")
         try:
-            with Watchdog(progress, settings.timeout, cancel), StatusTicker(lambda: (repl.refresh(), publish(repl.reports))):
+            def tick() -> None:
+                repl.refresh()
+                publish(repl.reports)
+            with Watchdog(progress, settings.timeout, cancel), StatusTicker(tick):
                 repl.run()
         except (ZreplError, OSError) as exc:
             reason = f"cancelled by the watchdog: {repl.cancel_reason}" if repl.cancel_reason else str(exc)
@@ -6780,7 +6808,8 @@ class ClientBusy(ZreplError):
     temporary = True
 
 
-def acquire_client_lock(runtime_dir: str, job: str, identity: str, wait: float = STDINSERVER_LOCK_WAIT) -> JobLock | None:
+def acquire_client_lock(runtime_dir: str, job: str, identity: str,
+                        wait: float = STDINSERVER_LOCK_WAIT) -> JobLock | None:
     """One connection per (job, identity) at a time: a client that reconnects after a lost connection
     waits here until the previous server process has let its `zfs recv` save the resume state.
     Returns the held lock, or None when the runtime dir is unusable (then we serve unlocked)."""
@@ -7117,7 +7146,7 @@ def evaluate_job(name: str, jtype: str, doc: dict[str, Any] | None, now: float,
     age = None if success is None else now - success
     if age is None or age > monitoring.crit_no_success_after:
         level = max(level, NAGIOS_CRITICAL if success is not None or result else NAGIOS_WARNING)
-        parts.append(f"no successful run {'ever' if success is None else 'for ' + format_duration(age)}")
+        parts.append(f"no successful run {'ever' if age is None else 'for ' + format_duration(age)}")
     elif age > monitoring.warn_no_success_after:
         level = max(level, NAGIOS_WARNING)
         parts.append(f"no successful run for {format_duration(age)}")
@@ -7458,7 +7487,7 @@ def cmd_test_filesystems(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(f"--input: {exc}") from None
     else:
-        listing = Zfs().list(list_roots_for_filter(job.filesystems) if not args.all else [])
+        listing = Zfs().list_datasets(list_roots_for_filter(job.filesystems) if not args.all else [])
         names = sorted(listing)
     for name in names:
         accepted, pattern = job.filesystems.explain(name)
@@ -7474,12 +7503,12 @@ def cmd_test_placeholder(args: argparse.Namespace) -> int:
             root = validate_dataset_name(args.dataset)
         except ValueError as exc:
             raise UsageError(f"--dataset: {exc}") from None
-        listing = Zfs().list([root])
+        listing = Zfs().list_datasets([root])
         names = [root] if root in listing else []
         if not names:
             raise ZreplError(f"dataset {root!r} does not exist")
     else:
-        listing = Zfs().list([])
+        listing = Zfs().list_datasets([])
         names = sorted(listing)
     for name in names:
         state = "placeholder" if listing[name].props.get(PLACEHOLDER_PROPERTY) == "on" else "not a placeholder"
@@ -7504,7 +7533,7 @@ def cmd_test_decoderesumetoken(args: argparse.Namespace) -> int:
 def list_abstractions(zfs: Zfs, roots: Sequence[str]) -> list[Abstraction]:
     """Every zrepl hold and bookmark below the roots (all pools when empty): one listing, then one
     `zfs holds` per 500 held snapshots."""
-    listing = zfs.list(roots)
+    listing = zfs.list_datasets(roots)
     found: list[Abstraction] = []
     held: list[Version] = []
     for ds in listing.values():

@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "zfs"))
@@ -129,7 +129,7 @@ class SpawnLog:
             counts[s.verb] = counts.get(s.verb, 0) + 1
         return dict(sorted(counts.items()))
 
-    def stream_timeline(self) -> "StreamTimeline | None":
+    def stream_timeline(self) -> StreamTimeline | None:
         """When the (single) timed send and recv ran, or None if either is missing."""
         timed = {s.verb: s for s in self.spawns() if s.end is not None}
         if "send" not in timed or "recv" not in timed:

@@ -256,12 +256,15 @@ def main() -> int:
               flush=True)
         variants = {
             "raw": Variant("raw", "zfs send | zfs recv -u (two Popen, one pipe)"),
-            "raw-zflags": Variant("raw-zflags", "the same with zrepl.py's flags: send -v -P, recv -s -o zrepl:placeholder=off"),
+            "raw-zflags": Variant("raw-zflags", "the same with zrepl.py's flags: send -v -P, "
+                                  "recv -s -o zrepl:placeholder=off"),
             "zrepl": Variant("zrepl", "zrepl.py run push -> sink, local transport, fd handed to zfs recv"),
         }
         if not args.no_copy:
-            variants["zrepl-copy"] = Variant("zrepl-copy", "same, send.bandwidth_limit set: stream copied through Python")
-        actions = {"raw": bench.raw, "raw-zflags": lambda v: bench.raw(v, zrepl_flags=True), "zrepl": lambda v: bench.zrepl(v, configs["zrepl"]),
+            variants["zrepl-copy"] = Variant("zrepl-copy",
+                                             "same, send.bandwidth_limit set: stream copied through Python")
+        actions = {"raw": bench.raw, "raw-zflags": lambda v: bench.raw(v, zrepl_flags=True),
+                   "zrepl": lambda v: bench.zrepl(v, configs["zrepl"]),
                    "zrepl-copy": lambda v: bench.zrepl(v, configs["zrepl-copy"])}
         warm = Variant("warm-up", "")
         bench.raw(warm)  # the first transfer pays for cold caches; not counted
@@ -317,7 +320,8 @@ def report(variants: dict[str, Variant], stream_bytes: int, size: int, args: arg
         ratio_transfer = raw.transfer.median / v.transfer.median
         print(f"  {v.name}: {' | '.join(v.argv)}")
         print(f"    stream throughput {ratio:.3f} x raw ({(ratio - 1) * 100:+.1f}%); transfer only "
-              f"{ratio_transfer:.3f} x raw ({(ratio_transfer - 1) * 100:+.1f}%); wall {v.wall.median / raw.wall.median:.2f}"
+              f"{ratio_transfer:.3f} x raw ({(ratio_transfer - 1) * 100:+.1f}%); "
+              f"wall {v.wall.median / raw.wall.median:.2f}"
               f" x raw (start-up {startup:.1f} s included)")
         same = variants.get("raw-zflags")
         if same is not None:

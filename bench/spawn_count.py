@@ -282,7 +282,8 @@ def main() -> int:
         if len(set(totals.values())) > 1:
             grows.append(f"{name}: {totals}")
     print()
-    print("no-op spawn counts constant across N" if not grows else "no-op spawn counts GROW with N: " + "; ".join(grows))
+    print("no-op spawn counts constant across N" if not grows
+          else "no-op spawn counts GROW with N: " + "; ".join(grows))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "environment": benchlib.environment(), "startup_s": benchlib.median(startup),

@@ -106,14 +106,14 @@ def main() -> int:
         for rnd in range(1, args.rounds + 1):
             target = f"{dst}/raw/data"
 
-            def raw() -> None:
+            def raw(target: str = target) -> None:
                 send = subprocess.Popen(["zfs", "send", f"{src}/data@s"], stdout=subprocess.PIPE)
                 recv = subprocess.run(ssh + ["zfs", "recv", "-u", target], stdin=send.stdout, capture_output=True)
                 send.stdout.close()
                 if send.wait() or recv.returncode:
                     raise SystemExit(f"raw pipeline failed: {recv.stderr.decode()}")
 
-            def clean_raw() -> None:
+            def clean_raw(target: str = target) -> None:
                 zfs("destroy", "-r", target)
 
             def push() -> None:

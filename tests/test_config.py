@@ -140,9 +140,10 @@ def test_not_replicated_is_an_error_in_snap_jobs():
 
 
 def test_cron_spec_validated():
-    cfg = parse(SNAP_JOB.replace('type = "periodic"', 'type = "cron"').replace('interval = "10m"', 'cron = "*/5 * * * *"'))
+    cron_job = SNAP_JOB.replace('type = "periodic"', 'type = "cron"')
+    cfg = parse(cron_job.replace('interval = "10m"', 'cron = "*/5 * * * *"'))
     assert cfg.jobs[0].snapshotting.cron is not None
-    err = error_of(SNAP_JOB.replace('type = "periodic"', 'type = "cron"').replace('interval = "10m"', 'cron = "61 * * * *"'))
+    err = error_of(cron_job.replace('interval = "10m"', 'cron = "61 * * * *"'))
     assert err.path == "jobs[0].snapshotting.cron"
 
 
@@ -221,5 +222,6 @@ def test_test_filesystems_input(tmp_path):
         proc = run_cli("test", "filesystems", "--job", "snapjob", "--input", fs, config_text=cfg, tmp_path=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith(f"{verdict}\t{fs}\t")
-    proc = run_cli("test", "filesystems", "--job", "snapjob", "--input", "tank/../x", config_text=cfg, tmp_path=tmp_path)
+    proc = run_cli("test", "filesystems", "--job", "snapjob", "--input", "tank/../x",
+                   config_text=cfg, tmp_path=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -199,7 +199,8 @@ def test_evaluate_job_levels(doc, level):
 def test_source_with_manual_snapshotting_is_judged_by_its_clients():
     # it never runs: "no successful run ever" must not turn monitoring yellow
     assert zrepl.evaluate_status({"jobs": {}}, [("src", "source")], NOW, MON, passive=["src"])[0].level == 0
-    ok = {"clients": {"backup": {"last_connection": {"start": NOW_ISO, "end": NOW_ISO, "result": "ok"}, "last_success": NOW_ISO}}}
+    connection = {"start": NOW_ISO, "end": NOW_ISO, "result": "ok"}
+    ok = {"clients": {"backup": {"last_connection": connection, "last_success": NOW_ISO}}}
     health = zrepl.evaluate_status({"jobs": {"src": ok}}, [("src", "source")], NOW, MON, passive=["src"])[0]
     assert health.level == 0 and any("backup" in c for c in health.clients), health
     # a source that takes snapshots has runs of its own, and one that never ran is a problem

@@ -300,7 +300,7 @@ def test_cron_steps_and_ranges():
     t = utc(2024, 6, 1)
     for _ in range(7):
         t = c.next_after(t)
-        fires.append(dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%d %H:%M"))
+        fires.append(dt.datetime.fromtimestamp(t, dt.UTC).strftime("%d %H:%M"))
     assert fires == ["01 08:00", "01 08:20", "01 08:40", "01 10:00", "01 10:20", "01 10:40", "02 08:00"]
 
 

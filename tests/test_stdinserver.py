@@ -172,7 +172,7 @@ def names_in(argv: list[str]) -> list[str]:
     verb, rest = argv[0], argv[1:]
     takes_value = {"-o", "-x", "-t", "-s", "-S", "-d"}
     positional, skip = [], False
-    for i, arg in enumerate(rest):
+    for arg in rest:
         if skip:
             skip = False
             continue
@@ -724,7 +724,8 @@ def test_evaluate_clients_levels():
           "last_success": iso(now - 60),
           "last_transfer": {"received": "tank/data@s3", "time": iso(now - 60)}}
     level, lines = zrepl.evaluate_clients("sink", {"a": ok}, now, mon)
-    assert level == zrepl.NAGIOS_OK and lines == ["client a: last connection 1m ago ok; last pushed tank/data@s3 1m ago"]
+    assert level == zrepl.NAGIOS_OK
+    assert lines == ["client a: last connection 1m ago ok; last pushed tank/data@s3 1m ago"]
     stale = dict(ok, last_success=iso(now - mon.crit_no_success_after - 10))
     assert zrepl.evaluate_clients("sink", {"a": stale}, now, mon)[0] == zrepl.NAGIOS_CRITICAL
     died = {"last_connection": {"start": iso(now - 5), "end": None, "result": "running", "pid": 2 ** 22 + 7}}

@@ -23,7 +23,8 @@ FAST = {"ZREPL_RETRY_DELAY": "0.1"}
 
 def write_config(tmp_path: Path, jobs: str) -> Path:
     path = tmp_path / "zrepl.toml"
-    path.write_text(f'[global]\nstatus_file = "{tmp_path}/status/status.json"\nruntime_dir = "{tmp_path}/run"\n\n{jobs}')
+    path.write_text(f'[global]\nstatus_file = "{tmp_path}/status/status.json"\n'
+                    f'runtime_dir = "{tmp_path}/run"\n\n{jobs}')
     return path
 
 

@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ZREPL_PY = REPO_ROOT / "zrepl.py"
@@ -667,7 +667,7 @@ class SshServer:
     known_hosts: Path = Path()
     process: subprocess.Popen | None = None
 
-    def start(self) -> "SshServer":
+    def start(self) -> SshServer:
         d = self.directory
         d.mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation directory
@@ -777,7 +777,7 @@ class PostgresServer:
     def dsn(self) -> str:
         return f"host={self.socket_dir} port={self.port} user={self.user} dbname={self.dbname}"
 
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.directory.chmod(0o755)
         _chown_tree(self.directory, "postgres")
@@ -825,7 +825,7 @@ class MariadbServer:
     def dsn(self) -> str:
         return f"{self.user}@unix({self.socket})/"
 
-    def start(self) -> "MariadbServer":
+    def start(self) -> MariadbServer:
         d = self.directory
         d.mkdir(parents=True, exist_ok=True)
         d.chmod(0o755)
@@ -848,7 +848,8 @@ class MariadbServer:
 
         def ready() -> bool:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"mariadbd exited {self.process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+                tail = log.read_text(errors='replace')[-3000:]
+                raise RuntimeError(f"mariadbd exited {self.process.returncode}:\n{tail}")
             return run(["mariadb-admin", "--no-defaults", "-S", str(self.socket), "-u", self.user,
                         "ping"], check=False).returncode == 0
 
