@@ -65,7 +65,12 @@ log = logging.getLogger("zrepl")
 # =================================================================================================
 
 class ZreplError(Exception):
-    """Base of every error we expect and report without a traceback."""
+    """Base of every error we expect and report without a traceback.
+
+    `temporary` (declared once here, set where an error is made) tells the replication runner
+    whether retrying may help: a lost connection or a busy dataset is temporary, a refusal is not."""
+
+    temporary: bool = False
 
 
 class UsageError(ZreplError):
@@ -7308,7 +7313,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.jobs:
         jobs = [j for j in jobs if j.type != "sink"]  # passive: sinks run when a client connects
     store = _status_store(config)
-    zfs = Zfs()
+    zfs = args.zfs
     worst = EXIT_OK
     for job in jobs:
         runner = JobRunner(config, job, zfs, store.publish, dry_run=args.dry_run)
@@ -7357,7 +7362,7 @@ def cmd_wakeup(args: argparse.Namespace) -> int:
     rt = config.global_.runtime_dir
     WakeupRequest(rt, job.name).post()  # first the request, then the lock: see WakeupRequest
     store = _status_store(config)
-    runner = JobRunner(config, job, Zfs(), store.publish)
+    runner = JobRunner(config, job, args.zfs, store.publish)
     code = runner.run(previous=store.job(job.name))
     if code is None:
         pid = JobLock(rt, job.name).holder_pid()
@@ -7440,7 +7445,7 @@ def cmd_stdinserver(args: argparse.Namespace) -> int:
     try:
         processes, progress = ProcessRegistry(), Progress()
         recorder = ClientRecorder(job, identity, store.update)
-        handlers = recorder.wrap(passive_handlers(job, identity, Zfs(), processes, progress))
+        handlers = recorder.wrap(passive_handlers(job, identity, args.zfs, processes, progress))
         conn = Connection.from_stdio(name=f"client {identity}")
         if job.type == "sink":
             conn.recv_limit = _bucket(job.recv.bandwidth_limit)
@@ -7487,7 +7492,7 @@ def cmd_test_filesystems(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(f"--input: {exc}") from None
     else:
-        listing = Zfs().list_datasets(list_roots_for_filter(job.filesystems) if not args.all else [])
+        listing = args.zfs.list_datasets(list_roots_for_filter(job.filesystems) if not args.all else [])
         names = sorted(listing)
     for name in names:
         accepted, pattern = job.filesystems.explain(name)
@@ -7503,12 +7508,12 @@ def cmd_test_placeholder(args: argparse.Namespace) -> int:
             root = validate_dataset_name(args.dataset)
         except ValueError as exc:
             raise UsageError(f"--dataset: {exc}") from None
-        listing = Zfs().list_datasets([root])
+        listing = args.zfs.list_datasets([root])
         names = [root] if root in listing else []
         if not names:
             raise ZreplError(f"dataset {root!r} does not exist")
     else:
-        listing = Zfs().list_datasets([])
+        listing = args.zfs.list_datasets([])
         names = sorted(listing)
     for name in names:
         state = "placeholder" if listing[name].props.get(PLACEHOLDER_PROPERTY) == "on" else "not a placeholder"
@@ -7520,7 +7525,7 @@ def cmd_test_decoderesumetoken(args: argparse.Namespace) -> int:
     """Decode a receive_resume_token with `zfs send -nvt` and print what it would resume."""
     if not re.fullmatch(r"[0-9a-zA-Z-]+", args.token):
         raise UsageError("--token: not a resume token (expected the receive_resume_token property's value)")
-    proc = Zfs().run(["zfs", "send", "-n", "-v", "-t", args.token], check=False)
+    proc = args.zfs.run(["zfs", "send", "-n", "-v", "-t", args.token], check=False)
     text = proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
     try:
         decoded = parse_resume_token_info(text)
@@ -7555,7 +7560,7 @@ def cmd_zfs_abstractions(args: argparse.Namespace) -> int:
             roots = [validate_dataset_name(args.fs)]
         except ValueError as exc:
             raise UsageError(f"--fs: {exc}") from None
-    zfs = Zfs()
+    zfs = args.zfs
     found = list_abstractions(zfs, roots)
     if args.job:
         found = [a for a in found if a.job == args.job]
@@ -7658,9 +7663,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, zfs: Zfs | None = None) -> int:
+    """The command line. `zfs` replaces the ZFS layer (tests pass an in-process double)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.zfs = zfs if zfs is not None else Zfs()
     if not log.handlers:
         setup_logging([LoggingConfig()], args.log_level)
     try:
