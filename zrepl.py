@@ -7,20 +7,35 @@ ZFS is driven exclusively through `zfs`/`zpool` subprocesses with argument lists
 
 Map of this file (sections in dependency order; a section only uses those above it):
 
-    1. Utilities            durations, sizes, ring buffer, errors, logging
+    1. Utilities            durations, sizes, ring buffer, errors, clock, logging
     2. Filters and naming   filesystems filter, timestamp formats, cron specs, abstraction names
     3. Keep rules           last_n, grid, regex, not_replicated: pure prune decisions
     4. Config               TOML loading and strict validation with key paths
-    5. ZFS command layer    argv builders, listing parser, error classification, the one runner
+    5. ZFS command layer    argv builders, listing parser, error kinds, resume tokens, the one runner
     6. Planner              pure replication planning from two listings
-    7. Protocol             framed wire protocol, handshake, transports (local, stdio/ssh)
-    8. Endpoints            sender/receiver on top of the ZFS layer, client confinement
-    9. Replication runner   drives steps between two endpoints, protection, retries
-   10. Snapshotter, hooks   due-ness, one-command snapshots, command/postgres/mysql hooks
-   11. Pruner               applies keep-rule decisions with batched destroys
-   12. Jobs and watchdog    job runs, locks, wakeups, progress watchdog
-   13. Status               atomic JSON status file, summaries, Nagios codes
-   14. CLI                  argument parsing and commands
+    7. Protocol             framed wire protocol, handshake, requests, streams
+    8. Endpoints            the Sender/Receiver roles, local endpoints, remote proxies, confinement
+    9. Transports           local and ssh+stdinserver wiring, redialing, what a passive job serves
+   10. Replication runner   drives steps between a Sender and a Receiver, retries, the watchdog
+   11. Snapshotter, hooks   due-ness, one-command snapshots, command/postgres/mysql hooks
+   12. Pruner               keep-rule decisions applied to either side, batched destroys
+   13. Jobs                 job runs, push/pull modes, locks, wakeups, the passive side's records
+   14. Status               atomic JSON status file, summaries, Nagios codes
+   15. CLI                  argument parsing and commands
+
+Where things happen:
+
+    push run         cmd_run -> JobRunner.run_pass -> _active_pass: PushMode.sides (SenderEndpoint +
+                     RemoteReceiver over connect_peer) -> Replication.run (plan_filesystems, _run_step:
+                     protect, prepare, Sender.send -> Receiver.receive, complete) -> prune_both_sides
+    pull run         the same with PullMode (RemoteSender + ReceiverEndpoint); the cursor is named by
+                     the source (PeerInfo.abstraction_job from its `endpoint.info` reply)
+    receiver pruning prune_receiver (section 12) through the Receiver role
+    resume handling  receive_resume_token -> Zfs.decode_resume_token -> _plan_resume -> send -t
+    placeholders     ReceiverEndpoint._ensure_parents / _receive (the -F check), is_placeholder
+    stdinserver      cmd_stdinserver -> stdinserver_job -> passive_handlers -> serve_connection
+    status document  written by JobRunner (publish) and ClientRecorder (merge) through StatusStore;
+                     read by cmd_status -> evaluate_status -> render_status
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ import bisect
 import contextlib
 import dataclasses
 import datetime as dt
+import enum
 import errno
 import fcntl
 import json
@@ -52,7 +68,7 @@ import time
 import tomllib
 import zoneinfo
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from collections.abc import Callable, Iterable, Sequence
 
 __version__ = "0.1.0"
@@ -209,6 +225,25 @@ class PeriodicThread:
 def utcnow() -> float:
     """Wall-clock seconds; one place so tests can reason about time."""
     return time.time()
+
+
+class Clock:
+    """Time as a parameter (the model is CPython's `sched(timefunc, delayfunc)`): wall-clock time,
+    monotonic time for durations and deadlines, and sleeping. Retries, lock waits, dial retries, the
+    watchdog and progress take one, so tests drive them with a fake clock instead of waiting."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+SYSTEM_CLOCK = Clock()
 
 
 def iso_time(ts: float | None) -> str | None:
@@ -1881,13 +1916,18 @@ def _check_local_listeners(jobs: list[JobConfig], file: str) -> None:
 # 5. ZFS command layer
 # =================================================================================================
 
+class VersionKind(enum.StrEnum):
+    SNAPSHOT = "snapshot"
+    BOOKMARK = "bookmark"
+
+
 @dataclass(frozen=True)
 class Version:
     """One snapshot or bookmark of a dataset, as listed by `zfs list -Hp -t snapshot,bookmark`."""
 
     dataset: str
     name: str  # the part after '@' or '#'
-    kind: str  # "snapshot" or "bookmark"
+    kind: str  # a VersionKind ("snapshot" or "bookmark"; plain strings compare equal)
     guid: int
     createtxg: int
     creation: int  # unix seconds
@@ -1920,16 +1960,35 @@ class DatasetInfo:
         return [v for v in self.versions if v.kind == "bookmark"]
 
 
-class ZfsError(ZreplError):
-    """A failed zfs/zpool command, classified so callers can decide what to do.
+class ZfsErrorKind(enum.StrEnum):
+    """What a failed zfs command says, as far as callers decide on it (classify_zfs_error)."""
 
-    kind is one of: "not-exist", "exists", "busy", "no-space", "permission", "resume-token",
-    "diverged", "timeout", "other".
-    """
+    NOT_EXIST = "not-exist"
+    EXISTS = "exists"
+    BUSY = "busy"
+    NO_SPACE = "no-space"
+    PERMISSION = "permission"
+    RESUME_TOKEN = "resume-token"
+    DIVERGED = "diverged"
+    MODIFIED = "modified"  # the receiver was written to since its newest snapshot
+    ENCRYPTED_OVERWRITE = "encrypted-overwrite"  # recv -F would replace an encrypted dataset
+    BAD_TOKEN = "bad-token"  # a resume token zfs cannot decode
+    TIMEOUT = "timeout"
+    OTHER = "other"
+
+
+# Retrying within the run cannot help these: a human has to act (or space has to be freed).
+_PERMANENT_ZFS_KINDS = frozenset({ZfsErrorKind.PERMISSION, ZfsErrorKind.NO_SPACE, ZfsErrorKind.DIVERGED,
+                                  ZfsErrorKind.MODIFIED, ZfsErrorKind.ENCRYPTED_OVERWRITE, ZfsErrorKind.BAD_TOKEN})
+
+
+class ZfsError(ZreplError):
+    """A failed zfs/zpool command, classified (`kind`, a ZfsErrorKind) so callers can decide."""
 
     def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str, kind: str = ""):
         self.argv, self.returncode, self.stderr = list(argv), returncode, stderr.strip()
-        self.kind = kind or classify_zfs_error(self.stderr)
+        self.kind = ZfsErrorKind(kind) if kind else classify_zfs_error(self.stderr)
+        self.temporary = self.kind not in _PERMANENT_ZFS_KINDS
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -1938,6 +1997,13 @@ class ZfsError(ZreplError):
 
 
 _ERROR_PATTERNS = (
+    # `zfs recv -F` refusing to replace an encrypted dataset (OpenZFS 2.x libzfs_sendrecv.c):
+    # "cannot receive new filesystem stream: zfs receive -F cannot be used to destroy an encrypted
+    # filesystem or overwrite an unencrypted one with an encrypted one"
+    ("encrypted-overwrite", ("cannot be used to destroy an encrypted filesystem",
+                             "overwrite an unencrypted one with an encrypted one")),
+    # "destination 'p/x' has been modified since most recent snapshot"
+    ("modified", ("has been modified since most recent snapshot",)),
     ("not-exist", ("does not exist", "no such pool", "no such dataset", "could not find any snapshots",
                    "no such file or directory")),
     # a held snapshot: "cannot destroy snapshot ...: it's being held. Run 'zfs holds -r ...'" (2.1, 2.3)
@@ -1952,13 +2018,13 @@ _ERROR_PATTERNS = (
 )
 
 
-def classify_zfs_error(stderr: str) -> str:
+def classify_zfs_error(stderr: str) -> ZfsErrorKind:
     """Map zfs stderr text to an error kind (first matching pattern wins)."""
     text = stderr.lower()
     for kind, patterns in _ERROR_PATTERNS:
         if any(p in text for p in patterns):
-            return kind
-    return "other"
+            return ZfsErrorKind(kind)
+    return ZfsErrorKind.OTHER
 
 
 # Properties read by the one listing; user properties must come last (zfs prints "-" when unset).
@@ -2329,6 +2395,20 @@ class Zfs:
         out = self.run(["zfs", "get", "-H", "-p", "-o", "value", prop, dataset]).stdout.decode()
         return out.strip()
 
+    def decode_resume_token(self, token: str) -> DecodedToken:
+        """What a receive_resume_token would resume (`zfs send -nvt TOKEN`). Raises ZfsError
+        (kind bad-token) when it is not a token zfs can decode."""
+        argv = ["zfs", "send", "-n", "-v", "-t", token]
+        if not re.fullmatch(r"[0-9a-zA-Z-]+", token):
+            raise ZfsError(argv, None, "not a resume token", kind=ZfsErrorKind.BAD_TOKEN)
+        proc = self.run(argv, check=False)
+        text = proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
+        try:
+            return parse_resume_token_info(text)
+        except ValueError:
+            raise ZfsError(argv, proc.returncode, f"cannot decode resume token: {text.strip()[-500:]}",
+                           kind=ZfsErrorKind.BAD_TOKEN) from None
+
 
 def destroy_with_bisect(zfs: Zfs, dataset: str, names: list[str]) -> tuple[list[str], dict[str, str]]:
     """Destroy snapshots of one dataset in one command; on failure split the batch in halves.
@@ -2474,14 +2554,24 @@ class Step:
         return self.describe()
 
 
+class PlanProblem(enum.StrEnum):
+    """Why a filesystem cannot be replicated now (PlanError.kind)."""
+
+    DIVERGED = "diverged"
+    NO_COMMON_BASE = "no-common-base"
+    RECEIVER_HAS_DATA = "receiver-has-data"
+    CONFLICT_FAIL = "conflict-fail"
+    ENCRYPTION = "encryption"
+
+
 @dataclass
 class PlanError:
-    """Why a filesystem cannot be replicated now. kind: diverged | no-common-base |
-    receiver-has-data | conflict-fail | encryption. details always has `recovery_commands`
-    (commands for a human, run on the receiver unless the message says otherwise; may be empty)."""
+    """Why a filesystem cannot be replicated now (`kind`, a PlanProblem). details always has
+    `recovery_commands` (commands for a human, run on the receiver unless the message says
+    otherwise; may be empty)."""
 
     message: str
-    kind: str
+    kind: PlanProblem
     details: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -2625,7 +2715,7 @@ def plan_filesystem(sender: DatasetInfo, receiver: DatasetInfo | None, settings:
 
     problem = check_send_encryption(settings.encrypted, settings.raw, dataset_is_encrypted(sender))
     if problem:
-        plan.error = PlanError(f"{sender.name}: {problem}", "encryption", {"recovery_commands": []})
+        plan.error = PlanError(f"{sender.name}: {problem}", PlanProblem.ENCRYPTION, {"recovery_commands": []})
         return plan
 
     snaps = _by_txg(sender.snapshots())
@@ -2651,7 +2741,7 @@ def plan_filesystem(sender: DatasetInfo, receiver: DatasetInfo | None, settings:
             f"with {sender.name}. Nothing was changed. Move it aside to keep its data "
             f"(`{_q('zfs', 'rename', target, aside)}`), or, if it holds nothing you need, mark it as a "
             f"placeholder so the next run replaces it (`{_q('zfs', 'set', PLACEHOLDER_PROPERTY + '=on', target)}`).",
-            "receiver-has-data",
+            PlanProblem.RECEIVER_HAS_DATA,
             {"recovery_commands": [_q("zfs", "rename", target, aside)],
              "alternative_commands": [_q("zfs", "set", PLACEHOLDER_PROPERTY + "=on", target)]})
         return plan
@@ -2663,7 +2753,7 @@ def plan_filesystem(sender: DatasetInfo, receiver: DatasetInfo | None, settings:
             f"{target} has snapshots but none of them exists on {sender.name} (compared by GUID): no "
             f"incremental replication is possible. Nothing was changed. To start over with a full "
             f"replication while keeping the old copy, move it aside: `{_q('zfs', 'rename', target, aside)}`.",
-            "no-common-base",
+            PlanProblem.NO_COMMON_BASE,
             {"receiver_snapshots": [r.name for r in rsnaps], "sender_snapshots": [s.name for s in snaps],
              "recovery_commands": [_q("zfs", "rename", target, aside)]})
         return plan
@@ -2690,7 +2780,7 @@ def _plan_initial(plan: FilesystemPlan, snaps: list[Version], settings: PlanSett
         plan.error = PlanError(
             f"{plan.receiver_fs} {what} and conflict_resolution.initial_replication = 'fail': not "
             f"replicating {plan.sender_fs}. Set it to 'most_recent' or 'all' to allow a full send.",
-            "conflict-fail", {"sender_snapshots": [s.name for s in snaps], "recovery_commands": []})
+            PlanProblem.CONFLICT_FAIL, {"sender_snapshots": [s.name for s in snaps], "recovery_commands": []})
         return plan
     if settings.initial == "most_recent":
         plan.steps = [Step(None, snaps[-1])]
@@ -2732,7 +2822,7 @@ def _diverged_error(plan: FilesystemPlan, source: Version, common: Version, send
         msg += (f". Snapshots with holds ({', '.join(r.name for r in held)}) must be released first "
                 f"(`zfs holds` lists the tags)")
     msg += f". To keep them instead, move the receiver aside: `{_q('zfs', 'rename', target, _aside_name(target))}`."
-    return PlanError(msg, "diverged", {
+    return PlanError(msg, PlanProblem.DIVERGED, {
         "common": common.name,
         "sender_source": source.full_name,
         "sender_only": [s.name for s in sender_only],
@@ -2847,7 +2937,7 @@ def placeholders_needed(target: str, root_fs: str, existing: set[str]) -> list[s
     return [d for d in between if d not in existing]
 
 
-# ---- abstractions from listings (see section 2b for names and the stale rule) ----
+# ---- abstractions from listings (see section 2 for names and the stale rule) ----
 
 def bookmark_abstractions(info: DatasetInfo) -> list[Abstraction]:
     """Cursor and tentative-cursor bookmarks of any job on a dataset. Like zrepl, a bookmark whose
@@ -4569,13 +4659,26 @@ def ssh_connect(argv: Sequence[str], *, name: str | None = None, timeout: float 
 # They only ever act on their job's datasets: a sender on what its filesystems filter accepts, a
 # receiver below root_fs[/client identity]. Every name from the other side is validated and
 # confined here, before it reaches the ZFS layer: the peer may be hostile.
+#
+# The replication runner (section 10) and the pruner (section 12) know only the two roles, `Sender`
+# and `Receiver` (typing.Protocol; the model is zrepl's logic.Sender / logic.Receiver). The local
+# endpoints implement them on top of the ZFS layer, RemoteSender / RemoteReceiver through a
+# connection. A stream travels as a `StreamSource` from `Sender.send` to `Receiver.receive`.
+
+
+class EndpointErrorKind(enum.StrEnum):
+    ERROR = "error"
+    FORBIDDEN = "forbidden"  # names something outside the endpoint's confinement, or is malformed
+    ENCRYPTION = "encryption"  # the send would break the job's encryption policy
+    RECEIVER_HAS_DATA = "receiver-has-data"  # a full receive would overwrite a dataset with data
+    SEND_FAILED = "send-failed"  # the sending side's failure caused the step's failure
 
 
 class EndpointError(ZreplError):
     """A request an endpoint refuses or cannot do. `temporary` tells the runner whether to retry."""
 
-    def __init__(self, message: str, *, temporary: bool = False, kind: str = "error"):
-        self.temporary, self.kind = temporary, kind
+    def __init__(self, message: str, *, temporary: bool = False, kind: str = EndpointErrorKind.ERROR):
+        self.temporary, self.kind = temporary, EndpointErrorKind(kind)
         super().__init__(message)
 
 
@@ -4610,26 +4713,27 @@ class ProcessRegistry:
 class Progress:
     """Bytes moved and steps finished, for status and for the no-progress watchdog."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.clock = clock
         self.bytes = 0
         self.steps = 0
-        self.last_change = time.monotonic()
+        self.last_change = clock.monotonic()
         self._lock = threading.Lock()
 
     def add_bytes(self, n: int) -> None:
         if n > 0:
             with self._lock:
                 self.bytes += n
-                self.last_change = time.monotonic()
+                self.last_change = self.clock.monotonic()
 
     def step_done(self) -> None:
         with self._lock:
             self.steps += 1
-            self.last_change = time.monotonic()
+            self.last_change = self.clock.monotonic()
 
     def touch(self) -> None:
         with self._lock:
-            self.last_change = time.monotonic()
+            self.last_change = self.clock.monotonic()
 
 
 # ---- wire forms of the listing records (validated on the way in: the peer may lie) --------------
@@ -4668,8 +4772,9 @@ def dataset_from_wire(d: Any) -> DatasetInfo:
             if not isinstance(v, dict) or v.get("kind") not in ("snapshot", "bookmark"):
                 raise ValueError("version entry must be an object with kind snapshot or bookmark")
             ds.versions.append(Version(dataset=name, name=validate_snapshot_short_name(v.get("name", "")),
-                                       kind=v["kind"], guid=_wire_int(v, "guid"), createtxg=_wire_int(v, "createtxg"),
-                                       creation=_wire_int(v, "creation"), userrefs=_wire_int(v, "userrefs")))
+                                       kind=VersionKind(v["kind"]), guid=_wire_int(v, "guid"),
+                                       createtxg=_wire_int(v, "createtxg"), creation=_wire_int(v, "creation"),
+                                       userrefs=_wire_int(v, "userrefs")))
         ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
         return ds
     except ValueError as exc:
@@ -4731,6 +4836,159 @@ class StepRequest:
             raise EndpointError(f"invalid step request: {exc}") from None
 
 
+# ---- the roles ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """Facts about an endpoint, from its config (local) or its typed `endpoint.info` reply (remote).
+
+    `job` is the job that serves this side; `abstraction_job` the job name its holds and bookmarks
+    carry (a sender's replication cursor and step holds, a receiver's last-received holds); `root`
+    is where a receiver keeps the replicas ("" on a sender)."""
+
+    job: str
+    type: str
+    abstraction_job: str
+    root: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> PeerInfo:
+        try:
+            job, jtype, abstraction_job, root = (body.get(k) for k in ("job", "type", "abstraction_job", "root"))
+            if not isinstance(job, str) or not isinstance(jtype, str) or not isinstance(root, str):
+                raise ValueError("job, type and root must be strings")
+            if jtype not in ("sink", "source", "push", "pull"):
+                raise ValueError(f"unknown job type {jtype!r}")
+            if not isinstance(abstraction_job, str):
+                raise ValueError("abstraction_job must be a string")
+            _check_job_for_names(abstraction_job)
+            if root:
+                validate_dataset_name(root)
+        except ValueError as exc:
+            raise EndpointError(f"peer sent an invalid endpoint.info reply: {exc}", kind="forbidden") from None
+        return cls(job=job, type=jtype, abstraction_job=abstraction_job, root=root)
+
+
+@dataclass
+class ReceiverFilesystem:
+    """One dataset below a receiver's root, with its decoded resume token (None: no partial receive;
+    a token that could not be decoded has toguid 0)."""
+
+    dataset: DatasetInfo
+    token: DecodedToken | None = None
+
+
+ReceiverListing = dict[str, ReceiverFilesystem]  # keyed by the SENDER's filesystem name
+
+
+@dataclass
+class DestroyResult:
+    """What a batch destroy did: snapshots gone (short names) and per-snapshot errors."""
+
+    destroyed: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ReceiveResult:
+    """The snapshot a step delivered, verified on the receiver (name and guid)."""
+
+    received: str
+    guid: int
+
+
+class StreamSource(Protocol):
+    """A replication stream on its way from `zfs send` to `zfs recv`, as the receiving side sees it:
+    `zfs send`'s own pipe (push) or a stream arriving over a connection (pull, a sink)."""
+
+    def open_fd(self) -> int:
+        """The readable end for `zfs recv`'s stdin; the caller owns and closes it. Once only."""
+        ...
+
+    def finish(self) -> str | None:
+        """After the consumer is done: wait for the producer. None if it succeeded, else its error."""
+        ...
+
+    def abandon(self) -> None:
+        """The consumer failed: stop the producer; the rest of the stream is discarded."""
+        ...
+
+
+Deliver = Callable[[StreamSource], ReceiveResult]
+
+
+class Sender(Protocol):
+    """The sending side of a replication (zrepl's logic.Sender): a SenderEndpoint or RemoteSender."""
+
+    info: PeerInfo
+
+    def list_filesystems(self) -> list[DatasetInfo]: ...
+
+    def estimate(self, req: StepRequest) -> int | None: ...
+
+    def send(self, req: StepRequest, deliver: Deliver) -> ReceiveResult:
+        """Start `zfs send` for req and hand its stream to deliver (the receiver's receive); a failed
+        step names the sender's failure when that is the cause (with_sender_error)."""
+        ...
+
+    def protect(self, fs: str, level: str, snapshots: Sequence[tuple[str, int]], source: str | None) -> None: ...
+
+    def complete(self, fs: str, to: str, to_guid: int, level: str) -> None: ...
+
+    def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]: ...
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult: ...
+
+
+class Receiver(Protocol):
+    """The receiving side (zrepl's logic.Receiver): a ReceiverEndpoint or RemoteReceiver. Requests
+    name the SENDER's filesystems; the receiver maps them below its root itself."""
+
+    info: PeerInfo
+
+    def list_filesystems(self) -> ReceiverListing: ...
+
+    def prepare(self, req: StepRequest) -> None: ...
+
+    def receive(self, req: StepRequest, source: StreamSource) -> ReceiveResult: ...
+
+    def clear_resume_token(self, fs: str) -> None: ...
+
+    def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None: ...
+
+    def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]: ...
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult: ...
+
+
+def with_sender_error(exc: BaseException, send_error: str | None) -> BaseException:
+    """A failed step's error, naming the sender's failure when it is the cause.
+
+    When `zfs send` fails (cut connection, vanished source), `zfs recv` fails too, with a message
+    that only says the stream ended ("failed to read from stream"); the receiver's error is what
+    arrives first, so without this the cause never reaches the status. When the receiver fails
+    first, the sender only reports a broken pipe: then the receiver's error is the whole story."""
+    if not send_error or send_error in str(exc) or isinstance(exc, Cancelled):
+        return exc
+    if "broken pipe" in send_error.lower() or "status -13" in send_error:
+        return exc
+    return EndpointError(f"the sending side failed: {send_error} (then the receiving side: {exc})",
+                         temporary=is_temporary(exc), kind=EndpointErrorKind.SEND_FAILED)
+
+
+def is_temporary(exc: BaseException) -> bool:
+    """Whether retrying the step may help: the error says so itself (ZreplError.temporary, set
+    where it is made); an OSError of ours (a pipe, a fork) is worth another attempt."""
+    if isinstance(exc, ZreplError):
+        return bool(exc.temporary)
+    return isinstance(exc, OSError)
+
+
+# ---- streams ----------------------------------------------------------------------------------------
+
 def _progress_reader(stream: Any, buffer: RingBuffer, progress: Progress | None) -> None:
     """Read `zfs send -v -P` stderr: turn per-second lines (`HH:MM:SS<TAB>bytes<TAB>snapshot`)
     into progress and keep the rest for error messages (without the size header lines, which
@@ -4750,21 +5008,40 @@ def _progress_reader(stream: Any, buffer: RingBuffer, progress: Progress | None)
 
 
 class SendProcess:
-    """One `zfs send` of a step. result() waits for it exactly once, whichever way the step ended:
-    by the protocol after a passed or copied stream, or by the runner after a failed receive
+    """One `zfs send` of a step, as a StreamSource. result() waits for it exactly once, whichever
+    way the step ended: by the consumer after a passed or copied stream, or after a failed receive
     (which may leave the send blocked on a pipe nobody reads: then it is killed)."""
 
     def __init__(self, proc: subprocess.Popen, argv: Sequence[str], buffer: RingBuffer, reader: threading.Thread,
                  processes: ProcessRegistry):
         self.proc, self.argv, self.buffer, self.reader, self.processes = proc, list(argv), buffer, reader, processes
+        assert proc.stdout is not None
+        self._fd: int | None = os.dup(proc.stdout.fileno())  # handed to the consumer by open_fd()
+        proc.stdout.close()
         self._lock = threading.Lock()
         self._done = False
         self._error: str | None = None
 
+    def open_fd(self) -> int:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise ZreplError(f"the stream of `{shlex.join(self.argv)}` was already handed over")
+        return fd
+
+    def finish(self) -> str | None:
+        return self.result()
+
+    def abandon(self) -> None:
+        self.result(timeout=30.0)
+
     def result(self, timeout: float | None = None) -> str | None:
-        """None when the send succeeded, else its exit status and stderr tail."""
+        """None when the send succeeded, else its exit status and stderr tail. With a timeout, a
+        send still running after it is killed (its receiver is gone)."""
         with self._lock:
             if not self._done:
+                if self._fd is not None:  # never handed over: nobody will read it
+                    os.close(self._fd)
+                    self._fd = None
                 try:
                     rc = self.proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
@@ -4780,29 +5057,59 @@ class SendProcess:
             return self._error
 
 
+class IncomingSource:
+    """A stream arriving over a connection (IncomingStream) as a StreamSource."""
+
+    def __init__(self, stream: IncomingStream):
+        self.stream = stream
+
+    def open_fd(self) -> int:
+        return self.stream.open_fd()
+
+    def finish(self) -> str | None:
+        try:
+            self.stream.finish()
+        except StreamError as exc:
+            return str(exc)
+        return None
+
+    def abandon(self) -> None:
+        self.stream.abandon()
+
+    @property
+    def sender_error(self) -> str | None:
+        """The producer's error as its END frame reported it (after the stream ended)."""
+        return self.stream.sender_error if self.stream.sender_status == "error" else None
+
+
+# ---- the local endpoints --------------------------------------------------------------------------
+
 class SenderEndpoint:
-    """The sending side of a job: lists its filesystems, sends streams, protects and moves cursors.
+    """The sending side of a job (implements Sender): lists its filesystems, sends streams, protects
+    and moves cursors.
 
     `job` names the sending job (hold tags and cursor bookmarks carry it). Everything a request names
     must be a filesystem the filter accepts and a version of that filesystem.
     """
 
     def __init__(self, zfs: Zfs, job: str, filesystems: DatasetFilter, send: SendConfig,
-                 processes: ProcessRegistry | None = None, progress: Progress | None = None):
+                 processes: ProcessRegistry | None = None, progress: Progress | None = None,
+                 job_type: str = "push"):
         self.zfs, self.job, self.filter, self.send_cfg = zfs, job, filesystems, send
+        self.info = PeerInfo(job=job, type=job_type, abstraction_job=job)
         self.processes = processes or ProcessRegistry()
         self.progress = progress
         self._listing: dict[str, DatasetInfo] = {}
-        self.last_send: SendProcess | None = None  # steps run one at a time
 
     # -- confinement -----------------------------------------------------------------------------
     def _allowed(self, fs: str) -> str:
         try:
             validate_dataset_name(fs)
         except ValueError as exc:
-            raise EndpointError(f"invalid filesystem name: {exc}", kind="forbidden") from None
+            raise EndpointError(f"invalid filesystem name: {exc}", kind=EndpointErrorKind.FORBIDDEN) from None
         if not self.filter.accepts(fs):
-            raise EndpointError(f"filesystem {fs!r} is not served by job {self.job!r}", kind="forbidden")
+            raise EndpointError(f"filesystem {fs!r} is not served by job {self.job!r}",
+                                kind=EndpointErrorKind.FORBIDDEN)
         return fs
 
     # -- listing ---------------------------------------------------------------------------------
@@ -4824,10 +5131,11 @@ class SenderEndpoint:
     def _send_argv(self, req: StepRequest, estimate: bool) -> list[str]:
         fs = self._allowed(req.fs)
         if req.resume_token:
-            decoded = self.decode_token(req.resume_token)
+            decoded = self.zfs.decode_resume_token(req.resume_token)
             dataset = decoded.toname.split("@", 1)[0]
             if dataset != fs:
-                raise EndpointError(f"resume token belongs to {dataset!r}, not {fs!r}", kind="forbidden")
+                raise EndpointError(f"resume token belongs to {dataset!r}, not {fs!r}",
+                                    kind=EndpointErrorKind.FORBIDDEN)
             argv = send_argv("", resume_token=req.resume_token, estimate=estimate)
         else:
             info = self._info(fs)
@@ -4836,20 +5144,12 @@ class SenderEndpoint:
                 encrypted = self.zfs.get_property(fs, "encryption") not in ("off", "-", "")
             problem = check_send_encryption(self.send_cfg.encrypted, self.send_cfg.raw, encrypted)
             if problem:
-                raise EndpointError(f"{fs}: {problem}", kind="encryption")
+                raise EndpointError(f"{fs}: {problem}", kind=EndpointErrorKind.ENCRYPTION)
             src = f"{fs}{req.from_}" if req.from_ else None
             argv = send_argv(f"{fs}@{req.to}", src, multi=req.multi, flags=self._flags(), estimate=estimate)
         if not estimate:
             argv[2:2] = ["-v", "-P"]  # per-second progress on stderr (watchdog, status)
         return argv
-
-    def decode_token(self, token: str) -> DecodedToken:
-        proc = self.zfs.run(["zfs", "send", "-n", "-v", "-t", token], check=False)
-        text = proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
-        try:
-            return parse_resume_token_info(text)
-        except ValueError:
-            raise EndpointError(f"cannot decode resume token: {text.strip()[-500:]}") from None
 
     def estimate(self, req: StepRequest) -> int | None:
         try:
@@ -4859,25 +5159,23 @@ class SenderEndpoint:
             return None
         return parse_send_estimate(proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace"))
 
-    def open_send(self, req: StepRequest) -> OutgoingStream:
-        """Start `zfs send`; the stream's finish() reports its exit status with stderr."""
+    def open_send(self, req: StepRequest) -> SendProcess:
+        """Start `zfs send`; the returned stream's finish() reports its exit status with stderr."""
         argv = self._send_argv(req, estimate=False)
         proc = self.zfs.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         self.processes.add(proc)
         buffer = RingBuffer(64 * 1024)
         reader = threading.Thread(target=_progress_reader, args=(proc.stderr, buffer, self.progress), daemon=True)
         reader.start()
-        send = SendProcess(proc, argv, buffer, reader, self.processes)
-        self.last_send = send
-        assert proc.stdout is not None
-        fd = os.dup(proc.stdout.fileno())  # the protocol owns and closes this one
-        proc.stdout.close()
-        return OutgoingStream(fd, send.result)
+        return SendProcess(proc, argv, buffer, reader, self.processes)
 
-    def send_error(self, timeout: float = 30.0) -> str | None:
-        """After a failed step: the error of its `zfs send` (None if it succeeded or never ran),
-        waiting for it to end and killing it after `timeout` seconds."""
-        return self.last_send.result(timeout) if self.last_send is not None else None
+    def send(self, req: StepRequest, deliver: Deliver) -> ReceiveResult:
+        stream = self.open_send(req)
+        try:
+            return deliver(stream)
+        except (ZreplError, OSError) as exc:
+            # After a failed receive the send may be blocked on a pipe nobody reads: killed after 30 s.
+            raise with_sender_error(exc, stream.result(timeout=30.0)) from exc
 
     # -- protection ------------------------------------------------------------------------------
     def _snapshots_of(self, fs: str, names: Sequence[str]) -> list[str]:
@@ -4897,7 +5195,7 @@ class SenderEndpoint:
         try:
             self.zfs.bookmark(f"{fs}@{snapshot}", f"{fs}#{bookmark}")
         except ZfsError as exc:
-            if exc.kind != "exists":
+            if exc.kind != ZfsErrorKind.EXISTS:
                 raise
 
     def complete(self, fs: str, to: str, to_guid: int, level: str) -> None:
@@ -4927,11 +5225,23 @@ class SenderEndpoint:
         return stale
 
     # -- pruning ---------------------------------------------------------------------------------
-    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
+        self._allowed(fs)
+        return _hold_tags(self.zfs, fs, names)
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
         self._allowed(fs)
         for n in names:
             validate_snapshot_short_name(n)
-        return destroy_with_bisect(self.zfs, fs, list(names))
+        return DestroyResult(*destroy_with_bisect(self.zfs, fs, list(names)))
+
+
+def _hold_tags(zfs: Zfs, dataset: str, names: Sequence[str]) -> dict[str, list[str]]:
+    """Hold tags of some snapshots of one dataset, keyed by short name."""
+    if not names:
+        return {}
+    tags = zfs.holds([f"{dataset}@{validate_snapshot_short_name(n)}" for n in names])
+    return {full.partition("@")[2]: t for full, t in tags.items()}
 
 
 def destroy_abstractions(zfs: Zfs, stale: Sequence[Abstraction]) -> None:
@@ -4942,28 +5252,31 @@ def destroy_abstractions(zfs: Zfs, stale: Sequence[Abstraction]) -> None:
             try:
                 zfs.release(a.tag or "", [a.full_name])
             except ZfsError as exc:
-                if exc.kind != "not-exist":
+                if exc.kind != ZfsErrorKind.NOT_EXIST:
                     raise
         else:
             log.info("destroying bookmark %s (%s)", a.full_name, a.type)
             try:
                 zfs.destroy_bookmark(a.full_name)
             except ZfsError as exc:
-                if exc.kind != "not-exist":
+                if exc.kind != ZfsErrorKind.NOT_EXIST:
                     raise
 
 
 class ReceiverEndpoint:
-    """The receiving side: receives below `root` (= root_fs, or root_fs/<client identity> on a sink).
+    """The receiving side (implements Receiver): receives below `root` (= root_fs, or
+    root_fs/<client identity> on a sink).
 
     Requests name the SENDER's filesystem; the receiver maps it below its root itself, so a client
     can never name a dataset outside its subtree. `job` is the receiving job (last-received holds).
     """
 
     def __init__(self, zfs: Zfs, job: str, root_fs: str, client_identity: str | None, recv: RecvConfig,
-                 processes: ProcessRegistry | None = None, progress: Progress | None = None):
+                 processes: ProcessRegistry | None = None, progress: Progress | None = None,
+                 job_type: str = "sink"):
         self.zfs, self.job, self.root_fs, self.identity, self.recv_cfg = zfs, job, root_fs, client_identity, recv
         self.root = f"{root_fs}/{client_identity}" if client_identity else root_fs
+        self.info = PeerInfo(job=job, type=job_type, abstraction_job=job, root=self.root)
         self.processes = processes or ProcessRegistry()
         self.progress = progress
         self._listing: dict[str, DatasetInfo] = {}
@@ -4974,23 +5287,23 @@ class ReceiverEndpoint:
             validate_dataset_name(sender_fs)
             target = validate_dataset_name(receiver_path(self.root_fs, sender_fs, self.identity))
         except ValueError as exc:
-            raise EndpointError(f"invalid filesystem name: {exc}", kind="forbidden") from None
+            raise EndpointError(f"invalid filesystem name: {exc}", kind=EndpointErrorKind.FORBIDDEN) from None
         if not is_descendant(target, self.root):
-            raise EndpointError(f"{target!r} is outside {self.root!r}", kind="forbidden")
+            raise EndpointError(f"{target!r} is outside {self.root!r}", kind=EndpointErrorKind.FORBIDDEN)
         return target
 
     def _sender_name(self, target: str) -> str:
         return target[len(self.root) + 1:]
 
     # -- listing ---------------------------------------------------------------------------------
-    def list_filesystems(self) -> dict[str, tuple[DatasetInfo, DecodedToken | None]]:
+    def list_filesystems(self) -> ReceiverListing:
         """Datasets below root keyed by the sender's name, with decoded resume tokens."""
         pool = self.root_fs.split("/", 1)[0]
         listing = self.zfs.list_datasets([self.root_fs]) if pool else {}
         if self.root_fs not in listing:
             raise EndpointError(f"root_fs {self.root_fs!r} does not exist on the receiver (create it first)")
         self._listing = listing
-        out: dict[str, tuple[DatasetInfo, DecodedToken | None]] = {}
+        out: ReceiverListing = {}
         for name, ds in listing.items():
             if not is_descendant(name, self.root):
                 continue
@@ -4998,16 +5311,12 @@ class ReceiverEndpoint:
             raw = ds.props.get("receive_resume_token")
             if raw:
                 try:
-                    token = parse_resume_token_info(self._token_text(raw))
-                except ValueError:
+                    token = self.zfs.decode_resume_token(raw)
+                except ZreplError:
                     log.warning("%s: undecodable resume token; it will be cleared", name)
                     token = DecodedToken(toguid=0, toname="", fromguid=None, bytes=None)
-            out[self._sender_name(name)] = (ds, token)
+            out[self._sender_name(name)] = ReceiverFilesystem(ds, token)
         return out
-
-    def _token_text(self, token: str) -> str:
-        proc = self.zfs.run(["zfs", "send", "-n", "-v", "-t", token], check=False)
-        return proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
 
     # -- placeholders ----------------------------------------------------------------------------
     def _ensure_parents(self, target: str) -> None:
@@ -5033,7 +5342,7 @@ class ReceiverEndpoint:
                 # as non-root (zfs allow), `zfs create` exits 1 after creating because only root may
                 # mount; a placeholder is never mounted (mountpoint=none), so that is success
                 mounted_by_root_only = "successfully created, but it may only be mounted by root" in exc.stderr
-                if exc.kind != "exists" and not mounted_by_root_only:
+                if exc.kind != ZfsErrorKind.EXISTS and not mounted_by_root_only:
                     raise
             self._listing.setdefault(ph, DatasetInfo(name=ph, type="filesystem", props={PLACEHOLDER_PROPERTY: "on"}))
 
@@ -5051,7 +5360,19 @@ class ReceiverEndpoint:
             self._ensure_parents(target)
             self._prepared_absent.add(target)
 
-    def receive(self, req: StepRequest, stream_fd: int) -> dict[str, Any]:
+    def receive(self, req: StepRequest, source: StreamSource) -> ReceiveResult:
+        """Run `zfs recv` on the stream, verify what arrived, then the producer's outcome."""
+        try:
+            result = self._receive(req, source.open_fd())
+        except BaseException:
+            source.abandon()
+            raise
+        error = source.finish()
+        if error:
+            raise StreamError(error, temporary=True)
+        return result
+
+    def _receive(self, req: StepRequest, stream_fd: int) -> ReceiveResult:
         """Run `zfs recv` with stdin = stream_fd (closed here), then verify what arrived."""
         try:
             target = self.target(req.fs)
@@ -5068,7 +5389,7 @@ class ReceiverEndpoint:
                 # checked here on the receiving side, never on the client's word.
                 if current.props.get(PLACEHOLDER_PROPERTY) != "on" or current.snapshots():
                     raise EndpointError(f"refusing to overwrite {target}: it exists and is not an empty placeholder",
-                                        kind="receiver-has-data")
+                                        kind=EndpointErrorKind.RECEIVER_HAS_DATA)
                 force = True
             if current is None and req.from_ is None:
                 self._ensure_parents(target)
@@ -5088,7 +5409,7 @@ class ReceiverEndpoint:
             raise ZfsError(argv, proc.returncode, err.decode("utf-8", "replace"))
         return self._verify(target, req)
 
-    def _verify(self, target: str, req: StepRequest) -> dict[str, Any]:
+    def _verify(self, target: str, req: StepRequest) -> ReceiveResult:
         info = self.zfs.list_one(target)
         if info is None:
             raise EndpointError(f"{target} does not exist after the receive")
@@ -5099,7 +5420,7 @@ class ReceiverEndpoint:
         if self._listing:  # a child's step must not take this new dataset for a missing parent
             self._listing[target] = info
         self._hold_last_received(target, info, req.to)
-        return {"received": req.to, "guid": req.to_guid}
+        return ReceiveResult(received=req.to, guid=req.to_guid)
 
     def _hold_last_received(self, target: str, info: DatasetInfo, newest: str) -> None:
         """Hold the newest received snapshot (the next incremental base) and release older holds."""
@@ -5113,10 +5434,10 @@ class ReceiverEndpoint:
                 log.info("releasing hold %s on %s", tag, ", ".join(older))
                 self.zfs.release(tag, older)
 
-    def hold_last_received(self, sender_fs: str, snapshot: str, guid: int) -> None:
+    def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None:
         """Put the last-received hold on a snapshot that already arrived (its receive's own hold was
         lost). Only a snapshot that exists here with the GUID the client names is held."""
-        target = self.target(sender_fs)
+        target = self.target(fs)
         validate_snapshot_short_name(snapshot)
         info = self.zfs.list_one(target)
         found = {v.name: v.guid for v in info.snapshots()} if info else {}
@@ -5125,21 +5446,24 @@ class ReceiverEndpoint:
         log.info("%s@%s: restoring the last-received hold", target, snapshot)
         self._hold_last_received(target, info, snapshot)
 
-    def clear_resume_token(self, sender_fs: str) -> None:
-        target = self.target(sender_fs)
+    def clear_resume_token(self, fs: str) -> None:
+        target = self.target(fs)
         log.warning("%s: discarding the partial receive state (zfs recv -A): its source is gone", target)
         try:
             self.zfs.run(recv_abort_argv(target))
         except ZfsError as exc:
-            if exc.kind != "not-exist" and "does not have any resumable receive state" not in exc.stderr:
+            if exc.kind != ZfsErrorKind.NOT_EXIST and "does not have any resumable receive state" not in exc.stderr:
                 raise
 
     # -- pruning ---------------------------------------------------------------------------------
-    def destroy_snapshots(self, sender_fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-        target = self.target(sender_fs)
+    def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
+        return _hold_tags(self.zfs, self.target(fs), names)
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
+        target = self.target(fs)
         for n in names:
             validate_snapshot_short_name(n)
-        return destroy_with_bisect(self.zfs, target, list(names))
+        return DestroyResult(*destroy_with_bisect(self.zfs, target, list(names)))
 
 
 # ---- serving endpoints over the protocol, and the client-side proxies ---------------------------
@@ -5147,7 +5471,7 @@ class ReceiverEndpoint:
 def _wire_str_list(body: dict[str, Any], key: str) -> list[str]:
     value = body.get(key, [])
     if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-        raise EndpointError(f"{key!r} must be a list of strings")
+        raise EndpointError(f"{key!r} must be a list of strings", kind=EndpointErrorKind.FORBIDDEN)
     return value
 
 
@@ -5158,18 +5482,26 @@ def _refuse_malformed(handlers: dict[str, Handler]) -> dict[str, Handler]:
         def call(body: dict, ctx: RequestContext) -> Any:
             for key in ("fs", "to"):  # names are strings: None must not become a dataset "None"
                 if key in body and not isinstance(body[key], str):
-                    raise EndpointError(f"malformed {kind} request: {key!r} must be a string", kind="forbidden")
+                    raise EndpointError(f"malformed {kind} request: {key!r} must be a string",
+                                        kind=EndpointErrorKind.FORBIDDEN)
             try:
                 return handler(body, ctx)
             except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
                 raise EndpointError(f"malformed {kind} request: {type(exc).__name__}: {exc}",
-                                    kind="forbidden") from None
+                                    kind=EndpointErrorKind.FORBIDDEN) from None
         return call
     return {kind: guard(kind, handler) for kind, handler in handlers.items()}
 
 
+def _destroy_reply(result: DestroyResult) -> dict[str, Any]:
+    return {"destroyed": result.destroyed, "errors": result.errors}
+
+
 def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
     """Protocol handlers of a source job's sender (a pull client talks to these)."""
+
+    def info(body: dict, ctx: RequestContext) -> dict:
+        return ep.info.to_wire()
 
     def list_(body: dict, ctx: RequestContext) -> dict:
         return {"job": ep.job, "filesystems": [dataset_to_wire(d) for d in ep.list_filesystems()]}
@@ -5178,7 +5510,8 @@ def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
         return {"bytes": ep.estimate(StepRequest.from_wire(body))}
 
     def send(body: dict, ctx: RequestContext) -> Reply:
-        return Reply({"ok": True}, stream=ep.open_send(StepRequest.from_wire(body)))
+        stream = ep.open_send(StepRequest.from_wire(body))
+        return Reply({"ok": True}, stream=OutgoingStream(stream.open_fd(), stream.finish))
 
     def protect(body: dict, ctx: RequestContext) -> dict:
         snaps = [(validate_snapshot_short_name(str(n)), int(g)) for n, g in body.get("snapshots", [])]
@@ -5191,43 +5524,42 @@ def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
                     int(body.get("to_guid", 0)), _level(body))
         return {}
 
-    def destroy(body: dict, ctx: RequestContext) -> dict:
-        done, errors = ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names"))
-        return {"destroyed": done, "errors": errors}
+    def holds(body: dict, ctx: RequestContext) -> dict:
+        return {"holds": ep.hold_tags(str(body.get("fs", "")), _wire_str_list(body, "names"))}
 
-    return _refuse_malformed({"sender.list": list_, "sender.estimate": estimate, "sender.send": send,
-                              "sender.protect": protect, "sender.complete": complete, "sender.destroy": destroy})
+    def destroy(body: dict, ctx: RequestContext) -> dict:
+        return _destroy_reply(ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names")))
+
+    return _refuse_malformed({"endpoint.info": info, "sender.list": list_, "sender.estimate": estimate,
+                              "sender.send": send, "sender.protect": protect, "sender.complete": complete,
+                              "sender.holds": holds, "sender.destroy": destroy})
 
 
 def _level(body: dict[str, Any]) -> str:
     level = body.get("level")
     if level not in PROTECTION_CHOICES:
-        raise EndpointError(f"invalid protection level {level!r}")
+        raise EndpointError(f"invalid protection level {level!r}", kind=EndpointErrorKind.FORBIDDEN)
     return level
 
 
 def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
     """Protocol handlers of a sink's receiver (a push client talks to these)."""
 
+    def info(body: dict, ctx: RequestContext) -> dict:
+        return ep.info.to_wire()
+
     def list_(body: dict, ctx: RequestContext) -> dict:
         out = {}
-        for name, (ds, token) in ep.list_filesystems().items():
-            out[name] = {"dataset": dataset_to_wire(ds),
-                         "token": None if token is None else dataclasses.asdict(token)}
+        for name, entry in ep.list_filesystems().items():
+            out[name] = {"dataset": dataset_to_wire(entry.dataset),
+                         "token": None if entry.token is None else dataclasses.asdict(entry.token)}
         return {"job": ep.job, "root": ep.root, "filesystems": out}
 
     def receive(body: dict, ctx: RequestContext) -> dict:
         if ctx.stream is None:
-            raise EndpointError("receive request without a stream")
-        req = StepRequest.from_wire(body)
-        fd = ctx.stream.open_fd()
-        try:
-            result = ep.receive(req, fd)
-        except BaseException:
-            ctx.stream.abandon()
-            raise
-        ctx.stream.finish()
-        return result
+            raise EndpointError("receive request without a stream", kind=EndpointErrorKind.FORBIDDEN)
+        result = ep.receive(StepRequest.from_wire(body), IncomingSource(ctx.stream))
+        return dataclasses.asdict(result)
 
     def prepare(body: dict, ctx: RequestContext) -> dict:
         ep.prepare(StepRequest.from_wire(body))
@@ -5241,46 +5573,88 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
         try:
             snap_guid = int(body.get("guid", 0))
         except (TypeError, ValueError):
-            raise EndpointError("invalid guid") from None
+            raise EndpointError("invalid guid", kind=EndpointErrorKind.FORBIDDEN) from None
         ep.hold_last_received(str(body.get("fs", "")), str(body.get("snapshot", "")), snap_guid)
         return {}
 
-    def destroy(body: dict, ctx: RequestContext) -> dict:
-        done, errors = ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names"))
-        return {"destroyed": done, "errors": errors}
+    def holds(body: dict, ctx: RequestContext) -> dict:
+        return {"holds": ep.hold_tags(str(body.get("fs", "")), _wire_str_list(body, "names"))}
 
-    return _refuse_malformed({"receiver.list": list_, "receiver.prepare": prepare, "receiver.receive": receive,
-                              "receiver.clear_token": clear_token, "receiver.hold_last_received": hold_last_received,
+    def destroy(body: dict, ctx: RequestContext) -> dict:
+        return _destroy_reply(ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names")))
+
+    return _refuse_malformed({"endpoint.info": info, "receiver.list": list_, "receiver.prepare": prepare,
+                              "receiver.receive": receive, "receiver.clear_token": clear_token,
+                              "receiver.hold_last_received": hold_last_received, "receiver.holds": holds,
                               "receiver.destroy": destroy})
 
 
-class RemoteSender:
-    """A pull job's view of a source's SenderEndpoint, through a connection."""
+class RequestChannel(Protocol):
+    """What the Remote* proxies need of a connection (a Connection or a RedialingConnection)."""
 
-    def __init__(self, conn: Connection):
+    def request(self, kind: str, body: dict[str, Any] | None = None, *,
+                stream_in: OutgoingStream | int | None = None,
+                stream_out: Callable[[dict[str, Any], IncomingStream], Any] | None = None) -> dict[str, Any]: ...
+
+
+def _peer_info(conn: RequestChannel, expected: str) -> PeerInfo:
+    info = PeerInfo.from_wire(conn.request("endpoint.info", {}))
+    if info.type != expected:
+        raise EndpointError(f"the peer is a {info.type} job ({info.job!r}), expected a {expected}",
+                            kind=EndpointErrorKind.FORBIDDEN)
+    return info
+
+
+def _destroy_result(body: dict[str, Any]) -> DestroyResult:
+    destroyed, errors = body.get("destroyed", []), body.get("errors", {})
+    if not isinstance(destroyed, list) or not all(isinstance(n, str) for n in destroyed) \
+            or not isinstance(errors, dict) or not all(isinstance(v, str) for v in errors.values()):
+        raise EndpointError("peer sent an invalid destroy reply")
+    return DestroyResult(list(destroyed), {str(k): v for k, v in errors.items()})
+
+
+def _holds_reply(body: dict[str, Any]) -> dict[str, list[str]]:
+    holds = body.get("holds", {})
+    if not isinstance(holds, dict) or not all(isinstance(t, list) and all(isinstance(x, str) for x in t)
+                                              for t in holds.values()):
+        raise EndpointError("peer sent an invalid holds reply")
+    return {str(k): list(v) for k, v in holds.items()}
+
+
+class RemoteSender:
+    """A pull job's view of a source's SenderEndpoint, through a connection (implements Sender)."""
+
+    def __init__(self, conn: RequestChannel):
         self.conn = conn
-        self.job = ""
+        self.info = _peer_info(conn, "source")
 
     def list_filesystems(self) -> list[DatasetInfo]:
-        body = self.conn.request("sender.list", {})
-        self.job = str(body.get("job", ""))
-        items = body.get("filesystems", [])
+        items = self.conn.request("sender.list", {}).get("filesystems", [])
         if not isinstance(items, list):
             raise EndpointError("peer sent an invalid listing")
         return [dataset_from_wire(d) for d in items]
 
     def estimate(self, req: StepRequest) -> int | None:
         value = self.conn.request("sender.estimate", req.to_wire()).get("bytes")
-        return value if isinstance(value, int) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    def send_into(self, req: StepRequest, consume: Callable[[IncomingStream], dict[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
+    def send(self, req: StepRequest, deliver: Deliver) -> ReceiveResult:
+        results: list[ReceiveResult] = []
+        sources: list[IncomingSource] = []
 
         def on_stream(body: dict[str, Any], stream: IncomingStream) -> None:
-            result.update(consume(stream))
-
-        self.conn.request("sender.send", req.to_wire(), stream_out=on_stream)
-        return result
+            source = IncomingSource(stream)
+            sources.append(source)
+            results.append(deliver(source))
+        try:
+            self.conn.request("sender.send", req.to_wire(), stream_out=on_stream)
+        except (ZreplError, OSError) as exc:
+            # the stream was drained to its END: it says whether the sender failed
+            failed = [s.sender_error for s in sources if s.sender_error]
+            raise with_sender_error(exc, failed[0] if failed else None) from exc
+        if not results:
+            raise EndpointError("the source answered sender.send without a stream")
+        return results[0]
 
     def protect(self, fs: str, level: str, snapshots: Sequence[tuple[str, int]], source: str | None) -> None:
         self.conn.request("sender.protect", {"fs": fs, "level": level, "snapshots": [list(s) for s in snapshots],
@@ -5289,41 +5663,48 @@ class RemoteSender:
     def complete(self, fs: str, to: str, to_guid: int, level: str) -> None:
         self.conn.request("sender.complete", {"fs": fs, "to": to, "to_guid": to_guid, "level": level})
 
-    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-        body = self.conn.request("sender.destroy", {"fs": fs, "names": list(names)})
-        return list(body.get("destroyed", [])), dict(body.get("errors", {}))
+    def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
+        return _holds_reply(self.conn.request("sender.holds", {"fs": fs, "names": list(names)})) if names else {}
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
+        return _destroy_result(self.conn.request("sender.destroy", {"fs": fs, "names": list(names)}))
 
 
 class RemoteReceiver:
-    """A push job's view of a sink's ReceiverEndpoint, through a connection."""
+    """A push job's view of a sink's ReceiverEndpoint, through a connection (implements Receiver)."""
 
-    def __init__(self, conn: Connection):
+    def __init__(self, conn: RequestChannel):
         self.conn = conn
-        self.job = ""
-        self.root = ""
+        self.info = _peer_info(conn, "sink")
 
-    def list_filesystems(self) -> dict[str, tuple[DatasetInfo, DecodedToken | None]]:
-        body = self.conn.request("receiver.list", {})
-        self.job, self.root = str(body.get("job", "")), str(body.get("root", ""))
-        out: dict[str, tuple[DatasetInfo, DecodedToken | None]] = {}
-        items = body.get("filesystems", {})
+    def list_filesystems(self) -> ReceiverListing:
+        out: ReceiverListing = {}
+        items = self.conn.request("receiver.list", {}).get("filesystems", {})
         if not isinstance(items, dict):
             raise EndpointError("peer sent an invalid listing")
         for name, entry in items.items():
-            validate_dataset_name(name)
+            try:
+                validate_dataset_name(name)
+            except ValueError as exc:
+                raise EndpointError(f"peer sent an invalid listing: {exc}") from None
             token = entry.get("token") if isinstance(entry, dict) else None
             decoded = None
             if isinstance(token, dict):
-                decoded = DecodedToken(toguid=int(token.get("toguid") or 0), toname=str(token.get("toname", "")),
-                                       fromguid=token.get("fromguid"), bytes=token.get("bytes"))
-            out[name] = (dataset_from_wire(entry.get("dataset") if isinstance(entry, dict) else None), decoded)
+                decoded = _token_from_wire(token)
+            out[name] = ReceiverFilesystem(dataset_from_wire(entry.get("dataset") if isinstance(entry, dict)
+                                                             else None), decoded)
         return out
 
     def prepare(self, req: StepRequest) -> None:
         self.conn.request("receiver.prepare", req.to_wire())
 
-    def receive(self, req: StepRequest, stream: OutgoingStream) -> dict[str, Any]:
-        return self.conn.request("receiver.receive", req.to_wire(), stream_in=stream)
+    def receive(self, req: StepRequest, source: StreamSource) -> ReceiveResult:
+        body = self.conn.request("receiver.receive", req.to_wire(),
+                                 stream_in=OutgoingStream(source.open_fd(), source.finish))
+        received, guid = body.get("received"), body.get("guid")
+        if not isinstance(received, str) or not isinstance(guid, int) or isinstance(guid, bool):
+            raise EndpointError(f"peer sent an invalid receive reply {body!r:.200}")
+        return ReceiveResult(received=received, guid=guid)
 
     def clear_resume_token(self, fs: str) -> None:
         self.conn.request("receiver.clear_token", {"fs": fs})
@@ -5331,63 +5712,260 @@ class RemoteReceiver:
     def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None:
         self.conn.request("receiver.hold_last_received", {"fs": fs, "snapshot": snapshot, "guid": guid})
 
-    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-        body = self.conn.request("receiver.destroy", {"fs": fs, "names": list(names)})
-        return list(body.get("destroyed", [])), dict(body.get("errors", {}))
+    def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
+        return _holds_reply(self.conn.request("receiver.holds", {"fs": fs, "names": list(names)})) if names else {}
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
+        return _destroy_result(self.conn.request("receiver.destroy", {"fs": fs, "names": list(names)}))
 
 
-def receive_from_stream(ep: ReceiverEndpoint, req: StepRequest, stream: IncomingStream) -> dict[str, Any]:
-    """Pull: feed a stream arriving from the source into the local `zfs recv`."""
-    fd = stream.open_fd()
-    try:
-        result = ep.receive(req, fd)
-    except BaseException:
-        stream.abandon()
-        raise
-    stream.finish()
-    return result
+def _token_from_wire(token: dict[str, Any]) -> DecodedToken:
+    """A decoded resume token as a peer claims it; the sender re-decodes and checks the real token."""
+    def number(key: str) -> int | None:
+        value = token.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    toname = token.get("toname")
+    return DecodedToken(toguid=number("toguid") or 0, toname=toname if isinstance(toname, str) else "",
+                        fromguid=number("fromguid") or None, bytes=number("bytes"))
 
 
 # =================================================================================================
-# 9. Replication runner
+# 9. Transports
 # =================================================================================================
 
-# The runner plans from both listings and drives the steps. It works the same whether the sender
-# or the receiver is the local side: push = SenderEndpoint + RemoteReceiver, pull = RemoteSender +
-# ReceiverEndpoint. Failures stay per filesystem; temporary ones are retried within the run.
+# How an active job reaches its passive side (zrepl's `connect`), and what the passive side offers
+# one client (`serve`). `local`: a socketpair to the sink/source of the same config, served in a
+# thread of this process (streams pass as file descriptors). `ssh+stdinserver`: ssh with no remote
+# command; the passive host's authorized_keys forces `zrepl.py stdinserver IDENTITY`.
+
+@dataclass
+class Peer:
+    """A connected peer for one active run: the connection and how to tear it down."""
+
+    conn: RequestChannel
+    close: Callable[[], None]
+    cancel: Callable[[str], None]
+
+
+def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry,
+                  progress: Progress) -> Peer:
+    """Join an active job to the sink/source serving its local listener: a socketpair, the passive
+    endpoint served in a thread of this process. Streams pass as file descriptors (zero copies)
+    unless a bandwidth limit forces copying."""
+    assert job.connect is not None
+    passive = local_listener_job(config, job.connect.listener_name)
+    client, server = local_pair()
+    client.name, server.name = f"local listener {job.connect.listener_name}", f"local client {job.name}"
+    identity = job.connect.client_identity
+    handlers = passive_handlers(passive, identity, zfs, processes, progress)
+    if passive.type == "sink":
+        client.send_limit = _bucket(job.send.bandwidth_limit)
+        server.recv_limit = _bucket(passive.recv.bandwidth_limit)
+    else:
+        server.send_limit = _bucket(passive.send.bandwidth_limit)
+        client.recv_limit = _bucket(job.recv.bandwidth_limit)
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            serve_connection(server, handlers)
+        except (ZreplError, OSError) as exc:
+            failure.append(exc)
+            log.debug("local server for %s ended: %s", passive.name, exc)
+        finally:
+            server.close()
+
+    thread = threading.Thread(target=serve, name=f"serve {passive.name}", daemon=True)
+    thread.start()
+    client.handshake_client(identity)
+
+    def close() -> None:
+        client.close()
+        thread.join(timeout=30)
+
+    return Peer(client, close, client.cancel)
+
+
+def local_listener_job(config: Config, listener: str) -> JobConfig:
+    """The sink or source job serving a local listener (configcheck guarantees exactly one)."""
+    for j in config.jobs:
+        if j.serve is not None and j.serve.type == "local" and j.serve.listener_name == listener:
+            return j
+    raise ConfigError(f"no sink or source job serves local listener {listener!r}", file=config.file)
+
+
+def _bucket(limit: BandwidthLimit | None) -> TokenBucket | None:
+    return TokenBucket(limit.max, limit.bucket_capacity) if limit else None
+
+
+def connect_peer(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress,
+                 clock: Clock = SYSTEM_CLOCK) -> Peer:
+    """Connect an active job to its passive side over the configured transport."""
+    assert job.connect is not None
+    if job.connect.type == "local":
+        return connect_local(config, job, zfs, processes, progress)
+    return connect_ssh(job, progress, clock)
+
+
+DIAL_RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds between dials refused as temporary
+
+
+def connect_ssh(job: JobConfig, progress: Progress, clock: Clock = SYSTEM_CLOCK) -> Peer:
+    """ssh+stdinserver: ssh with no remote command; the passive host's authorized_keys forces
+    `zrepl.py stdinserver IDENTITY`, which serves the protocol on its stdin/stdout.
+
+    The connection redials after it broke (RedialingConnection), so the runner's retry attempts
+    after a lost connection (ssh killed, network gone) get a fresh one and resume from the
+    receiver's resume token."""
+    assert job.connect is not None
+    connect = job.connect
+
+    def dial_once() -> Connection:
+        conn = ssh_connect(ssh_argv(connect), name=f"{connect.user}@{connect.host}",
+                           timeout=max(connect.dial_timeout, DEFAULT_PEER_TIMEOUT))
+        if job.type == "push":
+            conn.send_limit = _bucket(job.send.bandwidth_limit)
+        else:
+            conn.recv_limit = _bucket(job.recv.bandwidth_limit)
+            # push counts bytes from the local `zfs send -v -P`; pull has only the stream to count
+            conn.progress = progress.add_bytes
+        try:
+            conn.handshake_client(job.name)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def dial() -> Connection:
+        # A temporary refusal (the server still holds this identity's lock, e.g. its previous
+        # stdinserver is winding down) is worth a few short waits; anything else fails at once.
+        for delay in DIAL_RETRY_DELAYS:
+            try:
+                return dial_once()
+            except ProtocolError as exc:
+                if not exc.temporary:
+                    raise
+                log.warning("job %s: %s; dialing again in %gs", job.name, exc, delay)
+                clock.sleep(delay)
+        return dial_once()
+
+    redialing = RedialingConnection(dial)
+    return Peer(redialing, redialing.close, redialing.cancel)
+
+
+def ssh_argv(c: ConnectConfig) -> list[str]:
+    """`ssh -T -o BatchMode=yes [-o opt]... -o ConnectTimeout=<dial_timeout> -i identity_file -p port
+    user@host`, no remote command: the forced command in authorized_keys decides what runs.
+
+    ConnectTimeout comes after the configured options because ssh keeps the FIRST value of an
+    option: an explicit `options = ["ConnectTimeout=30"]` wins over dial_timeout."""
+    argv = [c.ssh_command, "-T", "-o", "BatchMode=yes"]
+    for opt in c.options:
+        argv += ["-o", opt]
+    argv += ["-o", f"ConnectTimeout={max(1, int(c.dial_timeout))}"]
+    return argv + ["-i", c.identity_file, "-p", str(c.port), f"{c.user}@{c.host}"]
+
+
+class RedialingConnection:
+    """An active side's connection that dials again after the previous one broke (a RequestChannel).
+
+    A request that fails with ProtocolError (lost, timed out, garbage) marks the connection stale;
+    the next request dials anew. Cancelled connections never redial: cancel means stop.
+    """
+
+    def __init__(self, dial: Callable[[], Connection]):
+        self._dial = dial
+        self.conn: Connection = dial()
+        self.dials = 1
+        self._stale = False
+        self._cancelled: str | None = None
+
+    def request(self, kind: str, body: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+        if self._stale and self._cancelled is None:
+            try:
+                self._redial()
+            except BaseException:
+                stream_in = kwargs.get("stream_in")
+                if stream_in is not None:  # ownership passed to us: don't leak the producer's pipe
+                    os.close(stream_in if isinstance(stream_in, int) else stream_in.fd)
+                raise
+        try:
+            return self.conn.request(kind, body, **kwargs)
+        except ProtocolError:
+            self._stale = True
+            raise
+
+    def _redial(self) -> None:
+        log.info("%s: connecting again after the lost connection", self.conn.name)
+        self.conn.close()
+        self.conn = self._dial()
+        self.dials += 1
+        self._stale = False
+
+    @property
+    def name(self) -> str:
+        return self.conn.name
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self._cancelled = reason
+        self.conn.cancel(reason)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# ---- the passive side: what a sink or source offers one client ------------------------------------
+
+def stdinserver_job(config: Config, identity: str) -> JobConfig:
+    """The sink or source job whose `serve = {type = "stdinserver"}` lists `identity`."""
+    matches = [j for j in config.jobs
+               if j.serve is not None and j.serve.type == "stdinserver" and identity in j.serve.client_identities]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ZreplError(f"client identity {identity!r} is listed by several jobs "
+                         f"({', '.join(j.name for j in matches)}); it must select exactly one sink or source job")
+    known = sorted({i for j in config.jobs if j.serve is not None and j.serve.type == "stdinserver"
+                    for i in j.serve.client_identities})
+    raise ZreplError(f"unknown client identity {identity!r}: no sink or source job in {config.file} lists it "
+                     f"in serve.client_identities (known: {', '.join(known) or 'none'})")
+
+
+def passive_handlers(job: JobConfig, identity: str, zfs: Zfs, processes: ProcessRegistry,
+                     progress: Progress) -> dict[str, Handler]:
+    """The protocol handlers a sink (receiver below root_fs/<identity>) or a source (sender of its
+    filesystems filter) offers one client."""
+    if job.type == "sink":
+        return receiver_handlers(ReceiverEndpoint(zfs, job.name, job.root_fs, identity, job.recv, processes,
+                                                  progress, job_type="sink"))
+    assert job.filesystems is not None
+    return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress,
+                                          job_type="source"))
+
+
+# =================================================================================================
+# 10. Replication runner
+# =================================================================================================
+
+# The runner plans from both listings and drives the steps. It knows only the roles (Sender,
+# Receiver): push = SenderEndpoint + RemoteReceiver, pull = RemoteSender + ReceiverEndpoint.
+# Failures stay per filesystem; temporary ones (ZreplError.temporary) are retried within the run.
 
 RETRY_ATTEMPTS = 3
-_PERMANENT_KINDS = {"forbidden", "encryption", "receiver-has-data", "permission", "no-space", "diverged"}
 
 
-def is_temporary(exc: BaseException) -> bool:
-    """Whether retrying the step may help (lost connections, cut streams, busy datasets)."""
-    if isinstance(exc, Cancelled):
-        return False
-    if isinstance(exc, EndpointError):
-        return exc.temporary
-    if isinstance(exc, ZfsError):
-        return exc.kind not in _PERMANENT_KINDS
-    if isinstance(exc, RemoteError):
-        if exc.remote_type in ("EndpointError", "PlanError"):
-            return exc.temporary
-        return not any(k in exc.message for k in ("permission denied", "refusing", "not served", "outside"))
-    return isinstance(exc, (ProtocolError, StreamError, OSError))
+class FilesystemState(enum.StrEnum):
+    """A filesystem's replication state in the status document (zrepl's names)."""
+
+    PLANNING = "planning"
+    PLANNING_ERROR = "planning-error"
+    STEPPING = "stepping"
+    STEP_ERROR = "step-error"
+    BLOCKED = "blocked"
+    DONE = "done"
 
 
-def with_sender_error(exc: BaseException, send_error: str | None) -> BaseException:
-    """A failed step's error, naming the sender's failure when it is the cause.
-
-    When `zfs send` fails (cut connection, vanished source), `zfs recv` fails too, with a message
-    that only says the stream ended ("failed to read from stream"); the receiver's error is what
-    arrives first, so without this the cause never reaches the status. When the receiver fails
-    first, the sender only reports a broken pipe: then the receiver's error is the whole story."""
-    if not send_error or send_error in str(exc) or isinstance(exc, Cancelled):
-        return exc
-    if "broken pipe" in send_error.lower() or "status -13" in send_error:
-        return exc
-    return EndpointError(f"the sending side failed: {send_error} (then the receiving side: {exc})",
-                         temporary=is_temporary(exc), kind="send-failed")
+_FAILED_STATES = (FilesystemState.PLANNING_ERROR, FilesystemState.STEP_ERROR, FilesystemState.BLOCKED)
 
 
 @dataclass
@@ -5396,7 +5974,7 @@ class FilesystemReport:
 
     sender_fs: str
     receiver_fs: str = ""
-    state: str = "planning"  # planning | planning-error | stepping | step-error | blocked | done
+    state: FilesystemState = FilesystemState.PLANNING
     step: str = ""
     steps_total: int = 0
     steps_done: int = 0
@@ -5427,6 +6005,9 @@ class ReplicationSettings:
     dry_run: bool = False
 
 
+Listings = tuple[list[DatasetInfo], ReceiverListing]  # (sender's, receiver's) as planning saw them
+
+
 class Replication:
     """One replication pass between a sender and a receiver.
 
@@ -5435,12 +6016,12 @@ class Replication:
     go behind healthy ones in the queue.
     """
 
-    def __init__(self, sender: Any, receiver: Any, settings: ReplicationSettings, progress: Progress,
+    def __init__(self, sender: Sender, receiver: Receiver, settings: ReplicationSettings, progress: Progress,
                  on_update: Callable[[dict[str, FilesystemReport]], None] = lambda r: None,
                  error_counts: dict[str, int] | None = None,
-                 previous: dict[str, dict[str, Any]] | None = None):
+                 previous: dict[str, dict[str, Any]] | None = None, clock: Clock = SYSTEM_CLOCK):
         self.sender, self.receiver, self.settings = sender, receiver, settings
-        self.progress, self.on_update = progress, on_update
+        self.progress, self.on_update, self.clock = progress, on_update, clock
         self.error_counts = dict(error_counts or {})
         self.reports: dict[str, FilesystemReport] = {}
         self.previous = previous or {}
@@ -5450,7 +6031,7 @@ class Replication:
         self.current: tuple[FilesystemReport, int] | None = None  # the step in flight, bytes at its start
         # The last planning's listings and whether we changed either side since: pruning reuses
         # unchanged listings instead of listing both sides again (half the spawns of a no-op run).
-        self.listings: tuple[list[DatasetInfo], dict[str, Any]] | None = None
+        self.listings: Listings | None = None
         self.changed = False
 
     def refresh(self) -> None:
@@ -5470,6 +6051,9 @@ class Replication:
     def _publish(self) -> None:
         self.on_update(self.reports)
 
+    def _now_iso(self) -> str | None:
+        return iso_time(self.clock.time())
+
     # -- planning --------------------------------------------------------------------------------
     def plan(self) -> list[FilesystemPlan]:
         # Each finished command is a sign of life for the watchdog, which is there to catch a
@@ -5479,17 +6063,17 @@ class Replication:
         receiver_list = self.receiver.list_filesystems()
         self.progress.touch()
         self.listings = (sender_list, receiver_list)
+        root = self.receiver.info.root
         inputs = []
         for ds in sender_list:
             r = receiver_list.get(ds.name)
             token = None
-            if r and r[1] is not None:
-                t = r[1]
+            if r is not None and r.token is not None:
+                t = r.token
                 token = ResumeToken(fromguid=t.fromguid, toguid=t.toguid, toname=t.toname,
-                                    raw=r[0].props.get("receive_resume_token", ""))
-            receiver_fs = getattr(self.receiver, "root", "") or ""
-            receiver_fs = f"{receiver_fs}/{ds.name}" if receiver_fs else ds.name
-            inputs.append(FilesystemInput(sender=ds, receiver=r[0] if r else None, receiver_fs=receiver_fs,
+                                    raw=r.dataset.props.get("receive_resume_token", ""))
+            receiver_fs = f"{root}/{ds.name}" if root else ds.name
+            inputs.append(FilesystemInput(sender=ds, receiver=r.dataset if r else None, receiver_fs=receiver_fs,
                                           resume_token=token))
         plans = plan_filesystems(inputs, self.settings.plan, self.error_counts)
         replanned = []
@@ -5514,28 +6098,31 @@ class Replication:
                 if p.common is not None and p.error is None:
                     self._restore_bookkeeping(p, listed[p.sender_fs])
         for p in plans:
-            rep = self._report(p.sender_fs)
-            rep.receiver_fs, rep.plan = p.receiver_fs, p.describe()
-            rep.blocked_by = p.blocked_by
-            rep.steps_total, rep.steps_done = len(p.steps), 0
-            if p.error:
-                if rep.error != p.error.message:  # once per run, not once per retry attempt
-                    log.error("%s: %s: cannot replicate: %s%s", self.settings.job, p.sender_fs, p.error.message,
-                              " (recovery steps: zrepl.py status -v)" if p.error.details else "")
-                rep.state, rep.error, rep.error_details = "planning-error", p.error.message, p.error.details
-            elif p.blocked_by:
-                blocked = f"blocked by {p.blocked_by}: {p.note}".rstrip(": ")
-                if rep.error != blocked:
-                    log.warning("%s: %s: %s", self.settings.job, p.sender_fs, blocked)
-                rep.state, rep.error = "blocked", blocked
-            elif not p.steps:
-                rep.state, rep.error = "done", None
-            else:
-                rep.state, rep.error = "stepping", None
+            self._record_plan(p)
         self.plans = plans
         self.progress.touch()
         self._publish()
         return plans
+
+    def _record_plan(self, p: FilesystemPlan) -> None:
+        rep = self._report(p.sender_fs)
+        rep.receiver_fs, rep.plan = p.receiver_fs, p.describe()
+        rep.blocked_by = p.blocked_by
+        rep.steps_total, rep.steps_done = len(p.steps), 0
+        if p.error:
+            if rep.error != p.error.message:  # once per run, not once per retry attempt
+                log.error("%s: %s: cannot replicate: %s%s", self.settings.job, p.sender_fs, p.error.message,
+                          " (recovery steps: zrepl.py status -v)" if p.error.details else "")
+            rep.state, rep.error, rep.error_details = FilesystemState.PLANNING_ERROR, p.error.message, p.error.details
+        elif p.blocked_by:
+            blocked = f"blocked by {p.blocked_by}: {p.note}".rstrip(": ")
+            if rep.error != blocked:
+                log.warning("%s: %s: %s", self.settings.job, p.sender_fs, blocked)
+            rep.state, rep.error = FilesystemState.BLOCKED, blocked
+        elif not p.steps:
+            rep.state, rep.error = FilesystemState.DONE, None
+        else:
+            rep.state, rep.error = FilesystemState.STEPPING, None
 
     def _restore_bookkeeping(self, plan: FilesystemPlan, sender_info: DatasetInfo) -> None:
         """zrepl's "hint most recent common ancestor". The newest snapshot both sides have should
@@ -5548,7 +6135,7 @@ class Replication:
         common, rcommon = plan.common, plan.receiver_common
         try:
             if level != "guarantee_nothing" and common is not None and common.is_snapshot:
-                current = replication_cursor(sender_info, getattr(self.sender, "job", ""))
+                current = replication_cursor(sender_info, self.sender.info.abstraction_job)
                 if current is None or current.guid != common.guid:
                     log.info("%s: %s: moving the replication cursor to %s (its completion was lost)",
                              self.settings.job, fs, common.full_name)
@@ -5574,7 +6161,7 @@ class Replication:
             except (ZreplError, OSError) as exc:
                 if attempt < self.settings.attempts and is_temporary(exc) and not self.cancel_reason:
                     log.warning("%s: planning failed (attempt %d): %s", self.settings.job, attempt, exc)
-                    time.sleep(self.settings.retry_delay * attempt)
+                    self.clock.sleep(self.settings.retry_delay * attempt)
                     continue
                 raise
             if self.settings.dry_run:
@@ -5587,11 +6174,11 @@ class Replication:
             if not retry or self.cancel_reason:
                 break
             log.info("%s: retrying %d filesystem(s) after temporary errors", self.settings.job, len(retry))
-            time.sleep(self.settings.retry_delay * attempt)
+            self.clock.sleep(self.settings.retry_delay * attempt)
         for fs, rep in self.reports.items():
-            if rep.state in ("planning-error", "step-error", "blocked"):
+            if rep.state in _FAILED_STATES:
                 rep.error_count = self.error_counts.get(fs, 0) + 1
-            elif rep.state == "done":
+            elif rep.state == FilesystemState.DONE:
                 rep.error_count = 0
         self._publish()
         return self.reports
@@ -5611,12 +6198,12 @@ class Replication:
             rep = self._report(fs)
             if fs in stopped or (plan.depends_on and plan.depends_on in stopped):
                 if fs not in stopped and plan.depends_on in stopped:
-                    rep.state, rep.blocked_by = "blocked", plan.depends_on
+                    rep.state, rep.blocked_by = FilesystemState.BLOCKED, plan.depends_on
                     rep.error = f"blocked: parent {plan.depends_on} failed"
                     stopped.add(fs)
                 continue
             if self.cancel_reason:
-                rep.state, rep.error = "step-error", f"cancelled: {self.cancel_reason}"
+                rep.state, rep.error = FilesystemState.STEP_ERROR, f"cancelled: {self.cancel_reason}"
                 stopped.add(fs)
                 continue
             try:
@@ -5626,7 +6213,7 @@ class Replication:
                 if not isinstance(exc, (ZreplError, OSError)):
                     log.error("internal error replicating %s: %s: %s", fs, type(exc).__name__, exc)
                 reason = f"cancelled by the watchdog: {self.cancel_reason}" if self.cancel_reason else str(exc)
-                rep.state, rep.error = "step-error", f"{step.describe()}: {reason}"
+                rep.state, rep.error = FilesystemState.STEP_ERROR, f"{step.describe()}: {reason}"
                 log.error("%s: %s: %s", self.settings.job, fs, rep.error)
                 stopped.add(fs)
                 if is_temporary(exc) and not self.cancel_reason:
@@ -5636,8 +6223,8 @@ class Replication:
                 continue
             rep.steps_done += 1
             if rep.steps_done >= rep.steps_total:
-                rep.state, rep.error = "done", None
-                rep.last_success = iso_time(utcnow())
+                rep.state, rep.error = FilesystemState.DONE, None
+                rep.last_success = self._now_iso()
             self._publish()
         return retry
 
@@ -5645,10 +6232,10 @@ class Replication:
         fs = plan.sender_fs
         req = StepRequest.from_step(fs, step, replace_placeholder=plan.replace_placeholder and step.is_full)
         level = self.settings.plan.protection_for(step)
-        rep.state, rep.step = "stepping", step.describe()
+        rep.state, rep.step = FilesystemState.STEPPING, step.describe()
         rep.bytes_expected = self._estimate(plan, step)
         rep.bytes_replicated = 0
-        rep.step_started = iso_time(utcnow())
+        rep.step_started = self._now_iso()
         self.current = (rep, self.progress.bytes)
         self.progress.touch()  # signs of life between commands: see plan()
         self._publish()
@@ -5660,24 +6247,7 @@ class Replication:
         # Receiver set-up (placeholders) before `zfs send` starts, not while it waits on the pipe.
         self.receiver.prepare(req)
         self.progress.touch()
-        if isinstance(self.sender, SenderEndpoint):
-            stream = self.sender.open_send(req)
-            try:
-                self.receiver.receive(req, stream)
-            except (ZreplError, OSError) as exc:
-                raise with_sender_error(exc, self.sender.send_error()) from exc
-        else:
-            streams: list[IncomingStream] = []
-
-            def consume(incoming: IncomingStream) -> dict[str, Any]:
-                streams.append(incoming)
-                return receive_from_stream(self.receiver, req, incoming)
-            try:
-                self.sender.send_into(req, consume)
-            except (ZreplError, OSError) as exc:
-                # discard() has drained the stream to its END: it says whether the sender failed
-                failed = [i.sender_error for i in streams if i.sender_status == "error"]
-                raise with_sender_error(exc, str(failed[0]) if failed else None) from exc
+        self.sender.send(req, lambda source: self.receiver.receive(req, source))
         self.refresh()
         self.current = None
         self.progress.step_done()
@@ -5690,7 +6260,8 @@ class Watchdog(PeriodicThread):
     """Cancels a replication that makes no progress (bytes moved or steps finished) for `timeout`.
 
     Cancelling kills the run's zfs processes and cancels the connection, so every blocked call
-    returns; the reason is kept for the status file.
+    returns; the reason is kept for the status file. `check()` is the decision, callable by tests
+    with a fake clock; the thread only calls it every `interval` seconds.
     """
 
     def __init__(self, progress: Progress, timeout: float, cancel: Callable[[str], None], interval: float = 1.0):
@@ -5699,7 +6270,10 @@ class Watchdog(PeriodicThread):
         self.fired: str | None = None
 
     def tick(self) -> bool:
-        idle = time.monotonic() - self.progress.last_change
+        return self.check()
+
+    def check(self) -> bool:
+        idle = self.progress.clock.monotonic() - self.progress.last_change
         if idle <= self.timeout:
             return False
         self.fired = (f"no progress for {format_duration(idle)} (replication.timeout = "
@@ -5711,7 +6285,7 @@ class Watchdog(PeriodicThread):
 
 
 # =================================================================================================
-# 10. Snapshotter and hooks
+# 11. Snapshotter and hooks
 # =================================================================================================
 
 HOOK_OUTPUT_LIMIT = 1 << 20
@@ -6099,8 +6673,13 @@ def take_due_snapshots(zfs: Zfs, snap: SnapshottingConfig, datasets: list[Datase
 
 
 # =================================================================================================
-# 11. Pruner
+# 12. Pruner
 # =================================================================================================
+
+# Pruning applies the pure keep-rule decisions (section 3) to one side through the same roles the
+# replication uses (zrepl's pruner over its sender and receiver endpoints): a Sender or Receiver
+# lists, looks up hold tags and destroys in batches, locally or through the connection. Only
+# snapshots are ever destroyed; bookmarks and datasets never reach a destroyer.
 
 @dataclass
 class PruneResult:
@@ -6118,63 +6697,142 @@ class PruneResult:
                 "held": self.held, "errors": self.errors, "notes": self.notes}
 
 
-Destroyer = Callable[[str, list[str]], tuple[list[str], dict[str, str]]]
-HoldLookup = Callable[[list[str]], dict[str, list[str]]]
+Destroyer = Callable[[str, list[str]], DestroyResult]  # (dataset, short names) -> what happened
+HoldLookup = Callable[[str, list[str]], dict[str, list[str]]]  # (dataset, short names) -> tags by name
 
 
-def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[Any], destroy: Destroyer,
+def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destroy: Destroyer,
                    holds: HoldLookup | None = None, contexts: dict[str, PruneContext] | None = None,
-                   dry_run: bool = False, names: dict[str, str] | None = None) -> list[PruneResult]:
+                   dry_run: bool = False) -> list[PruneResult]:
     """Apply keep rules to each dataset's snapshots; destroy the rest in one batch per dataset.
 
     `destroy(dataset, short_names)` does the batch (locally: destroy_with_bisect; on a peer: a
-    request), `holds(full_names)` looks up hold tags (None: tags unknown). Held snapshots are
-    reported with their tags and left alone. Only snapshots are ever destroyed: bookmarks and
-    datasets never reach `destroy`. `names` maps a dataset to the name `destroy` expects (the
-    sender's name for a remote receiver).
+    request), `holds(dataset, short_names)` looks up hold tags (None: tags unknown). Held snapshots
+    are reported with their tags and left alone. Only snapshots are ever destroyed: bookmarks and
+    datasets never reach `destroy`.
     """
     results: list[PruneResult] = []
-    plans: list[tuple[DatasetInfo, PruneDecision]] = []
-    held_candidates: list[str] = []
     for ds in datasets:
         ctx = (contexts or {}).get(ds.name) or PruneContext()
         decision = decide_prune(ds.snapshots(), rules, ctx)
-        plans.append((ds, decision))
-        held_candidates += [v.full_name for v in decision.destroy if v.userrefs > 0]
-    hold_tags = holds(held_candidates) if (held_candidates and holds) else {}
-    for ds, decision in plans:
         result = PruneResult(dataset=ds.name, kept=decision.keep, notes=list(decision.notes))
+        held_names = [v.name for v in decision.destroy if v.userrefs > 0]
+        tags = holds(ds.name, held_names) if (held_names and holds) else {}
         victims = []
         for v in decision.destroy:
             if v.userrefs > 0:
-                result.held[v.name] = hold_tags.get(v.full_name, [f"{v.userrefs} hold(s)"])
+                result.held[v.name] = tags.get(v.name, [f"{v.userrefs} hold(s)"])
             else:
                 victims.append(v.name)
-        for snap, tags in result.held.items():
-            level = logging.INFO if all(t.startswith("zrepl_") for t in tags) else logging.WARNING
-            log.log(level, "not destroying %s@%s: held by %s", ds.name, snap, ", ".join(tags))
+        for snap, snap_tags in result.held.items():
+            level = logging.INFO if all(t.startswith("zrepl_") for t in snap_tags) else logging.WARNING
+            log.log(level, "not destroying %s@%s: held by %s", ds.name, snap, ", ".join(snap_tags))
         if victims:
             if dry_run:
                 log.info("dry run: would destroy %s@%s", ds.name, ",".join(victims))
                 result.destroyed = victims
             else:
                 log.info("destroying %d snapshot(s) of %s: %s", len(victims), ds.name, ", ".join(victims))
-                result.destroyed, result.errors = destroy((names or {}).get(ds.name, ds.name), victims)
-                # A hold placed after our listing shows up as "dataset is busy": report its tags.
-                raced = holds([f"{ds.name}@{snap}" for snap in result.errors]) if (result.errors and holds) else {}
-                for full, tags in raced.items():
-                    snap = full.partition("@")[2]
-                    if tags and snap in result.errors:
-                        del result.errors[snap]
-                        result.held[snap] = tags
-                for snap, err in result.errors.items():
-                    log.error("could not destroy %s@%s: %s", ds.name, snap, err)
+                done = destroy(ds.name, victims)
+                result.destroyed, result.errors = done.destroyed, dict(done.errors)
+                _report_raced_holds(ds.name, result, holds)
         results.append(result)
     return results
 
 
+def _report_raced_holds(dataset: str, result: PruneResult, holds: HoldLookup | None) -> None:
+    """A hold placed after our listing shows up as "dataset is busy": report its tags instead."""
+    raced = holds(dataset, list(result.errors)) if (result.errors and holds) else {}
+    for snap, tags in raced.items():
+        if tags and snap in result.errors:
+            del result.errors[snap]
+            result.held[snap] = tags
+    for snap, err in result.errors.items():
+        log.error("could not destroy %s@%s: %s", dataset, snap, err)
+
+
 def local_destroyer(zfs: Zfs) -> Destroyer:
-    return lambda dataset, names: destroy_with_bisect(zfs, dataset, names)
+    return lambda dataset, names: DestroyResult(*destroy_with_bisect(zfs, dataset, names))
+
+
+def local_hold_lookup(zfs: Zfs) -> HoldLookup:
+    return lambda dataset, names: _hold_tags(zfs, dataset, names)
+
+
+def cursor_contexts(listing: Iterable[DatasetInfo], abstraction_job: str) -> dict[str, PruneContext]:
+    """not_replicated's facts per sender dataset: the replication cursor of the job that sends."""
+    contexts = {}
+    for ds in listing:
+        cursor = replication_cursor(ds, abstraction_job)
+        contexts[ds.name] = PruneContext(cursor_guid=cursor.guid if cursor else None,
+                                         cursor_createtxg=cursor.createtxg if cursor else None)
+    return contexts
+
+
+def prune_sender(sender: Sender, listing: list[DatasetInfo], rules: Sequence[KeepRule],
+                 dry_run: bool = False) -> list[PruneResult]:
+    """keep_sender on the sending side; not_replicated compares against the cursor of the job whose
+    abstractions the sender writes (sender.info: the push job, or the source serving this client)."""
+    return prune_datasets(listing, rules, sender.destroy_snapshots, sender.hold_tags,
+                          cursor_contexts(listing, sender.info.abstraction_job), dry_run)
+
+
+def prune_receiver(receiver: Receiver, listing: ReceiverListing, sender_filesystems: Iterable[str],
+                   rules: Sequence[KeepRule], dry_run: bool = False) -> list[PruneResult]:
+    """keep_receiver on the receiving side, for the replicas of the sender's filesystems."""
+    wanted = set(sender_filesystems)
+    names = {entry.dataset.name: fs for fs, entry in listing.items() if fs in wanted}
+    datasets = [entry.dataset for fs, entry in sorted(listing.items()) if fs in wanted]
+    return prune_datasets(datasets, rules,
+                          lambda dataset, snaps: receiver.destroy_snapshots(names[dataset], snaps),
+                          lambda dataset, snaps: receiver.hold_tags(names[dataset], snaps),
+                          None, dry_run)
+
+
+@dataclass
+class BothSidesPruned:
+    """The outcome of pruning both sides of an active job; `failures` are keyed like a pass's."""
+
+    sender: list[PruneResult] = field(default_factory=list)
+    receiver: list[PruneResult] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[KeepRule],
+                     keep_receiver: Sequence[KeepRule], listings: Listings | None = None,
+                     dry_run: bool = False, on_side: Callable[[str], None] = lambda side: None,
+                     job: str = "") -> BothSidesPruned:
+    """Prune the sender, then the receiver (zrepl's order). `listings` are the replication's own
+    when it changed nothing since; otherwise both sides are listed again. A failure on one side is
+    recorded and the other side still runs."""
+    out = BothSidesPruned()
+    on_side("sender")
+    try:
+        sender_list = listings[0] if listings is not None else sender.list_filesystems()
+    except (ZreplError, OSError) as exc:
+        log.error("job %s: listing the sender for pruning failed: %s", job, exc)
+        out.failures["(pruning)"] = str(exc)
+        return out
+    try:
+        out.sender = prune_sender(sender, sender_list, keep_sender, dry_run)
+        for r in out.sender:
+            if r.errors:
+                out.failures[r.dataset] = f"pruning sender: {len(r.errors)} snapshot(s) could not be destroyed"
+    except (ZreplError, OSError) as exc:
+        log.error("job %s: pruning the sender failed: %s", job, exc)
+        out.failures["(pruning sender)"] = str(exc)
+    on_side("receiver")
+    try:
+        receiver_list = listings[1] if listings is not None else receiver.list_filesystems()
+        out.receiver = prune_receiver(receiver, receiver_list, (ds.name for ds in sender_list), keep_receiver,
+                                      dry_run)
+        for r in out.receiver:
+            if r.errors:
+                out.failures[r.dataset] = f"pruning receiver: {len(r.errors)} snapshot(s) could not be destroyed"
+    except (ZreplError, OSError) as exc:
+        log.error("job %s: pruning the receiver failed: %s", job, exc)
+        out.failures["(pruning receiver)"] = str(exc)
+    return out
 
 
 def prune_summary(pruned: list[PruneResult]) -> dict[str, Any]:
@@ -6187,7 +6845,7 @@ def prune_summary(pruned: list[PruneResult]) -> dict[str, Any]:
 
 
 # =================================================================================================
-# 12. Jobs and watchdog
+# 13. Jobs
 # =================================================================================================
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -6281,6 +6939,55 @@ class PassResult:
     failures: dict[str, str] = field(default_factory=dict)  # filesystem -> what failed
 
 
+class ActiveMode(Protocol):
+    """How an active job's run is wired (zrepl's activeMode: modePush, modePull): which side is
+    local, which one is reached through the connection, and whether the job takes snapshots."""
+
+    def takes_snapshots(self) -> bool: ...
+
+    def sides(self, conn: RequestChannel) -> tuple[Sender, Receiver]:
+        """The sender and receiver for one connection (built again after a reconnect)."""
+        ...
+
+
+class PushMode:
+    """push: this host's filesystems are the sender; the sink is the receiver, through the connection.
+    The replication cursor lives here (this job's name), the last-received holds on the sink."""
+
+    def __init__(self, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress):
+        self.job, self.zfs, self.processes, self.progress = job, zfs, processes, progress
+
+    def takes_snapshots(self) -> bool:
+        return self.job.snapshotting.type != "manual"
+
+    def sides(self, conn: RequestChannel) -> tuple[Sender, Receiver]:
+        assert self.job.filesystems is not None
+        sender = SenderEndpoint(self.zfs, self.job.name, self.job.filesystems, self.job.send, self.processes,
+                                self.progress, job_type="push")
+        return sender, RemoteReceiver(conn)
+
+
+class PullMode:
+    """pull: the source is the sender, through the connection; this host's root_fs is the receiver.
+    The replication cursor lives on the source (named by the source: endpoint.info), the
+    last-received holds here (this job's name)."""
+
+    def __init__(self, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress):
+        self.job, self.zfs, self.processes, self.progress = job, zfs, processes, progress
+
+    def takes_snapshots(self) -> bool:
+        return False
+
+    def sides(self, conn: RequestChannel) -> tuple[Sender, Receiver]:
+        receiver = ReceiverEndpoint(self.zfs, self.job.name, self.job.root_fs, None, self.job.recv,
+                                    self.processes, self.progress, job_type="pull")
+        return RemoteSender(conn), receiver
+
+
+ACTIVE_MODES: dict[str, Callable[[JobConfig, Zfs, ProcessRegistry, Progress], ActiveMode]] = {
+    "push": PushMode, "pull": PullMode}
+
+
 class JobRunner:
     """Runs passes of one job under its lock and publishes the job's status document.
 
@@ -6289,7 +6996,7 @@ class JobRunner:
     """
 
     def __init__(self, config: Config, job: JobConfig, zfs: Zfs, publish: Publish = _no_publish,
-                 dry_run: bool = False, clock: Callable[[], float] = utcnow):
+                 dry_run: bool = False, clock: Clock = SYSTEM_CLOCK):
         self.config, self.job, self.zfs = config, job, zfs
         self.publish = publish if not dry_run else _no_publish
         self.dry_run, self.clock = dry_run, clock
@@ -6303,7 +7010,7 @@ class JobRunner:
     def _set_activity(self, step: str, progress: str = "") -> None:
         self.doc["state"] = "running"
         self.doc["pid"] = os.getpid()
-        self.doc["activity"] = {"step": step, "progress": progress, "since": iso_time(self.clock())}
+        self.doc["activity"] = {"step": step, "progress": progress, "since": iso_time(self.clock.time())}
         self.publish(self.job.name, self.doc)
 
     def _fs(self, name: str) -> dict[str, Any]:
@@ -6337,7 +7044,7 @@ class JobRunner:
 
     def run_pass(self) -> PassResult:
         """One pass: whatever the job type does (snapshot if due, replicate, prune)."""
-        started = self.clock()
+        started = self.clock.time()
         self.doc["last_run"] = {"start": iso_time(started), "end": None, "result": "running",
                                 "dry_run": self.dry_run}
         self._set_activity("starting")
@@ -6346,7 +7053,7 @@ class JobRunner:
         except ZreplError as exc:
             log.error("job %s: %s", self.job.name, exc)
             result = PassResult(EXIT_FAILED, error=str(exc))
-        ended = self.clock()
+        ended = self.clock.time()
         outcome = "ok" if result.exit_code == EXIT_OK else ("error" if result.error else "failed")
         self.doc["last_run"] = {"start": iso_time(started), "end": iso_time(ended), "result": outcome,
                                 "error": result.error, "failures": result.failures, "dry_run": self.dry_run}
@@ -6361,7 +7068,7 @@ class JobRunner:
     def _dispatch(self) -> PassResult:
         if self.job.type in ("snap", "source"):
             return self._snap_pass(prune=self.job.type == "snap")
-        if self.job.type in ("push", "pull"):
+        if self.job.type in ACTIVE_MODES:
             return self._active_pass()
         log.info("job %s: sink jobs are passive; they serve when a client connects", self.job.name)
         return PassResult()
@@ -6375,7 +7082,7 @@ class JobRunner:
         """Snapshot the due filesystems (one command per pool) and record it in the status."""
         if not datasets:
             log.warning("job %s: the filesystems filter selects no dataset", self.job.name)
-        now = self.clock()
+        now = self.clock.time()
         snap = self.job.snapshotting
         if snap.type != "manual":
             self._set_activity("snapshotting", f"{len(datasets)} filesystems")
@@ -6401,11 +7108,11 @@ class JobRunner:
         if prune:
             if any(b.snapshotted for b in batches):
                 if self.dry_run:
-                    datasets = _with_planned_snapshots(datasets, batches, self.clock())
+                    datasets = _with_planned_snapshots(datasets, batches, self.clock.time())
                 else:
                     datasets = self._select()  # pruning must see the new snapshots' real txg and guid
             self._set_activity("pruning", f"{len(datasets)} filesystems")
-            pruned = prune_datasets(datasets, self.job.keep, local_destroyer(self.zfs), self.zfs.holds,
+            pruned = prune_datasets(datasets, self.job.keep, local_destroyer(self.zfs), local_hold_lookup(self.zfs),
                                     dry_run=self.dry_run)
             self.doc["pruning"] = prune_summary(pruned)
             self.last_prune = pruned
@@ -6418,43 +7125,35 @@ class JobRunner:
         return result
 
     # -- push and pull -----------------------------------------------------------------------------
-    def _replication_settings(self) -> ReplicationSettings:
+    def _replication_settings(self, receiver: Receiver) -> ReplicationSettings:
         job = self.job
         if job.replication.concurrency_steps > 1:
             # Parallel steps need one connection per step; until then say so rather than pretend.
             log.warning("job %s: replication.concurrency.steps = %d is accepted but steps run one at a time",
                         job.name, job.replication.concurrency_steps)
-        receiving = None
-        if job.type == "pull":
-            receiving = job.name
         plan = PlanSettings(initial=job.initial_replication, protection_initial=job.replication.protection_initial,
                             protection_incremental=job.replication.protection_incremental,
-                            encrypted=job.send.encrypted, raw=job.send.raw, receiving_job=receiving)
+                            encrypted=job.send.encrypted, raw=job.send.raw,
+                            receiving_job=receiver.info.abstraction_job)
         return ReplicationSettings(job=job.name, plan=plan, timeout=job.replication.timeout, dry_run=self.dry_run,
                                    retry_delay=float(os.environ.get("ZREPL_RETRY_DELAY", "2")))
 
     def _active_pass(self) -> PassResult:
         """push: snapshot if due, replicate, prune sender, prune receiver. pull: replicate, prune."""
         job, result = self.job, PassResult()
-        if job.type == "push" and job.snapshotting.type != "manual":  # manual: no listing needed
+        processes, progress = ProcessRegistry(), Progress(self.clock)
+        mode = ACTIVE_MODES[job.type](job, self.zfs, processes, progress)
+        if mode.takes_snapshots():  # manual snapshotting: no listing needed
             self._set_activity("listing")
             self._take_snapshots(self._select(), result)
-        processes, progress = ProcessRegistry(), Progress()
         self._set_activity("connecting")
-        peer = connect_peer(self.config, job, self.zfs, processes, progress)
+        peer = connect_peer(self.config, job, self.zfs, processes, progress, self.clock)
         try:
-            if job.type == "push":
-                assert job.filesystems is not None
-                sender: Any = SenderEndpoint(self.zfs, job.name, job.filesystems, job.send, processes, progress)
-                receiver: Any = RemoteReceiver(peer.conn)
-            else:
-                sender = RemoteSender(peer.conn)
-                receiver = ReceiverEndpoint(self.zfs, job.name, job.root_fs, None, job.recv, processes, progress)
-            peer = self._replicate(sender, receiver, peer, processes, progress, result)
-            if job.type == "pull":
-                sender = RemoteSender(peer.conn)
-            else:
-                receiver = RemoteReceiver(peer.conn)
+            sender, receiver = mode.sides(peer.conn)
+            replicated_peer = self._replicate(mode, sender, receiver, peer, processes, progress, result)
+            if replicated_peer is not peer:  # reconnected after a cancelled replication
+                peer = replicated_peer
+                sender, receiver = mode.sides(peer.conn)
             repl = self.last_replication
             unchanged = (repl.listings if repl is not None and not repl.changed and not repl.cancel_reason
                          else None)
@@ -6465,15 +7164,16 @@ class JobRunner:
             result.exit_code = EXIT_FAILED
         return result
 
-    def _replicate(self, sender: Any, receiver: Any, peer: Peer, processes: ProcessRegistry, progress: Progress,
-                   result: PassResult) -> Peer:
+    def _replicate(self, mode: ActiveMode, sender: Sender, receiver: Receiver, peer: Peer,
+                   processes: ProcessRegistry, progress: Progress, result: PassResult) -> Peer:
         """Run the replication under the watchdog; returns a usable peer (reconnected if cancelled)."""
         previous = (self.doc.get("replication") or {}).get("filesystems") or {}
         counts = {fs: int(v.get("error_count") or 0) for fs, v in previous.items() if isinstance(v, dict)}
-        settings = self._replication_settings()
-        repl = Replication(sender, receiver, settings, progress, error_counts=counts, previous=previous)
+        settings = self._replication_settings(receiver)
+        repl = Replication(sender, receiver, settings, progress, error_counts=counts, previous=previous,
+                           clock=self.clock)
         self.last_replication = repl
-        state: dict[str, Any] = {"started": iso_time(self.clock()), "cancelled": None}
+        state: dict[str, Any] = {"started": iso_time(self.clock.time()), "cancelled": None}
 
         def publish(reports: dict[str, FilesystemReport]) -> None:
             self.doc["replication"] = {**state, "filesystems": {fs: r.to_json() for fs, r in reports.items()}}
@@ -6485,7 +7185,7 @@ class JobRunner:
             repl.cancel_reason = reason
             state["cancelled"] = reason
             processes.kill_all(reason)
-            peer.conn.cancel(reason)
+            peer.cancel(reason)
 
         self._set_activity("replicating")
         try:
@@ -6509,67 +7209,22 @@ class JobRunner:
         if repl.cancel_reason and not self.dry_run:
             peer.close()
             log.info("job %s: reconnecting for pruning after the cancelled replication", self.job.name)
-            return connect_peer(self.config, self.job, self.zfs, ProcessRegistry(), Progress())
+            return connect_peer(self.config, self.job, self.zfs, ProcessRegistry(), Progress(self.clock), self.clock)
         return peer
 
-    def _prune_both(self, sender: Any, receiver: Any, result: PassResult,
-                    listings: tuple[list[DatasetInfo], dict[str, Any]] | None = None) -> None:
-        """Prune the sender, then the receiver. `listings` (sender, receiver) are the replication's
-        own when it changed nothing since; otherwise both sides are listed again."""
+    def _prune_both(self, sender: Sender, receiver: Receiver, result: PassResult, listings: Listings | None) -> None:
+        """Prune the sender, then the receiver (section 12), and record it in the status."""
         job = self.job
         if not job.keep_sender and not job.keep_receiver:
             # Empty keep lists keep everything: skip both listings (two spawns per run).
             self.doc["pruning_sender"] = self.doc["pruning_receiver"] = prune_summary([])
             return
-        self._set_activity("pruning sender")
-        try:
-            sender_list = listings[0] if listings is not None else sender.list_filesystems()
-        except (ZreplError, OSError) as exc:
-            log.error("job %s: listing the sender for pruning failed: %s", job.name, exc)
-            result.failures["(pruning)"] = str(exc)
-            return
-        try:
-            cursor_job = job.name if job.type == "push" else sender.job
-            contexts = {}
-            for ds in sender_list:
-                cursor = replication_cursor(ds, cursor_job)
-                contexts[ds.name] = PruneContext(cursor_guid=cursor.guid if cursor else None,
-                                                 cursor_createtxg=cursor.createtxg if cursor else None)
-            if job.type == "push":
-                destroy, holds = local_destroyer(self.zfs), self.zfs.holds
-            else:
-                destroy, holds = sender.destroy_snapshots, None
-            pruned = prune_datasets(sender_list, job.keep_sender, destroy, holds, contexts, self.dry_run)
-            self.doc["pruning_sender"] = prune_summary(pruned)
-            self.last_prune = pruned
-            for r in pruned:
-                if r.errors:
-                    result.failures[r.dataset] = f"pruning sender: {len(r.errors)} snapshot(s) could not be destroyed"
-        except (ZreplError, OSError) as exc:
-            log.error("job %s: pruning the sender failed: %s", job.name, exc)
-            result.failures["(pruning sender)"] = str(exc)
-        self._set_activity("pruning receiver")
-        try:
-            wanted = {ds.name for ds in sender_list}
-            datasets, names = [], {}
-            receiver_list = listings[1] if listings is not None else receiver.list_filesystems()
-            for sender_name, (ds, _token) in sorted(receiver_list.items()):
-                if sender_name in wanted:
-                    datasets.append(ds)
-                    names[ds.name] = sender_name
-            if job.type == "pull":
-                destroy, holds, names = local_destroyer(self.zfs), self.zfs.holds, {}
-            else:
-                destroy, holds = receiver.destroy_snapshots, None
-            pruned = prune_datasets(datasets, job.keep_receiver, destroy, holds, None, self.dry_run, names=names)
-            self.doc["pruning_receiver"] = prune_summary(pruned)
-            self.last_prune_receiver = pruned
-            for r in pruned:
-                if r.errors:
-                    result.failures[r.dataset] = f"pruning receiver: {len(r.errors)} snapshot(s) could not be destroyed"
-        except (ZreplError, OSError) as exc:
-            log.error("job %s: pruning the receiver failed: %s", job.name, exc)
-            result.failures["(pruning receiver)"] = str(exc)
+        pruned = prune_both_sides(sender, receiver, job.keep_sender, job.keep_receiver, listings, self.dry_run,
+                                  on_side=lambda side: self._set_activity(f"pruning {side}"), job=job.name)
+        self.doc["pruning_sender"] = prune_summary(pruned.sender)
+        self.doc["pruning_receiver"] = prune_summary(pruned.receiver)
+        self.last_prune, self.last_prune_receiver = pruned.sender, pruned.receiver
+        result.failures.update(pruned.failures)
 
 
 def _with_planned_snapshots(datasets: list[DatasetInfo], batches: list[SnapshotBatchResult],
@@ -6600,179 +7255,6 @@ class StatusTicker(PeriodicThread):
             log.debug("status tick failed: %s", exc)
 
 
-@dataclass
-class Peer:
-    """A connected peer for one active run: the connection and how to tear it down."""
-
-    conn: Connection
-    close: Callable[[], None]
-
-
-def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry,
-                  progress: Progress) -> Peer:
-    """Join an active job to the sink/source serving its local listener: a socketpair, the passive
-    endpoint served in a thread of this process. Streams pass as file descriptors (zero copies)
-    unless a bandwidth limit forces copying."""
-    assert job.connect is not None
-    passive = next(j for j in config.jobs if j.serve and j.serve.type == "local"
-                   and j.serve.listener_name == job.connect.listener_name)
-    client, server = local_pair()
-    client.name, server.name = f"local listener {job.connect.listener_name}", f"local client {job.name}"
-    identity = job.connect.client_identity
-    handlers: dict[str, Handler]
-    if passive.type == "sink":
-        handlers = receiver_handlers(ReceiverEndpoint(zfs, passive.name, passive.root_fs, identity, passive.recv,
-                                                      processes, progress))
-        client.send_limit = _bucket(job.send.bandwidth_limit)
-        server.recv_limit = _bucket(passive.recv.bandwidth_limit)
-    else:
-        assert passive.filesystems is not None
-        handlers = sender_handlers(SenderEndpoint(zfs, passive.name, passive.filesystems, passive.send,
-                                                  processes, progress))
-        server.send_limit = _bucket(passive.send.bandwidth_limit)
-        client.recv_limit = _bucket(job.recv.bandwidth_limit)
-    failure: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            serve_connection(server, handlers)
-        except (ZreplError, OSError) as exc:
-            failure.append(exc)
-            log.debug("local server for %s ended: %s", passive.name, exc)
-        finally:
-            server.close()
-
-    thread = threading.Thread(target=serve, name=f"serve {passive.name}", daemon=True)
-    thread.start()
-    client.handshake_client(identity)
-
-    def close() -> None:
-        client.close()
-        thread.join(timeout=30)
-
-    return Peer(client, close)
-
-
-def _bucket(limit: BandwidthLimit | None) -> TokenBucket | None:
-    return TokenBucket(limit.max, limit.bucket_capacity) if limit else None
-
-
-def connect_peer(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress) -> Peer:
-    """Connect an active job to its passive side over the configured transport."""
-    assert job.connect is not None
-    if job.connect.type == "local":
-        return connect_local(config, job, zfs, processes, progress)
-    return connect_ssh(job, progress)
-
-
-DIAL_RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds between dials refused as temporary
-
-
-def connect_ssh(job: JobConfig, progress: Progress) -> Peer:
-    """ssh+stdinserver: ssh with no remote command; the passive host's authorized_keys forces
-    `zrepl.py stdinserver IDENTITY`, which serves the protocol on its stdin/stdout.
-
-    The connection redials after it broke (RedialingConnection), so the runner's retry attempts
-    after a lost connection (ssh killed, network gone) get a fresh one and resume from the
-    receiver's resume token."""
-    assert job.connect is not None
-    connect = job.connect
-
-    def dial_once() -> Connection:
-        conn = ssh_connect(ssh_argv(connect), name=f"{connect.user}@{connect.host}",
-                           timeout=max(connect.dial_timeout, DEFAULT_PEER_TIMEOUT))
-        if job.type == "push":
-            conn.send_limit = _bucket(job.send.bandwidth_limit)
-        else:
-            conn.recv_limit = _bucket(job.recv.bandwidth_limit)
-            # push counts bytes from the local `zfs send -v -P`; pull has only the stream to count
-            conn.progress = progress.add_bytes
-        try:
-            conn.handshake_client(job.name)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def dial() -> Connection:
-        # A temporary refusal (the server still holds this identity's lock, e.g. its previous
-        # stdinserver is winding down) is worth a few short waits; anything else fails at once.
-        for delay in DIAL_RETRY_DELAYS:
-            try:
-                return dial_once()
-            except ProtocolError as exc:
-                if not exc.temporary:
-                    raise
-                log.warning("job %s: %s; dialing again in %gs", job.name, exc, delay)
-                time.sleep(delay)
-        return dial_once()
-
-    redialing = RedialingConnection(dial)
-    return Peer(redialing, redialing.close)  # type: ignore[arg-type]
-
-
-def ssh_argv(c: ConnectConfig) -> list[str]:
-    """`ssh -T -o BatchMode=yes [-o opt]... -o ConnectTimeout=<dial_timeout> -i identity_file -p port
-    user@host`, no remote command: the forced command in authorized_keys decides what runs.
-
-    ConnectTimeout comes after the configured options because ssh keeps the FIRST value of an
-    option: an explicit `options = ["ConnectTimeout=30"]` wins over dial_timeout."""
-    argv = [c.ssh_command, "-T", "-o", "BatchMode=yes"]
-    for opt in c.options:
-        argv += ["-o", opt]
-    argv += ["-o", f"ConnectTimeout={max(1, int(c.dial_timeout))}"]
-    return argv + ["-i", c.identity_file, "-p", str(c.port), f"{c.user}@{c.host}"]
-
-
-class RedialingConnection:
-    """An active side's connection that dials again after the previous one broke.
-
-    Quacks like the Connection the Remote* proxies use (request, cancel, close). A request that
-    fails with ProtocolError (lost, timed out, garbage) marks the connection stale; the next request
-    dials anew. Cancelled connections never redial: cancel means stop.
-    """
-
-    def __init__(self, dial: Callable[[], Connection]):
-        self._dial = dial
-        self.conn: Connection = dial()
-        self.dials = 1
-        self._stale = False
-        self._cancelled: str | None = None
-
-    def request(self, kind: str, body: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
-        if self._stale and self._cancelled is None:
-            try:
-                self._redial()
-            except BaseException:
-                stream_in = kwargs.get("stream_in")
-                if stream_in is not None:  # ownership passed to us: don't leak the producer's pipe
-                    os.close(stream_in if isinstance(stream_in, int) else stream_in.fd)
-                raise
-        try:
-            return self.conn.request(kind, body, **kwargs)
-        except ProtocolError:
-            self._stale = True
-            raise
-
-    def _redial(self) -> None:
-        log.info("%s: connecting again after the lost connection", self.conn.name)
-        self.conn.close()
-        self.conn = self._dial()
-        self.dials += 1
-        self._stale = False
-
-    @property
-    def name(self) -> str:
-        return self.conn.name
-
-    def cancel(self, reason: str = "cancelled") -> None:
-        self._cancelled = reason
-        self.conn.cancel(reason)
-
-    def close(self) -> None:
-        self.conn.close()
-
-
 # ---- the passive side of ssh+stdinserver: one process per client connection ----------------------
 
 STDINSERVER_LOCK_WAIT = 30.0  # seconds a new connection waits for the same identity's previous one
@@ -6780,31 +7262,6 @@ CLIENT_TRANSFERS_KEPT = 20
 CLIENT_ERRORS_KEPT = 10
 
 StatusMerge = Callable[[str, Callable[[dict[str, Any]], None]], None]
-
-
-def stdinserver_job(config: Config, identity: str) -> JobConfig:
-    """The sink or source job whose `serve = {type = "stdinserver"}` lists `identity`."""
-    matches = [j for j in config.jobs
-               if j.serve is not None and j.serve.type == "stdinserver" and identity in j.serve.client_identities]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise ZreplError(f"client identity {identity!r} is listed by several jobs "
-                         f"({', '.join(j.name for j in matches)}); it must select exactly one sink or source job")
-    known = sorted({i for j in config.jobs if j.serve is not None and j.serve.type == "stdinserver"
-                    for i in j.serve.client_identities})
-    raise ZreplError(f"unknown client identity {identity!r}: no sink or source job in {config.file} lists it "
-                     f"in serve.client_identities (known: {', '.join(known) or 'none'})")
-
-
-def passive_handlers(job: JobConfig, identity: str, zfs: Zfs, processes: ProcessRegistry,
-                     progress: Progress) -> dict[str, Handler]:
-    """The protocol handlers a sink (receiver below root_fs/<identity>) or a source (sender of its
-    filesystems filter) offers one client."""
-    if job.type == "sink":
-        return receiver_handlers(ReceiverEndpoint(zfs, job.name, job.root_fs, identity, job.recv, processes, progress))
-    assert job.filesystems is not None
-    return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress))
 
 
 class ClientBusy(ZreplError):
@@ -6942,7 +7399,7 @@ class ClientRecorder:
 
 
 # =================================================================================================
-# 13. Status
+# 14. Status
 # =================================================================================================
 
 NAGIOS_OK, NAGIOS_WARNING, NAGIOS_CRITICAL, NAGIOS_UNKNOWN = 0, 1, 2, 3
@@ -7243,7 +7700,7 @@ def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool)
 
 
 # =================================================================================================
-# 14. CLI
+# 15. CLI
 # =================================================================================================
 
 class _LogfmtFormatter(logging.Formatter):
@@ -7525,12 +7982,10 @@ def cmd_test_decoderesumetoken(args: argparse.Namespace) -> int:
     """Decode a receive_resume_token with `zfs send -nvt` and print what it would resume."""
     if not re.fullmatch(r"[0-9a-zA-Z-]+", args.token):
         raise UsageError("--token: not a resume token (expected the receive_resume_token property's value)")
-    proc = args.zfs.run(["zfs", "send", "-n", "-v", "-t", args.token], check=False)
-    text = proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
     try:
-        decoded = parse_resume_token_info(text)
-    except ValueError:
-        raise ZreplError(f"cannot decode the token: {text.strip()}") from None
+        decoded = args.zfs.decode_resume_token(args.token)
+    except ZfsError as exc:
+        raise ZreplError(f"cannot decode the token: {exc.stderr}") from None
     print(json.dumps(dataclasses.asdict(decoded), indent=2))
     return EXIT_OK
 

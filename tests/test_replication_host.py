@@ -27,8 +27,9 @@ def test_bookmark_exists_is_classified_as_exists():
 
 
 def test_sender_error_is_named_as_the_cause():
+    # the peer's ERROR frame carries its ZfsError's temporary flag (kind "other": temporary)
     recv = zrepl.RemoteError("`zfs recv -u -s p/x` failed (exit 1, other): cannot receive: failed to read from stream",
-                             remote_type="ZfsError")
+                             remote_type="ZfsError", temporary=True)
     err = zrepl.with_sender_error(recv, "`zfs send -v -P p/a@1` exited with status 1: ssh: connection reset")
     assert isinstance(err, zrepl.EndpointError)
     assert str(err).startswith("the sending side failed: `zfs send -v -P p/a@1` exited with status 1: ssh: connection")
@@ -61,8 +62,9 @@ def test_plan_carries_the_common_snapshot_only_when_continuing():
 
 
 class FakeSender:
+    info = zrepl.PeerInfo(job="push", type="push", abstraction_job="push")
+
     def __init__(self, datasets):
-        self.job = "push"
         self.datasets = datasets
         self.completed = []
 
@@ -74,7 +76,7 @@ class FakeSender:
 
 
 class FakeReceiver:
-    root = "dst"
+    info = zrepl.PeerInfo(job="sink", type="sink", abstraction_job="sink", root="dst")
 
     def __init__(self, listing):
         self.listing = listing
@@ -89,7 +91,8 @@ class FakeReceiver:
 
 def _replication(sender_versions, receiver_versions, dry_run=False, incremental="guarantee_resumability"):
     sender = FakeSender([DatasetInfo("src/fs", "filesystem", versions=sender_versions)])
-    receiver = FakeReceiver({"src/fs": (DatasetInfo("dst/src/fs", "filesystem", versions=receiver_versions), None)})
+    receiver = FakeReceiver({"src/fs": zrepl.ReceiverFilesystem(DatasetInfo("dst/src/fs", "filesystem",
+                                                                             versions=receiver_versions))})
     settings = zrepl.ReplicationSettings(job="push", plan=PlanSettings(protection_incremental=incremental),
                                          dry_run=dry_run)
     return zrepl.Replication(sender, receiver, settings, zrepl.Progress()), sender, receiver

@@ -543,6 +543,22 @@ def test_passive_side_applies_its_bandwidth_limits(tmp_path):
 
 # ---- the active side's ssh transport ------------------------------------------------------------
 
+class ProcessSource:
+    """A StreamSource over a producer process's stdout (what SendProcess is for `zfs send`)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.stream = zrepl.OutgoingStream.from_process(proc, proc.args[0])
+
+    def open_fd(self) -> int:
+        return self.stream.fd
+
+    def finish(self) -> str | None:
+        return self.stream.finish() if self.stream.finish else None
+
+    def abandon(self) -> None:
+        pass
+
+
 def ssh_job(identity_file: str = "/etc/zrepl/id", options: list[str] | None = None, **kw) -> zrepl.JobConfig:
     connect = zrepl.ConnectConfig(type="ssh+stdinserver", host="backup.example.com", user="zrepl", port=2222,
                                   identity_file=identity_file, options=options or [], **kw)
@@ -576,7 +592,7 @@ def test_connect_ssh_runs_ssh_without_a_remote_command_and_talks_to_stdinserver(
         try:
             receiver = zrepl.RemoteReceiver(peer.conn)
             assert sorted(receiver.list_filesystems()) == ["prod", "prod/fs"]
-            assert receiver.root == "tank/sink/client1"
+            assert receiver.info.root == "tank/sink/client1" and receiver.info.job == "sink"
         finally:
             peer.close()
     finally:
@@ -604,7 +620,7 @@ def test_connect_ssh_applies_the_push_jobs_send_limit(setup, tmp_path):
             with pytest.raises(zrepl.RemoteError):  # the fake recv leaves nothing to verify
                 zrepl.RemoteReceiver(peer.conn).receive(
                     zrepl.StepRequest(fs="prod/fs", to="s2", to_guid=5, from_="@s1", from_guid=11),
-                    zrepl.OutgoingStream.from_process(producer, "head"))
+                    ProcessSource(producer))
             elapsed = time.monotonic() - start
             producer.wait()
         finally:
