@@ -7270,19 +7270,19 @@ class ClientBusy(ZreplError):
     temporary = True
 
 
-def acquire_client_lock(runtime_dir: str, job: str, identity: str,
-                        wait: float = STDINSERVER_LOCK_WAIT) -> JobLock | None:
+def acquire_client_lock(runtime_dir: str, job: str, identity: str, wait: float = STDINSERVER_LOCK_WAIT,
+                        clock: Clock = SYSTEM_CLOCK) -> JobLock | None:
     """One connection per (job, identity) at a time: a client that reconnects after a lost connection
     waits here until the previous server process has let its `zfs recv` save the resume state.
     Returns the held lock, or None when the runtime dir is unusable (then we serve unlocked)."""
     lock = JobLock(runtime_dir, f"{job}.client.{identity}")
-    deadline = time.monotonic() + wait
+    deadline = clock.monotonic() + wait
     try:
         while not lock.try_acquire():
-            if time.monotonic() >= deadline:
+            if clock.monotonic() >= deadline:
                 raise ClientBusy(f"another connection of client {identity!r} to job {job!r} is still being "
                                  f"served (pid {lock.holder_pid() or '?'}); try again later")
-            time.sleep(0.2)
+            clock.sleep(0.2)
     except OSError as exc:
         log.warning("cannot lock %s (%s); serving without the per-client lock", lock.path, exc.strerror or exc)
         return None
@@ -7893,7 +7893,9 @@ def cmd_stdinserver(args: argparse.Namespace) -> int:
     try:
         config = _open_config(args)
         job = stdinserver_job(config, identity)
-        lock = acquire_client_lock(config.global_.runtime_dir, job.name, identity)
+        # ZREPL_STDINSERVER_LOCK_WAIT (seconds) shortens the wait for the previous connection (tests)
+        wait = float(os.environ.get("ZREPL_STDINSERVER_LOCK_WAIT", STDINSERVER_LOCK_WAIT))
+        lock = acquire_client_lock(config.global_.runtime_dir, job.name, identity, wait)
     except ZreplError as exc:
         _refuse_stdio_client(str(exc), temporary=isinstance(exc, ClientBusy))
         raise

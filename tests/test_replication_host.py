@@ -140,3 +140,33 @@ def test_a_filesystem_that_vanished_since_the_last_attempt_is_dropped_from_the_r
     repl._report("src/gone").state = "step-error"
     repl.plan()
     assert "src/gone" not in repl.reports and "src/fs" in repl.reports
+
+
+class ManualClock(zrepl.Clock):
+    def __init__(self):
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_watchdog_fires_only_after_the_timeout_without_progress():
+    clock = ManualClock()
+    progress = zrepl.Progress(clock)
+    cancelled = []
+    dog = zrepl.Watchdog(progress, timeout=600, cancel=cancelled.append)
+    clock.now += 599
+    assert not dog.check()
+    progress.add_bytes(1)  # a sign of life restarts the count
+    clock.now += 599
+    assert not dog.check() and not cancelled
+    clock.now += 2
+    assert dog.check()
+    assert len(cancelled) == 1
+    assert "no progress for 10m1s" in cancelled[0] and "replication.timeout = 10m" in cancelled[0]

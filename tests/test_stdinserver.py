@@ -221,15 +221,47 @@ def test_unknown_identity_is_refused_with_a_clear_message_before_any_zfs_call(se
     assert fake.calls() == []
 
 
-def test_second_connection_of_one_identity_is_refused_as_temporary(setup):
+def test_second_connection_of_one_identity_is_refused_as_temporary(setup, monkeypatch):
     fake, cfg, connect = setup
     first = connect("client1")
-    # the server waits STDINSERVER_LOCK_WAIT for the first connection to end, then refuses
-    second = connect("client1", handshake=False, timeout=zrepl.STDINSERVER_LOCK_WAIT + 20)
+    # the server waits STDINSERVER_LOCK_WAIT (here shortened) for the first connection to end, then refuses
+    monkeypatch.setenv("ZREPL_STDINSERVER_LOCK_WAIT", "0.5")
+    second = connect("client1", handshake=False, timeout=20)
     with pytest.raises(zrepl.ProtocolError) as ei:
         second.handshake_client("client1")
     assert "handshake refused" in str(ei.value) and ei.value.temporary is True  # worth dialing again
     assert first.request("receiver.list", {})["root"] == "tank/sink/client1"  # the first is still served
+
+
+class FakeClock(zrepl.Clock):
+    """Time that moves only when something sleeps (CPython's test_sched model)."""
+
+    def __init__(self, start: float = 1_000.0):
+        self.now, self.slept = start, []
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_client_lock_waits_for_the_previous_connection_then_refuses(tmp_path):
+    holder = zrepl.JobLock(str(tmp_path), "sink.client.c1")
+    assert holder.try_acquire()
+    clock = FakeClock()
+    with pytest.raises(zrepl.ClientBusy) as ei:
+        zrepl.acquire_client_lock(str(tmp_path), "sink", "c1", wait=30, clock=clock)
+    assert ei.value.temporary and "still being served" in str(ei.value)
+    assert 29.9 <= sum(clock.slept) <= 30.3 and max(clock.slept) <= 0.2  # polled, never a blind 30 s sleep
+    holder.release()
+    lock = zrepl.acquire_client_lock(str(tmp_path), "sink", "c1", wait=30, clock=clock)
+    assert lock is not None
+    lock.release()
 
 
 def test_unknown_identity_without_a_client_exits_with_the_message(setup):
