@@ -2027,9 +2027,15 @@ def classify_zfs_error(stderr: str) -> ZfsErrorKind:
     return ZfsErrorKind.OTHER
 
 
-# Properties read by the one listing; user properties must come last (zfs prints "-" when unset).
+PLACEHOLDER_PROPERTY = "zrepl:placeholder"  # `on`, set locally: an empty stand-in a receive may replace
+
+# Properties read by the one listing. No user property among them: `zfs list -H` prints values
+# raw, so a value with a TAB or a NEWLINE (anyone with `zfs allow userprop`, or a received stream,
+# can set one) would shift the columns or forge whole rows (fake snapshots that push real ones
+# out of last_n). Every column here is constrained by ZFS itself; placeholders are asked for
+# separately (Zfs.local_placeholders), in a form a value cannot forge.
 LIST_PROPERTIES = ("name", "type", "guid", "createtxg", "creation", "userrefs", "receive_resume_token",
-                   "encryption", "encryptionroot", "keystatus", "zrepl:placeholder")
+                   "encryption", "encryptionroot", "keystatus")
 
 
 def zfs_list_argv(roots: Sequence[str], properties: Sequence[str] = LIST_PROPERTIES,
@@ -2056,6 +2062,9 @@ def parse_zfs_list(output: str, properties: Sequence[str] = LIST_PROPERTIES) -> 
             raise ValueError(f"unexpected zfs list line with {len(cols)} columns, wanted {len(properties)}: {line!r}")
         row = dict(zip(properties, cols, strict=True))
         name, kind = row["name"], row["type"]
+        if not _plausible_row(row):
+            log.warning("ignoring an unexpected zfs list line: %.200r", line)
+            continue
         if kind in ("filesystem", "volume"):
             props = {k: v for k, v in row.items() if k not in ("name", "type", "guid", "createtxg") and v != "-"}
             datasets[name] = DatasetInfo(name=name, type=kind, guid=_int(row.get("guid")),
@@ -2072,6 +2081,26 @@ def parse_zfs_list(output: str, properties: Sequence[str] = LIST_PROPERTIES) -> 
     for ds in datasets.values():
         ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
     return datasets
+
+
+_NUMERIC_COLUMNS = ("guid", "createtxg", "creation", "userrefs")
+
+
+def _plausible_row(row: dict[str, str]) -> bool:
+    """Every column of a row is what ZFS can print there (a name, a number or "-", a token)."""
+    try:
+        if row["type"] in ("filesystem", "volume"):
+            validate_dataset_name(row["name"])
+        elif row["type"] in ("snapshot", "bookmark"):
+            split_version_name(row["name"])
+        else:
+            return False
+    except ValueError:
+        return False
+    if any(not (row[c] == "-" or row[c].isdigit()) for c in _NUMERIC_COLUMNS if c in row):
+        return False
+    token = row.get("receive_resume_token", "-")
+    return token in ("-", "") or re.fullmatch(r"[0-9a-zA-Z-]+", token) is not None
 
 
 def _int(text: str | None) -> int:
@@ -2327,7 +2356,37 @@ class Zfs:
             if not (missing_only and stderr.strip()):
                 raise ZfsError(argv, proc.returncode, stderr)
             log.debug("zfs list: %s", stderr.strip())
-        return parse_zfs_list(proc.stdout.decode("utf-8", "replace"), properties)
+        try:
+            return parse_zfs_list(proc.stdout.decode("utf-8", "replace"), properties)
+        except ValueError as exc:
+            raise ZfsError(argv, proc.returncode, f"cannot parse the listing: {exc}") from None
+
+    def local_placeholders(self, datasets: Sequence[str]) -> set[str]:
+        """The datasets whose `zrepl:placeholder` is `on` and set LOCALLY (as zrepl checks it): an
+        inherited `on` is a dataset an admin created below a placeholder, with data of its own.
+
+        One `zfs get` for all. Its values are printed raw, so a value with a NEWLINE could forge a
+        line: the answer is trusted only if it has exactly one well-formed line per dataset asked
+        for (a forged line always adds one); otherwise each dataset is asked for on its own, where
+        only the exact output `on<TAB>local` counts."""
+        names = [validate_dataset_name(d) for d in dict.fromkeys(datasets)]
+        if not names:
+            return set()
+        argv = ["zfs", "get", "-H", "-p", "-o", "name,source,value", PLACEHOLDER_PROPERTY, *names]
+        proc = self.run(argv, check=False)
+        lines = proc.stdout.decode("utf-8", "replace").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        rows = [line.split("\t", 2) for line in lines]
+        if (proc.returncode == 0 and len(rows) == len(names) and all(len(r) == 3 for r in rows)
+                and sorted(r[0] for r in rows) == sorted(names)):
+            return {r[0] for r in rows if r[1] == "local" and r[2] == "on"}
+        return {n for n in names if self._is_local_placeholder(n)}
+
+    def _is_local_placeholder(self, dataset: str) -> bool:
+        argv = ["zfs", "get", "-H", "-p", "-o", "value,source", PLACEHOLDER_PROPERTY, dataset]
+        proc = self.run(argv, check=False)
+        return proc.returncode == 0 and proc.stdout == b"on\tlocal\n"
 
     def list_one(self, dataset: str) -> DatasetInfo | None:
         """One dataset with its snapshots and bookmarks, None if it does not exist. Not recursive:
@@ -2457,7 +2516,6 @@ def destroy_with_bisect(zfs: Zfs, dataset: str, names: list[str]) -> tuple[list[
 
 INITIAL_REPLICATION_CHOICES = ("most_recent", "all", "fail")
 PROTECTION_CHOICES = ("guarantee_resumability", "guarantee_incremental", "guarantee_nothing")
-PLACEHOLDER_PROPERTY = "zrepl:placeholder"
 
 
 @dataclass(frozen=True)
@@ -5298,14 +5356,20 @@ class ReceiverEndpoint:
     # -- listing ---------------------------------------------------------------------------------
     def list_filesystems(self) -> ReceiverListing:
         """Datasets below root keyed by the sender's name, with decoded resume tokens."""
-        pool = self.root_fs.split("/", 1)[0]
-        listing = self.zfs.list_datasets([self.root_fs]) if pool else {}
-        if self.root_fs not in listing:
-            raise EndpointError(f"root_fs {self.root_fs!r} does not exist on the receiver (create it first)")
+        # Only this side's subtree: a sink client's listing must not cost (or show) the other clients'.
+        listing = self.zfs.list_datasets([self.root])
+        if self.root not in listing and not self.zfs.list_datasets([self.root_fs], depth=0):
+            raise EndpointError(f"root_fs {self.root_fs!r} does not exist on the receiver; create it once "
+                                f"with `{_q('zfs', 'create', '-p', '-o', 'mountpoint=none', self.root_fs)}`")
         self._listing = listing
+        mine = {name: ds for name, ds in listing.items() if is_descendant(name, self.root, include_self=True)}
+        # Only an empty dataset can be a placeholder that a full receive may replace: ask ZFS which of
+        # them carry a LOCAL zrepl:placeholder=on (the listing itself holds no user property).
+        for name in self.zfs.local_placeholders([n for n, ds in mine.items() if not ds.snapshots()]):
+            mine[name].props[PLACEHOLDER_PROPERTY] = "on"
         out: ReceiverListing = {}
-        for name, ds in listing.items():
-            if not is_descendant(name, self.root):
+        for name, ds in mine.items():
+            if name == self.root:
                 continue
             token = None
             raw = ds.props.get("receive_resume_token")
@@ -5321,7 +5385,7 @@ class ReceiverEndpoint:
     # -- placeholders ----------------------------------------------------------------------------
     def _ensure_parents(self, target: str) -> None:
         if not self._listing:
-            self._listing = self.zfs.list_datasets([self.root_fs])
+            self._listing = self.zfs.list_datasets([self.root])
         for ph in placeholders_needed(target, self.root_fs, set(self._listing)):
             is_identity = self.identity is not None and ph == self.root
             enc = self.recv_cfg.placeholder_encryption
@@ -5386,9 +5450,12 @@ class ReceiverEndpoint:
             force = False
             if req.from_ is None and not req.resume_token and current is not None:
                 # A full stream onto an existing dataset: only into a placeholder without snapshots,
-                # checked here on the receiving side, never on the client's word.
-                if current.props.get(PLACEHOLDER_PROPERTY) != "on" or current.snapshots():
-                    raise EndpointError(f"refusing to overwrite {target}: it exists and is not an empty placeholder",
+                # checked here on the receiving side right before `-F`, never on the client's word
+                # nor on an earlier listing: the property must be set locally (an inherited `on` is
+                # a dataset somebody created below a placeholder).
+                if current.snapshots() or target not in self.zfs.local_placeholders([target]):
+                    raise EndpointError(f"refusing to overwrite {target}: it exists and is not an empty placeholder "
+                                        f"(zrepl:placeholder=on set on the dataset itself)",
                                         kind=EndpointErrorKind.RECEIVER_HAS_DATA)
                 force = True
             if current is None and req.from_ is None:
@@ -7967,15 +8034,16 @@ def cmd_test_placeholder(args: argparse.Namespace) -> int:
             root = validate_dataset_name(args.dataset)
         except ValueError as exc:
             raise UsageError(f"--dataset: {exc}") from None
-        listing = args.zfs.list_datasets([root])
+        listing = args.zfs.list_datasets([root], depth=0)
         names = [root] if root in listing else []
         if not names:
             raise ZreplError(f"dataset {root!r} does not exist")
     else:
         listing = args.zfs.list_datasets([])
         names = sorted(listing)
+    placeholders = args.zfs.local_placeholders(names)
     for name in names:
-        state = "placeholder" if listing[name].props.get(PLACEHOLDER_PROPERTY) == "on" else "not a placeholder"
+        state = "placeholder" if name in placeholders else "not a placeholder"
         print(f"{name}\t{state}")
     return EXIT_OK
 
