@@ -66,6 +66,7 @@ import termios
 import threading
 import time
 import tomllib
+import zlib
 import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -2240,31 +2241,138 @@ def recv_abort_argv(target: str) -> list[str]:
 
 @dataclass(frozen=True)
 class DecodedToken:
-    """What `zfs send -nvt TOKEN` says a resume token continues."""
+    """What a receive_resume_token continues (decode_resume_token). `flags` are the token's send
+    options (`rawok`, `compressok`, `embedok`, `largeblockok`): `zfs send -t` takes them from the
+    token, not from its command line."""
 
     toguid: int
     toname: str
     fromguid: int | None
     bytes: int | None
+    flags: frozenset[str] = frozenset()
+
+    @property
+    def raw(self) -> bool:
+        return "rawok" in self.flags
 
 
-def parse_resume_token_info(output: str) -> DecodedToken:
-    """Parse the nvlist dump of `zfs send -nvt`. Raises ValueError when toguid/toname are missing."""
-    fields: dict[str, str] = {}
-    for line in output.splitlines():
-        key, sep, value = line.strip().partition(" = ")
-        if sep:
-            fields[key.strip()] = value.strip()
-    if "toguid" not in fields or "toname" not in fields:
-        raise ValueError("resume token contents lack toguid/toname")
+# A resume token is `<version>-<checksum>-<packed length>-<hex of zlib(packed nvlist)>` (OpenZFS
+# get_receive_resume_token_impl). It comes from a receiver, which may be the hostile side, and
+# `zfs send -t` obeys it (flags included, the snapshot found by guid anywhere in the pool), so we
+# decode it ourselves, byte for byte as libnvpair would, and accept only what ZFS itself writes: a
+# flat NV_ENCODE_NATIVE little-endian nvlist of known keys with the right types, no duplicates.
+_TOKEN_RE = re.compile(r"(\d{1,3})-([0-9a-f]{1,16})-([0-9a-f]{1,16})-((?:[0-9a-f]{2})+)")
+_TOKEN_MAX_PACKED = 1 << 16
+_NV_BOOLEAN, _NV_UINT64, _NV_STRING = 1, 8, 9  # data_type_t values
+_TOKEN_KEYS = {"fromguid": _NV_UINT64, "object": _NV_UINT64, "offset": _NV_UINT64, "bytes": _NV_UINT64,
+               "toguid": _NV_UINT64, "toname": _NV_STRING, "largeblockok": _NV_BOOLEAN,
+               "embedok": _NV_BOOLEAN, "compressok": _NV_BOOLEAN, "rawok": _NV_BOOLEAN}
 
-    def number(text: str | None) -> int | None:
-        if text is None:
-            return None
-        return int(text, 16) if text.lower().startswith("0x") else int(text)
 
-    return DecodedToken(toguid=number(fields["toguid"]) or 0, toname=fields["toname"],
-                        fromguid=number(fields.get("fromguid")) or None, bytes=number(fields.get("bytes")))
+def _nv_align(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _fletcher4_first_word(data: bytes) -> int:
+    """zc_word[0] of fletcher_4_native_varsize: the sum of the little-endian 32-bit words."""
+    words = len(data) // 4
+    return sum(struct.unpack_from(f"<{words}I", data)) & ((1 << 64) - 1) if words else 0
+
+
+def _parse_token_nvlist(packed: bytes) -> dict[str, int | str | bool]:
+    """A flat native nvlist (header, version and flags, pairs, four zero bytes) -> name -> value."""
+    if len(packed) < 16 or packed[:4] != b"\x00\x01\x00\x00":  # NV_ENCODE_NATIVE, little endian
+        raise ValueError("not a native little-endian nvlist")
+    pos = 12
+    out: dict[str, int | str | bool] = {}
+    while True:
+        if pos + 4 > len(packed):
+            raise ValueError("truncated nvlist")
+        (size,) = struct.unpack_from("<i", packed, pos)
+        if size == 0:
+            if pos + 4 != len(packed):
+                raise ValueError("data after the end of the nvlist")
+            return out
+        if size < 24 or pos + size > len(packed) or size % 8:
+            raise ValueError(f"bad nvpair size {size}")
+        name_sz, _reserve, nelem, dtype = struct.unpack_from("<hhii", packed, pos + 4)
+        name_end = pos + 16 + name_sz
+        if name_sz < 2 or name_end > pos + size or packed[name_end - 1] != 0:
+            raise ValueError("bad nvpair name")
+        name = packed[pos + 16:name_end - 1].decode("ascii", "strict")
+        if "\x00" in name or name not in _TOKEN_KEYS or _TOKEN_KEYS[name] != dtype:
+            raise ValueError(f"unexpected nvpair {name!r} of type {dtype}")
+        if name in out:
+            raise ValueError(f"duplicate nvpair {name!r}")
+        value_at, pair_end = pos + _nv_align(16 + name_sz), pos + size
+        if dtype == _NV_BOOLEAN:
+            if nelem != 0:
+                raise ValueError(f"{name}: a boolean carries no value")
+            out[name] = True
+        elif dtype == _NV_UINT64:
+            if nelem != 1 or value_at + 8 > pair_end:
+                raise ValueError(f"{name}: bad uint64")
+            out[name] = struct.unpack_from("<Q", packed, value_at)[0]
+        else:
+            nul = packed.find(b"\x00", value_at, pair_end)
+            if nelem != 1 or nul < 0:
+                raise ValueError(f"{name}: unterminated string")
+            out[name] = packed[value_at:nul].decode("utf-8", "strict")
+        pos = pair_end
+
+
+def decode_resume_token(token: str) -> DecodedToken:
+    """Decode a receive_resume_token without running zfs. Raises ValueError for anything that is
+    not exactly what ZFS writes (see _TOKEN_RE's comment)."""
+    if not isinstance(token, str):
+        raise ValueError("a resume token is a string")
+    m = _TOKEN_RE.fullmatch(token)
+    if not m or int(m.group(1)) != 1:
+        raise ValueError("not a version 1 resume token")
+    compressed, packed_len = bytes.fromhex(m.group(4)), int(m.group(3), 16)
+    if _fletcher4_first_word(compressed) != int(m.group(2), 16):
+        raise ValueError("resume token checksum mismatch")
+    if packed_len > _TOKEN_MAX_PACKED:
+        raise ValueError("resume token too large")
+    inflater = zlib.decompressobj()
+    try:
+        packed = inflater.decompress(compressed, packed_len + 1)
+    except zlib.error as exc:
+        raise ValueError(f"resume token does not decompress: {exc}") from None
+    if len(packed) != packed_len or not inflater.eof or inflater.unused_data:
+        raise ValueError("resume token length mismatch")
+    fields = _parse_token_nvlist(packed)
+    toguid, toname = fields.get("toguid"), fields.get("toname")
+    if not isinstance(toguid, int) or not isinstance(toname, str):
+        raise ValueError("resume token lacks toguid or toname")
+    dataset, sep, _ = split_version_name(toname)
+    if sep != "@":
+        raise ValueError(f"resume token names {toname!r}, not a snapshot")
+    fromguid, nbytes = fields.get("fromguid"), fields.get("bytes")
+    return DecodedToken(toguid=toguid, toname=toname,
+                        fromguid=fromguid if isinstance(fromguid, int) and not isinstance(fromguid, bool) else None,
+                        bytes=nbytes if isinstance(nbytes, int) and not isinstance(nbytes, bool) else None,
+                        flags=frozenset(k for k, v in fields.items() if v is True))
+
+
+def encode_resume_token(fields: dict[str, int | str | bool]) -> str:
+    """The inverse of decode_resume_token (tests and the test-token command build tokens with it)."""
+    pairs = b""
+    for name, value in fields.items():
+        raw_name = name.encode() + b"\x00"
+        if value is True:
+            dtype, nelem, data = _NV_BOOLEAN, 0, b""
+        elif isinstance(value, int):
+            dtype, nelem, data = _NV_UINT64, 1, struct.pack("<Q", value)
+        else:
+            dtype, nelem, data = _NV_STRING, 1, str(value).encode() + b"\x00"
+        size = _nv_align(16 + len(raw_name)) + _nv_align(len(data))
+        pair = struct.pack("<ihhii", size, len(raw_name), 0, nelem, dtype) + raw_name
+        pair += b"\x00" * (_nv_align(len(pair)) - len(pair)) + data
+        pairs += pair + b"\x00" * (size - len(pair))
+    packed = b"\x00\x01\x00\x00" + struct.pack("<ii", 0, 1) + pairs + b"\x00" * 4
+    compressed = zlib.compress(packed, 6)
+    return f"1-{_fletcher4_first_word(compressed):x}-{len(packed):x}-{compressed.hex()}"
 
 
 def create_placeholder_argv(dataset: str, encryption_off: bool) -> list[str]:
@@ -2455,17 +2563,12 @@ class Zfs:
         return out.strip()
 
     def decode_resume_token(self, token: str) -> DecodedToken:
-        """What a receive_resume_token would resume (`zfs send -nvt TOKEN`). Raises ZfsError
-        (kind bad-token) when it is not a token zfs can decode."""
-        argv = ["zfs", "send", "-n", "-v", "-t", token]
-        if not re.fullmatch(r"[0-9a-zA-Z-]+", token):
-            raise ZfsError(argv, None, "not a resume token", kind=ZfsErrorKind.BAD_TOKEN)
-        proc = self.run(argv, check=False)
-        text = proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
+        """What a receive_resume_token would resume, decoded here (no spawn: decode_resume_token).
+        Raises ZfsError (kind bad-token) when it is not a token as ZFS writes it."""
         try:
-            return parse_resume_token_info(text)
-        except ValueError:
-            raise ZfsError(argv, proc.returncode, f"cannot decode resume token: {text.strip()[-500:]}",
+            return decode_resume_token(token)
+        except ValueError as exc:
+            raise ZfsError(["zfs", "send", "-t", f"{token[:40]}..."], None, f"invalid resume token: {exc}",
                            kind=ZfsErrorKind.BAD_TOKEN) from None
 
 
@@ -5186,23 +5289,53 @@ class SenderEndpoint:
                          backup_properties=c.backup_properties, large_blocks=c.large_blocks,
                          compressed=c.compressed, embedded_data=c.embedded_data, saved=c.saved)
 
+    def _own(self, fs: str) -> DatasetInfo:
+        """The filesystem as OUR listing shows it (the run's listing, else a fresh one)."""
+        info = self._info(fs) or self.zfs.list_one(fs)
+        if info is None:
+            raise EndpointError(f"{fs} does not exist on the sender", kind=EndpointErrorKind.FORBIDDEN)
+        return info
+
+    def _check_encryption(self, info: DatasetInfo) -> None:
+        problem = check_send_encryption(self.send_cfg.encrypted, self.send_cfg.raw, dataset_is_encrypted(info))
+        if problem:
+            raise EndpointError(f"{info.name}: {problem}", kind=EndpointErrorKind.ENCRYPTION)
+
+    def _check_token(self, fs: str, req: StepRequest) -> None:
+        """A resume token comes from the receiver: `zfs send -t` would send whatever snapshot of the
+        pool its guid names, with the token's flags (raw or not). Accept it only if it continues
+        exactly the step requested, of a snapshot of this filesystem in our own listing, with the
+        raw flag our encryption policy demands."""
+        def refuse(why: str, kind: str = EndpointErrorKind.FORBIDDEN) -> EndpointError:
+            return EndpointError(f"{fs}: refusing the resume token: {why}", kind=kind)
+        try:
+            token = decode_resume_token(req.resume_token or "")
+        except ValueError as exc:
+            raise refuse(str(exc)) from None
+        if token.toname.partition("@")[0] != fs:
+            raise refuse(f"it continues {token.toname!r}, not a snapshot of {fs}")
+        info = self._own(fs)
+        to = next((v for v in info.snapshots() if v.guid == token.toguid), None)
+        if to is None or token.toguid != req.to_guid or to.name != req.to:
+            raise refuse(f"its snapshot (guid {token.toguid:#x}) is not {fs}@{req.to} here")
+        if (token.fromguid is None) != (req.from_ is None):
+            raise refuse("a full send and an incremental one were mixed up")
+        if token.fromguid is not None and (req.from_guid != token.fromguid
+                                           or not any(v.guid == token.fromguid for v in info.versions)):
+            raise refuse(f"its incremental source (guid {token.fromguid:#x}) is not {fs}{req.from_} here")
+        self._check_encryption(info)
+        if token.raw != self._flags().raw:
+            raise refuse(f"it asks for a {'raw' if token.raw else 'non-raw'} send, but this job sends "
+                         f"{'raw' if self._flags().raw else 'non-raw'} (send.encrypted / send.raw)",
+                         EndpointErrorKind.ENCRYPTION)
+
     def _send_argv(self, req: StepRequest, estimate: bool) -> list[str]:
         fs = self._allowed(req.fs)
         if req.resume_token:
-            decoded = self.zfs.decode_resume_token(req.resume_token)
-            dataset = decoded.toname.split("@", 1)[0]
-            if dataset != fs:
-                raise EndpointError(f"resume token belongs to {dataset!r}, not {fs!r}",
-                                    kind=EndpointErrorKind.FORBIDDEN)
+            self._check_token(fs, req)
             argv = send_argv("", resume_token=req.resume_token, estimate=estimate)
         else:
-            info = self._info(fs)
-            encrypted = info is not None and info.props.get("encryption", "off") not in ("off", "")
-            if info is None:
-                encrypted = self.zfs.get_property(fs, "encryption") not in ("off", "-", "")
-            problem = check_send_encryption(self.send_cfg.encrypted, self.send_cfg.raw, encrypted)
-            if problem:
-                raise EndpointError(f"{fs}: {problem}", kind=EndpointErrorKind.ENCRYPTION)
+            self._check_encryption(self._own(fs))
             src = f"{fs}{req.from_}" if req.from_ else None
             argv = send_argv(f"{fs}@{req.to}", src, multi=req.multi, flags=self._flags(), estimate=estimate)
         if not estimate:
@@ -5369,17 +5502,8 @@ class ReceiverEndpoint:
             mine[name].props[PLACEHOLDER_PROPERTY] = "on"
         out: ReceiverListing = {}
         for name, ds in mine.items():
-            if name == self.root:
-                continue
-            token = None
-            raw = ds.props.get("receive_resume_token")
-            if raw:
-                try:
-                    token = self.zfs.decode_resume_token(raw)
-                except ZreplError:
-                    log.warning("%s: undecodable resume token; it will be cleared", name)
-                    token = DecodedToken(toguid=0, toname="", fromguid=None, bytes=None)
-            out[self._sender_name(name)] = ReceiverFilesystem(ds, token)
+            if name != self.root:
+                out[self._sender_name(name)] = ReceiverFilesystem(ds, _decoded_token(ds))
         return out
 
     # -- placeholders ----------------------------------------------------------------------------
@@ -5618,8 +5742,7 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
     def list_(body: dict, ctx: RequestContext) -> dict:
         out = {}
         for name, entry in ep.list_filesystems().items():
-            out[name] = {"dataset": dataset_to_wire(entry.dataset),
-                         "token": None if entry.token is None else dataclasses.asdict(entry.token)}
+            out[name] = {"dataset": dataset_to_wire(entry.dataset)}  # the client decodes any token itself
         return {"job": ep.job, "root": ep.root, "filesystems": out}
 
     def receive(body: dict, ctx: RequestContext) -> dict:
@@ -5754,12 +5877,8 @@ class RemoteReceiver:
                 validate_dataset_name(name)
             except ValueError as exc:
                 raise EndpointError(f"peer sent an invalid listing: {exc}") from None
-            token = entry.get("token") if isinstance(entry, dict) else None
-            decoded = None
-            if isinstance(token, dict):
-                decoded = _token_from_wire(token)
-            out[name] = ReceiverFilesystem(dataset_from_wire(entry.get("dataset") if isinstance(entry, dict)
-                                                             else None), decoded)
+            dataset = dataset_from_wire(entry.get("dataset") if isinstance(entry, dict) else None)
+            out[name] = ReceiverFilesystem(dataset, _decoded_token(dataset))
         return out
 
     def prepare(self, req: StepRequest) -> None:
@@ -5786,14 +5905,17 @@ class RemoteReceiver:
         return _destroy_result(self.conn.request("receiver.destroy", {"fs": fs, "names": list(names)}))
 
 
-def _token_from_wire(token: dict[str, Any]) -> DecodedToken:
-    """A decoded resume token as a peer claims it; the sender re-decodes and checks the real token."""
-    def number(key: str) -> int | None:
-        value = token.get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-    toname = token.get("toname")
-    return DecodedToken(toguid=number("toguid") or 0, toname=toname if isinstance(toname, str) else "",
-                        fromguid=number("fromguid") or None, bytes=number("bytes"))
+def _decoded_token(ds: DatasetInfo) -> DecodedToken | None:
+    """A dataset's receive_resume_token decoded HERE (the peer's own decoding is never used): None
+    without a token; one that does not decode has toguid 0, so planning clears it."""
+    raw = ds.props.get("receive_resume_token")
+    if not raw:
+        return None
+    try:
+        return decode_resume_token(raw)
+    except ValueError as exc:
+        log.warning("%s: undecodable resume token (%s); it will be cleared", ds.name, exc)
+        return DecodedToken(toguid=0, toname="", fromguid=None, bytes=None)
 
 
 # =================================================================================================
@@ -8049,14 +8171,14 @@ def cmd_test_placeholder(args: argparse.Namespace) -> int:
 
 
 def cmd_test_decoderesumetoken(args: argparse.Namespace) -> int:
-    """Decode a receive_resume_token with `zfs send -nvt` and print what it would resume."""
+    """Decode a receive_resume_token (as zfs would, without running it) and print what it resumes."""
     if not re.fullmatch(r"[0-9a-zA-Z-]+", args.token):
         raise UsageError("--token: not a resume token (expected the receive_resume_token property's value)")
     try:
         decoded = args.zfs.decode_resume_token(args.token)
     except ZfsError as exc:
         raise ZreplError(f"cannot decode the token: {exc.stderr}") from None
-    print(json.dumps(dataclasses.asdict(decoded), indent=2))
+    print(json.dumps({**dataclasses.asdict(decoded), "flags": sorted(decoded.flags)}, indent=2))
     return EXIT_OK
 
 
