@@ -1400,11 +1400,13 @@ class ConnectConfig:
 
 @dataclass
 class ServeConfig:
-    """`serve` of sink and source jobs: `local` or `stdinserver`."""
+    """`serve` of sink and source jobs: `local` or `stdinserver`. `read_only` (sources): refuse every
+    destroy a client asks for, so a compromised backup server cannot prune production."""
 
     type: str
     listener_name: str = ""
     client_identities: list[str] = field(default_factory=list)
+    read_only: bool = False
 
 
 @dataclass
@@ -1443,6 +1445,28 @@ class Config:
                 return job
         raise ConfigError(f"no job named {name!r} (jobs: {', '.join(j.name for j in self.jobs) or 'none'})",
                           file=self.file)
+
+
+def source_abstraction_job(job: JobConfig, identity: str) -> str:
+    """The job name a source writes into its holds and bookmarks for one client. With one client it
+    is the job's own name (as zrepl does, so a source taken over from zrepl keeps its cursors);
+    with several, each client gets `<job>:<identity>`, so one client's progress never releases
+    another's cursor or step holds (zrepl shares them, zrepl issue #380)."""
+    clients = job.serve.client_identities if job.serve is not None and job.serve.type == "stdinserver" else []
+    return f"{job.name}:{identity}" if len(clients) > 1 else job.name
+
+
+def replication_guards(config: Config) -> list[str]:
+    """Every job name on this host whose unreplicated snapshots no pruning may destroy: push jobs
+    with not_replicated in keep_sender, and each client of every source (see unreplicated_by)."""
+    guards = []
+    for job in config.jobs:
+        if job.type == "push" and any(isinstance(r, KeepNotReplicated) for r in job.keep_sender):
+            guards.append(job.name)
+        elif job.type == "source" and job.serve is not None:
+            clients = job.serve.client_identities if job.serve.type == "stdinserver" else [job.name]
+            guards += sorted({source_abstraction_job(job, c) for c in clients})
+    return guards
 
 
 class _Table:
@@ -1565,6 +1589,7 @@ def parse_config(text: str, file: str = "<config>") -> Config:
         if job.name in seen:
             raise ConfigError(f"job name {job.name!r} is already used by {seen[job.name]}", f"{job.path}.name", file)
         seen[job.name] = job.path
+    _check_replication_layout(jobs, file)
     _check_local_listeners(jobs, file)
     return Config(file=file, global_=global_, jobs=jobs)
 
@@ -1655,7 +1680,7 @@ def _parse_job(t: _Table) -> JobConfig:
         sv = t.table("serve")
         if sv is None:
             raise t.error("serve", "is required")
-        job.serve = _parse_serve(sv)
+        job.serve = _parse_serve(sv, jtype)
     if "send" in allowed:
         se = t.table("send")
         if se:
@@ -1807,8 +1832,10 @@ def _identity(value: str) -> str:
     return value
 
 
-def _parse_serve(t: _Table) -> ServeConfig:
+def _parse_serve(t: _Table, job_type: str) -> ServeConfig:
     s = ServeConfig(type=t.choice("type", ("local", "stdinserver")))
+    if job_type == "source":
+        s.read_only = t.get("read_only", bool, False)
     if s.type == "local":
         s.listener_name = t.get("listener_name", str)
     else:
@@ -1895,6 +1922,59 @@ def _parse_replication(t: _Table) -> ReplicationConfig:
     r.timeout = t.convert("timeout", (str, int), _positive_duration, r.timeout)
     t.finish()
     return r
+
+
+def _filter_reaches(filt: DatasetFilter, root: str) -> bool:
+    """Whether a filesystems filter accepts `root` or could accept something below it."""
+    if filt.accepts(root):
+        return True
+    return any(accept and (pattern == "<" or is_descendant(pattern.rstrip("<"), root, include_self=True))
+               for pattern, accept in filt.patterns.items())
+
+
+def _check_replication_layout(jobs: list[JobConfig], file: str) -> None:
+    """Refuse layouts where one job's replicas can be mistaken for, or pruned as, another's."""
+    receivers = [(j, j.root_fs) for j in jobs if j.type in ("sink", "pull") and j.root_fs]
+    for i, (a, ra) in enumerate(receivers):
+        for b, rb in receivers[i + 1:]:
+            if is_descendant(ra, rb, include_self=True) or is_descendant(rb, ra, include_self=True):
+                raise ConfigError(f"root_fs {rb!r} overlaps root_fs {ra!r} of {a.type} job {a.name!r}: two jobs "
+                                  f"receiving into one subtree would take each other's replicas for their own",
+                                  f"{b.path}.root_fs", file)
+    for job in jobs:
+        if job.filesystems is None or job.type not in ("push", "snap", "source"):
+            continue
+        for receiver, root in receivers:
+            if _filter_reaches(job.filesystems, root):
+                raise ConfigError(f"the filter selects datasets at or below {root!r}, the root_fs of {receiver.type} "
+                                  f"job {receiver.name!r}: this job would snapshot, send or prune its replicas; "
+                                  f"add \"{root}<\" = false", f"{job.path}.filesystems", file)
+    served: dict[str, JobConfig] = {}
+    for job in jobs:
+        if job.serve is not None and job.serve.type == "local":
+            if job.serve.listener_name in served:
+                raise ConfigError(f"listener {job.serve.listener_name!r} is already served by job "
+                                  f"{served[job.serve.listener_name].name!r}", f"{job.path}.serve.listener_name", file)
+            served[job.serve.listener_name] = job
+    connected: dict[str, JobConfig] = {}
+    for job in jobs:
+        if job.connect is not None and job.connect.type == "local":
+            other = connected.get(job.connect.listener_name)
+            if other is not None:
+                raise ConfigError(f"job {other.name!r} already connects to local listener "
+                                  f"{job.connect.listener_name!r}: two jobs on one listener would share one "
+                                  f"replication cursor and subtree; give each its own sink or source",
+                                  f"{job.path}.connect.listener_name", file)
+            connected[job.connect.listener_name] = job
+    names = {j.name: j for j in jobs}
+    for job in jobs:
+        if job.type == "source" and job.serve is not None and job.serve.type == "stdinserver":
+            for ident in job.serve.client_identities:
+                derived = source_abstraction_job(job, ident)
+                if derived != job.name and derived in names:
+                    raise ConfigError(f"client {ident!r} gets the hold and bookmark name {derived!r}, which is also "
+                                      f"the name of job {derived!r}: rename one", f"{job.path}.serve.client_identities",
+                                      file)
 
 
 def _check_local_listeners(jobs: list[JobConfig], file: str) -> None:
@@ -3129,6 +3209,39 @@ def replication_cursor(info: DatasetInfo, job: str) -> Version | None:
                if (p := parse_bookmark_abstraction(v.name)) and p[0] == ABSTRACTION_CURSOR
                and p[2] == job and p[1] == v.guid]
     return _by_txg(cursors)[-1] if cursors else None
+
+
+def unreplicated_by(info: DatasetInfo, jobs: Iterable[str]) -> dict[str, str]:
+    """Snapshots that other replicating jobs still need (full name -> why): for each job with a
+    replication cursor on this dataset, the snapshot at its cursor and every newer one. A job
+    without a cursor here has not started replicating this dataset (its step holds protect a
+    first transfer in flight). Pruning by one job never destroys what another has not received."""
+    out: dict[str, str] = {}
+    for job in jobs:
+        cursor = replication_cursor(info, job)
+        if cursor is None:
+            continue
+        for v in info.snapshots():
+            if v.createtxg >= cursor.createtxg:
+                out.setdefault(v.full_name, f"not yet replicated by job {job}")
+    return out
+
+
+def replica_protection(sender: DatasetInfo | None, receiver: DatasetInfo) -> dict[str, str] | None:
+    """Whether a receiver dataset is established as the replica of this sender's filesystem, and
+    what pruning must keep on it (full name -> why). None: not this sender's replica (no common
+    snapshot or bookmark guid: another job's data that happens to share the name) or diverged
+    (snapshots after the common one that the sender does not have): never pruned then.
+    Otherwise the common snapshot (the next incremental base) and the receiver's newest snapshot
+    stay, whatever the keep rules say."""
+    rsnaps = _by_txg(receiver.snapshots())
+    if sender is None or not rsnaps:
+        return None
+    guids = {v.guid for v in sender.versions}
+    common = next((r for r in reversed(rsnaps) if r.guid in guids), None)
+    if common is None or common is not rsnaps[-1]:
+        return None
+    return {common.full_name: "incremental base (the newest snapshot the sender has too)"}
 
 
 # =================================================================================================
@@ -5047,10 +5160,12 @@ ReceiverListing = dict[str, ReceiverFilesystem]  # keyed by the SENDER's filesys
 
 @dataclass
 class DestroyResult:
-    """What a batch destroy did: snapshots gone (short names) and per-snapshot errors."""
+    """What a batch destroy did: snapshots gone (short names), per-snapshot errors, and snapshots
+    the endpoint kept although asked to destroy them (another job or client still needs them)."""
 
     destroyed: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -5255,9 +5370,15 @@ class SenderEndpoint:
 
     def __init__(self, zfs: Zfs, job: str, filesystems: DatasetFilter, send: SendConfig,
                  processes: ProcessRegistry | None = None, progress: Progress | None = None,
-                 job_type: str = "push"):
-        self.zfs, self.job, self.filter, self.send_cfg = zfs, job, filesystems, send
-        self.info = PeerInfo(job=job, type=job_type, abstraction_job=job)
+                 job_type: str = "push", abstraction_job: str | None = None, guards: Sequence[str] = (),
+                 read_only: bool = False):
+        """`abstraction_job` names this side's holds and bookmarks (default: the job; a source with
+        several clients gives each its own). `guards` are the other replicating jobs whose
+        unreplicated snapshots a destroy keeps. `read_only` refuses every destroy."""
+        self.zfs, self.filter, self.send_cfg = zfs, filesystems, send
+        self.job = abstraction_job or job
+        self.info = PeerInfo(job=job, type=job_type, abstraction_job=self.job)
+        self.guards, self.read_only = [g for g in guards if g != self.job], read_only
         self.processes = processes or ProcessRegistry()
         self.progress = progress
         self._listing: dict[str, DatasetInfo] = {}
@@ -5372,9 +5493,18 @@ class SenderEndpoint:
     def _snapshots_of(self, fs: str, names: Sequence[str]) -> list[str]:
         return [f"{fs}@{validate_snapshot_short_name(n)}" for n in names]
 
+    def _check_guids(self, fs: str, snapshots: Sequence[tuple[str, int]]) -> None:
+        """Bookmark names carry guids: take them from our own listing, never from the request."""
+        own = {v.name: v.guid for v in self._own(fs).snapshots()}
+        for name, snap_guid in snapshots:
+            if own.get(name) != snap_guid:
+                raise EndpointError(f"{fs}@{name} with guid {snap_guid:#x} does not exist on the sender",
+                                    kind=EndpointErrorKind.FORBIDDEN)
+
     def protect(self, fs: str, level: str, snapshots: Sequence[tuple[str, int]], source: str | None) -> None:
         """Before a step: step holds (resumability) or tentative cursors (incremental) on what it needs."""
         self._allowed(fs)
+        self._check_guids(fs, snapshots)
         if level == "guarantee_resumability":
             names = [n for n, _ in snapshots] + ([source[1:]] if source and source.startswith("@") else [])
             self.zfs.hold_idempotent(step_hold_tag(self.job), self._snapshots_of(fs, names))
@@ -5393,6 +5523,7 @@ class SenderEndpoint:
         """After a step: move the replication cursor to `to`, then drop this job's older
         cursors, tentative cursors and step holds on this filesystem (never another job's)."""
         self._allowed(fs)
+        self._check_guids(fs, [(to, to_guid)])
         if level != "guarantee_nothing":
             self._bookmark_once(fs, to, cursor_bookmark_name(to_guid, self.job))
         self.release_stale(fs, keep_cursor_guid=to_guid if level != "guarantee_nothing" else None)
@@ -5421,10 +5552,19 @@ class SenderEndpoint:
         return _hold_tags(self.zfs, fs, names)
 
     def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
+        """Destroy snapshots of one filesystem, but never one another job or client still has to
+        replicate (checked against our own listing, whoever asks)."""
         self._allowed(fs)
         for n in names:
             validate_snapshot_short_name(n)
-        return DestroyResult(*destroy_with_bisect(self.zfs, fs, list(names)))
+        if self.read_only:
+            raise EndpointError(f"job {self.info.job!r} is a read-only source: it destroys nothing for its clients",
+                                kind=EndpointErrorKind.FORBIDDEN)
+        needed = unreplicated_by(self._own(fs), self.guards) if self.guards else {}
+        kept = {n: needed[f"{fs}@{n}"] for n in names if f"{fs}@{n}" in needed}
+        result = DestroyResult(*destroy_with_bisect(self.zfs, fs, [n for n in names if n not in kept]))
+        result.kept = kept
+        return result
 
 
 def _hold_tags(zfs: Zfs, dataset: str, names: Sequence[str]) -> dict[str, list[str]]:
@@ -5685,7 +5825,7 @@ def _refuse_malformed(handlers: dict[str, Handler]) -> dict[str, Handler]:
 
 
 def _destroy_reply(result: DestroyResult) -> dict[str, Any]:
-    return {"destroyed": result.destroyed, "errors": result.errors}
+    return {"destroyed": result.destroyed, "errors": result.errors, "kept": result.kept}
 
 
 def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
@@ -5796,11 +5936,11 @@ def _peer_info(conn: RequestChannel, expected: str) -> PeerInfo:
 
 
 def _destroy_result(body: dict[str, Any]) -> DestroyResult:
-    destroyed, errors = body.get("destroyed", []), body.get("errors", {})
+    destroyed, errors, kept = body.get("destroyed", []), body.get("errors", {}), body.get("kept", {})
     if not isinstance(destroyed, list) or not all(isinstance(n, str) for n in destroyed) \
-            or not isinstance(errors, dict) or not all(isinstance(v, str) for v in errors.values()):
+            or not all(isinstance(d, dict) and all(isinstance(v, str) for v in d.values()) for d in (errors, kept)):
         raise EndpointError("peer sent an invalid destroy reply")
-    return DestroyResult(list(destroyed), {str(k): v for k, v in errors.items()})
+    return DestroyResult(list(destroyed), {str(k): v for k, v in errors.items()}, {str(k): v for k, v in kept.items()})
 
 
 def _holds_reply(body: dict[str, Any]) -> dict[str, list[str]]:
@@ -5946,7 +6086,7 @@ def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRe
     client, server = local_pair()
     client.name, server.name = f"local listener {job.connect.listener_name}", f"local client {job.name}"
     identity = job.connect.client_identity
-    handlers = passive_handlers(passive, identity, zfs, processes, progress)
+    handlers = passive_handlers(passive, identity, zfs, processes, progress, replication_guards(config))
     if passive.type == "sink":
         client.send_limit = _bucket(job.send.bandwidth_limit)
         server.recv_limit = _bucket(passive.recv.bandwidth_limit)
@@ -6121,15 +6261,17 @@ def stdinserver_job(config: Config, identity: str) -> JobConfig:
 
 
 def passive_handlers(job: JobConfig, identity: str, zfs: Zfs, processes: ProcessRegistry,
-                     progress: Progress) -> dict[str, Handler]:
+                     progress: Progress, guards: Sequence[str] = ()) -> dict[str, Handler]:
     """The protocol handlers a sink (receiver below root_fs/<identity>) or a source (sender of its
-    filesystems filter) offers one client."""
+    filesystems filter) offers one client. A source gives each client its own abstraction names
+    and keeps what its other clients and this host's other jobs (`guards`) still need."""
     if job.type == "sink":
         return receiver_handlers(ReceiverEndpoint(zfs, job.name, job.root_fs, identity, job.recv, processes,
                                                   progress, job_type="sink"))
-    assert job.filesystems is not None
+    assert job.filesystems is not None and job.serve is not None
     return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress,
-                                          job_type="source"))
+                                          job_type="source", abstraction_job=source_abstraction_job(job, identity),
+                                          guards=guards, read_only=job.serve.read_only))
 
 
 # =================================================================================================
@@ -6892,18 +7034,25 @@ HoldLookup = Callable[[str, list[str]], dict[str, list[str]]]  # (dataset, short
 
 def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destroy: Destroyer,
                    holds: HoldLookup | None = None, contexts: dict[str, PruneContext] | None = None,
-                   dry_run: bool = False) -> list[PruneResult]:
+                   dry_run: bool = False, guards: Sequence[str] = (),
+                   protected: dict[str, dict[str, str]] | None = None) -> list[PruneResult]:
     """Apply keep rules to each dataset's snapshots; destroy the rest in one batch per dataset.
 
     `destroy(dataset, short_names)` does the batch (locally: destroy_with_bisect; on a peer: a
     request), `holds(dataset, short_names)` looks up hold tags (None: tags unknown). Held snapshots
     are reported with their tags and left alone. Only snapshots are ever destroyed: bookmarks and
-    datasets never reach `destroy`.
+    datasets never reach `destroy`. Whatever the rules say, a snapshot stays when another
+    replicating job (`guards`, by their cursors in the listing) still needs it, or when
+    `protected[dataset]` names it (e.g. a receiver's incremental base), with that reason.
     """
     results: list[PruneResult] = []
     for ds in datasets:
         ctx = (contexts or {}).get(ds.name) or PruneContext()
         decision = decide_prune(ds.snapshots(), rules, ctx)
+        must_stay = {**unreplicated_by(ds, guards), **(protected or {}).get(ds.name, {})}
+        for v in [v for v in decision.destroy if v.full_name in must_stay]:
+            decision.destroy.remove(v)
+            decision.keep[v.full_name] = [must_stay[v.full_name]]
         result = PruneResult(dataset=ds.name, kept=decision.keep, notes=list(decision.notes))
         held_names = [v.name for v in decision.destroy if v.userrefs > 0]
         tags = holds(ds.name, held_names) if (held_names and holds) else {}
@@ -6924,6 +7073,8 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
                 log.info("destroying %d snapshot(s) of %s: %s", len(victims), ds.name, ", ".join(victims))
                 done = destroy(ds.name, victims)
                 result.destroyed, result.errors = done.destroyed, dict(done.errors)
+                for name, why in done.kept.items():  # the endpoint knows another job still needs it
+                    result.kept[f"{ds.name}@{name}"] = [why]
                 _report_raced_holds(ds.name, result, holds)
         results.append(result)
     return results
@@ -6959,23 +7110,38 @@ def cursor_contexts(listing: Iterable[DatasetInfo], abstraction_job: str) -> dic
 
 
 def prune_sender(sender: Sender, listing: list[DatasetInfo], rules: Sequence[KeepRule],
-                 dry_run: bool = False) -> list[PruneResult]:
+                 dry_run: bool = False, guards: Sequence[str] = ()) -> list[PruneResult]:
     """keep_sender on the sending side; not_replicated compares against the cursor of the job whose
-    abstractions the sender writes (sender.info: the push job, or the source serving this client)."""
+    abstractions the sender writes (sender.info: the push job, or the source serving this client).
+    `guards`: other jobs of this host whose unreplicated snapshots stay (the endpoint checks too)."""
+    own = sender.info.abstraction_job
     return prune_datasets(listing, rules, sender.destroy_snapshots, sender.hold_tags,
-                          cursor_contexts(listing, sender.info.abstraction_job), dry_run)
+                          cursor_contexts(listing, own), dry_run, guards=[g for g in guards if g != own])
 
 
-def prune_receiver(receiver: Receiver, listing: ReceiverListing, sender_filesystems: Iterable[str],
-                   rules: Sequence[KeepRule], dry_run: bool = False) -> list[PruneResult]:
-    """keep_receiver on the receiving side, for the replicas of the sender's filesystems."""
-    wanted = set(sender_filesystems)
-    names = {entry.dataset.name: fs for fs, entry in listing.items() if fs in wanted}
-    datasets = [entry.dataset for fs, entry in sorted(listing.items()) if fs in wanted]
+def prune_receiver(receiver: Receiver, listing: ReceiverListing, sender_list: Iterable[DatasetInfo],
+                   rules: Sequence[KeepRule], dry_run: bool = False,
+                   refused: Iterable[str] = ()) -> list[PruneResult]:
+    """keep_receiver on the receiving side, only for datasets established as replicas of this
+    sender's filesystems (replica_protection: a common snapshot, not diverged) and not refused by
+    this run's planning; their incremental base always stays."""
+    senders, skip = {ds.name: ds for ds in sender_list}, set(refused)
+    names, datasets, protected = {}, [], {}
+    for fs, entry in sorted(listing.items()):
+        if fs not in senders or fs in skip:
+            continue
+        protect = replica_protection(senders[fs], entry.dataset)
+        if protect is None:
+            log.info("%s: not pruned: not an established replica of %s on the sender (no common snapshot, "
+                     "or diverged)", entry.dataset.name, fs)
+            continue
+        names[entry.dataset.name] = fs
+        datasets.append(entry.dataset)
+        protected[entry.dataset.name] = protect
     return prune_datasets(datasets, rules,
                           lambda dataset, snaps: receiver.destroy_snapshots(names[dataset], snaps),
                           lambda dataset, snaps: receiver.hold_tags(names[dataset], snaps),
-                          None, dry_run)
+                          None, dry_run, protected=protected)
 
 
 @dataclass
@@ -6990,10 +7156,11 @@ class BothSidesPruned:
 def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[KeepRule],
                      keep_receiver: Sequence[KeepRule], listings: Listings | None = None,
                      dry_run: bool = False, on_side: Callable[[str], None] = lambda side: None,
-                     job: str = "") -> BothSidesPruned:
+                     job: str = "", guards: Sequence[str] = (), refused: Iterable[str] = ()) -> BothSidesPruned:
     """Prune the sender, then the receiver (zrepl's order). `listings` are the replication's own
     when it changed nothing since; otherwise both sides are listed again. A failure on one side is
-    recorded and the other side still runs."""
+    recorded and the other side still runs. `refused`: filesystems whose replication was refused
+    in this run (their receiver is left alone); `guards`: see prune_sender."""
     out = BothSidesPruned()
     on_side("sender")
     try:
@@ -7003,7 +7170,7 @@ def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[K
         out.failures["(pruning)"] = str(exc)
         return out
     try:
-        out.sender = prune_sender(sender, sender_list, keep_sender, dry_run)
+        out.sender = prune_sender(sender, sender_list, keep_sender, dry_run, guards)
         for r in out.sender:
             if r.errors:
                 out.failures[r.dataset] = f"pruning sender: {len(r.errors)} snapshot(s) could not be destroyed"
@@ -7013,8 +7180,7 @@ def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[K
     on_side("receiver")
     try:
         receiver_list = listings[1] if listings is not None else receiver.list_filesystems()
-        out.receiver = prune_receiver(receiver, receiver_list, (ds.name for ds in sender_list), keep_receiver,
-                                      dry_run)
+        out.receiver = prune_receiver(receiver, receiver_list, sender_list, keep_receiver, dry_run, refused)
         for r in out.receiver:
             if r.errors:
                 out.failures[r.dataset] = f"pruning receiver: {len(r.errors)} snapshot(s) could not be destroyed"
@@ -7141,10 +7307,13 @@ class ActiveMode(Protocol):
 
 class PushMode:
     """push: this host's filesystems are the sender; the sink is the receiver, through the connection.
-    The replication cursor lives here (this job's name), the last-received holds on the sink."""
+    The replication cursor lives here (this job's name), the last-received holds on the sink.
+    `guards`: this host's replicating jobs whose unreplicated snapshots our pruning keeps."""
 
-    def __init__(self, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress):
+    def __init__(self, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress,
+                 guards: Sequence[str] = ()):
         self.job, self.zfs, self.processes, self.progress = job, zfs, processes, progress
+        self.guards = list(guards)
 
     def takes_snapshots(self) -> bool:
         return self.job.snapshotting.type != "manual"
@@ -7152,16 +7321,17 @@ class PushMode:
     def sides(self, conn: RequestChannel) -> tuple[Sender, Receiver]:
         assert self.job.filesystems is not None
         sender = SenderEndpoint(self.zfs, self.job.name, self.job.filesystems, self.job.send, self.processes,
-                                self.progress, job_type="push")
+                                self.progress, job_type="push", guards=self.guards)
         return sender, RemoteReceiver(conn)
 
 
 class PullMode:
     """pull: the source is the sender, through the connection; this host's root_fs is the receiver.
     The replication cursor lives on the source (named by the source: endpoint.info), the
-    last-received holds here (this job's name)."""
+    last-received holds here (this job's name). The source guards its own other clients."""
 
-    def __init__(self, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress):
+    def __init__(self, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress,
+                 guards: Sequence[str] = ()):
         self.job, self.zfs, self.processes, self.progress = job, zfs, processes, progress
 
     def takes_snapshots(self) -> bool:
@@ -7173,7 +7343,7 @@ class PullMode:
         return RemoteSender(conn), receiver
 
 
-ACTIVE_MODES: dict[str, Callable[[JobConfig, Zfs, ProcessRegistry, Progress], ActiveMode]] = {
+ACTIVE_MODES: dict[str, Callable[[JobConfig, Zfs, ProcessRegistry, Progress, Sequence[str]], ActiveMode]] = {
     "push": PushMode, "pull": PullMode}
 
 
@@ -7302,7 +7472,7 @@ class JobRunner:
                     datasets = self._select()  # pruning must see the new snapshots' real txg and guid
             self._set_activity("pruning", f"{len(datasets)} filesystems")
             pruned = prune_datasets(datasets, self.job.keep, local_destroyer(self.zfs), local_hold_lookup(self.zfs),
-                                    dry_run=self.dry_run)
+                                    dry_run=self.dry_run, guards=replication_guards(self.config))
             self.doc["pruning"] = prune_summary(pruned)
             self.last_prune = pruned
             for r in pruned:
@@ -7331,7 +7501,8 @@ class JobRunner:
         """push: snapshot if due, replicate, prune sender, prune receiver. pull: replicate, prune."""
         job, result = self.job, PassResult()
         processes, progress = ProcessRegistry(), Progress(self.clock)
-        mode = ACTIVE_MODES[job.type](job, self.zfs, processes, progress)
+        guards = replication_guards(self.config)
+        mode = ACTIVE_MODES[job.type](job, self.zfs, processes, progress, guards)
         if mode.takes_snapshots():  # manual snapshotting: no listing needed
             self._set_activity("listing")
             self._take_snapshots(self._select(), result)
@@ -7408,8 +7579,12 @@ class JobRunner:
             # Empty keep lists keep everything: skip both listings (two spawns per run).
             self.doc["pruning_sender"] = self.doc["pruning_receiver"] = prune_summary([])
             return
+        repl = self.last_replication
+        refused = [fs for fs, r in (repl.reports if repl else {}).items() if r.state == FilesystemState.PLANNING_ERROR]
+        guards = replication_guards(self.config) if job.type == "push" else []
         pruned = prune_both_sides(sender, receiver, job.keep_sender, job.keep_receiver, listings, self.dry_run,
-                                  on_side=lambda side: self._set_activity(f"pruning {side}"), job=job.name)
+                                  on_side=lambda side: self._set_activity(f"pruning {side}"), job=job.name,
+                                  guards=guards, refused=refused)
         self.doc["pruning_sender"] = prune_summary(pruned.sender)
         self.doc["pruning_receiver"] = prune_summary(pruned.receiver)
         self.last_prune, self.last_prune_receiver = pruned.sender, pruned.receiver
@@ -8093,7 +8268,8 @@ def cmd_stdinserver(args: argparse.Namespace) -> int:
     try:
         processes, progress = ProcessRegistry(), Progress()
         recorder = ClientRecorder(job, identity, store.update)
-        handlers = recorder.wrap(passive_handlers(job, identity, args.zfs, processes, progress))
+        handlers = recorder.wrap(passive_handlers(job, identity, args.zfs, processes, progress,
+                                                  replication_guards(config)))
         conn = Connection.from_stdio(name=f"client {identity}")
         if job.type == "sink":
             conn.recv_limit = _bucket(job.recv.bandwidth_limit)

@@ -384,8 +384,10 @@ def test_source_client_reaches_only_its_filesystems_filter(setup):
                 conn.request(kind, body, stream_out=lambda b, s: s.discard())
             assert "internal error" not in str(ei.value)
     # a resume token of another dataset, smuggled into a request for an allowed one
-    with pytest.raises(zrepl.RemoteError, match="belongs to 'tank/other'"):
-        conn.request("sender.send", {"fs": "tank/data", "to": "a", "to_guid": 31, "resume_token": "1-foreign-token"},
+    foreign = zrepl.encode_resume_token({"object": 1, "offset": 0, "bytes": 0, "toguid": 0x1F,
+                                         "toname": "tank/other@a"})
+    with pytest.raises(zrepl.RemoteError, match="continues 'tank/other@a', not a snapshot of tank/data"):
+        conn.request("sender.send", {"fs": "tank/data", "to": "a", "to_guid": 31, "resume_token": foreign},
                      stream_out=lambda b, s: s.discard())
     for bad in (["a@b", 1], ["../x", 1], ["a", "x"], "xx", [["a"]]):
         with pytest.raises(zrepl.RemoteError) as ei:
