@@ -58,6 +58,7 @@ import selectors
 import shlex
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -92,6 +93,11 @@ class ZreplError(Exception):
 
 class UsageError(ZreplError):
     """Bad command-line input (exit code 2)."""
+
+
+class SetupError(ZreplError):
+    """The environment is not usable as configured (runtime dir, lock files): exit code 2, with the
+    path and what to do."""
 
 
 class ConfigError(ZreplError):
@@ -7207,8 +7213,43 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def ensure_private_dir(path: str) -> None:
-    """Create a root-only directory (locks and requests live there)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create (if needed) and check a private directory for locks and requests: a real directory
+    (not a symlink), owned by the running user (root when run as root), writable by nobody else.
+    Raises SetupError naming the path and the fix."""
+    try:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            st = os.lstat(path)
+    except OSError as exc:
+        raise SetupError(f"cannot create the runtime directory {path}: {exc.strerror or exc} "
+                         f"(global.runtime_dir; it must be a writable local directory)") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise SetupError(f"{path} is not a directory (global.runtime_dir must name a directory, not a file "
+                         f"or a symlink)")
+    if st.st_uid != os.geteuid():
+        raise SetupError(f"{path} belongs to uid {st.st_uid}, not to the running user (uid {os.geteuid()}): "
+                         f"its locks would be shared with another user; `chown {os.geteuid()} {path}` or set "
+                         f"global.runtime_dir to a directory of your own")
+    if st.st_mode & 0o022:
+        raise SetupError(f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}): "
+                         f"`chmod 700 {path}`")
+
+
+def _open_private_file(path: str, flags: int) -> int:
+    """Open a lock or request file without following a symlink planted in its place."""
+    try:
+        return os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        what = "is a directory" if exc.errno == errno.EISDIR else (
+            "is a symlink" if exc.errno == errno.ELOOP else exc.strerror or str(exc))
+        raise SetupError(f"cannot open {path}: {what} (remove it; zrepl.py creates it)") from None
+
+
+# Name spaces in the runtime dir: job names and client identities cannot contain '/', so these
+# never collide with each other nor with the status writer's `status.lock`.
+_JOBS_DIR, _CLIENTS_DIR = "jobs", "clients"
 
 
 class JobLock:
@@ -7217,14 +7258,21 @@ class JobLock:
     The lock dies with the process, so a crashed run never leaves a stale lock behind.
     """
 
-    def __init__(self, runtime_dir: str, job: str):
-        self.path = os.path.join(runtime_dir, f"{job}.lock")
+    def __init__(self, runtime_dir: str, job: str, directory: str = _JOBS_DIR):
+        self.dir = os.path.join(runtime_dir, directory)
+        self.path = os.path.join(self.dir, f"{job}.lock")
         self.runtime_dir = runtime_dir
         self.fd: int | None = None
 
+    @classmethod
+    def for_client(cls, runtime_dir: str, job: str, identity: str) -> JobLock:
+        """The lock of one client identity of a passive job (one connection at a time)."""
+        return cls(runtime_dir, identity, os.path.join(_CLIENTS_DIR, job))
+
     def try_acquire(self) -> bool:
         ensure_private_dir(self.runtime_dir)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        ensure_private_dir(os.path.dirname(self.path))
+        fd = _open_private_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -7237,8 +7285,9 @@ class JobLock:
 
     def holder_pid(self) -> int | None:
         try:
-            with open(self.path) as f:
-                return int(f.read().strip() or 0) or None
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            with os.fdopen(fd) as f:
+                return int(f.read(32).strip() or 0) or None
         except (OSError, ValueError):
             return None
 
@@ -7257,18 +7306,19 @@ class WakeupRequest:
     after releasing it (then re-takes the lock if it can).
     """
 
-    def __init__(self, runtime_dir: str, job: str):
-        self.path = os.path.join(runtime_dir, f"{job}.wakeup")
-        self.runtime_dir = runtime_dir
+    def __init__(self, runtime_dir: str, job: str, clock: Clock = SYSTEM_CLOCK):
+        self.path = os.path.join(runtime_dir, _JOBS_DIR, f"{job}.wakeup")
+        self.runtime_dir, self.clock = runtime_dir, clock
 
     def post(self) -> None:
         ensure_private_dir(self.runtime_dir)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.write(fd, f"{time.time()}\n".encode())
+        ensure_private_dir(os.path.dirname(self.path))
+        fd = _open_private_file(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.write(fd, f"{self.clock.time()}\n".encode())
         os.close(fd)
 
     def pending(self) -> bool:
-        return os.path.exists(self.path)
+        return os.path.lexists(self.path)
 
     def consume(self) -> bool:
         try:
@@ -7377,13 +7427,16 @@ class JobRunner:
 
     # -- runs ------------------------------------------------------------------------------------
     def run(self, previous: dict[str, Any] | None = None) -> int | None:
-        """Run passes while wakeups are pending. Returns the worst exit code, or None if busy."""
+        """Run passes while wakeups are pending. Returns the worst exit code, or None if busy.
+        A dry run changes nothing, so it takes no lock and runs once."""
         rt = self.config.global_.runtime_dir
-        lock, wakeup = JobLock(rt, self.job.name), WakeupRequest(rt, self.job.name)
+        lock, wakeup = JobLock(rt, self.job.name), WakeupRequest(rt, self.job.name, self.clock)
         if previous:
             for key in ("last_success", "filesystems", "last_run", "replication"):
                 if key in previous:
                     self.doc[key] = previous[key]
+        if self.dry_run:
+            return self.run_pass().exit_code
         worst: int | None = None
         while True:
             if not lock.try_acquire():
@@ -7639,7 +7692,7 @@ def acquire_client_lock(runtime_dir: str, job: str, identity: str, wait: float =
     """One connection per (job, identity) at a time: a client that reconnects after a lost connection
     waits here until the previous server process has let its `zfs recv` save the resume state.
     Returns the held lock, or None when the runtime dir is unusable (then we serve unlocked)."""
-    lock = JobLock(runtime_dir, f"{job}.client.{identity}")
+    lock = JobLock.for_client(runtime_dir, job, identity)
     deadline = clock.monotonic() + wait
     try:
         while not lock.try_acquire():
@@ -7823,7 +7876,7 @@ class StatusStore:
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, mode=0o755, exist_ok=True)
         ensure_private_dir(self.runtime_dir)
-        lock_fd = os.open(os.path.join(self.runtime_dir, "status.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock_fd = _open_private_file(os.path.join(self.runtime_dir, "status.lock"), os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
@@ -8500,6 +8553,9 @@ def main(argv: Sequence[str] | None = None, *, zfs: Zfs | None = None) -> int:
         return EXIT_USAGE
     except UsageError as exc:
         print(f"zrepl.py: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SetupError as exc:
+        print(f"zrepl.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (ZreplError, ValueError) as exc:
         print(f"zrepl.py: error: {exc}", file=sys.stderr)

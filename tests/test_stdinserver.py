@@ -251,7 +251,7 @@ class FakeClock(zrepl.Clock):
 
 
 def test_client_lock_waits_for_the_previous_connection_then_refuses(tmp_path):
-    holder = zrepl.JobLock(str(tmp_path), "sink.client.c1")
+    holder = zrepl.JobLock.for_client(str(tmp_path), "sink", "c1")
     assert holder.try_acquire()
     clock = FakeClock()
     with pytest.raises(zrepl.ClientBusy) as ei:
