@@ -1370,10 +1370,12 @@ class SendConfig:
 
 @dataclass
 class RecvConfig:
-    """`recv` options of sink and pull jobs."""
+    """`recv` options of sink and pull jobs. `safe_properties` (recv.properties.safe, default on):
+    what a received stream may not decide on this host (see receive_property_args)."""
 
     inherit: list[str] = field(default_factory=list)
     override: dict[str, str] = field(default_factory=dict)
+    safe_properties: bool = True
     placeholder_encryption: str = "unspecified"
     bandwidth_limit: BandwidthLimit | None = None
 
@@ -1901,6 +1903,7 @@ def _parse_recv(t: _Table) -> RecvConfig:
                 raise ConfigError(f"value must be a string or integer, got {value!r}",
                                   f"{pt.key_path('override')}.{prop}", t.file)
         r.override = {k: str(v) for k, v in override.items()}
+        r.safe_properties = pt.get("safe", bool, True)
         pt.finish()
     ph = t.table("placeholder")
     if ph:
@@ -2731,6 +2734,7 @@ class PlanSettings:
     encrypted: bool = False  # send.encrypted: send raw, refuse unencrypted datasets
     raw: bool = False  # send.raw
     receiving_job: str | None = None
+    sending_job: str | None = None  # the job name in the sender's bookmarks (for name length checks)
 
     def __post_init__(self) -> None:
         if self.initial not in INITIAL_REPLICATION_CHOICES:
@@ -2809,6 +2813,7 @@ class PlanProblem(enum.StrEnum):
     RECEIVER_HAS_DATA = "receiver-has-data"
     CONFLICT_FAIL = "conflict-fail"
     ENCRYPTION = "encryption"
+    NAME_TOO_LONG = "name-too-long"
 
 
 @dataclass
@@ -2840,6 +2845,7 @@ class FilesystemPlan:
     sender_fs: str
     receiver_fs: str
     receiver_exists: bool = False
+    sender_type: str = "filesystem"
     steps: list[Step] = field(default_factory=list)
     error: PlanError | None = None
     clear_resume_token: bool = False
@@ -2958,11 +2964,16 @@ def plan_filesystem(sender: DatasetInfo, receiver: DatasetInfo | None, settings:
     target = receiver_fs or (receiver.name if receiver else None)
     if not target:
         raise ValueError("plan_filesystem needs receiver_fs when the receiver does not exist")
-    plan = FilesystemPlan(sender_fs=sender.name, receiver_fs=target, receiver_exists=receiver is not None)
+    plan = FilesystemPlan(sender_fs=sender.name, receiver_fs=target, receiver_exists=receiver is not None,
+                          sender_type=sender.type)
 
     problem = check_send_encryption(settings.encrypted, settings.raw, dataset_is_encrypted(sender))
     if problem:
         plan.error = PlanError(f"{sender.name}: {problem}", PlanProblem.ENCRYPTION, {"recovery_commands": []})
+        return plan
+    too_long = _names_too_long(sender, target, settings)
+    if too_long:
+        plan.error = PlanError(too_long, PlanProblem.NAME_TOO_LONG, {"recovery_commands": []})
         return plan
 
     snaps = _by_txg(sender.snapshots())
@@ -3019,6 +3030,23 @@ def plan_filesystem(sender: DatasetInfo, receiver: DatasetInfo | None, settings:
         return plan
     plan.steps = _incremental_steps(source, pending)
     return plan
+
+
+def _names_too_long(sender: DatasetInfo, target: str, settings: PlanSettings) -> str | None:
+    """Why the names this filesystem needs exceed ZFS's 255 characters, or None: the sender's cursor
+    (and tentative cursor) bookmarks carry the job name, the receiver gets target@snapshot."""
+    longest = max((len(v.name) for v in sender.snapshots()), default=0)
+    if len(target) + 1 + longest > ZFS_NAME_MAX:
+        return (f"{target}: the replica's snapshot names would be longer than {ZFS_NAME_MAX} characters "
+                f"(ZFS's limit); use a shorter root_fs or dataset path")
+    if settings.sending_job:
+        tentative = "guarantee_incremental" in (settings.protection_initial, settings.protection_incremental)
+        name = (tentative_cursor_bookmark_name if tentative else cursor_bookmark_name)((1 << 64) - 1,
+                                                                                      settings.sending_job)
+        if len(sender.name) + 1 + len(name) > ZFS_NAME_MAX:
+            return (f"{sender.name}: the replication bookmark {sender.name}#{name} would be longer than "
+                    f"{ZFS_NAME_MAX} characters (ZFS's limit); a shorter job name or dataset path is needed")
+    return None
 
 
 def _plan_initial(plan: FilesystemPlan, snaps: list[Version], settings: PlanSettings) -> FilesystemPlan:
@@ -4951,6 +4979,7 @@ class EndpointErrorKind(enum.StrEnum):
     FORBIDDEN = "forbidden"  # names something outside the endpoint's confinement, or is malformed
     ENCRYPTION = "encryption"  # the send would break the job's encryption policy
     RECEIVER_HAS_DATA = "receiver-has-data"  # a full receive would overwrite a dataset with data
+    RECEIVER_MODIFIED = "receiver-modified"  # written to after its newest snapshot
     SEND_FAILED = "send-failed"  # the sending side's failure caused the step's failure
 
 
@@ -5074,21 +5103,24 @@ class StepRequest:
     resume_token: str | None = None
     received: list[tuple[str, int]] = field(default_factory=list)  # (short name, guid) oldest first
     replace_placeholder: bool = False
+    dataset_type: str = "filesystem"  # the sender's dataset type: receive defaults differ for volumes
 
     @classmethod
-    def from_step(cls, fs: str, step: Step, replace_placeholder: bool = False) -> StepRequest:
+    def from_step(cls, fs: str, step: Step, replace_placeholder: bool = False,
+                  dataset_type: str = "filesystem") -> StepRequest:
         src = step.from_version
         return cls(fs=fs, to=step.to_version.name, to_guid=step.to_version.guid,
                    from_=None if src is None else ("@" if src.is_snapshot else "#") + src.name,
                    from_guid=None if src is None else src.guid, multi=step.multi,
                    resume_token=step.resume_token,
                    received=[(v.name, v.guid) for v in step.received_versions()],
-                   replace_placeholder=replace_placeholder)
+                   replace_placeholder=replace_placeholder, dataset_type=dataset_type)
 
     def to_wire(self) -> dict[str, Any]:
         return {"fs": self.fs, "to": self.to, "to_guid": self.to_guid, "from": self.from_,
                 "from_guid": self.from_guid, "multi": self.multi, "resume_token": self.resume_token,
-                "received": [list(r) for r in self.received], "replace_placeholder": self.replace_placeholder}
+                "received": [list(r) for r in self.received], "replace_placeholder": self.replace_placeholder,
+                "type": self.dataset_type}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> StepRequest:
@@ -5109,9 +5141,13 @@ class StepRequest:
                     raise ValueError("bad received list")
                 received.append((validate_snapshot_short_name(str(item[0])), int(item[1])))
             from_guid = d.get("from_guid")
+            dtype = d.get("type", "filesystem")
+            if dtype not in ("filesystem", "volume"):
+                raise ValueError(f"bad dataset type {dtype!r}")
             return cls(fs=fs, to=to, to_guid=int(d.get("to_guid", 0)), from_=src,
                        from_guid=None if from_guid is None else int(from_guid), multi=bool(d.get("multi")),
-                       resume_token=token, received=received, replace_placeholder=bool(d.get("replace_placeholder")))
+                       resume_token=token, received=received, replace_placeholder=bool(d.get("replace_placeholder")),
+                       dataset_type=dtype)
         except (ValueError, TypeError) as exc:
             raise EndpointError(f"invalid step request: {exc}") from None
 
@@ -5600,6 +5636,32 @@ def destroy_abstractions(zfs: Zfs, stale: Sequence[Abstraction]) -> None:
                     raise
 
 
+# Properties in a received stream come from the peer. A compromised sender could ship
+# mountpoint=/etc with canmount=on, or sharenfs=on, and `zfs recv -u` only delays the mount until
+# the next boot. With recv.properties.safe (the default) the stream's mountpoint and shares are
+# ignored on every receive (-x: the replica inherits from its parent, a placeholder with
+# mountpoint=none), and a new replica is created not mounted at boot, read-only and, for volumes,
+# without a device node (-o; set locally, so later streams cannot change them). An explicit
+# recv.properties inherit/override entry wins over these.
+SAFE_RECEIVE_EXCLUDE = ("mountpoint", "sharenfs", "sharesmb")
+SAFE_RECEIVE_CREATE = {"filesystem": {"canmount": "noauto", "readonly": "on"},
+                       "volume": {"volmode": "none", "readonly": "on"}}
+
+
+def receive_property_args(recv: RecvConfig, creates: bool, dataset_type: str) -> tuple[list[str], dict[str, str]]:
+    """(`-x` properties, `-o` properties) for one receive; `creates`: a full, not resumed, receive."""
+    inherit, override = list(recv.inherit), dict(recv.override)
+    if recv.safe_properties:
+        inherit += [p for p in SAFE_RECEIVE_EXCLUDE if p not in override and p not in inherit]
+        if creates:
+            for prop, value in SAFE_RECEIVE_CREATE.get(dataset_type, {}).items():
+                if prop not in inherit:
+                    override.setdefault(prop, value)
+    if creates:
+        override.setdefault(PLACEHOLDER_PROPERTY, "off")
+    return inherit, override
+
+
 class ReceiverEndpoint:
     """The receiving side (implements Receiver): receives below `root` (= root_fs, or
     root_fs/<client identity> on a sink).
@@ -5730,10 +5792,9 @@ class ReceiverEndpoint:
                 force = True
             if current is None and req.from_ is None:
                 self._ensure_parents(target)
-            override = dict(self.recv_cfg.override)
-            if req.from_ is None and not req.resume_token:
-                override.setdefault(PLACEHOLDER_PROPERTY, "off")
-            argv = recv_argv(target, resumable=True, force=force, inherit=self.recv_cfg.inherit, override=override)
+            creates = req.from_ is None and not req.resume_token
+            inherit, override = receive_property_args(self.recv_cfg, creates, req.dataset_type)
+            argv = recv_argv(target, resumable=True, force=force, inherit=inherit, override=override)
             proc = self.zfs.spawn(argv, stdin=stream_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         finally:
             os.close(stream_fd)
@@ -5743,8 +5804,31 @@ class ReceiverEndpoint:
         finally:
             self.processes.discard(proc)
         if proc.returncode != 0:
-            raise ZfsError(argv, proc.returncode, err.decode("utf-8", "replace"))
+            failure = ZfsError(argv, proc.returncode, err.decode("utf-8", "replace"))
+            raise self._explained(failure, target) from failure
         return self._verify(target, req)
+
+    def _explained(self, failure: ZfsError, target: str) -> ZreplError:
+        """A refused receive that a human has to resolve: say why and how (permanent, not retried)."""
+        aside = _q("zfs", "rename", target, f"{target}-zrepl-aside")
+        if failure.kind == ZfsErrorKind.MODIFIED:
+            info = self.zfs.list_one(target)
+            newest = info.snapshots()[-1].full_name if info and info.snapshots() else f"{target}@<newest>"
+            return EndpointError(
+                f"{target} was written to on the receiver after its newest snapshot (mounted read-write?), so zfs "
+                f"refuses the incremental receive. Discard the change: `{_q('zfs', 'rollback', newest)}`; or keep it "
+                f"and start over with a full replication: `{aside}`. readonly=on on replicas prevents this "
+                f"(recv.properties.safe sets it on new ones). ({failure.stderr})",
+                kind=EndpointErrorKind.RECEIVER_MODIFIED)
+        if failure.kind == ZfsErrorKind.ENCRYPTED_OVERWRITE:
+            return EndpointError(
+                f"{target}: OpenZFS cannot replace this placeholder with the stream (zfs receive -F does not put an "
+                f"encrypted stream over an unencrypted placeholder, nor a plain one over an encrypted). If {target} "
+                f"has no children, remove it (`{_q('zfs', 'destroy', target)}`) and the next run receives it as a "
+                f"new dataset; otherwise move the placeholder aside (`{aside}`) or set "
+                f"recv.placeholder.encryption to match the stream. ({failure.stderr})",
+                kind=EndpointErrorKind.ENCRYPTION)
+        return failure
 
     def _verify(self, target: str, req: StepRequest) -> ReceiveResult:
         info = self.zfs.list_one(target)
@@ -6370,6 +6454,9 @@ class Replication:
         # unchanged listings instead of listing both sides again (half the spawns of a no-op run).
         self.listings: Listings | None = None
         self.changed = False
+        # filesystem -> "sender" | "receiver": restoring a lost cursor or hold failed there, so that
+        # side of it must not be pruned (its incremental base is not protected)
+        self.unprotected: dict[str, str] = {}
 
     def refresh(self) -> None:
         """Update the in-flight step's byte count (called by the status ticker)."""
@@ -6470,6 +6557,7 @@ class Replication:
         replication itself does not depend on them."""
         fs, level = plan.sender_fs, self.settings.plan.protection_incremental
         common, rcommon = plan.common, plan.receiver_common
+        side = "sender"
         try:
             if level != "guarantee_nothing" and common is not None and common.is_snapshot:
                 current = replication_cursor(sender_info, self.sender.info.abstraction_job)
@@ -6478,13 +6566,17 @@ class Replication:
                              self.settings.job, fs, common.full_name)
                     self.changed = True
                     self.sender.complete(fs, common.name, common.guid, level)
+            side = "receiver"
             if rcommon is not None and rcommon.userrefs == 0:
                 self.changed = True
                 log.info("%s: %s: restoring the last-received hold on %s", self.settings.job, fs, rcommon.full_name)
                 self.receiver.hold_last_received(fs, rcommon.name, rcommon.guid)
+            self.unprotected.pop(fs, None)
         except (ZreplError, OSError) as exc:
-            log.warning("%s: %s: could not restore the replication cursor or last-received hold: %s",
-                        self.settings.job, fs, exc)
+            self.unprotected[fs] = side
+            log.error("%s: %s: could not restore the %s on the %s; not pruning that side of it: %s",
+                      self.settings.job, fs, "replication cursor" if side == "sender" else "last-received hold",
+                      side, exc)
 
     # -- running ---------------------------------------------------------------------------------
     def run(self) -> dict[str, FilesystemReport]:
@@ -6567,7 +6659,8 @@ class Replication:
 
     def _run_step(self, plan: FilesystemPlan, step: Step, rep: FilesystemReport) -> None:
         fs = plan.sender_fs
-        req = StepRequest.from_step(fs, step, replace_placeholder=plan.replace_placeholder and step.is_full)
+        req = StepRequest.from_step(fs, step, replace_placeholder=plan.replace_placeholder and step.is_full,
+                                    dataset_type=plan.sender_type)
         level = self.settings.plan.protection_for(step)
         rep.state, rep.step = FilesystemState.STEPPING, step.describe()
         rep.bytes_expected = self._estimate(plan, step)
@@ -7041,7 +7134,8 @@ HoldLookup = Callable[[str, list[str]], dict[str, list[str]]]  # (dataset, short
 def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destroy: Destroyer,
                    holds: HoldLookup | None = None, contexts: dict[str, PruneContext] | None = None,
                    dry_run: bool = False, guards: Sequence[str] = (),
-                   protected: dict[str, dict[str, str]] | None = None) -> list[PruneResult]:
+                   protected: dict[str, dict[str, str]] | None = None,
+                   tick: Callable[[], None] | None = None) -> list[PruneResult]:
     """Apply keep rules to each dataset's snapshots; destroy the rest in one batch per dataset.
 
     `destroy(dataset, short_names)` does the batch (locally: destroy_with_bisect; on a peer: a
@@ -7083,6 +7177,8 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
                     result.kept[f"{ds.name}@{name}"] = [why]
                 _report_raced_holds(ds.name, result, holds)
         results.append(result)
+        if tick is not None:
+            tick()
     return results
 
 
@@ -7116,18 +7212,19 @@ def cursor_contexts(listing: Iterable[DatasetInfo], abstraction_job: str) -> dic
 
 
 def prune_sender(sender: Sender, listing: list[DatasetInfo], rules: Sequence[KeepRule],
-                 dry_run: bool = False, guards: Sequence[str] = ()) -> list[PruneResult]:
+                 dry_run: bool = False, guards: Sequence[str] = (),
+                 tick: Callable[[], None] | None = None) -> list[PruneResult]:
     """keep_sender on the sending side; not_replicated compares against the cursor of the job whose
     abstractions the sender writes (sender.info: the push job, or the source serving this client).
     `guards`: other jobs of this host whose unreplicated snapshots stay (the endpoint checks too)."""
     own = sender.info.abstraction_job
     return prune_datasets(listing, rules, sender.destroy_snapshots, sender.hold_tags,
-                          cursor_contexts(listing, own), dry_run, guards=[g for g in guards if g != own])
+                          cursor_contexts(listing, own), dry_run, guards=[g for g in guards if g != own], tick=tick)
 
 
 def prune_receiver(receiver: Receiver, listing: ReceiverListing, sender_list: Iterable[DatasetInfo],
-                   rules: Sequence[KeepRule], dry_run: bool = False,
-                   refused: Iterable[str] = ()) -> list[PruneResult]:
+                   rules: Sequence[KeepRule], dry_run: bool = False, refused: Iterable[str] = (),
+                   tick: Callable[[], None] | None = None) -> list[PruneResult]:
     """keep_receiver on the receiving side, only for datasets established as replicas of this
     sender's filesystems (replica_protection: a common snapshot, not diverged) and not refused by
     this run's planning; their incremental base always stays."""
@@ -7147,7 +7244,7 @@ def prune_receiver(receiver: Receiver, listing: ReceiverListing, sender_list: It
     return prune_datasets(datasets, rules,
                           lambda dataset, snaps: receiver.destroy_snapshots(names[dataset], snaps),
                           lambda dataset, snaps: receiver.hold_tags(names[dataset], snaps),
-                          None, dry_run, protected=protected)
+                          None, dry_run, protected=protected, tick=tick)
 
 
 @dataclass
@@ -7162,11 +7259,14 @@ class BothSidesPruned:
 def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[KeepRule],
                      keep_receiver: Sequence[KeepRule], listings: Listings | None = None,
                      dry_run: bool = False, on_side: Callable[[str], None] = lambda side: None,
-                     job: str = "", guards: Sequence[str] = (), refused: Iterable[str] = ()) -> BothSidesPruned:
+                     job: str = "", guards: Sequence[str] = (), refused: Iterable[str] = (),
+                     skip_sender: Iterable[str] = (), tick: Callable[[], None] | None = None) -> BothSidesPruned:
     """Prune the sender, then the receiver (zrepl's order). `listings` are the replication's own
     when it changed nothing since; otherwise both sides are listed again. A failure on one side is
     recorded and the other side still runs. `refused`: filesystems whose replication was refused
-    in this run (their receiver is left alone); `guards`: see prune_sender."""
+    in this run (their receiver is left alone); `skip_sender`: filesystems whose sender side must
+    stay as it is (its cursor could not be restored); `guards`: see prune_sender; `tick` is called
+    after each dataset (a sign of life for a watchdog)."""
     out = BothSidesPruned()
     on_side("sender")
     try:
@@ -7176,7 +7276,9 @@ def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[K
         out.failures["(pruning)"] = str(exc)
         return out
     try:
-        out.sender = prune_sender(sender, sender_list, keep_sender, dry_run, guards)
+        skip = set(skip_sender)
+        out.sender = prune_sender(sender, [ds for ds in sender_list if ds.name not in skip], keep_sender, dry_run,
+                                  guards, tick)
         for r in out.sender:
             if r.errors:
                 out.failures[r.dataset] = f"pruning sender: {len(r.errors)} snapshot(s) could not be destroyed"
@@ -7186,7 +7288,7 @@ def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[K
     on_side("receiver")
     try:
         receiver_list = listings[1] if listings is not None else receiver.list_filesystems()
-        out.receiver = prune_receiver(receiver, receiver_list, sender_list, keep_receiver, dry_run, refused)
+        out.receiver = prune_receiver(receiver, receiver_list, sender_list, keep_receiver, dry_run, refused, tick)
         for r in out.receiver:
             if r.errors:
                 out.failures[r.dataset] = f"pruning receiver: {len(r.errors)} snapshot(s) could not be destroyed"
@@ -7462,9 +7564,15 @@ class JobRunner:
         self._set_activity("starting")
         try:
             result = self._dispatch()
+        except SetupError:
+            raise  # the environment, not this job: the command says so and exits 2
         except ZreplError as exc:
             log.error("job %s: %s", self.job.name, exc)
             result = PassResult(EXIT_FAILED, error=str(exc))
+        except Exception as exc:  # a bug must end this pass with a recorded error, never other jobs
+            log.error("job %s: internal error: %s: %s", self.job.name, type(exc).__name__, exc,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            result = PassResult(EXIT_FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
         ended = self.clock.time()
         outcome = "ok" if result.exit_code == EXIT_OK else ("error" if result.error else "failed")
         self.doc["last_run"] = {"start": iso_time(started), "end": iso_time(ended), "result": outcome,
@@ -7493,7 +7601,10 @@ class JobRunner:
     def _take_snapshots(self, datasets: list[DatasetInfo], result: PassResult) -> list[SnapshotBatchResult]:
         """Snapshot the due filesystems (one command per pool) and record it in the status."""
         if not datasets:
-            log.warning("job %s: the filesystems filter selects no dataset", self.job.name)
+            why = ("the filesystems filter selects no dataset (a typo, or a pool that is not imported?); "
+                   "check with `zrepl.py test filesystems --job " + self.job.name + "`")
+            log.error("job %s: %s", self.job.name, why)
+            result.failures["(filesystems)"] = why
         now = self.clock.time()
         snap = self.job.snapshotting
         if snap.type != "manual":
@@ -7509,6 +7620,10 @@ class JobRunner:
             for fs, why in {**batch.skipped, **batch.errors}.items():
                 self._fs(fs)["snapshot_error"] = why
                 result.failures[fs] = why
+            for hook in batch.hooks:  # even with err_is_fatal = false: the snapshot may be inconsistent
+                if not hook.ok:
+                    for fs in hook.filesystems:
+                        result.failures.setdefault(fs, f"{hook.edge}-snapshot hook {hook.hook} failed: {hook.error}")
         self.last_batches = batches
         return batches
 
@@ -7537,7 +7652,7 @@ class JobRunner:
         return result
 
     # -- push and pull -----------------------------------------------------------------------------
-    def _replication_settings(self, receiver: Receiver) -> ReplicationSettings:
+    def _replication_settings(self, sender: Sender, receiver: Receiver) -> ReplicationSettings:
         job = self.job
         if job.replication.concurrency_steps > 1:
             # Parallel steps need one connection per step; until then say so rather than pretend.
@@ -7546,7 +7661,7 @@ class JobRunner:
         plan = PlanSettings(initial=job.initial_replication, protection_initial=job.replication.protection_initial,
                             protection_incremental=job.replication.protection_incremental,
                             encrypted=job.send.encrypted, raw=job.send.raw,
-                            receiving_job=receiver.info.abstraction_job)
+                            receiving_job=receiver.info.abstraction_job, sending_job=sender.info.abstraction_job)
         return ReplicationSettings(job=job.name, plan=plan, timeout=job.replication.timeout, dry_run=self.dry_run,
                                    retry_delay=float(os.environ.get("ZREPL_RETRY_DELAY", "2")))
 
@@ -7570,7 +7685,7 @@ class JobRunner:
             repl = self.last_replication
             unchanged = (repl.listings if repl is not None and not repl.changed and not repl.cancel_reason
                          else None)
-            self._prune_both(sender, receiver, result, unchanged)
+            self._prune_both(sender, receiver, peer, result, unchanged)
         finally:
             peer.close()
         if result.failures and result.exit_code == EXIT_OK:
@@ -7582,7 +7697,7 @@ class JobRunner:
         """Run the replication under the watchdog; returns a usable peer (reconnected if cancelled)."""
         previous = (self.doc.get("replication") or {}).get("filesystems") or {}
         counts = {fs: int(v.get("error_count") or 0) for fs, v in previous.items() if isinstance(v, dict)}
-        settings = self._replication_settings(receiver)
+        settings = self._replication_settings(sender, receiver)
         repl = Replication(sender, receiver, settings, progress, error_counts=counts, previous=previous,
                            clock=self.clock)
         self.last_replication = repl
@@ -7619,25 +7734,51 @@ class JobRunner:
         for fs, rep in repl.reports.items():
             if rep.error:
                 result.failures[fs] = rep.error
+        for fs, side in repl.unprotected.items():
+            what = "replication cursor" if side == "sender" else "last-received hold"
+            result.failures.setdefault(fs, f"the lost {what} could not be restored on the {side}; not pruned there")
+        if repl.listings is not None and not repl.listings[0]:
+            chooser = "source" if self.job.type == "pull" else "filesystems filter"
+            why = f"the {chooser} selects no dataset to replicate (a typo, or a pool that is not imported?)"
+            log.error("job %s: %s", self.job.name, why)
+            result.failures["(filesystems)"] = why
         if repl.cancel_reason and not self.dry_run:
             peer.close()
             log.info("job %s: reconnecting for pruning after the cancelled replication", self.job.name)
             return connect_peer(self.config, self.job, self.zfs, ProcessRegistry(), Progress(self.clock), self.clock)
         return peer
 
-    def _prune_both(self, sender: Sender, receiver: Receiver, result: PassResult, listings: Listings | None) -> None:
-        """Prune the sender, then the receiver (section 12), and record it in the status."""
+    def _prune_both(self, sender: Sender, receiver: Receiver, peer: Peer, result: PassResult,
+                    listings: Listings | None) -> None:
+        """Prune the sender, then the receiver (section 12), under a watchdog of its own (a stalled
+        peer must not hold the job lock for ever), and record it in the status."""
         job = self.job
         if not job.keep_sender and not job.keep_receiver:
             # Empty keep lists keep everything: skip both listings (two spawns per run).
             self.doc["pruning_sender"] = self.doc["pruning_receiver"] = prune_summary([])
             return
         repl = self.last_replication
-        refused = [fs for fs, r in (repl.reports if repl else {}).items() if r.state == FilesystemState.PLANNING_ERROR]
+        reports = repl.reports if repl else {}
+        refused = [fs for fs, r in reports.items() if r.state == FilesystemState.PLANNING_ERROR]
+        unprotected = repl.unprotected if repl else {}
         guards = replication_guards(self.config) if job.type == "push" else []
-        pruned = prune_both_sides(sender, receiver, job.keep_sender, job.keep_receiver, listings, self.dry_run,
-                                  on_side=lambda side: self._set_activity(f"pruning {side}"), job=job.name,
-                                  guards=guards, refused=refused)
+        progress, cancelled = Progress(self.clock), []
+
+        def cancel(reason: str) -> None:
+            cancelled.append(reason)
+            peer.cancel(reason)
+
+        def on_side(side: str) -> None:
+            progress.touch()
+            self._set_activity(f"pruning {side}")
+        with Watchdog(progress, job.replication.timeout, cancel):
+            pruned = prune_both_sides(sender, receiver, job.keep_sender, job.keep_receiver, listings, self.dry_run,
+                                      on_side=on_side, job=job.name, guards=guards,
+                                      refused=refused + [fs for fs, side in unprotected.items() if side == "receiver"],
+                                      skip_sender=[fs for fs, side in unprotected.items() if side == "sender"],
+                                      tick=progress.touch)
+        if cancelled:
+            result.failures["(pruning)"] = f"pruning cancelled by the watchdog: {cancelled[0]}"
         self.doc["pruning_sender"] = prune_summary(pruned.sender)
         self.doc["pruning_receiver"] = prune_summary(pruned.receiver)
         self.last_prune, self.last_prune_receiver = pruned.sender, pruned.receiver
