@@ -5077,17 +5077,87 @@ def dataset_from_wire(d: Any) -> DatasetInfo:
         ds = DatasetInfo(name=name, type=dtype if isinstance(dtype, str) and dtype in ("filesystem", "volume")
                          else "filesystem",
                          guid=_wire_int(d, "guid"), createtxg=_wire_int(d, "createtxg"), props=dict(props))
-        for v in d.get("versions", []):
-            if not isinstance(v, dict) or v.get("kind") not in ("snapshot", "bookmark"):
-                raise ValueError("version entry must be an object with kind snapshot or bookmark")
-            ds.versions.append(Version(dataset=name, name=validate_snapshot_short_name(v.get("name", "")),
-                                       kind=VersionKind(v["kind"]), guid=_wire_int(v, "guid"),
-                                       createtxg=_wire_int(v, "createtxg"), creation=_wire_int(v, "creation"),
-                                       userrefs=_wire_int(v, "userrefs")))
+        versions = d.get("versions", [])
+        if not isinstance(versions, list):
+            raise ValueError("versions must be a list")
+        ds.versions = [version_from_wire(name, v) for v in versions]
         ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
         return ds
     except ValueError as exc:
         raise EndpointError(f"peer sent an invalid dataset listing: {exc}") from None
+
+
+def version_from_wire(dataset: str, v: Any) -> Version:
+    """One snapshot or bookmark of `dataset` from the peer's JSON. Raises ValueError."""
+    if not isinstance(v, dict) or v.get("kind") not in ("snapshot", "bookmark"):
+        raise ValueError("version entry must be an object with kind snapshot or bookmark")
+    return Version(dataset=dataset, name=validate_snapshot_short_name(v.get("name", "")),
+                   kind=VersionKind(v["kind"]), guid=_wire_int(v, "guid"), createtxg=_wire_int(v, "createtxg"),
+                   creation=_wire_int(v, "creation"), userrefs=_wire_int(v, "userrefs"))
+
+
+# Listings of any size travel in pages: a flat sequence of items (a dataset header, then its
+# versions), each page at most LISTING_PAGE_BYTES of JSON, far below a control frame's limit.
+# The serving side lists once per listing (page 0) and answers the later pages from that copy.
+LISTING_PAGE_BYTES = 256 << 10
+
+
+def listing_items(datasets: Iterable[tuple[str, DatasetInfo]]) -> list[dict[str, Any]]:
+    """(key, dataset) pairs -> page items: {"key", "dataset" without versions}, then {"version"}s."""
+    items: list[dict[str, Any]] = []
+    for key, ds in datasets:
+        head = dataset_to_wire(ds)
+        head["versions"] = []
+        items.append({"key": key, "dataset": head})
+        items += [{"version": version_to_wire(v)} for v in ds.versions]
+    return items
+
+
+def listing_page(items: list[dict[str, Any]], offset: Any) -> dict[str, Any]:
+    """One page of items from `offset`: {"items": [...], "next": offset of the next page or None}."""
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= len(items):
+        raise EndpointError(f"invalid listing offset {offset!r}", kind=EndpointErrorKind.FORBIDDEN)
+    page: list[dict[str, Any]] = []
+    size, end = 0, offset
+    while end < len(items):
+        cost = len(json.dumps(items[end])) + 2
+        if page and size + cost > LISTING_PAGE_BYTES:
+            break
+        page.append(items[end])
+        size, end = size + cost, end + 1
+    return {"items": page, "next": end if end < len(items) else None}
+
+
+def fetch_listing(conn: RequestChannel, kind: str) -> list[tuple[str, DatasetInfo]]:
+    """Every page of a paged listing, rebuilt into (key, dataset) pairs; each item validated."""
+    out: list[tuple[str, DatasetInfo]] = []
+    offset: int | None = 0
+    while offset is not None:
+        body = conn.request(kind, {"offset": offset})
+        items, following = body.get("items"), body.get("next")
+        if not isinstance(items, list) or not (following is None or (isinstance(following, int)
+                                                                       and not isinstance(following, bool)
+                                                                       and following > offset)):
+            raise EndpointError(f"peer sent an invalid {kind} page")
+        for item in items:
+            if not isinstance(item, dict):
+                raise EndpointError(f"peer sent an invalid {kind} item")
+            if "dataset" in item:
+                key = item.get("key")
+                if not isinstance(key, str):
+                    raise EndpointError(f"peer sent an invalid {kind} item")
+                out.append((key, dataset_from_wire(item["dataset"])))
+            elif out:
+                try:
+                    out[-1][1].versions.append(version_from_wire(out[-1][1].name, item.get("version")))
+                except ValueError as exc:
+                    raise EndpointError(f"peer sent an invalid {kind} item: {exc}") from None
+            else:
+                raise EndpointError(f"peer sent a {kind} version before any dataset")
+        offset = following
+    for _, ds in out:
+        ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
+    return out
 
 
 @dataclass
@@ -5924,8 +5994,12 @@ def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
     def info(body: dict, ctx: RequestContext) -> dict:
         return ep.info.to_wire()
 
+    pages: list[dict[str, Any]] = []
+
     def list_(body: dict, ctx: RequestContext) -> dict:
-        return {"job": ep.job, "filesystems": [dataset_to_wire(d) for d in ep.list_filesystems()]}
+        if body.get("offset", 0) == 0:
+            pages[:] = listing_items((d.name, d) for d in ep.list_filesystems())
+        return listing_page(pages, body.get("offset", 0))
 
     def estimate(body: dict, ctx: RequestContext) -> dict:
         return {"bytes": ep.estimate(StepRequest.from_wire(body))}
@@ -5969,11 +6043,13 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
     def info(body: dict, ctx: RequestContext) -> dict:
         return ep.info.to_wire()
 
+    pages: list[dict[str, Any]] = []
+
     def list_(body: dict, ctx: RequestContext) -> dict:
-        out = {}
-        for name, entry in ep.list_filesystems().items():
-            out[name] = {"dataset": dataset_to_wire(entry.dataset)}  # the client decodes any token itself
-        return {"job": ep.job, "root": ep.root, "filesystems": out}
+        # keyed by the sender's filesystem name; the client decodes any resume token itself
+        if body.get("offset", 0) == 0:
+            pages[:] = listing_items((name, e.dataset) for name, e in ep.list_filesystems().items())
+        return listing_page(pages, body.get("offset", 0))
 
     def receive(body: dict, ctx: RequestContext) -> dict:
         if ctx.stream is None:
@@ -6049,10 +6125,7 @@ class RemoteSender:
         self.info = _peer_info(conn, "source")
 
     def list_filesystems(self) -> list[DatasetInfo]:
-        items = self.conn.request("sender.list", {}).get("filesystems", [])
-        if not isinstance(items, list):
-            raise EndpointError("peer sent an invalid listing")
-        return [dataset_from_wire(d) for d in items]
+        return [ds for _, ds in fetch_listing(self.conn, "sender.list")]
 
     def estimate(self, req: StepRequest) -> int | None:
         value = self.conn.request("sender.estimate", req.to_wire()).get("bytes")
@@ -6099,15 +6172,11 @@ class RemoteReceiver:
 
     def list_filesystems(self) -> ReceiverListing:
         out: ReceiverListing = {}
-        items = self.conn.request("receiver.list", {}).get("filesystems", {})
-        if not isinstance(items, dict):
-            raise EndpointError("peer sent an invalid listing")
-        for name, entry in items.items():
+        for name, dataset in fetch_listing(self.conn, "receiver.list"):
             try:
                 validate_dataset_name(name)
             except ValueError as exc:
                 raise EndpointError(f"peer sent an invalid listing: {exc}") from None
-            dataset = dataset_from_wire(entry.get("dataset") if isinstance(entry, dict) else None)
             out[name] = ReceiverFilesystem(dataset, _decoded_token(dataset))
         return out
 

@@ -129,3 +129,47 @@ def test_a_raw_token_for_a_job_that_sends_plaintext_is_refused_too():
     ep, _ = sender(encrypted_fs=False, encrypted=False)
     with pytest.raises(zrepl.EndpointError, match="asks for a raw send"):
         ep._send_argv(request(token(rawok=True)), False)
+
+
+# ---- listings of any size (issue 8 item 7) ----
+
+class StubSender:
+    """Just enough of a SenderEndpoint for sender_handlers' listing."""
+
+    def __init__(self, datasets):
+        self.datasets = datasets
+        self.info = zrepl.PeerInfo(job="src", type="source", abstraction_job="src")
+        self.job = "src"
+        self.listed = 0
+
+    def list_filesystems(self):
+        self.listed += 1
+        return self.datasets
+
+
+def test_a_listing_far_over_one_frame_arrives_whole_in_bounded_pages():
+    import threading
+    datasets = [DatasetInfo(f"tank/fs{i:03}", "filesystem", guid=i + 1, createtxg=1,
+                            versions=[Version(f"tank/fs{i:03}", f"zrepl_{j:06}", "snapshot", (i << 20) + j, j + 2,
+                                              1_700_000_000 + j) for j in range(80)])
+                for i in range(100)]
+    stub = StubSender(datasets)
+    client, server = zrepl.local_pair(timeout=60)
+    thread = threading.Thread(target=zrepl.serve_connection, args=(server, zrepl.sender_handlers(stub)), daemon=True)
+    thread.start()
+    client.handshake_client("c")
+    got = zrepl.RemoteSender(client).list_filesystems()
+    client.close()
+    thread.join(10)
+    assert [(d.name, [(v.name, v.guid) for v in d.versions]) for d in got] == \
+        [(d.name, [(v.name, v.guid) for v in d.versions]) for d in datasets]
+    assert stub.listed == 1  # one zfs listing, served page by page
+    total = sum(len(zrepl.json.dumps(item)) for item in zrepl.listing_items((d.name, d) for d in datasets))
+    assert total > 4 * zrepl.LISTING_PAGE_BYTES and zrepl.LISTING_PAGE_BYTES * 2 < zrepl.MAX_HEADER_SIZE
+    assert client.stats.frames_received.get("RESPONSE", 0) >= total // zrepl.LISTING_PAGE_BYTES
+
+
+def test_a_page_offset_from_the_peer_is_validated():
+    for bad in (-1, 10**9, "0", True, None):
+        with pytest.raises(zrepl.EndpointError):
+            zrepl.listing_page([{"version": {}}], bad)

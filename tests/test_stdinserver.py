@@ -230,7 +230,7 @@ def test_second_connection_of_one_identity_is_refused_as_temporary(setup, monkey
     with pytest.raises(zrepl.ProtocolError) as ei:
         second.handshake_client("client1")
     assert "handshake refused" in str(ei.value) and ei.value.temporary is True  # worth dialing again
-    assert first.request("receiver.list", {})["root"] == "tank/sink/client1"  # the first is still served
+    assert first.request("endpoint.info", {})["root"] == "tank/sink/client1"  # the first is still served
 
 
 class FakeClock(zrepl.Clock):
@@ -277,10 +277,11 @@ def test_unknown_identity_without_a_client_exits_with_the_message(setup):
 def test_identity_comes_from_the_forced_command_not_from_the_client(setup):
     fake, cfg, connect = setup
     conn = connect("client1", claimed="client2")
-    body = conn.request("receiver.list", {})
-    assert body["root"] == "tank/sink/client1" and body["job"] == "sink"
-    assert sorted(body["filesystems"]) == ["prod", "prod/fs"]
-    guids = [v["guid"] for v in body["filesystems"]["prod/fs"]["dataset"]["versions"]]
+    info = conn.request("endpoint.info", {})
+    assert info["root"] == "tank/sink/client1" and info["job"] == "sink"
+    listing = dict(zrepl.fetch_listing(conn, "receiver.list"))
+    assert sorted(listing) == ["prod", "prod/fs"]
+    guids = [v.guid for v in listing["prod/fs"].versions]
     assert guids == [11]  # client1's snapshot, never client2's (guid 21)
     assert_confined(fake, in_client1, read_also={"tank/sink"})
 
@@ -323,7 +324,7 @@ def test_sink_refuses_bad_names_before_any_zfs_call(setup):
         with pytest.raises(zrepl.RemoteError):
             conn.request("receiver.destroy", {"fs": "prod/fs", "names": [name]})
     assert fake.calls()[before:] == []  # every one refused before zfs ran
-    assert conn.request("receiver.list", {})["root"] == "tank/sink/client1"  # still usable
+    assert conn.request("endpoint.info", {})["root"] == "tank/sink/client1"  # still usable
 
 
 @pytest.mark.parametrize("size", [1000, 2 * MiB])  # small: the whole stream is out before the refusal
@@ -337,7 +338,7 @@ def test_sink_receive_with_a_traversing_name_never_starts_zfs_recv(setup, size):
             conn.request("receiver.receive", req, stream_in=zrepl.OutgoingStream.from_process(producer, "head"))
         producer.wait()
     assert not any(argv[0] in ("recv", "receive", "create") for argv in fake.calls())
-    assert conn.request("receiver.list", {})["root"] == "tank/sink/client1"
+    assert conn.request("endpoint.info", {})["root"] == "tank/sink/client1"
 
 
 def test_names_of_another_identity_land_inside_the_own_subtree(setup):
@@ -370,7 +371,7 @@ def test_source_client_reaches_only_its_filesystems_filter(setup):
     fake, cfg, connect = setup
     fake.set_world({**WORLD, "send_bytes": 1000})
     conn = connect("puller")
-    listed = [d["name"] for d in conn.request("sender.list", {})["filesystems"]]
+    listed = [ds.name for _, ds in zrepl.fetch_listing(conn, "sender.list")]
     assert listed == ["tank/data"]
     for fs in ("tank/other", "tank/data/secret", "tank/sink/client1/prod/fs", "tank", "tank/data/../other"):
         req = {"fs": fs, "to": "a", "to_guid": 51}
@@ -500,7 +501,7 @@ def test_one_connection_per_identity_a_reconnect_waits_for_the_previous(setup):
     first = connect("client1")
     first.request("receiver.list", {})
     other = connect("client2")  # another identity is not held up
-    assert other.request("receiver.list", {})["root"] == "tank/sink/client2"
+    assert other.request("endpoint.info", {})["root"] == "tank/sink/client2"
     second = connect("client1", handshake=False)
     import threading
     done = {}
@@ -513,7 +514,7 @@ def test_one_connection_per_identity_a_reconnect_waits_for_the_previous(setup):
     first.close()
     t.join(20)
     assert done["at"] >= closed_at
-    assert second.request("receiver.list", {})["root"] == "tank/sink/client1"
+    assert second.request("endpoint.info", {})["root"] == "tank/sink/client1"
 
 
 # ---- bandwidth limits on the passive side ------------------------------------------------------
