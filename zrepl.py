@@ -2094,8 +2094,10 @@ _ERROR_PATTERNS = (
                              "overwrite an unencrypted one with an encrypted one")),
     # "destination 'p/x' has been modified since most recent snapshot"
     ("modified", ("has been modified since most recent snapshot",)),
+    # `zfs release` of a tag that is not there: "cannot release hold from snapshot ...: no such tag on
+    # this dataset" (the hold is gone already: for a release that is success)
     ("not-exist", ("does not exist", "no such pool", "no such dataset", "could not find any snapshots",
-                   "no such file or directory")),
+                   "no such file or directory", "no such tag on this dataset")),
     # a held snapshot: "cannot destroy snapshot ...: it's being held. Run 'zfs holds -r ...'" (2.1, 2.3)
     ("busy", ("dataset is busy", "pool or dataset is busy", "is busy", "being held")),
     ("exists", ("already exists", "bookmark exists")),
@@ -8668,8 +8670,41 @@ def cmd_zfs_abstractions(args: argparse.Namespace) -> int:
             what = f"hold {a.tag}" if a.is_hold else "bookmark"
             print(f"{a.type}\t{a.job}\t{a.full_name}\t{what}")
     if args.action != "list" and not args.dry_run:
-        destroy_abstractions(zfs, chosen)
+        locks = _lock_abstraction_owners(args, {a.job for a in chosen})
+        try:
+            destroy_abstractions(zfs, chosen)
+        finally:
+            for lock in locks:
+                lock.release()
     return EXIT_OK
+
+
+def _lock_abstraction_owners(args: argparse.Namespace, jobs: set[str]) -> list[JobLock]:
+    """Take the lock of every job of this host's config (a source's client: that client's lock)
+    whose abstractions are about to go, so no run of it is between placing and using them."""
+    try:
+        config = load_config(find_config_file(args.config))
+    except ConfigError as exc:
+        log.warning("no usable config (%s): releasing without taking the jobs' locks", exc)
+        return []
+    owners: list[tuple[str, JobLock]] = []
+    rt = config.global_.runtime_dir
+    for job in config.jobs:
+        if job.name in jobs:
+            owners.append((job.name, JobLock(rt, job.name)))
+        if job.type == "source" and job.serve is not None and job.serve.type == "stdinserver":
+            for ident in job.serve.client_identities:
+                if source_abstraction_job(job, ident) in jobs:
+                    owners.append((f"{job.name} (client {ident})", JobLock.for_client(rt, job.name, ident)))
+    held: list[JobLock] = []
+    for name, lock in owners:
+        if not lock.try_acquire():
+            for other in held:
+                other.release()
+            raise ZreplError(f"job {name!r} is running (pid {lock.holder_pid() or '?'}): nothing was released; "
+                             f"try again when it is idle")
+        held.append(lock)
+    return held
 
 
 def cmd_version(args: argparse.Namespace) -> int:

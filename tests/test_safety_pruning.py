@@ -140,7 +140,8 @@ class RecordingZfs(zrepl.Zfs):
         self.commands, self.destroys = [], []
 
     def list_datasets(self, roots, properties=zrepl.LIST_PROPERTIES, depth=None):
-        return {n: d for n, d in self.datasets.items() if any(zrepl.is_descendant(n, r, True) for r in roots)}
+        return {n: d for n, d in self.datasets.items()
+                if not roots or any(zrepl.is_descendant(n, r, True) for r in roots)}
 
     def run(self, argv, **kwargs):
         self.commands.append(list(argv))
@@ -235,3 +236,31 @@ def test_fan_out_clients_get_their_own_abstraction_names_and_guard_each_other():
             [jobs.snapshotting]
             type = "manual"
             ''')
+
+
+def test_zfs_abstractions_release_takes_the_owning_jobs_lock(tmp_path, capsys):
+    fs = "tank/data"
+    a = snap(fs, "a", 10, 0xA)
+    zfs = RecordingZfs([DatasetInfo(fs, "filesystem", versions=[a, cursor(fs, "push", 5, 0x5),
+                                                                cursor(fs, "push", 10, 0xA)])])
+    cfg = tmp_path / "zrepl.toml"
+    cfg.write_text(textwrap.dedent(f'''
+        [global]
+        runtime_dir = "{tmp_path}/rt"
+        status_file = "{tmp_path}/status.json"
+        [[jobs]]
+        name = "push"
+        type = "snap"
+        filesystems = {{ "tank<" = true }}
+        snapshotting = {{ type = "manual" }}
+        pruning = {{ keep = [] }}
+        '''))
+    running = zrepl.JobLock(f"{tmp_path}/rt", "push")
+    assert running.try_acquire()
+    code = zrepl.main(["--config", str(cfg), "zfs-abstractions", "release-stale", "--job", "push"], zfs=zfs)
+    assert code == 1 and "is running" in capsys.readouterr().err
+    assert not [c for c in zfs.commands if c[1] == "destroy"]
+    running.release()
+    assert zrepl.main(["--config", str(cfg), "zfs-abstractions", "release-stale", "--job", "push"], zfs=zfs) == 0
+    stale = f"{fs}#{zrepl.cursor_bookmark_name(5, 'push')}"
+    assert [c for c in zfs.commands if c[1] == "destroy"] == [["zfs", "destroy", stale]]
