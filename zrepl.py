@@ -8222,6 +8222,11 @@ def evaluate_job(name: str, jtype: str, doc: dict[str, Any] | None, now: float,
         act = doc.get("activity") or {}
         if _pid_alive(doc.get("pid")):
             parts.append(f"running: {act.get('step', '?')} {act.get('progress', '')}".rstrip())
+            started = parse_iso(last.get("start")) if isinstance(last, dict) else None
+            if started is not None and now - started > monitoring.crit_no_success_after:
+                # a run that holds the job's lock this long keeps every later run out ("busy")
+                level = NAGIOS_CRITICAL
+                parts.append(f"the run started {format_duration(now - started)} ago still holds the job (stuck?)")
         else:
             level = max(level, NAGIOS_WARNING)
             parts.append(f"a run (pid {doc.get('pid')}) died during {act.get('step', '?')}")
