@@ -3247,6 +3247,24 @@ def replication_cursor(info: DatasetInfo, job: str) -> Version | None:
     return _by_txg(cursors)[-1] if cursors else None
 
 
+def sender_needs_cleanup(info: DatasetInfo, job: str) -> bool:
+    """Whether the sender's listing shows what a crash during a step's completion can leave behind
+    for `job`: more than one cursor, a tentative cursor at or before the cursor, or a held snapshot
+    at or before it (maybe our step hold). No spawn; only then is it worth asking for hold tags."""
+    cursor = replication_cursor(info, job)
+    if cursor is None:
+        return False
+    ours = [p for v in info.bookmarks() if (p := parse_bookmark_abstraction(v.name)) and p[2] == job]
+    return (len(ours) > 1 or any(v.userrefs > 0 and v.createtxg <= cursor.createtxg for v in info.snapshots()))
+
+
+def receiver_needs_cleanup(info: DatasetInfo) -> bool:
+    """Whether a receiver dataset has held snapshots besides its newest (maybe an older
+    last-received hold of ours, left by a crash between placing the new one and releasing it)."""
+    snaps = _by_txg(info.snapshots())
+    return any(v.userrefs > 0 for v in snaps[:-1])
+
+
 def unreplicated_by(info: DatasetInfo, jobs: Iterable[str]) -> dict[str, str]:
     """Snapshots that other replicating jobs still need (full name -> why): for each job with a
     replication cursor on this dataset, the snapshot at its cursor and every newer one. A job
@@ -5328,6 +5346,10 @@ class Sender(Protocol):
 
     def complete(self, fs: str, to: str, to_guid: int, level: str) -> None: ...
 
+    def release_stale(self, fs: str) -> None:
+        """Drop this side's stale holds and bookmarks of its job on fs (stale_abstractions)."""
+        ...
+
     def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]: ...
 
     def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult: ...
@@ -5348,6 +5370,10 @@ class Receiver(Protocol):
     def clear_resume_token(self, fs: str) -> None: ...
 
     def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None: ...
+
+    def release_stale(self, fs: str) -> None:
+        """Release this job's last-received holds on all but the replica's newest snapshot."""
+        ...
 
     def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]: ...
 
@@ -5640,9 +5666,12 @@ class SenderEndpoint:
         self._check_guids(fs, [(to, to_guid)])
         if level != "guarantee_nothing":
             self._bookmark_once(fs, to, cursor_bookmark_name(to_guid, self.job))
-        self.release_stale(fs, keep_cursor_guid=to_guid if level != "guarantee_nothing" else None)
+        self.drop_stale(fs, keep_cursor_guid=to_guid if level != "guarantee_nothing" else None)
 
-    def release_stale(self, fs: str, keep_cursor_guid: int | None = None, dry_run: bool = False) -> list[Abstraction]:
+    def release_stale(self, fs: str) -> None:
+        self.drop_stale(fs)
+
+    def drop_stale(self, fs: str, keep_cursor_guid: int | None = None, dry_run: bool = False) -> list[Abstraction]:
         """Release this job's stale abstractions on one filesystem (see stale_abstractions)."""
         self._allowed(fs)
         info = self.zfs.list_one(fs) if not dry_run or fs not in self._listing else self._listing.get(fs)
@@ -5690,17 +5719,22 @@ def _hold_tags(zfs: Zfs, dataset: str, names: Sequence[str]) -> dict[str, list[s
 
 
 def destroy_abstractions(zfs: Zfs, stale: Sequence[Abstraction]) -> None:
-    """Release holds and destroy bookmarks; each is named in the log before it goes."""
+    """Release holds (one `zfs release` per tag for all its snapshots) and destroy bookmarks;
+    each is named in the log before it goes. Already gone counts as done."""
+    by_tag: dict[str, list[str]] = {}
     for a in stale:
         if a.is_hold:
-            log.info("releasing hold %s on %s", a.tag, a.full_name)
-            try:
-                zfs.release(a.tag or "", [a.full_name])
-            except ZfsError as exc:
-                if exc.kind != ZfsErrorKind.NOT_EXIST:
-                    raise
-        else:
-            log.info("destroying bookmark %s (%s)", a.full_name, a.type)
+            by_tag.setdefault(a.tag or "", []).append(a.full_name)
+    for tag, names in by_tag.items():
+        log.debug("releasing hold %s on %s", tag, ", ".join(names))
+        try:
+            zfs.release(tag, names)
+        except ZfsError as exc:
+            if exc.kind != ZfsErrorKind.NOT_EXIST:
+                raise
+    for a in stale:
+        if not a.is_hold:
+            log.debug("destroying bookmark %s (%s)", a.full_name, a.type)
             try:
                 zfs.destroy_bookmark(a.full_name)
             except ZfsError as exc:
@@ -5939,6 +5973,20 @@ class ReceiverEndpoint:
         log.info("%s@%s: restoring the last-received hold", target, snapshot)
         self._hold_last_received(target, info, snapshot)
 
+    def release_stale(self, fs: str) -> None:
+        target = self.target(fs)
+        info = self.zfs.list_one(target)
+        if info is None:
+            return
+        snaps = _by_txg(info.snapshots())
+        held = [v.full_name for v in snaps[:-1] if v.userrefs > 0]
+        tag = last_received_hold_tag(self.job)
+        older = [name for name, tags in (self.zfs.holds(held) if held else {}).items() if tag in tags]
+        if older:
+            log.info("%s: releasing stale last-received holds on %s", target, ", ".join(older))
+            destroy_abstractions(self.zfs, [Abstraction(ABSTRACTION_LAST_RECEIVED_HOLD, self.job, target,
+                                                        name.partition("@")[2], tag=tag) for name in older])
+
     def clear_resume_token(self, fs: str) -> None:
         target = self.target(fs)
         log.warning("%s: discarding the partial receive state (zfs recv -A): its source is gone", target)
@@ -6024,12 +6072,17 @@ def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
     def holds(body: dict, ctx: RequestContext) -> dict:
         return {"holds": ep.hold_tags(str(body.get("fs", "")), _wire_str_list(body, "names"))}
 
+    def release_stale(body: dict, ctx: RequestContext) -> dict:
+        ep.release_stale(str(body.get("fs", "")))
+        return {}
+
     def destroy(body: dict, ctx: RequestContext) -> dict:
         return _destroy_reply(ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names")))
 
     return _refuse_malformed({"endpoint.info": info, "sender.list": list_, "sender.estimate": estimate,
                               "sender.send": send, "sender.protect": protect, "sender.complete": complete,
-                              "sender.holds": holds, "sender.destroy": destroy})
+                              "sender.release_stale": release_stale, "sender.holds": holds,
+                              "sender.destroy": destroy})
 
 
 def _level(body: dict[str, Any]) -> str:
@@ -6078,12 +6131,17 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
     def holds(body: dict, ctx: RequestContext) -> dict:
         return {"holds": ep.hold_tags(str(body.get("fs", "")), _wire_str_list(body, "names"))}
 
+    def release_stale(body: dict, ctx: RequestContext) -> dict:
+        ep.release_stale(str(body.get("fs", "")))
+        return {}
+
     def destroy(body: dict, ctx: RequestContext) -> dict:
         return _destroy_reply(ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names")))
 
     return _refuse_malformed({"endpoint.info": info, "receiver.list": list_, "receiver.prepare": prepare,
                               "receiver.receive": receive, "receiver.clear_token": clear_token,
-                              "receiver.hold_last_received": hold_last_received, "receiver.holds": holds,
+                              "receiver.hold_last_received": hold_last_received,
+                              "receiver.release_stale": release_stale, "receiver.holds": holds,
                               "receiver.destroy": destroy})
 
 
@@ -6158,6 +6216,9 @@ class RemoteSender:
     def complete(self, fs: str, to: str, to_guid: int, level: str) -> None:
         self.conn.request("sender.complete", {"fs": fs, "to": to, "to_guid": to_guid, "level": level})
 
+    def release_stale(self, fs: str) -> None:
+        self.conn.request("sender.release_stale", {"fs": fs})
+
     def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
         return _holds_reply(self.conn.request("sender.holds", {"fs": fs, "names": list(names)})) if names else {}
 
@@ -6198,6 +6259,9 @@ class RemoteReceiver:
 
     def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None:
         self.conn.request("receiver.hold_last_received", {"fs": fs, "snapshot": snapshot, "guid": guid})
+
+    def release_stale(self, fs: str) -> None:
+        self.conn.request("receiver.release_stale", {"fs": fs})
 
     def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
         return _holds_reply(self.conn.request("receiver.holds", {"fs": fs, "names": list(names)})) if names else {}
@@ -6589,9 +6653,12 @@ class Replication:
             log.info("%s: %s no longer exists on the sender", self.settings.job, fs)
             del self.reports[fs]
         if not self.settings.dry_run:
+            receivers = {i.sender.name: i.receiver for i in inputs}
             for p in plans:
                 if p.common is not None and p.error is None:
                     self._restore_bookkeeping(p, listed[p.sender_fs])
+                if p.up_to_date and p.error is None:
+                    self._release_stale(p.sender_fs, listed[p.sender_fs], receivers.get(p.sender_fs))
         for p in plans:
             self._record_plan(p)
         self.plans = plans
@@ -6648,6 +6715,19 @@ class Replication:
             log.error("%s: %s: could not restore the %s on the %s; not pruning that side of it: %s",
                       self.settings.job, fs, "replication cursor" if side == "sender" else "last-received hold",
                       side, exc)
+
+    def _release_stale(self, fs: str, sender_info: DatasetInfo, receiver_info: DatasetInfo | None) -> None:
+        """A no-op run heals what a crash during a step's completion left (an extra cursor, step
+        holds, an older last-received hold): otherwise they block pruning until the next step."""
+        try:
+            if sender_needs_cleanup(sender_info, self.sender.info.abstraction_job):
+                self.changed = True
+                self.sender.release_stale(fs)
+            if receiver_info is not None and receiver_needs_cleanup(receiver_info):
+                self.changed = True
+                self.receiver.release_stale(fs)
+        except (ZreplError, OSError) as exc:
+            log.warning("%s: %s: could not release stale holds or bookmarks: %s", self.settings.job, fs, exc)
 
     # -- running ---------------------------------------------------------------------------------
     def run(self) -> dict[str, FilesystemReport]:

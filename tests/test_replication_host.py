@@ -67,12 +67,16 @@ class FakeSender:
     def __init__(self, datasets):
         self.datasets = datasets
         self.completed = []
+        self.released = []
 
     def list_filesystems(self):
         return self.datasets
 
     def complete(self, fs, to, to_guid, level):
         self.completed.append((fs, to, to_guid, level))
+
+    def release_stale(self, fs):
+        self.released.append(fs)
 
 
 class FakeReceiver:
@@ -81,6 +85,10 @@ class FakeReceiver:
     def __init__(self, listing):
         self.listing = listing
         self.held = []
+        self.released = []
+
+    def release_stale(self, fs):
+        self.released.append(fs)
 
     def list_filesystems(self):
         return self.listing
@@ -170,3 +178,20 @@ def test_watchdog_fires_only_after_the_timeout_without_progress():
     assert dog.check()
     assert len(cancelled) == 1
     assert "no progress for 10m1s" in cancelled[0] and "replication.timeout = 10m" in cancelled[0]
+
+
+def test_a_no_op_run_heals_what_a_crash_during_completion_left():
+    # killed between the new cursor and the release of the old one (sender), and between the new
+    # last-received hold and the release of the older one (receiver): issue 14 item 2
+    a, b = snap("src/fs", "a", 10, 0xA), snap("src/fs", "b", 20, 0xB, userrefs=1)
+    old = bookmark("src/fs", zrepl.cursor_bookmark_name(0xA, "push"), 10, 0xA)
+    new = bookmark("src/fs", zrepl.cursor_bookmark_name(0xB, "push"), 20, 0xB)
+    repl, sender, receiver = _replication([old, a, new, b], [snap("dst/src/fs", "a", 5, 0xA, userrefs=1),
+                                                              snap("dst/src/fs", "b", 6, 0xB, userrefs=1)])
+    assert repl.plan()[0].up_to_date
+    assert sender.released == ["src/fs"] and receiver.released == ["src/fs"]
+    b_released = snap("src/fs", "b", 20, 0xB)
+    clean, sender, receiver = _replication([a, new, b_released], [snap("dst/src/fs", "a", 5, 0xA),
+                                                          snap("dst/src/fs", "b", 6, 0xB, userrefs=1)])
+    clean.plan()
+    assert sender.released == [] and receiver.released == []  # nothing to heal: no spawn
