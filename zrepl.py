@@ -7272,10 +7272,15 @@ class PruneResult:
     held: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> hold tags (not destroyed)
     errors: dict[str, str] = field(default_factory=dict)  # snapshot -> error
     notes: list[str] = field(default_factory=list)
+    # snapshots this job did not make (no snapshotting prefix of its own): destroyed (or, in a dry
+    # run, to be destroyed), and kept only by last_n, so a few more snapshots will take them too
+    foreign_destroyed: list[str] = field(default_factory=list)
+    foreign_at_risk: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "destroyed": self.destroyed, "kept": len(self.kept),
-                "held": self.held, "errors": self.errors, "notes": self.notes}
+                "held": self.held, "errors": self.errors, "notes": self.notes,
+                "foreign_destroyed": self.foreign_destroyed, "foreign_at_risk": self.foreign_at_risk}
 
 
 Destroyer = Callable[[str, list[str]], DestroyResult]  # (dataset, short names) -> what happened
@@ -7286,7 +7291,7 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
                    holds: HoldLookup | None = None, contexts: dict[str, PruneContext] | None = None,
                    dry_run: bool = False, guards: Sequence[str] = (),
                    protected: dict[str, dict[str, str]] | None = None,
-                   tick: Callable[[], None] | None = None) -> list[PruneResult]:
+                   tick: Callable[[], None] | None = None, own_prefix: str | None = None) -> list[PruneResult]:
     """Apply keep rules to each dataset's snapshots; destroy the rest in one batch per dataset.
 
     `destroy(dataset, short_names)` does the batch (locally: destroy_with_bisect; on a peer: a
@@ -7295,6 +7300,8 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
     datasets never reach `destroy`. Whatever the rules say, a snapshot stays when another
     replicating job (`guards`, by their cursors in the listing) still needs it, or when
     `protected[dataset]` names it (e.g. a receiver's incremental base), with that reason.
+    With `own_prefix` (the job's snapshotting prefix), destroying a snapshot without it is logged
+    as a warning and recorded (foreign_destroyed), and so is one kept only by last_n.
     """
     results: list[PruneResult] = []
     for ds in datasets:
@@ -7305,6 +7312,10 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
             decision.destroy.remove(v)
             decision.keep[v.full_name] = [must_stay[v.full_name]]
         result = PruneResult(dataset=ds.name, kept=decision.keep, notes=list(decision.notes))
+        if own_prefix:
+            result.foreign_at_risk = [full.partition("@")[2] for full, why in decision.keep.items()
+                                      if not full.partition("@")[2].startswith(own_prefix)
+                                      and all(w.startswith("last_n(") for w in why)]
         held_names = [v.name for v in decision.destroy if v.userrefs > 0]
         tags = holds(ds.name, held_names) if (held_names and holds) else {}
         victims = []
@@ -7316,10 +7327,15 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
         for snap, snap_tags in result.held.items():
             level = logging.INFO if all(t.startswith("zrepl_") for t in snap_tags) else logging.WARNING
             log.log(level, "not destroying %s@%s: held by %s", ds.name, snap, ", ".join(snap_tags))
+        foreign = [n for n in victims if own_prefix and not n.startswith(own_prefix)]
+        if foreign:
+            log.warning("%s %d snapshot(s) of %s that this job did not make (no prefix %r): %s",
+                        "would destroy" if dry_run else "destroying", len(foreign), ds.name, own_prefix,
+                        ", ".join(foreign))
         if victims:
             if dry_run:
                 log.info("dry run: would destroy %s@%s", ds.name, ",".join(victims))
-                result.destroyed = victims
+                result.destroyed, result.foreign_destroyed = victims, foreign
             else:
                 log.info("destroying %d snapshot(s) of %s: %s", len(victims), ds.name, ", ".join(victims))
                 done = destroy(ds.name, victims)
@@ -7327,6 +7343,7 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
                 for name, why in done.kept.items():  # the endpoint knows another job still needs it
                     result.kept[f"{ds.name}@{name}"] = [why]
                 _report_raced_holds(ds.name, result, holds)
+            result.foreign_destroyed = [n for n in foreign if n in result.destroyed]
         results.append(result)
         if tick is not None:
             tick()
@@ -7364,18 +7381,19 @@ def cursor_contexts(listing: Iterable[DatasetInfo], abstraction_job: str) -> dic
 
 def prune_sender(sender: Sender, listing: list[DatasetInfo], rules: Sequence[KeepRule],
                  dry_run: bool = False, guards: Sequence[str] = (),
-                 tick: Callable[[], None] | None = None) -> list[PruneResult]:
+                 tick: Callable[[], None] | None = None, own_prefix: str | None = None) -> list[PruneResult]:
     """keep_sender on the sending side; not_replicated compares against the cursor of the job whose
     abstractions the sender writes (sender.info: the push job, or the source serving this client).
     `guards`: other jobs of this host whose unreplicated snapshots stay (the endpoint checks too)."""
     own = sender.info.abstraction_job
     return prune_datasets(listing, rules, sender.destroy_snapshots, sender.hold_tags,
-                          cursor_contexts(listing, own), dry_run, guards=[g for g in guards if g != own], tick=tick)
+                          cursor_contexts(listing, own), dry_run, guards=[g for g in guards if g != own], tick=tick,
+                          own_prefix=own_prefix)
 
 
 def prune_receiver(receiver: Receiver, listing: ReceiverListing, sender_list: Iterable[DatasetInfo],
                    rules: Sequence[KeepRule], dry_run: bool = False, refused: Iterable[str] = (),
-                   tick: Callable[[], None] | None = None) -> list[PruneResult]:
+                   tick: Callable[[], None] | None = None, own_prefix: str | None = None) -> list[PruneResult]:
     """keep_receiver on the receiving side, only for datasets established as replicas of this
     sender's filesystems (replica_protection: a common snapshot, not diverged) and not refused by
     this run's planning; their incremental base always stays."""
@@ -7395,7 +7413,7 @@ def prune_receiver(receiver: Receiver, listing: ReceiverListing, sender_list: It
     return prune_datasets(datasets, rules,
                           lambda dataset, snaps: receiver.destroy_snapshots(names[dataset], snaps),
                           lambda dataset, snaps: receiver.hold_tags(names[dataset], snaps),
-                          None, dry_run, protected=protected, tick=tick)
+                          None, dry_run, protected=protected, tick=tick, own_prefix=own_prefix)
 
 
 @dataclass
@@ -7411,7 +7429,8 @@ def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[K
                      keep_receiver: Sequence[KeepRule], listings: Listings | None = None,
                      dry_run: bool = False, on_side: Callable[[str], None] = lambda side: None,
                      job: str = "", guards: Sequence[str] = (), refused: Iterable[str] = (),
-                     skip_sender: Iterable[str] = (), tick: Callable[[], None] | None = None) -> BothSidesPruned:
+                     skip_sender: Iterable[str] = (), tick: Callable[[], None] | None = None,
+                     own_prefix: str | None = None) -> BothSidesPruned:
     """Prune the sender, then the receiver (zrepl's order). `listings` are the replication's own
     when it changed nothing since; otherwise both sides are listed again. A failure on one side is
     recorded and the other side still runs. `refused`: filesystems whose replication was refused
@@ -7429,7 +7448,7 @@ def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[K
     try:
         skip = set(skip_sender)
         out.sender = prune_sender(sender, [ds for ds in sender_list if ds.name not in skip], keep_sender, dry_run,
-                                  guards, tick)
+                                  guards, tick, own_prefix)
         for r in out.sender:
             if r.errors:
                 out.failures[r.dataset] = f"pruning sender: {len(r.errors)} snapshot(s) could not be destroyed"
@@ -7439,7 +7458,8 @@ def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[K
     on_side("receiver")
     try:
         receiver_list = listings[1] if listings is not None else receiver.list_filesystems()
-        out.receiver = prune_receiver(receiver, receiver_list, sender_list, keep_receiver, dry_run, refused, tick)
+        out.receiver = prune_receiver(receiver, receiver_list, sender_list, keep_receiver, dry_run, refused, tick,
+                                      own_prefix)
         for r in out.receiver:
             if r.errors:
                 out.failures[r.dataset] = f"pruning receiver: {len(r.errors)} snapshot(s) could not be destroyed"
@@ -7455,7 +7475,9 @@ def prune_summary(pruned: list[PruneResult]) -> dict[str, Any]:
             "kept": sum(len(r.kept) for r in pruned),
             "held": {f"{r.dataset}@{s}": t for r in pruned for s, t in r.held.items()},
             "errors": {f"{r.dataset}@{s}": e for r in pruned for s, e in r.errors.items()},
-            "notes": [n for r in pruned for n in r.notes]}
+            "notes": [n for r in pruned for n in r.notes],
+            "foreign_destroyed": [f"{r.dataset}@{s}" for r in pruned for s in r.foreign_destroyed],
+            "foreign_at_risk": [f"{r.dataset}@{s}" for r in pruned for s in r.foreign_at_risk]}
 
 
 # =================================================================================================
@@ -7791,7 +7813,8 @@ class JobRunner:
                     datasets = self._select()  # pruning must see the new snapshots' real txg and guid
             self._set_activity("pruning", f"{len(datasets)} filesystems")
             pruned = prune_datasets(datasets, self.job.keep, local_destroyer(self.zfs), local_hold_lookup(self.zfs),
-                                    dry_run=self.dry_run, guards=replication_guards(self.config))
+                                    dry_run=self.dry_run, guards=replication_guards(self.config),
+                                    own_prefix=self.job.snapshotting.prefix or None)
             self.doc["pruning"] = prune_summary(pruned)
             self.last_prune = pruned
             for r in pruned:
@@ -7927,7 +7950,7 @@ class JobRunner:
                                       on_side=on_side, job=job.name, guards=guards,
                                       refused=refused + [fs for fs, side in unprotected.items() if side == "receiver"],
                                       skip_sender=[fs for fs, side in unprotected.items() if side == "sender"],
-                                      tick=progress.touch)
+                                      tick=progress.touch, own_prefix=job.snapshotting.prefix or None)
         if cancelled:
             result.failures["(pruning)"] = f"pruning cancelled by the watchdog: {cancelled[0]}"
         self.doc["pruning_sender"] = prune_summary(pruned.sender)
@@ -8332,6 +8355,14 @@ def evaluate_job(name: str, jtype: str, doc: dict[str, Any] | None, now: float,
         details += [f"  {snap}: held by {', '.join(tags)}" for snap, tags in sorted(pruning["held"].items())]
     if pruning.get("destroyed"):
         details.append(f"pruned {len(pruning['destroyed'])} snapshot(s), kept {pruning.get('kept', 0)}")
+    for key in ("pruning", "pruning_sender", "pruning_receiver"):
+        section = doc.get(key) or {}
+        if section.get("foreign_destroyed"):
+            details.append(f"destroyed snapshots this job did not make ({key}): "
+                           f"{', '.join(section['foreign_destroyed'])}")
+        if section.get("foreign_at_risk"):
+            details.append(f"snapshots this job did not make, kept only by last_n ({key}): "
+                           f"{', '.join(section['foreign_at_risk'])}")
     if doc.get("next_snapshot_due"):
         details.append(f"next snapshot due {doc['next_snapshot_due']}")
     for fs, fsdoc in sorted((doc.get("filesystems") or {}).items()):
@@ -8517,11 +8548,14 @@ def render_dry_run(job: JobConfig, runner: JobRunner) -> str:
             lines.append(f"  estimate {what}: {format_size(size) if size is not None else 'unknown'}")
     for r in runner.last_prune + runner.last_prune_receiver:
         for snap in r.destroyed:
-            lines.append(f"  would destroy {r.dataset}@{snap}")
+            mark = " (foreign: not made by this job)" if snap in r.foreign_destroyed else ""
+            lines.append(f"  would destroy {r.dataset}@{snap}{mark}")
         for snap, tags in r.held.items():
             lines.append(f"  would keep {r.dataset}@{snap}: held by {', '.join(tags)}")
+        at_risk = {f"{r.dataset}@{n}" for n in r.foreign_at_risk}
         for full, reasons in r.kept.items():
-            lines.append(f"  keep {full}: {', '.join(reasons)}")
+            mark = " (foreign: not made by this job, kept only by last_n)" if full in at_risk else ""
+            lines.append(f"  keep {full}: {', '.join(reasons)}{mark}")
         for note in r.notes:
             lines.append(f"  note ({r.dataset}): {note}")
     return "\n".join(lines)

@@ -264,3 +264,21 @@ def test_zfs_abstractions_release_takes_the_owning_jobs_lock(tmp_path, capsys):
     assert zrepl.main(["--config", str(cfg), "zfs-abstractions", "release-stale", "--job", "push"], zfs=zfs) == 0
     stale = f"{fs}#{zrepl.cursor_bookmark_name(5, 'push')}"
     assert [c for c in zfs.commands if c[1] == "destroy"] == [["zfs", "destroy", stale]]
+
+
+def test_foreign_snapshots_are_named_when_destroyed_or_kept_only_by_last_n(caplog):
+    fs = "tank/data"
+    ds = DatasetInfo(fs, "filesystem", versions=[snap(fs, "before-upgrade", 1, 1), snap(fs, "zrepl_1", 2, 2),
+                                                  snap(fs, "manual", 3, 3), snap(fs, "zrepl_2", 4, 4)])
+    destroyed = []
+
+    def destroy(dataset, names):
+        destroyed.extend(names)
+        return zrepl.DestroyResult(list(names), {})
+    with caplog.at_level("WARNING", logger="zrepl"):
+        [result] = zrepl.prune_datasets([ds], [zrepl.KeepLastN(2)], destroy, own_prefix="zrepl_")
+    assert destroyed == ["before-upgrade", "zrepl_1"]
+    assert result.foreign_destroyed == ["before-upgrade"] and result.foreign_at_risk == ["manual"]
+    assert any("did not make" in r.message and "before-upgrade" in r.message for r in caplog.records)
+    summary = zrepl.prune_summary([result])
+    assert summary["foreign_destroyed"] == [f"{fs}@before-upgrade"] and summary["foreign_at_risk"] == [f"{fs}@manual"]
