@@ -5040,10 +5040,11 @@ class ProcessRegistry:
 
 
 class Progress:
-    """Bytes moved and steps finished, for status and for the no-progress watchdog."""
+    """Bytes moved and steps finished, for status and for the no-progress watchdog. A lane's
+    progress (parallel steps) has the run's as its `parent`, which sees everything it sees."""
 
-    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
-        self.clock = clock
+    def __init__(self, clock: Clock = SYSTEM_CLOCK, parent: Progress | None = None) -> None:
+        self.clock, self.parent = clock, parent
         self.bytes = 0
         self.steps = 0
         self.last_change = clock.monotonic()
@@ -5054,15 +5055,21 @@ class Progress:
             with self._lock:
                 self.bytes += n
                 self.last_change = self.clock.monotonic()
+            if self.parent is not None:
+                self.parent.add_bytes(n)
 
     def step_done(self) -> None:
         with self._lock:
             self.steps += 1
             self.last_change = self.clock.monotonic()
+        if self.parent is not None:
+            self.parent.step_done()
 
     def touch(self) -> None:
         with self._lock:
             self.last_change = self.clock.monotonic()
+        if self.parent is not None:
+            self.parent.touch()
 
 
 # ---- wire forms of the listing records (validated on the way in: the peer may lie) --------------
@@ -6559,6 +6566,20 @@ class ReplicationSettings:
     attempts: int = RETRY_ATTEMPTS
     retry_delay: float = 2.0
     dry_run: bool = False
+    concurrency: int = 1  # replication.concurrency.steps: filesystems replicated at once
+
+
+@dataclass
+class Lane:
+    """The endpoints one filesystem's steps run on: the run's own pair, or those of an extra
+    connection (replication.concurrency.steps > 1), with a progress of its own that feeds the run's."""
+
+    sender: Sender
+    receiver: Receiver
+    progress: Progress
+
+
+LaneFactory = Callable[[], Lane]
 
 
 Listings = tuple[list[DatasetInfo], ReceiverListing]  # (sender's, receiver's) as planning saw them
@@ -6575,7 +6596,8 @@ class Replication:
     def __init__(self, sender: Sender, receiver: Receiver, settings: ReplicationSettings, progress: Progress,
                  on_update: Callable[[dict[str, FilesystemReport]], None] = lambda r: None,
                  error_counts: dict[str, int] | None = None,
-                 previous: dict[str, dict[str, Any]] | None = None, clock: Clock = SYSTEM_CLOCK):
+                 previous: dict[str, dict[str, Any]] | None = None, clock: Clock = SYSTEM_CLOCK,
+                 lane_factory: LaneFactory | None = None):
         self.sender, self.receiver, self.settings = sender, receiver, settings
         self.progress, self.on_update, self.clock = progress, on_update, clock
         self.error_counts = dict(error_counts or {})
@@ -6584,7 +6606,10 @@ class Replication:
         self.cancel_reason: str | None = None
         self.plans: list[FilesystemPlan] = []
         self.estimates: dict[str, int | None] = {}
-        self.current: tuple[FilesystemReport, int] | None = None  # the step in flight, bytes at its start
+        # the steps in flight: filesystem -> (report, its lane's progress, bytes at the step's start)
+        self.current: dict[str, tuple[FilesystemReport, Progress, int]] = {}
+        self.lock = threading.RLock()  # reports are shared by the lanes and the status ticker
+        self.lane_factory = lane_factory
         # The last planning's listings and whether we changed either side since: pruning reuses
         # unchanged listings instead of listing both sides again (half the spawns of a no-op run).
         self.listings: Listings | None = None
@@ -6594,10 +6619,10 @@ class Replication:
         self.unprotected: dict[str, str] = {}
 
     def refresh(self) -> None:
-        """Update the in-flight step's byte count (called by the status ticker)."""
-        if self.current is not None:
-            rep, base = self.current
-            rep.bytes_replicated = self.progress.bytes - base
+        """Update the in-flight steps' byte counts (called by the status ticker)."""
+        with self.lock:
+            for rep, progress, base in self.current.values():
+                rep.bytes_replicated = progress.bytes - base
 
     def _report(self, fs: str) -> FilesystemReport:
         if fs not in self.reports:
@@ -6608,7 +6633,8 @@ class Replication:
         return self.reports[fs]
 
     def _publish(self) -> None:
-        self.on_update(self.reports)
+        with self.lock:
+            self.on_update(self.reports)
 
     def _now_iso(self) -> str | None:
         return iso_time(self.clock.time())
@@ -6763,78 +6789,171 @@ class Replication:
         self._publish()
         return self.reports
 
-    def _estimate(self, plan: FilesystemPlan, step: Step) -> int | None:
+    def _estimate(self, plan: FilesystemPlan, step: Step, sender: Sender | None = None) -> int | None:
         try:
-            return self.sender.estimate(StepRequest.from_step(plan.sender_fs, step))
+            return (sender or self.sender).estimate(StepRequest.from_step(plan.sender_fs, step))
         except (ZreplError, OSError):
             return None
 
     def _run_steps(self, plans: list[FilesystemPlan], failed_now: set[str]) -> set[str]:
-        """Run steps in order; returns the filesystems worth another attempt."""
+        """Run the steps (one filesystem after another, or up to `concurrency` filesystems at once
+        on lanes of their own); returns the filesystems worth another attempt."""
+        if self.settings.concurrency > 1 and self.lane_factory is not None and sum(p.runnable for p in plans) > 1:
+            return self._run_parallel(plans, failed_now)
         retry: set[str] = set()
         stopped: set[str] = set()
+        lane = self.primary_lane()
         for plan, step in order_steps(plans, self.error_counts):
             fs = plan.sender_fs
             rep = self._report(fs)
             if fs in stopped or (plan.depends_on and plan.depends_on in stopped):
                 if fs not in stopped and plan.depends_on in stopped:
-                    rep.state, rep.blocked_by = FilesystemState.BLOCKED, plan.depends_on
-                    rep.error = f"blocked: parent {plan.depends_on} failed"
+                    self._block(rep, plan.depends_on)
                     stopped.add(fs)
                 continue
-            if self.cancel_reason:
+            if not self._attempt(plan, step, rep, lane, retry, failed_now):
+                stopped.add(fs)
+        return retry
+
+    def _block(self, rep: FilesystemReport, parent: str) -> None:
+        with self.lock:
+            rep.state, rep.blocked_by = FilesystemState.BLOCKED, parent
+            rep.error = f"blocked: parent {parent} failed"
+
+    def _attempt(self, plan: FilesystemPlan, step: Step, rep: FilesystemReport, lane: Lane, retry: set[str],
+                 failed_now: set[str]) -> bool:
+        """One step with its failure recorded (one filesystem's failure never stops the others)."""
+        fs = plan.sender_fs
+        if self.cancel_reason:
+            with self.lock:
                 rep.state, rep.error = FilesystemState.STEP_ERROR, f"cancelled: {self.cancel_reason}"
-                stopped.add(fs)
-                continue
-            try:
-                self.changed = True
-                self._run_step(plan, step, rep)
-            except Exception as exc:  # one filesystem's failure never stops the others
-                if not isinstance(exc, (ZreplError, OSError)):
-                    log.error("internal error replicating %s: %s: %s", fs, type(exc).__name__, exc)
-                reason = f"cancelled by the watchdog: {self.cancel_reason}" if self.cancel_reason else str(exc)
+            return False
+        try:
+            self.changed = True
+            self._run_step(plan, step, rep, lane)
+        except Exception as exc:
+            if not isinstance(exc, (ZreplError, OSError)):
+                log.error("internal error replicating %s: %s: %s", fs, type(exc).__name__, exc)
+            reason = f"cancelled by the watchdog: {self.cancel_reason}" if self.cancel_reason else str(exc)
+            with self.lock:
                 rep.state, rep.error = FilesystemState.STEP_ERROR, f"{step.describe()}: {reason}"
-                log.error("%s: %s: %s", self.settings.job, fs, rep.error)
-                stopped.add(fs)
                 if is_temporary(exc) and not self.cancel_reason:
                     retry.add(fs)
                 failed_now.add(fs)
-                self._publish()
-                continue
+            log.error("%s: %s: %s", self.settings.job, fs, rep.error)
+            self._publish()
+            return False
+        with self.lock:
             rep.steps_done += 1
             if rep.steps_done >= rep.steps_total:
                 rep.state, rep.error = FilesystemState.DONE, None
                 rep.last_success = self._now_iso()
-            self._publish()
+        self._publish()
+        return True
+
+    def _run_parallel(self, plans: list[FilesystemPlan], failed_now: set[str]) -> set[str]:
+        """Up to `concurrency` filesystems at once, each on a lane (its own connection): a worker
+        takes the most urgent ready filesystem (order_steps' order) and runs all its steps. A child
+        that the parent's initial replication must create waits for that first step; if the parent
+        fails before it, the child is blocked."""
+        runnable = {p.sender_fs: p for p in plans if p.runnable}
+        order = list(dict.fromkeys(p.sender_fs for p, _ in order_steps(plans, self.error_counts)))
+        retry: set[str] = set()
+        taken: set[str] = set()
+        created: set[str] = set()  # parents whose first step is done: their children may start
+        failed: set[str] = set()
+        cond = threading.Condition()
+
+        def next_ready() -> FilesystemPlan | None:
+            for fs in order:
+                plan = runnable[fs]
+                parent = plan.depends_on
+                if fs in taken or (parent in runnable and parent not in created and parent not in failed):
+                    continue
+                taken.add(fs)
+                if parent in failed and parent not in created:
+                    self._block(self._report(fs), parent)
+                    failed.add(fs)
+                    cond.notify_all()
+                    continue
+                return plan
+            return None
+
+        def work(lane: Lane) -> None:
+            while True:
+                with cond:
+                    plan = next_ready()
+                    while plan is None and len(taken) < len(runnable) and not self.cancel_reason:
+                        cond.wait(1.0)
+                        plan = next_ready()
+                if plan is None:
+                    return
+                ok = True
+                for i, step in enumerate(plan.steps):
+                    ok = self._attempt(plan, step, self._report(plan.sender_fs), lane, retry, failed_now)
+                    with cond:
+                        if ok and i == 0:
+                            created.add(plan.sender_fs)
+                        cond.notify_all()
+                    if not ok:
+                        break
+                with cond:
+                    if not ok:
+                        failed.add(plan.sender_fs)
+                    cond.notify_all()
+
+        lanes = [self.primary_lane()]
+        assert self.lane_factory is not None
+        for _ in range(min(self.settings.concurrency, len(runnable)) - 1):
+            try:
+                lanes.append(self.lane_factory())
+            except (ZreplError, OSError) as exc:
+                log.warning("%s: replicating with %d lane(s) only: another connection failed: %s",
+                            self.settings.job, len(lanes), exc)
+                break
+        workers = [threading.Thread(target=work, args=(lane,), name=f"lane {i}", daemon=True)
+                   for i, lane in enumerate(lanes)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
         return retry
 
-    def _run_step(self, plan: FilesystemPlan, step: Step, rep: FilesystemReport) -> None:
-        fs = plan.sender_fs
+    def primary_lane(self) -> Lane:
+        return Lane(self.sender, self.receiver, self.progress)
+
+    def _run_step(self, plan: FilesystemPlan, step: Step, rep: FilesystemReport, lane: Lane) -> None:
+        fs, sender, receiver, progress = plan.sender_fs, lane.sender, lane.receiver, lane.progress
         req = StepRequest.from_step(fs, step, replace_placeholder=plan.replace_placeholder and step.is_full,
                                     dataset_type=plan.sender_type)
         level = self.settings.plan.protection_for(step)
-        rep.state, rep.step = FilesystemState.STEPPING, step.describe()
-        rep.bytes_expected = self._estimate(plan, step)
-        rep.bytes_replicated = 0
-        rep.step_started = self._now_iso()
-        self.current = (rep, self.progress.bytes)
-        self.progress.touch()  # signs of life between commands: see plan()
+        expected = self._estimate(plan, step, sender)
+        with self.lock:
+            rep.state, rep.step = FilesystemState.STEPPING, step.describe()
+            rep.bytes_expected, rep.bytes_replicated = expected, 0
+            rep.step_started = self._now_iso()
+            self.current[fs] = (rep, progress, progress.bytes)
+        progress.touch()  # signs of life between commands: see plan()
         self._publish()
         log.info("%s: %s", self.settings.job, step.describe())
         if level != "guarantee_nothing" and not step.resume_token:
             protect = [(v.name, v.guid) for v in step.received_versions() if v.is_snapshot]
-            self.sender.protect(fs, level, protect, req.from_)
-            self.progress.touch()
+            sender.protect(fs, level, protect, req.from_)
+            progress.touch()
         # Receiver set-up (placeholders) before `zfs send` starts, not while it waits on the pipe.
-        self.receiver.prepare(req)
-        self.progress.touch()
-        self.sender.send(req, lambda source: self.receiver.receive(req, source))
-        self.refresh()
-        self.current = None
-        self.progress.step_done()
-        rep.last_replicated = f"{fs}@{step.to_version.name}"
-        self.sender.complete(fs, step.to_version.name, step.to_version.guid, level)
-        self.progress.touch()
+        receiver.prepare(req)
+        progress.touch()
+        try:
+            sender.send(req, lambda source: receiver.receive(req, source))
+        finally:
+            self.refresh()
+            with self.lock:
+                self.current.pop(fs, None)
+        progress.step_done()
+        with self.lock:
+            rep.last_replicated = f"{fs}@{step.to_version.name}"
+        sender.complete(fs, step.to_version.name, step.to_version.guid, level)
+        progress.touch()
 
 
 class Watchdog(PeriodicThread):
@@ -7625,8 +7744,9 @@ class ActiveMode(Protocol):
 
     def takes_snapshots(self) -> bool: ...
 
-    def sides(self, conn: RequestChannel) -> tuple[Sender, Receiver]:
-        """The sender and receiver for one connection (built again after a reconnect)."""
+    def sides(self, conn: RequestChannel, progress: Progress | None = None) -> tuple[Sender, Receiver]:
+        """The sender and receiver for one connection (built again after a reconnect, and for each
+        extra lane of parallel steps, with that lane's progress)."""
         ...
 
 
@@ -7643,10 +7763,10 @@ class PushMode:
     def takes_snapshots(self) -> bool:
         return self.job.snapshotting.type != "manual"
 
-    def sides(self, conn: RequestChannel) -> tuple[Sender, Receiver]:
+    def sides(self, conn: RequestChannel, progress: Progress | None = None) -> tuple[Sender, Receiver]:
         assert self.job.filesystems is not None
         sender = SenderEndpoint(self.zfs, self.job.name, self.job.filesystems, self.job.send, self.processes,
-                                self.progress, job_type="push", guards=self.guards)
+                                progress or self.progress, job_type="push", guards=self.guards)
         return sender, RemoteReceiver(conn)
 
 
@@ -7662,9 +7782,9 @@ class PullMode:
     def takes_snapshots(self) -> bool:
         return False
 
-    def sides(self, conn: RequestChannel) -> tuple[Sender, Receiver]:
+    def sides(self, conn: RequestChannel, progress: Progress | None = None) -> tuple[Sender, Receiver]:
         receiver = ReceiverEndpoint(self.zfs, self.job.name, self.job.root_fs, None, self.job.recv,
-                                    self.processes, self.progress, job_type="pull")
+                                    self.processes, progress or self.progress, job_type="pull")
         return RemoteSender(conn), receiver
 
 
@@ -7828,16 +7948,24 @@ class JobRunner:
     # -- push and pull -----------------------------------------------------------------------------
     def _replication_settings(self, sender: Sender, receiver: Receiver) -> ReplicationSettings:
         job = self.job
-        if job.replication.concurrency_steps > 1:
-            # Parallel steps need one connection per step; until then say so rather than pretend.
-            log.warning("job %s: replication.concurrency.steps = %d is accepted but steps run one at a time",
-                        job.name, job.replication.concurrency_steps)
         plan = PlanSettings(initial=job.initial_replication, protection_initial=job.replication.protection_initial,
                             protection_incremental=job.replication.protection_incremental,
                             encrypted=job.send.encrypted, raw=job.send.raw,
                             receiving_job=receiver.info.abstraction_job, sending_job=sender.info.abstraction_job)
         return ReplicationSettings(job=job.name, plan=plan, timeout=job.replication.timeout, dry_run=self.dry_run,
-                                   retry_delay=float(os.environ.get("ZREPL_RETRY_DELAY", "2")))
+                                   retry_delay=float(os.environ.get("ZREPL_RETRY_DELAY", "2")),
+                                   concurrency=self._lanes_possible())
+
+    def _lanes_possible(self) -> int:
+        """How many filesystems may replicate at once: replication.concurrency.steps, each on a
+        connection of its own. Over ssh+stdinserver the passive side serves one connection per client
+        identity (its resume state must be saved before the next one starts), so one lane there."""
+        steps = self.job.replication.concurrency_steps
+        if steps > 1 and self.job.connect is not None and self.job.connect.type != "local":
+            log.warning("job %s: replication.concurrency.steps = %d: over ssh+stdinserver steps run one at a "
+                        "time (one connection per client identity)", self.job.name, steps)
+            return 1
+        return steps
 
     def _active_pass(self) -> PassResult:
         """push: snapshot if due, replicate, prune sender, prune receiver. pull: replicate, prune."""
@@ -7872,14 +8000,23 @@ class JobRunner:
         previous = (self.doc.get("replication") or {}).get("filesystems") or {}
         counts = {fs: int(v.get("error_count") or 0) for fs, v in previous.items() if isinstance(v, dict)}
         settings = self._replication_settings(sender, receiver)
+        lanes: list[Peer] = []
+
+        def new_lane() -> Lane:
+            lane_progress = Progress(self.clock, parent=progress)
+            lane_peer = connect_peer(self.config, self.job, self.zfs, processes, lane_progress, self.clock)
+            lanes.append(lane_peer)
+            lane_sender, lane_receiver = mode.sides(lane_peer.conn, lane_progress)
+            return Lane(lane_sender, lane_receiver, lane_progress)
         repl = Replication(sender, receiver, settings, progress, error_counts=counts, previous=previous,
-                           clock=self.clock)
+                           clock=self.clock, lane_factory=new_lane if settings.concurrency > 1 else None)
         self.last_replication = repl
         state: dict[str, Any] = {"started": iso_time(self.clock.time()), "cancelled": None}
 
         def publish(reports: dict[str, FilesystemReport]) -> None:
-            self.doc["replication"] = {**state, "filesystems": {fs: r.to_json() for fs, r in reports.items()}}
-            self.publish(self.job.name, self.doc)
+            with repl.lock:  # lanes change reports while the ticker publishes
+                self.doc["replication"] = {**state, "filesystems": {fs: r.to_json() for fs, r in reports.items()}}
+                self.publish(self.job.name, self.doc)
 
         repl.on_update = publish
 
@@ -7887,7 +8024,8 @@ class JobRunner:
             repl.cancel_reason = reason
             state["cancelled"] = reason
             processes.kill_all(reason)
-            peer.cancel(reason)
+            for p in [peer, *lanes]:
+                p.cancel(reason)
 
         self._set_activity("replicating")
         try:
@@ -7904,6 +8042,8 @@ class JobRunner:
         if repl.cancel_reason and result.error is None:
             # The whole replication was stopped, not one filesystem: say why at the run's level too.
             result.error = f"replication cancelled by the watchdog: {repl.cancel_reason}"
+        for lane_peer in lanes:
+            lane_peer.close()
         publish(repl.reports)
         for fs, rep in repl.reports.items():
             if rep.error:
@@ -8464,6 +8604,22 @@ class _JsonFormatter(logging.Formatter):
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (zrepl.main called in-process
+    by tests and tools replaces it), not to the stream it was created with."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(outlets: Sequence[LoggingConfig], level_override: str | None = None) -> None:
     """Configure the `zrepl` logger from `[[global.logging]]` (stderr human|logfmt|json, or syslog)."""
     import logging.handlers
@@ -8482,7 +8638,7 @@ def setup_logging(outlets: Sequence[LoggingConfig], level_override: str | None =
                 continue
             handler.setFormatter(logging.Formatter("zrepl.py[%(process)d]: %(levelname)s %(message)s"))
         else:
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _StderrHandler()
             handler.setFormatter({"human": logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"),
                                   "logfmt": _LogfmtFormatter(), "json": _JsonFormatter()}[outlet.format])
         handler.setLevel(level)

@@ -275,8 +275,11 @@ def test_foreign_snapshots_are_named_when_destroyed_or_kept_only_by_last_n(caplo
     def destroy(dataset, names):
         destroyed.extend(names)
         return zrepl.DestroyResult(list(names), {})
-    with caplog.at_level("WARNING", logger="zrepl"):
+    zrepl.log.addHandler(caplog.handler)  # the zrepl logger does not propagate once set up
+    try:
         [result] = zrepl.prune_datasets([ds], [zrepl.KeepLastN(2)], destroy, own_prefix="zrepl_")
+    finally:
+        zrepl.log.removeHandler(caplog.handler)
     assert destroyed == ["before-upgrade", "zrepl_1"]
     assert result.foreign_destroyed == ["before-upgrade"] and result.foreign_at_risk == ["manual"]
     assert any("did not make" in r.message and "before-upgrade" in r.message for r in caplog.records)
