@@ -199,7 +199,7 @@ def test_compile_regex():
     assert compile_regex("a+").search("xaa")
     with pytest.raises(ValueError) as e:
         compile_regex("(unclosed")
-    assert "(unclosed" in str(e.value) and "missing )" in str(e.value)
+    assert "(unclosed" in str(e.value) and "missing closing )" in str(e.value)
 
 
 # ---- not_replicated ----
