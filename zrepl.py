@@ -259,6 +259,8 @@ class RingBuffer:
     CUT_MARK = b"(...)"
 
     def __init__(self, capacity: int = 1 << 20):
+        if capacity <= 0:
+            raise ValueError(f"ring buffer capacity must be positive, got {capacity}")
         self.capacity = capacity
         self._buf = bytearray()
         self._dropped = 0
@@ -1155,9 +1157,9 @@ class _Re2Translator:
     def __init__(self, pattern: str):
         self.src, self.i, self.start = pattern, 0, 0
         self.out: list[str] = []
-        # One entry per open group: [multi-line flag, extra ')' to write when it closes]; the
-        # outermost entry is the pattern itself.
-        self.groups: list[list[Any]] = [[False, 0]]
+        # One entry per open group: [multi-line flag, flag groups opened in it by a mid-pattern
+        # `(?i)`, which Python only has in the scoped form]; the outermost entry is the pattern.
+        self.groups: list[tuple[list[bool], list[str]]] = [([False], [])]
 
     def fail(self, what: str) -> ValueError:
         return ValueError(f"{what} (at offset {self.start}); zrepl's regexes are Go RE2 syntax")
@@ -1167,7 +1169,7 @@ class _Re2Translator:
             self.token()
         if len(self.groups) > 1:
             raise self.fail("missing closing )")
-        return "".join(self.out) + ")" * self.groups[0][1]
+        return "".join(self.out) + ")" * len(self.groups[0][1])
 
     def token(self) -> None:
         self.start = self.i
@@ -1183,7 +1185,12 @@ class _Re2Translator:
             if len(self.groups) == 1:
                 raise self.fail("unexpected )")
             self.i += 1
-            self.out.append(")" * (self.groups.pop()[1] + 1))
+            self.out.append(")" * (len(self.groups.pop()[1]) + 1))
+        elif ch == "|":
+            # `x(?i)a|b` is `x(?i:a)|(?i:b)` in RE2: a flag reaches across the alternation.
+            self.i += 1
+            pending = self.groups[-1][1]
+            self.out.append(")" * len(pending) + "|" + "".join(pending))
         elif ch in "*+?":
             self.i += 1
             self.out.append(ch)
@@ -1200,8 +1207,8 @@ class _Re2Translator:
         elif ch == "$":
             self.i += 1
             # RE2's `$` is the end of the text (without m); Python's also matches before a final \n.
-            self.out.append("$" if self.groups[-1][0] else r"\Z")
-        elif ch in "^.|":
+            self.out.append("$" if self.groups[-1][0][0] else r"\Z")
+        elif ch in "^.":
             self.i += 1
             self.out.append(ch)
         else:
@@ -1219,17 +1226,16 @@ class _Re2Translator:
     def open_group(self) -> None:
         if len(self.groups) > _RE2_MAX_NESTING:
             raise self.fail(f"groups nested more than {_RE2_MAX_NESTING} deep")
-        multiline = self.groups[-1][0]
+        multiline = self.groups[-1][0][0]
         rest = self.src[self.i + 1:]
-        if not rest.startswith("?"):
-            self.i += 1
-            self.out.append("(")
-            self.groups.append([multiline, 0])
-            return
-        if m := re.match(r"\?P?<([A-Za-z0-9_]+)>", rest):
-            self.i += 1 + m.end()
-            self.out.append(f"(?P<{m.group(1)}>")
-            self.groups.append([multiline, 0])
+        opening = "(" if not rest.startswith("?") else "(?:" if rest.startswith("?:") else None
+        if opening is None and (m := re.match(r"\?P?<([A-Za-z0-9_]+)>", rest)):
+            self.i += m.end() - 2
+            opening = f"(?P<{m.group(1)}>"
+        if opening is not None:
+            self.i += 1 if opening == "(" else 3
+            self.out.append(opening)
+            self.groups.append(([multiline], []))
             return
         m = re.match(r"\?([imsU]*)(?:-([imsU]*))?([:)])", rest)
         if not m:
@@ -1244,14 +1250,14 @@ class _Re2Translator:
         if not on and not off:
             raise self.fail("missing flags in '(?' group")
         self.i += 1 + m.end()
-        flags = on + (f"-{off}" if off else "")
+        scoped = f"(?{on}{'-' + off if off else ''}:"
         multiline = ("m" in on) or (multiline and "m" not in off)
-        self.out.append(f"(?{flags}:")
+        self.out.append(scoped)
         if end == ":":
-            self.groups.append([multiline, 0])
-        else:  # (?i) applies to the rest of the enclosing group: Python only has the scoped form
-            self.groups[-1][0] = multiline
-            self.groups[-1][1] += 1
+            self.groups.append(([multiline], []))
+        else:  # (?i) applies to the rest of the enclosing group
+            self.groups[-1][0][0] = multiline
+            self.groups[-1][1].append(scoped)
 
     def escape(self) -> None:
         if self.i + 1 >= len(self.src):
@@ -2164,7 +2170,9 @@ def _nesting_too_deep(text: str) -> tuple[int, str] | None:
         elif c in "[{":
             depth += 1
             if depth > _MAX_TOML_NESTING:
-                where = f"{header}[{counts[header]}]" if header in counts else header
+                parts = header.split(".") if header else []
+                where = ".".join(part + (f"[{counts[prefix]}]" if (prefix := ".".join(parts[:i + 1])) in counts else "")
+                                 for i, part in enumerate(parts))
                 return line, f"{where}.{key}" if where else key
         elif c in "]}":
             depth = max(0, depth - 1)
