@@ -347,11 +347,11 @@ def _check_name_chars(what: str, name: str, also_allowed: str = "") -> None:
         if ch in _ZFS_NAME_CHARS or ch in also_allowed:
             continue
         if ord(ch) < 32 or ord(ch) == 127:
-            raise ValueError(f"{what} {name!r} contains a control character ({ch!r})")
+            raise ValueError(f"{what} {shorten(name)} contains a control character ({shorten(ch)})")
         if ch in "@#":
-            raise ValueError(f"{what} {name!r} contains {ch!r}, which separates a dataset from a "
+            raise ValueError(f"{what} {shorten(name)} contains {shorten(ch)}, which separates a dataset from a "
                              f"{'snapshot' if ch == '@' else 'bookmark'} name")
-        raise ValueError(f"{what} {name!r} contains {ch!r}; ZFS allows only {_ZFS_ALLOWED_TEXT}")
+        raise ValueError(f"{what} {shorten(name)} contains {shorten(ch)}; ZFS allows only {_ZFS_ALLOWED_TEXT}")
 
 
 def validate_dataset_name(name: str) -> str:
@@ -364,20 +364,20 @@ def validate_dataset_name(name: str) -> str:
         raise ValueError(f"dataset name {name[:40]!r}... is {len(name)} characters long; "
                          f"ZFS allows at most {ZFS_NAME_MAX}")
     if name.startswith("/") or name.endswith("/"):
-        raise ValueError(f"dataset name {name!r} must not start or end with '/' "
+        raise ValueError(f"dataset name {shorten(name)} must not start or end with '/' "
                          f"(write 'pool/fs', not a mountpoint path)")
     _check_name_chars("dataset name", name, also_allowed="/")
     components = name.split("/")
     for comp in components:
         if comp == "":
-            raise ValueError(f"dataset name {name!r} contains an empty component ('//')")
+            raise ValueError(f"dataset name {shorten(name)} contains an empty component ('//')")
         if comp in (".", ".."):
-            raise ValueError(f"dataset name {name!r} contains the component {comp!r}, which ZFS refuses")
+            raise ValueError(f"dataset name {shorten(name)} contains the component {shorten(comp)}, which ZFS refuses")
         if len(comp) > ZFS_NAME_MAX:  # unreachable with the total limit, kept for clarity of intent
             raise ValueError(f"dataset name component {comp[:40]!r}... is longer than {ZFS_NAME_MAX} characters")
     pool = components[0]
     if not ("a" <= pool[0].lower() <= "z"):
-        raise ValueError(f"pool name {pool!r} (in dataset name {name!r}) must start with a letter")
+        raise ValueError(f"pool name {shorten(pool)} (in dataset name {shorten(name)}) must start with a letter")
     return name
 
 
@@ -391,9 +391,9 @@ def validate_snapshot_short_name(name: str) -> str:
         raise ValueError(f"snapshot name {name[:40]!r}... is {len(name)} characters long; "
                          f"ZFS allows at most {ZFS_NAME_MAX}")
     if name in (".", ".."):
-        raise ValueError(f"snapshot name {name!r} is not allowed")
+        raise ValueError(f"snapshot name {shorten(name)} is not allowed")
     if "/" in name:
-        raise ValueError(f"snapshot name {name!r} contains '/'; ZFS allows only {_ZFS_ALLOWED_TEXT}")
+        raise ValueError(f"snapshot name {shorten(name)} contains '/'; ZFS allows only {_ZFS_ALLOWED_TEXT}")
     _check_name_chars("snapshot name", name)
     return name
 
@@ -405,10 +405,10 @@ def split_version_name(full: str) -> tuple[str, str, str]:
         raise ValueError(f"snapshot or bookmark name must be a string, got {type(full).__name__}")
     seps = [i for i, ch in enumerate(full) if ch in "@#"]
     if not seps:
-        raise ValueError(f"{full!r} is not a snapshot or bookmark name "
+        raise ValueError(f"{shorten(full)} is not a snapshot or bookmark name "
                          f"(expected 'pool/fs@name' or 'pool/fs#name')")
     if len(seps) > 1:
-        raise ValueError(f"{full!r} contains more than one '@' or '#'")
+        raise ValueError(f"{shorten(full)} contains more than one '@' or '#'")
     i = seps[0]
     dataset, sep, short = full[:i], full[i], full[i + 1:]
     validate_dataset_name(dataset)
@@ -444,11 +444,12 @@ class DatasetFilter:
         self._subtree: dict[str, tuple[bool, str]] = {}  # "" is the root ("<" alone)
         for pattern, value in mapping.items():
             if not isinstance(pattern, str):
-                raise ValueError(f"filesystems pattern {pattern!r} must be a string")
+                raise ValueError(f"filesystems pattern {shorten(pattern)} must be a string")
             if not isinstance(value, bool):
-                raise ValueError(f"filesystems pattern {pattern!r}: value must be true or false, got {value!r}")
+                raise ValueError(f"filesystems pattern {shorten(pattern)}: value must be true or false, "
+                                 f"got {shorten(value)}")
             if pattern.count("<") > 1 or ("<" in pattern and not pattern.endswith("<")):
-                raise ValueError(f"filesystems pattern {pattern!r}: '<' is allowed only once, at the end "
+                raise ValueError(f"filesystems pattern {shorten(pattern)}: '<' is allowed only once, at the end "
                                  f"('pool/fs<' means pool/fs and everything below it)")
             if pattern.endswith("<"):
                 path = pattern[:-1]
@@ -465,7 +466,7 @@ class DatasetFilter:
         try:
             validate_dataset_name(path)
         except ValueError as e:
-            raise ValueError(f"filesystems pattern {pattern!r} is not a valid dataset pattern: {e}") from None
+            raise ValueError(f"filesystems pattern {shorten(pattern)} is not a valid dataset pattern: {e}") from None
 
     @classmethod
     def accept_all(cls) -> DatasetFilter:
@@ -508,7 +509,7 @@ def resolve_zone(location: str = "UTC") -> dt.tzinfo:
     """'UTC', 'Local' (the host's zone) or an IANA name like 'Europe/Berlin' -> tzinfo. ValueError if unknown."""
     if not isinstance(location, str) or not location:
         raise ValueError(f"time zone must be 'UTC', 'Local' or an IANA name like 'Europe/Berlin', "
-                         f"got {location!r}")
+                         f"got {shorten(location)}")
     if location == "UTC":
         return dt.UTC
     if location == "Local":
@@ -516,7 +517,7 @@ def resolve_zone(location: str = "UTC") -> dt.tzinfo:
     try:
         return zoneinfo.ZoneInfo(location)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValueError(f"unknown time zone {location!r}: use 'UTC', 'Local' or an IANA name "
+        raise ValueError(f"unknown time zone {shorten(location)}: use 'UTC', 'Local' or an IANA name "
                          f"like 'Europe/Berlin'") from None
 
 
@@ -555,7 +556,7 @@ def format_timestamp(fmt: str, when: float, location: str = "UTC") -> str:
     tz = resolve_zone(location)
     kind = fmt.lower()
     if kind in _UTC_ONLY_FORMATS and location != "UTC":
-        raise ValueError(f"timestamp format {fmt!r} contains no zone offset and requires location 'UTC' "
+        raise ValueError(f"timestamp format {shorten(fmt)} contains no zone offset and requires location 'UTC' "
                          f"(got {shorten(location)}); use 'iso-8601' or a custom format with %z for local time")
     moment = dt.datetime.fromtimestamp(when, tz)
     if kind == "dense":
@@ -627,7 +628,7 @@ def validate_timestamp_format(fmt: str, location: str = "UTC") -> None:
             what = "contains no date or time field" if step == 1 and "%" not in fmt else (
                 "is coarser than one second" if step == 1 else f"repeats after {format_duration(step)}")
             raise ValueError(f"timestamp format {shorten(fmt)} {what}: snapshots "
-                             f"{format_duration(step)} apart would both be named {first!r}; include the "
+                             f"{format_duration(step)} apart would both be named {shorten(first)}; include the "
                              f"year, month, day, hour (%H), minute and second{_go_layout_hint(fmt)}")
 
 
@@ -1227,13 +1228,12 @@ class _Re2Translator:
         if len(self.groups) > _RE2_MAX_NESTING:
             raise self.fail(f"groups nested more than {_RE2_MAX_NESTING} deep")
         multiline = self.groups[-1][0][0]
-        rest = self.src[self.i + 1:]
-        opening = "(" if not rest.startswith("?") else "(?:" if rest.startswith("?:") else None
-        if opening is None and (m := re.match(r"\?P?<([A-Za-z0-9_]+)>", rest)):
-            self.i += m.end() - 2
-            opening = f"(?P<{m.group(1)}>"
-        if opening is not None:
-            self.i += 1 if opening == "(" else 3
+        rest = self.src[self.i + 1:self.i + 200]  # enough for any group name or flag set
+        opening, length = ("(", 1) if not rest.startswith("?") else ("(?:", 3) if rest.startswith("?:") else ("", 0)
+        if not opening and (m := re.match(r"\?P?<([A-Za-z0-9_]+)>", rest)):
+            opening, length = f"(?P<{m.group(1)}>", 1 + m.end()
+        if opening:
+            self.i += length
             self.out.append(opening)
             self.groups.append(([multiline], []))
             return
@@ -1294,14 +1294,14 @@ class _Re2Translator:
         if c in _RE2_CHAR_ESCAPES:
             return _RE2_CHAR_ESCAPES[c]
         if c in "01234567":
-            digits = re.match(r"[0-7]{0,2}", self.src[self.i:])
+            digits = re.match(r"[0-7]{0,2}", self.src[self.i:self.i + 2])
             assert digits is not None
             if c != "0" and not digits.group(0):
                 raise self.fail(f"backreferences ('\\{c}') are not supported by RE2")
             self.i += len(digits.group(0))
             return int(c + digits.group(0), 8)
         if c == "x":
-            m = re.match(r"\{([0-9A-Fa-f]{1,8})\}|([0-9A-Fa-f]{2})", self.src[self.i:])
+            m = re.match(r"\{([0-9A-Fa-f]{1,8})\}|([0-9A-Fa-f]{2})", self.src[self.i:self.i + 10])
             if not m or int(m.group(1) or m.group(2), 16) > 0x10FFFF:
                 raise self.fail(r"invalid '\x' escape (RE2: '\x7F' or '\x{10FFFF}')")
             self.i += m.end()
@@ -1327,7 +1327,7 @@ class _Re2Translator:
                 self.i += 1
                 break
             first = False
-            if ch == "[" and (m := re.match(r"\[:(\^?)([a-z]*):\]", self.src[self.i:])):
+            if ch == "[" and (m := re.match(r"\[:(\^?)([a-z]*):\]", self.src[self.i:self.i + 40])):
                 if m.group(2) not in _RE2_POSIX_CLASSES:
                     raise self.fail(f"unknown POSIX class {shorten(m.group(0))}")
                 self.i += m.end()
@@ -1464,7 +1464,7 @@ def parse_grid(spec: str) -> list[GridInterval]:
     intervals: list[GridInterval] = []
     labels: list[str] = []
     for n, raw in enumerate(entries, 1):
-        label = f"{n} of {len(entries)} ({raw.strip()!r})"
+        label = f"{n} of {len(entries)} ({shorten(raw.strip())})"
         m = _GRID_ENTRY_RE.fullmatch(raw)
         if not m:
             raise ValueError(f"grid entry {label}: expected 'N x DURATION' with an optional '(keep=K)' "
@@ -1494,7 +1494,7 @@ def parse_grid(spec: str) -> list[GridInterval]:
                     raise ValueError(f"grid entry {label}: keep=0 is not allowed (a bucket must keep at "
                                      f"least 1 snapshot; leave the interval out instead)")
             else:
-                raise ValueError(f"grid entry {label}: keep must be a positive number or 'all', got {value!r}")
+                raise ValueError(f"grid entry {label}: keep must be a positive number or 'all', got {shorten(value)}")
         intervals.append(GridInterval(count, length, keep))
         labels.append(label)
     _check_grid_order(intervals, labels)
@@ -2217,8 +2217,10 @@ def parse_config(text: str, file: str = "<config>") -> Config:
             global_ = _parse_global(gtable)
     jobs: list[JobConfig] = []
     clean: list[JobConfig] = []  # jobs without errors: only they take part in cross-checks
+    tables = 0
     with top.collect():
         for jt in top.tables("jobs"):
+            tables += 1
             before = len(errors)
             with top.collect():
                 job = _parse_job(jt)
@@ -2232,7 +2234,9 @@ def parse_config(text: str, file: str = "<config>") -> Config:
             errors.append(ConfigError(f"job name {shorten(job.name)} is already used by {seen[job.name]}",
                                       f"{job.path}.name", file))
         seen.setdefault(job.name, job.path)
-    errors += _check_local_listeners(clean, jobs, file)
+    listed = top.data.get("jobs", [])
+    every_job_read = isinstance(listed, list) and len(jobs) == tables == len(listed)
+    errors += _check_local_listeners(clean, jobs, file, every_job_read)
     if errors:
         raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     return Config(file=file, global_=global_, jobs=jobs)
@@ -2809,19 +2813,23 @@ def _parse_replication(t: _Table) -> ReplicationConfig:
     return r
 
 
-def _check_local_listeners(clean: list[JobConfig], jobs: list[JobConfig], file: str) -> list[ConfigError]:
-    """Every local connect must name a local serve in the same config (checked for jobs that parsed
-    without errors; a listener served by a job with errors is not judged)."""
+def _check_local_listeners(clean: list[JobConfig], jobs: list[JobConfig], file: str,
+                           every_job_read: bool) -> list[ConfigError]:
+    """Every local connect must name a local serve in the same config. Checked for jobs that parsed
+    without errors; a listener that a job with errors may serve is not judged."""
     errors = []
     listeners = {j.serve.listener_name: j for j in clean if j.serve and j.serve.type == "local"}
-    broken = {j.path for j in jobs} - {j.path for j in clean}
+    clean_paths = {j.path for j in clean}
+    broken = [j for j in jobs if j.path not in clean_paths]
+    unsure = not every_job_read or any(j.type in ("sink", "source") and j.serve is None for j in broken)
+    maybe_served = {j.serve.listener_name for j in broken if j.serve}
     for job in clean:
         if not (job.connect and job.connect.type == "local"):
             continue
         name = job.connect.listener_name
         target = listeners.get(name)
         if target is None:
-            if not broken:
+            if not unsure and name not in maybe_served:
                 errors.append(ConfigError(f"no sink or source job serves local listener {shorten(name)}",
                                           f"{job.path}.connect.listener_name", file))
             continue

@@ -294,3 +294,23 @@ def test_bad_global_option_after_the_subcommand_is_a_usage_error(config_file, ca
 def test_empty_config_option_is_an_error(capsys):
     assert zrepl.main(["configcheck", "--config", ""]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_listener_check_is_skipped_only_where_a_broken_job_may_serve_it():
+    push = """
+    [[jobs]]
+    name = "p"
+    type = "push"
+    filesystems = { "tank<" = true }
+    connect = { type = "local", listener_name = "backup", client_identity = "me" }
+    snapshotting = { type = "manual" }
+    pruning = { keep_sender = [], keep_receiver = [] }
+    """
+    broken_snap = '[[jobs]]\nname = "s"\ntype = "snap"\nfilesystems = { "tank<" = 1 }\n' \
+                  'snapshotting = { type = "manual" }\npruning = { keep = [] }\n'
+    broken_sink = '[[jobs]]\nname = "k"\ntype = "sink"\nroot_fs = "bad//root"\n' \
+                  'serve = { type = "local", listener_name = "backup" }\n'
+    paths = [e.path for e in errors_of(textwrap.dedent(push) + broken_snap)]
+    assert paths == ["jobs[1].filesystems", "jobs[0].connect.listener_name"]
+    paths = [e.path for e in errors_of(textwrap.dedent(push) + broken_sink)]
+    assert paths == ["jobs[1].root_fs"]  # the sink serves it; only its own error is reported
