@@ -7,8 +7,9 @@ ZFS is driven exclusively through `zfs`/`zpool` subprocesses with argument lists
 
 Map of this file (sections in dependency order; a section only uses those above it):
 
-    1. Utilities            durations, sizes, ring buffer, errors, logging
-    2. Filters and naming   filesystems filter, timestamp formats, cron specs, abstraction names
+    1. Utilities            durations, sizes and data rates, ring buffer, errors, logging
+    2. Filters and naming   filesystems filter, timestamp formats, cron specs, abstraction names,
+                            config regexes (Go RE2 syntax, translated)
     3. Keep rules           last_n, grid, regex, not_replicated: pure prune decisions
     4. Config               TOML loading and strict validation with key paths
     5. ZFS command layer    argv builders, listing parser, error classification, the one runner
@@ -2155,7 +2156,7 @@ def _nesting_too_deep(text: str) -> tuple[int, str] | None:
             while j < n and not text.startswith(quote, j) and (len(quote) == 3 or text[j] != "\n"):
                 j += 2 if c == '"' and text[j] == "\\" else 1
             line += text.count("\n", i, j)
-            i = j + len(quote)
+            i = j if j >= n or text[j] == "\n" else j + len(quote)  # an unclosed string ends at its line
             continue
         elif depth == 0 and c == "[" and text[text.rfind("\n", 0, i) + 1:i].strip() == "":
             end = text.find("\n", i)
