@@ -7,21 +7,36 @@ ZFS is driven exclusively through `zfs`/`zpool` subprocesses with argument lists
 
 Map of this file (sections in dependency order; a section only uses those above it):
 
-    1. Utilities            durations, sizes and data rates, ring buffer, errors, logging
+    1. Utilities            durations, sizes and data rates, ring buffer, errors, clock, logging
     2. Filters and naming   filesystems filter, timestamp formats, cron specs, abstraction names,
                             config regexes (Go RE2 syntax, translated)
     3. Keep rules           last_n, grid, regex, not_replicated: pure prune decisions
     4. Config               TOML loading and strict validation with key paths
-    5. ZFS command layer    argv builders, listing parser, error classification, the one runner
+    5. ZFS command layer    argv builders, listing parser, error kinds, resume tokens, the one runner
     6. Planner              pure replication planning from two listings
-    7. Protocol             framed wire protocol, handshake, transports (local, stdio/ssh)
-    8. Endpoints            sender/receiver on top of the ZFS layer, client confinement
-    9. Replication runner   drives steps between two endpoints, protection, retries
-   10. Snapshotter, hooks   due-ness, one-command snapshots, command/postgres/mysql hooks
-   11. Pruner               applies keep-rule decisions with batched destroys
-   12. Jobs and watchdog    job runs, locks, wakeups, progress watchdog
-   13. Status               atomic JSON status file, summaries, Nagios codes
-   14. CLI                  argument parsing and commands
+    7. Protocol             framed wire protocol, handshake, requests, streams
+    8. Endpoints            the Sender/Receiver roles, local endpoints, remote proxies, confinement
+    9. Transports           local and ssh+stdinserver wiring, redialing, what a passive job serves
+   10. Replication runner   drives steps between a Sender and a Receiver, retries, the watchdog
+   11. Snapshotter, hooks   due-ness, one-command snapshots, command/postgres/mysql hooks
+   12. Pruner               keep-rule decisions applied to either side, batched destroys
+   13. Jobs                 job runs, push/pull modes, locks, wakeups, the passive side's records
+   14. Status               atomic JSON status file, summaries, Nagios codes
+   15. CLI                  argument parsing and commands
+
+Where things happen:
+
+    push run         cmd_run -> JobRunner.run_pass -> _active_pass: PushMode.sides (SenderEndpoint +
+                     RemoteReceiver over connect_peer) -> Replication.run (plan_filesystems, _run_step:
+                     protect, prepare, Sender.send -> Receiver.receive, complete) -> prune_both_sides
+    pull run         the same with PullMode (RemoteSender + ReceiverEndpoint); the cursor is named by
+                     the source (PeerInfo.abstraction_job from its `endpoint.info` reply)
+    receiver pruning prune_receiver (section 12) through the Receiver role
+    resume handling  receive_resume_token -> Zfs.decode_resume_token -> _plan_resume -> send -t
+    placeholders     ReceiverEndpoint._ensure_parents / _receive (the -F check), is_placeholder
+    stdinserver      cmd_stdinserver -> stdinserver_job -> passive_handlers -> serve_connection
+    status document  written by JobRunner (publish) and ClientRecorder (merge) through StatusStore;
+                     read by cmd_status -> evaluate_status -> render_status
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ import bisect
 import contextlib
 import dataclasses
 import datetime as dt
+import enum
 import errno
 import fractions
 import fcntl
@@ -44,6 +60,7 @@ import selectors
 import shlex
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -53,9 +70,10 @@ import threading
 import time
 import tomllib
 import warnings
+import zlib
 import zoneinfo
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 __version__ = "0.1.0"
@@ -78,6 +96,11 @@ class ZreplError(Exception):
 
 class UsageError(ZreplError):
     """Bad command-line input (exit code 2)."""
+
+
+class SetupError(ZreplError):
+    """The environment is not usable as configured (runtime dir, lock files): exit code 2, with the
+    path and what to do."""
 
 
 def shorten(value: Any, limit: int = 80) -> str:
@@ -320,6 +343,25 @@ class PeriodicThread:
 def utcnow() -> float:
     """Wall-clock seconds; one place so tests can reason about time."""
     return time.time()
+
+
+class Clock:
+    """Time as a parameter (the model is CPython's `sched(timefunc, delayfunc)`): wall-clock time,
+    monotonic time for durations and deadlines, and sleeping. Retries, lock waits, dial retries, the
+    watchdog and progress take one, so tests drive them with a fake clock instead of waiting."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+SYSTEM_CLOCK = Clock()
 
 
 def iso_time(ts: float | None) -> str | None:
@@ -1874,10 +1916,12 @@ class SendConfig:
 
 @dataclass
 class RecvConfig:
-    """`recv` options of sink and pull jobs."""
+    """`recv` options of sink and pull jobs. `safe_properties` (recv.properties.safe, default on):
+    what a received stream may not decide on this host (see receive_property_args)."""
 
     inherit: list[str] = field(default_factory=list)
     override: dict[str, str] = field(default_factory=dict)
+    safe_properties: bool = True
     placeholder_encryption: str = "unspecified"
     bandwidth_limit: BandwidthLimit | None = None
 
@@ -1912,11 +1956,13 @@ class ConnectConfig:
 
 @dataclass
 class ServeConfig:
-    """`serve` of sink and source jobs: `local` or `stdinserver`."""
+    """`serve` of sink and source jobs: `local` or `stdinserver`. `read_only` (sources): refuse every
+    destroy a client asks for, so a compromised backup server cannot prune production."""
 
     type: str
     listener_name: str = ""
     client_identities: list[str] = field(default_factory=list)
+    read_only: bool = False
 
 
 @dataclass
@@ -1955,6 +2001,28 @@ class Config:
                 return job
         raise ConfigError(f"no job named {shorten(name)} (jobs: {', '.join(j.name for j in self.jobs) or 'none'})",
                           file=self.file)
+
+
+def source_abstraction_job(job: JobConfig, identity: str) -> str:
+    """The job name a source writes into its holds and bookmarks for one client. With one client it
+    is the job's own name (as zrepl does, so a source taken over from zrepl keeps its cursors);
+    with several, each client gets `<job>:<identity>`, so one client's progress never releases
+    another's cursor or step holds (zrepl shares them, zrepl issue #380)."""
+    clients = job.serve.client_identities if job.serve is not None and job.serve.type == "stdinserver" else []
+    return f"{job.name}:{identity}" if len(clients) > 1 else job.name
+
+
+def replication_guards(config: Config) -> list[str]:
+    """Every job name on this host whose unreplicated snapshots no pruning may destroy: push jobs
+    with not_replicated in keep_sender, and each client of every source (see unreplicated_by)."""
+    guards = []
+    for job in config.jobs:
+        if job.type == "push" and any(isinstance(r, KeepNotReplicated) for r in job.keep_sender):
+            guards.append(job.name)
+        elif job.type == "source" and job.serve is not None:
+            clients = job.serve.client_identities if job.serve.type == "stdinserver" else [job.name]
+            guards += sorted({source_abstraction_job(job, c) for c in clients})
+    return guards
 
 
 class _Table:
@@ -2235,6 +2303,7 @@ def parse_config(text: str, file: str = "<config>") -> Config:
             errors.append(ConfigError(f"job name {shorten(job.name)} is already used by {seen[job.name]}",
                                       f"{job.path}.name", file))
         seen.setdefault(job.name, job.path)
+    errors += _check_replication_layout(clean, file)
     listed = top.data.get("jobs", [])
     every_job_read = isinstance(listed, list) and len(jobs) == tables == len(listed)
     errors += _check_local_listeners(clean, jobs, file, every_job_read)
@@ -2437,7 +2506,7 @@ def _parse_job(t: _Table) -> JobConfig:
             sv = t.table("serve")
             if sv is None:
                 raise t.error("serve", "is required")
-            job.serve = _parse_serve(sv)
+            job.serve = _parse_serve(sv, jtype)
     if "send" in allowed:
         with t.collect():
             se = t.table("send")
@@ -2680,12 +2749,16 @@ def _identity(value: str) -> str:
     return value
 
 
-def _parse_serve(t: _Table) -> ServeConfig:
+def _parse_serve(t: _Table, job_type: str) -> ServeConfig:
     t.allow("type")
     if t.get("type", str) in ("tcp", "tls"):
         raise t.error("type", _UNSUPPORTED_TRANSPORT.format(kind=t.data["type"]).replace(
             "ssh+stdinserver", "stdinserver"))
     s = ServeConfig(type=t.choice("type", ("local", "stdinserver")))
+    if job_type == "source":
+        t.allow("read_only")
+        with t.collect():
+            s.read_only = t.get("read_only", bool, False)
     if s.type == "local":
         t.allow("listener_name")
         with t.collect():
@@ -2766,7 +2839,9 @@ def _parse_recv(t: _Table) -> RecvConfig:
 
 
 def _parse_recv_properties(pt: _Table, r: RecvConfig) -> None:
-    pt.allow("inherit", "override")
+    pt.allow("inherit", "override", "safe")
+    with pt.collect():
+        r.safe_properties = pt.get("safe", bool, True)
     with pt.collect():
         inherit = pt.get("inherit", list, [])
         for i, prop in enumerate(inherit):
@@ -2814,6 +2889,66 @@ def _parse_replication(t: _Table) -> ReplicationConfig:
     return r
 
 
+def _filter_reaches(filt: DatasetFilter, root: str) -> bool:
+    """Whether a filesystems filter accepts `root` or could accept something below it: a child no
+    pattern names (decided by the longest subtree pattern above it, so `"<" = true` with
+    `"root<" = false` does not reach), or a dataset an accepting pattern names below root."""
+    if filt.accepts(root) or filt.accepts(f"{root}/\x00"):  # NUL: a child no pattern can name
+        return True
+    return any(accept and is_descendant(pattern.rstrip("<"), root) for pattern, accept in filt.patterns.items())
+
+
+def _check_replication_layout(jobs: list[JobConfig], file: str) -> list[ConfigError]:
+    """Refuse layouts where one job's replicas can be mistaken for, or pruned as, another's (checked
+    for the jobs that parsed without errors)."""
+    errors: list[ConfigError] = []
+    receivers = [(j, j.root_fs) for j in jobs if j.type in ("sink", "pull") and j.root_fs]
+    for i, (a, ra) in enumerate(receivers):
+        for b, rb in receivers[i + 1:]:
+            if is_descendant(ra, rb, include_self=True) or is_descendant(rb, ra, include_self=True):
+                errors.append(ConfigError(
+                    f"root_fs {shorten(rb)} overlaps root_fs {shorten(ra)} of {a.type} job {shorten(a.name)}: two "
+                    f"jobs receiving into one subtree would take each other's replicas for their own",
+                    f"{b.path}.root_fs", file))
+    for job in jobs:
+        if job.filesystems is None or job.type not in ("push", "snap", "source"):
+            continue
+        for receiver, root in receivers:
+            if _filter_reaches(job.filesystems, root):
+                errors.append(ConfigError(
+                    f"the filter selects datasets at or below {shorten(root)}, the root_fs of {receiver.type} job "
+                    f"{shorten(receiver.name)}: this job would snapshot, send or prune its replicas; add "
+                    f"\"{root}<\" = false", f"{job.path}.filesystems", file))
+                break
+    served: dict[str, JobConfig] = {}
+    connected: dict[str, JobConfig] = {}
+    for job in jobs:
+        if job.serve is not None and job.serve.type == "local":
+            name = job.serve.listener_name
+            if name in served:
+                errors.append(ConfigError(f"listener {shorten(name)} is already served by job "
+                                          f"{shorten(served[name].name)}", f"{job.path}.serve.listener_name", file))
+            served.setdefault(name, job)
+        if job.connect is not None and job.connect.type == "local":
+            name = job.connect.listener_name
+            if name in connected:
+                errors.append(ConfigError(f"job {shorten(connected[name].name)} already connects to local listener "
+                                          f"{shorten(name)}: two jobs on one listener would share one replication "
+                                          f"cursor and subtree; give each its own sink or source",
+                                          f"{job.path}.connect.listener_name", file))
+            connected.setdefault(name, job)
+    names = {j.name: j for j in jobs}
+    for job in jobs:
+        if job.type == "source" and job.serve is not None and job.serve.type == "stdinserver":
+            for ident in job.serve.client_identities:
+                derived = source_abstraction_job(job, ident)
+                if derived != job.name and derived in names:
+                    errors.append(ConfigError(f"client {shorten(ident)} gets the hold and bookmark name "
+                                              f"{shorten(derived)}, which is also the name of job {shorten(derived)}: "
+                                              f"rename one", f"{job.path}.serve.client_identities", file))
+    return errors
+
+
 def _check_local_listeners(clean: list[JobConfig], jobs: list[JobConfig], file: str,
                            every_job_read: bool) -> list[ConfigError]:
     """Every local connect must name a local serve in the same config. Checked for jobs that parsed
@@ -2846,13 +2981,18 @@ def _check_local_listeners(clean: list[JobConfig], jobs: list[JobConfig], file: 
 # 5. ZFS command layer
 # =================================================================================================
 
+class VersionKind(enum.StrEnum):
+    SNAPSHOT = "snapshot"
+    BOOKMARK = "bookmark"
+
+
 @dataclass(frozen=True)
 class Version:
     """One snapshot or bookmark of a dataset, as listed by `zfs list -Hp -t snapshot,bookmark`."""
 
     dataset: str
     name: str  # the part after '@' or '#'
-    kind: str  # "snapshot" or "bookmark"
+    kind: str  # a VersionKind ("snapshot" or "bookmark"; plain strings compare equal)
     guid: int
     createtxg: int
     creation: int  # unix seconds
@@ -2885,16 +3025,35 @@ class DatasetInfo:
         return [v for v in self.versions if v.kind == "bookmark"]
 
 
-class ZfsError(ZreplError):
-    """A failed zfs/zpool command, classified so callers can decide what to do.
+class ZfsErrorKind(enum.StrEnum):
+    """What a failed zfs command says, as far as callers decide on it (classify_zfs_error)."""
 
-    kind is one of: "not-exist", "exists", "busy", "no-space", "permission", "resume-token",
-    "diverged", "timeout", "other".
-    """
+    NOT_EXIST = "not-exist"
+    EXISTS = "exists"
+    BUSY = "busy"
+    NO_SPACE = "no-space"
+    PERMISSION = "permission"
+    RESUME_TOKEN = "resume-token"
+    DIVERGED = "diverged"
+    MODIFIED = "modified"  # the receiver was written to since its newest snapshot
+    ENCRYPTED_OVERWRITE = "encrypted-overwrite"  # recv -F would replace an encrypted dataset
+    BAD_TOKEN = "bad-token"  # a resume token zfs cannot decode
+    TIMEOUT = "timeout"
+    OTHER = "other"
+
+
+# Retrying within the run cannot help these: a human has to act (or space has to be freed).
+_PERMANENT_ZFS_KINDS = frozenset({ZfsErrorKind.PERMISSION, ZfsErrorKind.NO_SPACE, ZfsErrorKind.DIVERGED,
+                                  ZfsErrorKind.MODIFIED, ZfsErrorKind.ENCRYPTED_OVERWRITE, ZfsErrorKind.BAD_TOKEN})
+
+
+class ZfsError(ZreplError):
+    """A failed zfs/zpool command, classified (`kind`, a ZfsErrorKind) so callers can decide."""
 
     def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str, kind: str = ""):
         self.argv, self.returncode, self.stderr = list(argv), returncode, stderr.strip()
-        self.kind = kind or classify_zfs_error(self.stderr)
+        self.kind = ZfsErrorKind(kind) if kind else classify_zfs_error(self.stderr)
+        self.temporary = self.kind not in _PERMANENT_ZFS_KINDS
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -2903,8 +3062,17 @@ class ZfsError(ZreplError):
 
 
 _ERROR_PATTERNS = (
+    # `zfs recv -F` refusing to replace an encrypted dataset (OpenZFS 2.x libzfs_sendrecv.c):
+    # "cannot receive new filesystem stream: zfs receive -F cannot be used to destroy an encrypted
+    # filesystem or overwrite an unencrypted one with an encrypted one"
+    ("encrypted-overwrite", ("cannot be used to destroy an encrypted filesystem",
+                             "overwrite an unencrypted one with an encrypted one")),
+    # "destination 'p/x' has been modified since most recent snapshot"
+    ("modified", ("has been modified since most recent snapshot",)),
+    # `zfs release` of a tag that is not there: "cannot release hold from snapshot ...: no such tag on
+    # this dataset" (the hold is gone already: for a release that is success)
     ("not-exist", ("does not exist", "no such pool", "no such dataset", "could not find any snapshots",
-                   "no such file or directory")),
+                   "no such file or directory", "no such tag on this dataset")),
     # a held snapshot: "cannot destroy snapshot ...: it's being held. Run 'zfs holds -r ...'" (2.1, 2.3)
     ("busy", ("dataset is busy", "pool or dataset is busy", "is busy", "being held")),
     ("exists", ("already exists", "bookmark exists")),
@@ -2917,18 +3085,24 @@ _ERROR_PATTERNS = (
 )
 
 
-def classify_zfs_error(stderr: str) -> str:
+def classify_zfs_error(stderr: str) -> ZfsErrorKind:
     """Map zfs stderr text to an error kind (first matching pattern wins)."""
     text = stderr.lower()
     for kind, patterns in _ERROR_PATTERNS:
         if any(p in text for p in patterns):
-            return kind
-    return "other"
+            return ZfsErrorKind(kind)
+    return ZfsErrorKind.OTHER
 
 
-# Properties read by the one listing; user properties must come last (zfs prints "-" when unset).
+PLACEHOLDER_PROPERTY = "zrepl:placeholder"  # `on`, set locally: an empty stand-in a receive may replace
+
+# Properties read by the one listing. No user property among them: `zfs list -H` prints values
+# raw, so a value with a TAB or a NEWLINE (anyone with `zfs allow userprop`, or a received stream,
+# can set one) would shift the columns or forge whole rows (fake snapshots that push real ones
+# out of last_n). Every column here is constrained by ZFS itself; placeholders are asked for
+# separately (Zfs.local_placeholders), in a form a value cannot forge.
 LIST_PROPERTIES = ("name", "type", "guid", "createtxg", "creation", "userrefs", "receive_resume_token",
-                   "encryption", "encryptionroot", "keystatus", "zrepl:placeholder")
+                   "encryption", "encryptionroot", "keystatus")
 
 
 def zfs_list_argv(roots: Sequence[str], properties: Sequence[str] = LIST_PROPERTIES,
@@ -2955,6 +3129,9 @@ def parse_zfs_list(output: str, properties: Sequence[str] = LIST_PROPERTIES) -> 
             raise ValueError(f"unexpected zfs list line with {len(cols)} columns, wanted {len(properties)}: {line!r}")
         row = dict(zip(properties, cols, strict=True))
         name, kind = row["name"], row["type"]
+        if not _plausible_row(row):
+            log.warning("ignoring an unexpected zfs list line: %.200r", line)
+            continue
         if kind in ("filesystem", "volume"):
             props = {k: v for k, v in row.items() if k not in ("name", "type", "guid", "createtxg") and v != "-"}
             datasets[name] = DatasetInfo(name=name, type=kind, guid=_int(row.get("guid")),
@@ -2971,6 +3148,26 @@ def parse_zfs_list(output: str, properties: Sequence[str] = LIST_PROPERTIES) -> 
     for ds in datasets.values():
         ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
     return datasets
+
+
+_NUMERIC_COLUMNS = ("guid", "createtxg", "creation", "userrefs")
+
+
+def _plausible_row(row: dict[str, str]) -> bool:
+    """Every column of a row is what ZFS can print there (a name, a number or "-", a token)."""
+    try:
+        if row["type"] in ("filesystem", "volume"):
+            validate_dataset_name(row["name"])
+        elif row["type"] in ("snapshot", "bookmark"):
+            split_version_name(row["name"])
+        else:
+            return False
+    except ValueError:
+        return False
+    if any(not (row[c] == "-" or row[c].isdigit()) for c in _NUMERIC_COLUMNS if c in row):
+        return False
+    token = row.get("receive_resume_token", "-")
+    return token in ("-", "") or re.fullmatch(r"[0-9a-zA-Z-]+", token) is not None
 
 
 def _int(text: str | None) -> int:
@@ -3110,31 +3307,138 @@ def recv_abort_argv(target: str) -> list[str]:
 
 @dataclass(frozen=True)
 class DecodedToken:
-    """What `zfs send -nvt TOKEN` says a resume token continues."""
+    """What a receive_resume_token continues (decode_resume_token). `flags` are the token's send
+    options (`rawok`, `compressok`, `embedok`, `largeblockok`): `zfs send -t` takes them from the
+    token, not from its command line."""
 
     toguid: int
     toname: str
     fromguid: int | None
     bytes: int | None
+    flags: frozenset[str] = frozenset()
+
+    @property
+    def raw(self) -> bool:
+        return "rawok" in self.flags
 
 
-def parse_resume_token_info(output: str) -> DecodedToken:
-    """Parse the nvlist dump of `zfs send -nvt`. Raises ValueError when toguid/toname are missing."""
-    fields: dict[str, str] = {}
-    for line in output.splitlines():
-        key, sep, value = line.strip().partition(" = ")
-        if sep:
-            fields[key.strip()] = value.strip()
-    if "toguid" not in fields or "toname" not in fields:
-        raise ValueError("resume token contents lack toguid/toname")
+# A resume token is `<version>-<checksum>-<packed length>-<hex of zlib(packed nvlist)>` (OpenZFS
+# get_receive_resume_token_impl). It comes from a receiver, which may be the hostile side, and
+# `zfs send -t` obeys it (flags included, the snapshot found by guid anywhere in the pool), so we
+# decode it ourselves, byte for byte as libnvpair would, and accept only what ZFS itself writes: a
+# flat NV_ENCODE_NATIVE little-endian nvlist of known keys with the right types, no duplicates.
+_TOKEN_RE = re.compile(r"(\d{1,3})-([0-9a-f]{1,16})-([0-9a-f]{1,16})-((?:[0-9a-f]{2})+)")
+_TOKEN_MAX_PACKED = 1 << 16
+_NV_BOOLEAN, _NV_UINT64, _NV_STRING = 1, 8, 9  # data_type_t values
+_TOKEN_KEYS = {"fromguid": _NV_UINT64, "object": _NV_UINT64, "offset": _NV_UINT64, "bytes": _NV_UINT64,
+               "toguid": _NV_UINT64, "toname": _NV_STRING, "largeblockok": _NV_BOOLEAN,
+               "embedok": _NV_BOOLEAN, "compressok": _NV_BOOLEAN, "rawok": _NV_BOOLEAN}
 
-    def number(text: str | None) -> int | None:
-        if text is None:
-            return None
-        return int(text, 16) if text.lower().startswith("0x") else int(text)
 
-    return DecodedToken(toguid=number(fields["toguid"]) or 0, toname=fields["toname"],
-                        fromguid=number(fields.get("fromguid")) or None, bytes=number(fields.get("bytes")))
+def _nv_align(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _fletcher4_first_word(data: bytes) -> int:
+    """zc_word[0] of fletcher_4_native_varsize: the sum of the little-endian 32-bit words."""
+    words = len(data) // 4
+    return sum(struct.unpack_from(f"<{words}I", data)) & ((1 << 64) - 1) if words else 0
+
+
+def _parse_token_nvlist(packed: bytes) -> dict[str, int | str | bool]:
+    """A flat native nvlist (header, version and flags, pairs, four zero bytes) -> name -> value."""
+    if len(packed) < 16 or packed[:4] != b"\x00\x01\x00\x00":  # NV_ENCODE_NATIVE, little endian
+        raise ValueError("not a native little-endian nvlist")
+    pos = 12
+    out: dict[str, int | str | bool] = {}
+    while True:
+        if pos + 4 > len(packed):
+            raise ValueError("truncated nvlist")
+        (size,) = struct.unpack_from("<i", packed, pos)
+        if size == 0:
+            if pos + 4 != len(packed):
+                raise ValueError("data after the end of the nvlist")
+            return out
+        if size < 24 or pos + size > len(packed) or size % 8:
+            raise ValueError(f"bad nvpair size {size}")
+        name_sz, _reserve, nelem, dtype = struct.unpack_from("<hhii", packed, pos + 4)
+        name_end = pos + 16 + name_sz
+        if name_sz < 2 or name_end > pos + size or packed[name_end - 1] != 0:
+            raise ValueError("bad nvpair name")
+        name = packed[pos + 16:name_end - 1].decode("ascii", "strict")
+        if "\x00" in name or name not in _TOKEN_KEYS or _TOKEN_KEYS[name] != dtype:
+            raise ValueError(f"unexpected nvpair {name!r} of type {dtype}")
+        if name in out:
+            raise ValueError(f"duplicate nvpair {name!r}")
+        value_at, pair_end = pos + _nv_align(16 + name_sz), pos + size
+        if dtype == _NV_BOOLEAN:
+            if nelem != 0:
+                raise ValueError(f"{name}: a boolean carries no value")
+            out[name] = True
+        elif dtype == _NV_UINT64:
+            if nelem != 1 or value_at + 8 > pair_end:
+                raise ValueError(f"{name}: bad uint64")
+            out[name] = struct.unpack_from("<Q", packed, value_at)[0]
+        else:
+            nul = packed.find(b"\x00", value_at, pair_end)
+            if nelem != 1 or nul < 0:
+                raise ValueError(f"{name}: unterminated string")
+            out[name] = packed[value_at:nul].decode("utf-8", "strict")
+        pos = pair_end
+
+
+def decode_resume_token(token: str) -> DecodedToken:
+    """Decode a receive_resume_token without running zfs. Raises ValueError for anything that is
+    not exactly what ZFS writes (see _TOKEN_RE's comment)."""
+    if not isinstance(token, str):
+        raise ValueError("a resume token is a string")
+    m = _TOKEN_RE.fullmatch(token)
+    if not m or int(m.group(1)) != 1:
+        raise ValueError("not a version 1 resume token")
+    compressed, packed_len = bytes.fromhex(m.group(4)), int(m.group(3), 16)
+    if _fletcher4_first_word(compressed) != int(m.group(2), 16):
+        raise ValueError("resume token checksum mismatch")
+    if packed_len > _TOKEN_MAX_PACKED:
+        raise ValueError("resume token too large")
+    inflater = zlib.decompressobj()
+    try:
+        packed = inflater.decompress(compressed, packed_len + 1)
+    except zlib.error as exc:
+        raise ValueError(f"resume token does not decompress: {exc}") from None
+    if len(packed) != packed_len or not inflater.eof or inflater.unused_data:
+        raise ValueError("resume token length mismatch")
+    fields = _parse_token_nvlist(packed)
+    toguid, toname = fields.get("toguid"), fields.get("toname")
+    if not isinstance(toguid, int) or not isinstance(toname, str):
+        raise ValueError("resume token lacks toguid or toname")
+    dataset, sep, _ = split_version_name(toname)
+    if sep != "@":
+        raise ValueError(f"resume token names {toname!r}, not a snapshot")
+    fromguid, nbytes = fields.get("fromguid"), fields.get("bytes")
+    return DecodedToken(toguid=toguid, toname=toname,
+                        fromguid=fromguid if isinstance(fromguid, int) and not isinstance(fromguid, bool) else None,
+                        bytes=nbytes if isinstance(nbytes, int) and not isinstance(nbytes, bool) else None,
+                        flags=frozenset(k for k, v in fields.items() if v is True))
+
+
+def encode_resume_token(fields: dict[str, int | str | bool]) -> str:
+    """The inverse of decode_resume_token (tests and the test-token command build tokens with it)."""
+    pairs = b""
+    for name, value in fields.items():
+        raw_name = name.encode() + b"\x00"
+        if value is True:
+            dtype, nelem, data = _NV_BOOLEAN, 0, b""
+        elif isinstance(value, int):
+            dtype, nelem, data = _NV_UINT64, 1, struct.pack("<Q", value)
+        else:
+            dtype, nelem, data = _NV_STRING, 1, str(value).encode() + b"\x00"
+        size = _nv_align(16 + len(raw_name)) + _nv_align(len(data))
+        pair = struct.pack("<ihhii", size, len(raw_name), 0, nelem, dtype) + raw_name
+        pair += b"\x00" * (_nv_align(len(pair)) - len(pair)) + data
+        pairs += pair + b"\x00" * (size - len(pair))
+    packed = b"\x00\x01\x00\x00" + struct.pack("<ii", 0, 1) + pairs + b"\x00" * 4
+    compressed = zlib.compress(packed, 6)
+    return f"1-{_fletcher4_first_word(compressed):x}-{len(packed):x}-{compressed.hex()}"
 
 
 def create_placeholder_argv(dataset: str, encryption_off: bool) -> list[str]:
@@ -3226,7 +3530,37 @@ class Zfs:
             if not (missing_only and stderr.strip()):
                 raise ZfsError(argv, proc.returncode, stderr)
             log.debug("zfs list: %s", stderr.strip())
-        return parse_zfs_list(proc.stdout.decode("utf-8", "replace"), properties)
+        try:
+            return parse_zfs_list(proc.stdout.decode("utf-8", "replace"), properties)
+        except ValueError as exc:
+            raise ZfsError(argv, proc.returncode, f"cannot parse the listing: {exc}") from None
+
+    def local_placeholders(self, datasets: Sequence[str]) -> set[str]:
+        """The datasets whose `zrepl:placeholder` is `on` and set LOCALLY (as zrepl checks it): an
+        inherited `on` is a dataset an admin created below a placeholder, with data of its own.
+
+        One `zfs get` for all. Its values are printed raw, so a value with a NEWLINE could forge a
+        line: the answer is trusted only if it has exactly one well-formed line per dataset asked
+        for (a forged line always adds one); otherwise each dataset is asked for on its own, where
+        only the exact output `on<TAB>local` counts."""
+        names = [validate_dataset_name(d) for d in dict.fromkeys(datasets)]
+        if not names:
+            return set()
+        argv = ["zfs", "get", "-H", "-p", "-o", "name,source,value", PLACEHOLDER_PROPERTY, *names]
+        proc = self.run(argv, check=False)
+        lines = proc.stdout.decode("utf-8", "replace").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        rows = [line.split("\t", 2) for line in lines]
+        if (proc.returncode == 0 and len(rows) == len(names) and all(len(r) == 3 for r in rows)
+                and sorted(r[0] for r in rows) == sorted(names)):
+            return {r[0] for r in rows if r[1] == "local" and r[2] == "on"}
+        return {n for n in names if self._is_local_placeholder(n)}
+
+    def _is_local_placeholder(self, dataset: str) -> bool:
+        argv = ["zfs", "get", "-H", "-p", "-o", "value,source", PLACEHOLDER_PROPERTY, dataset]
+        proc = self.run(argv, check=False)
+        return proc.returncode == 0 and proc.stdout == b"on\tlocal\n"
 
     def list_one(self, dataset: str) -> DatasetInfo | None:
         """One dataset with its snapshots and bookmarks, None if it does not exist. Not recursive:
@@ -3294,6 +3628,15 @@ class Zfs:
         out = self.run(["zfs", "get", "-H", "-p", "-o", "value", prop, dataset]).stdout.decode()
         return out.strip()
 
+    def decode_resume_token(self, token: str) -> DecodedToken:
+        """What a receive_resume_token would resume, decoded here (no spawn: decode_resume_token).
+        Raises ZfsError (kind bad-token) when it is not a token as ZFS writes it."""
+        try:
+            return decode_resume_token(token)
+        except ValueError as exc:
+            raise ZfsError(["zfs", "send", "-t", f"{token[:40]}..."], None, f"invalid resume token: {exc}",
+                           kind=ZfsErrorKind.BAD_TOKEN) from None
+
 
 def destroy_with_bisect(zfs: Zfs, dataset: str, names: list[str]) -> tuple[list[str], dict[str, str]]:
     """Destroy snapshots of one dataset in one command; on failure split the batch in halves.
@@ -3342,7 +3685,6 @@ def destroy_with_bisect(zfs: Zfs, dataset: str, names: list[str]) -> tuple[list[
 
 INITIAL_REPLICATION_CHOICES = ("most_recent", "all", "fail")
 PROTECTION_CHOICES = ("guarantee_resumability", "guarantee_incremental", "guarantee_nothing")
-PLACEHOLDER_PROPERTY = "zrepl:placeholder"
 
 
 @dataclass(frozen=True)
@@ -3369,6 +3711,7 @@ class PlanSettings:
     encrypted: bool = False  # send.encrypted: send raw, refuse unencrypted datasets
     raw: bool = False  # send.raw
     receiving_job: str | None = None
+    sending_job: str | None = None  # the job name in the sender's bookmarks (for name length checks)
 
     def __post_init__(self) -> None:
         if self.initial not in INITIAL_REPLICATION_CHOICES:
@@ -3439,14 +3782,25 @@ class Step:
         return self.describe()
 
 
+class PlanProblem(enum.StrEnum):
+    """Why a filesystem cannot be replicated now (PlanError.kind)."""
+
+    DIVERGED = "diverged"
+    NO_COMMON_BASE = "no-common-base"
+    RECEIVER_HAS_DATA = "receiver-has-data"
+    CONFLICT_FAIL = "conflict-fail"
+    ENCRYPTION = "encryption"
+    NAME_TOO_LONG = "name-too-long"
+
+
 @dataclass
 class PlanError:
-    """Why a filesystem cannot be replicated now. kind: diverged | no-common-base |
-    receiver-has-data | conflict-fail | encryption. details always has `recovery_commands`
-    (commands for a human, run on the receiver unless the message says otherwise; may be empty)."""
+    """Why a filesystem cannot be replicated now (`kind`, a PlanProblem). details always has
+    `recovery_commands` (commands for a human, run on the receiver unless the message says
+    otherwise; may be empty)."""
 
     message: str
-    kind: str
+    kind: PlanProblem
     details: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -3468,6 +3822,7 @@ class FilesystemPlan:
     sender_fs: str
     receiver_fs: str
     receiver_exists: bool = False
+    sender_type: str = "filesystem"
     steps: list[Step] = field(default_factory=list)
     error: PlanError | None = None
     clear_resume_token: bool = False
@@ -3586,11 +3941,16 @@ def plan_filesystem(sender: DatasetInfo, receiver: DatasetInfo | None, settings:
     target = receiver_fs or (receiver.name if receiver else None)
     if not target:
         raise ValueError("plan_filesystem needs receiver_fs when the receiver does not exist")
-    plan = FilesystemPlan(sender_fs=sender.name, receiver_fs=target, receiver_exists=receiver is not None)
+    plan = FilesystemPlan(sender_fs=sender.name, receiver_fs=target, receiver_exists=receiver is not None,
+                          sender_type=sender.type)
 
     problem = check_send_encryption(settings.encrypted, settings.raw, dataset_is_encrypted(sender))
     if problem:
-        plan.error = PlanError(f"{sender.name}: {problem}", "encryption", {"recovery_commands": []})
+        plan.error = PlanError(f"{sender.name}: {problem}", PlanProblem.ENCRYPTION, {"recovery_commands": []})
+        return plan
+    too_long = _names_too_long(sender, target, settings)
+    if too_long:
+        plan.error = PlanError(too_long, PlanProblem.NAME_TOO_LONG, {"recovery_commands": []})
         return plan
 
     snaps = _by_txg(sender.snapshots())
@@ -3616,7 +3976,7 @@ def plan_filesystem(sender: DatasetInfo, receiver: DatasetInfo | None, settings:
             f"with {sender.name}. Nothing was changed. Move it aside to keep its data "
             f"(`{_q('zfs', 'rename', target, aside)}`), or, if it holds nothing you need, mark it as a "
             f"placeholder so the next run replaces it (`{_q('zfs', 'set', PLACEHOLDER_PROPERTY + '=on', target)}`).",
-            "receiver-has-data",
+            PlanProblem.RECEIVER_HAS_DATA,
             {"recovery_commands": [_q("zfs", "rename", target, aside)],
              "alternative_commands": [_q("zfs", "set", PLACEHOLDER_PROPERTY + "=on", target)]})
         return plan
@@ -3628,7 +3988,7 @@ def plan_filesystem(sender: DatasetInfo, receiver: DatasetInfo | None, settings:
             f"{target} has snapshots but none of them exists on {sender.name} (compared by GUID): no "
             f"incremental replication is possible. Nothing was changed. To start over with a full "
             f"replication while keeping the old copy, move it aside: `{_q('zfs', 'rename', target, aside)}`.",
-            "no-common-base",
+            PlanProblem.NO_COMMON_BASE,
             {"receiver_snapshots": [r.name for r in rsnaps], "sender_snapshots": [s.name for s in snaps],
              "recovery_commands": [_q("zfs", "rename", target, aside)]})
         return plan
@@ -3649,13 +4009,30 @@ def plan_filesystem(sender: DatasetInfo, receiver: DatasetInfo | None, settings:
     return plan
 
 
+def _names_too_long(sender: DatasetInfo, target: str, settings: PlanSettings) -> str | None:
+    """Why the names this filesystem needs exceed ZFS's 255 characters, or None: the sender's cursor
+    (and tentative cursor) bookmarks carry the job name, the receiver gets target@snapshot."""
+    longest = max((len(v.name) for v in sender.snapshots()), default=0)
+    if len(target) + 1 + longest > ZFS_NAME_MAX:
+        return (f"{target}: the replica's snapshot names would be longer than {ZFS_NAME_MAX} characters "
+                f"(ZFS's limit); use a shorter root_fs or dataset path")
+    if settings.sending_job:
+        tentative = "guarantee_incremental" in (settings.protection_initial, settings.protection_incremental)
+        name = (tentative_cursor_bookmark_name if tentative else cursor_bookmark_name)((1 << 64) - 1,
+                                                                                      settings.sending_job)
+        if len(sender.name) + 1 + len(name) > ZFS_NAME_MAX:
+            return (f"{sender.name}: the replication bookmark {sender.name}#{name} would be longer than "
+                    f"{ZFS_NAME_MAX} characters (ZFS's limit); a shorter job name or dataset path is needed")
+    return None
+
+
 def _plan_initial(plan: FilesystemPlan, snaps: list[Version], settings: PlanSettings) -> FilesystemPlan:
     what = "is a placeholder" if plan.replace_placeholder else "does not exist"
     if settings.initial == "fail":
         plan.error = PlanError(
             f"{plan.receiver_fs} {what} and conflict_resolution.initial_replication = 'fail': not "
             f"replicating {plan.sender_fs}. Set it to 'most_recent' or 'all' to allow a full send.",
-            "conflict-fail", {"sender_snapshots": [s.name for s in snaps], "recovery_commands": []})
+            PlanProblem.CONFLICT_FAIL, {"sender_snapshots": [s.name for s in snaps], "recovery_commands": []})
         return plan
     if settings.initial == "most_recent":
         plan.steps = [Step(None, snaps[-1])]
@@ -3697,7 +4074,7 @@ def _diverged_error(plan: FilesystemPlan, source: Version, common: Version, send
         msg += (f". Snapshots with holds ({', '.join(r.name for r in held)}) must be released first "
                 f"(`zfs holds` lists the tags)")
     msg += f". To keep them instead, move the receiver aside: `{_q('zfs', 'rename', target, _aside_name(target))}`."
-    return PlanError(msg, "diverged", {
+    return PlanError(msg, PlanProblem.DIVERGED, {
         "common": common.name,
         "sender_source": source.full_name,
         "sender_only": [s.name for s in sender_only],
@@ -3812,7 +4189,7 @@ def placeholders_needed(target: str, root_fs: str, existing: set[str]) -> list[s
     return [d for d in between if d not in existing]
 
 
-# ---- abstractions from listings (see section 2b for names and the stale rule) ----
+# ---- abstractions from listings (see section 2 for names and the stale rule) ----
 
 def bookmark_abstractions(info: DatasetInfo) -> list[Abstraction]:
     """Cursor and tentative-cursor bookmarks of any job on a dataset. Like zrepl, a bookmark whose
@@ -3843,6 +4220,57 @@ def replication_cursor(info: DatasetInfo, job: str) -> Version | None:
                if (p := parse_bookmark_abstraction(v.name)) and p[0] == ABSTRACTION_CURSOR
                and p[2] == job and p[1] == v.guid]
     return _by_txg(cursors)[-1] if cursors else None
+
+
+def sender_needs_cleanup(info: DatasetInfo, job: str) -> bool:
+    """Whether the sender's listing shows what a crash during a step's completion can leave behind
+    for `job`: more than one cursor, a tentative cursor at or before the cursor, or a held snapshot
+    at or before it (maybe our step hold). No spawn; only then is it worth asking for hold tags."""
+    cursor = replication_cursor(info, job)
+    if cursor is None:
+        return False
+    ours = [p for v in info.bookmarks() if (p := parse_bookmark_abstraction(v.name)) and p[2] == job]
+    return (len(ours) > 1 or any(v.userrefs > 0 and v.createtxg <= cursor.createtxg for v in info.snapshots()))
+
+
+def receiver_needs_cleanup(info: DatasetInfo) -> bool:
+    """Whether a receiver dataset has held snapshots besides its newest (maybe an older
+    last-received hold of ours, left by a crash between placing the new one and releasing it)."""
+    snaps = _by_txg(info.snapshots())
+    return any(v.userrefs > 0 for v in snaps[:-1])
+
+
+def unreplicated_by(info: DatasetInfo, jobs: Iterable[str]) -> dict[str, str]:
+    """Snapshots that other replicating jobs still need (full name -> why): for each job with a
+    replication cursor on this dataset, the snapshot at its cursor and every newer one. A job
+    without a cursor here has not started replicating this dataset (its step holds protect a
+    first transfer in flight). Pruning by one job never destroys what another has not received."""
+    out: dict[str, str] = {}
+    for job in jobs:
+        cursor = replication_cursor(info, job)
+        if cursor is None:
+            continue
+        for v in info.snapshots():
+            if v.createtxg >= cursor.createtxg:
+                out.setdefault(v.full_name, f"not yet replicated by job {job}")
+    return out
+
+
+def replica_protection(sender: DatasetInfo | None, receiver: DatasetInfo) -> dict[str, str] | None:
+    """Whether a receiver dataset is established as the replica of this sender's filesystem, and
+    what pruning must keep on it (full name -> why). None: not this sender's replica (no common
+    snapshot or bookmark guid: another job's data that happens to share the name) or diverged
+    (snapshots after the common one that the sender does not have): never pruned then.
+    Otherwise the common snapshot (the next incremental base) and the receiver's newest snapshot
+    stay, whatever the keep rules say."""
+    rsnaps = _by_txg(receiver.snapshots())
+    if sender is None or not rsnaps:
+        return None
+    guids = {v.guid for v in sender.versions}
+    common = next((r for r in reversed(rsnaps) if r.guid in guids), None)
+    if common is None or common is not rsnaps[-1]:
+        return None
+    return {common.full_name: "incremental base (the newest snapshot the sender has too)"}
 
 
 # =================================================================================================
@@ -5534,13 +5962,27 @@ def ssh_connect(argv: Sequence[str], *, name: str | None = None, timeout: float 
 # They only ever act on their job's datasets: a sender on what its filesystems filter accepts, a
 # receiver below root_fs[/client identity]. Every name from the other side is validated and
 # confined here, before it reaches the ZFS layer: the peer may be hostile.
+#
+# The replication runner (section 10) and the pruner (section 12) know only the two roles, `Sender`
+# and `Receiver` (typing.Protocol; the model is zrepl's logic.Sender / logic.Receiver). The local
+# endpoints implement them on top of the ZFS layer, RemoteSender / RemoteReceiver through a
+# connection. A stream travels as a `StreamSource` from `Sender.send` to `Receiver.receive`.
+
+
+class EndpointErrorKind(enum.StrEnum):
+    ERROR = "error"
+    FORBIDDEN = "forbidden"  # names something outside the endpoint's confinement, or is malformed
+    ENCRYPTION = "encryption"  # the send would break the job's encryption policy
+    RECEIVER_HAS_DATA = "receiver-has-data"  # a full receive would overwrite a dataset with data
+    RECEIVER_MODIFIED = "receiver-modified"  # written to after its newest snapshot
+    SEND_FAILED = "send-failed"  # the sending side's failure caused the step's failure
 
 
 class EndpointError(ZreplError):
     """A request an endpoint refuses or cannot do. `temporary` tells the runner whether to retry."""
 
-    def __init__(self, message: str, *, temporary: bool = False, kind: str = "error"):
-        self.temporary, self.kind = temporary, kind
+    def __init__(self, message: str, *, temporary: bool = False, kind: str = EndpointErrorKind.ERROR):
+        self.temporary, self.kind = temporary, EndpointErrorKind(kind)
         super().__init__(message)
 
 
@@ -5575,26 +6017,27 @@ class ProcessRegistry:
 class Progress:
     """Bytes moved and steps finished, for status and for the no-progress watchdog."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.clock = clock
         self.bytes = 0
         self.steps = 0
-        self.last_change = time.monotonic()
+        self.last_change = clock.monotonic()
         self._lock = threading.Lock()
 
     def add_bytes(self, n: int) -> None:
         if n > 0:
             with self._lock:
                 self.bytes += n
-                self.last_change = time.monotonic()
+                self.last_change = self.clock.monotonic()
 
     def step_done(self) -> None:
         with self._lock:
             self.steps += 1
-            self.last_change = time.monotonic()
+            self.last_change = self.clock.monotonic()
 
     def touch(self) -> None:
         with self._lock:
-            self.last_change = time.monotonic()
+            self.last_change = self.clock.monotonic()
 
 
 # ---- wire forms of the listing records (validated on the way in: the peer may lie) --------------
@@ -5629,16 +6072,87 @@ def dataset_from_wire(d: Any) -> DatasetInfo:
         ds = DatasetInfo(name=name, type=dtype if isinstance(dtype, str) and dtype in ("filesystem", "volume")
                          else "filesystem",
                          guid=_wire_int(d, "guid"), createtxg=_wire_int(d, "createtxg"), props=dict(props))
-        for v in d.get("versions", []):
-            if not isinstance(v, dict) or v.get("kind") not in ("snapshot", "bookmark"):
-                raise ValueError("version entry must be an object with kind snapshot or bookmark")
-            ds.versions.append(Version(dataset=name, name=validate_snapshot_short_name(v.get("name", "")),
-                                       kind=v["kind"], guid=_wire_int(v, "guid"), createtxg=_wire_int(v, "createtxg"),
-                                       creation=_wire_int(v, "creation"), userrefs=_wire_int(v, "userrefs")))
+        versions = d.get("versions", [])
+        if not isinstance(versions, list):
+            raise ValueError("versions must be a list")
+        ds.versions = [version_from_wire(name, v) for v in versions]
         ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
         return ds
     except ValueError as exc:
         raise EndpointError(f"peer sent an invalid dataset listing: {exc}") from None
+
+
+def version_from_wire(dataset: str, v: Any) -> Version:
+    """One snapshot or bookmark of `dataset` from the peer's JSON. Raises ValueError."""
+    if not isinstance(v, dict) or v.get("kind") not in ("snapshot", "bookmark"):
+        raise ValueError("version entry must be an object with kind snapshot or bookmark")
+    return Version(dataset=dataset, name=validate_snapshot_short_name(v.get("name", "")),
+                   kind=VersionKind(v["kind"]), guid=_wire_int(v, "guid"), createtxg=_wire_int(v, "createtxg"),
+                   creation=_wire_int(v, "creation"), userrefs=_wire_int(v, "userrefs"))
+
+
+# Listings of any size travel in pages: a flat sequence of items (a dataset header, then its
+# versions), each page at most LISTING_PAGE_BYTES of JSON, far below a control frame's limit.
+# The serving side lists once per listing (page 0) and answers the later pages from that copy.
+LISTING_PAGE_BYTES = 256 << 10
+
+
+def listing_items(datasets: Iterable[tuple[str, DatasetInfo]]) -> list[dict[str, Any]]:
+    """(key, dataset) pairs -> page items: {"key", "dataset" without versions}, then {"version"}s."""
+    items: list[dict[str, Any]] = []
+    for key, ds in datasets:
+        head = dataset_to_wire(ds)
+        head["versions"] = []
+        items.append({"key": key, "dataset": head})
+        items += [{"version": version_to_wire(v)} for v in ds.versions]
+    return items
+
+
+def listing_page(items: list[dict[str, Any]], offset: Any) -> dict[str, Any]:
+    """One page of items from `offset`: {"items": [...], "next": offset of the next page or None}."""
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= len(items):
+        raise EndpointError(f"invalid listing offset {offset!r}", kind=EndpointErrorKind.FORBIDDEN)
+    page: list[dict[str, Any]] = []
+    size, end = 0, offset
+    while end < len(items):
+        cost = len(json.dumps(items[end])) + 2
+        if page and size + cost > LISTING_PAGE_BYTES:
+            break
+        page.append(items[end])
+        size, end = size + cost, end + 1
+    return {"items": page, "next": end if end < len(items) else None}
+
+
+def fetch_listing(conn: RequestChannel, kind: str) -> list[tuple[str, DatasetInfo]]:
+    """Every page of a paged listing, rebuilt into (key, dataset) pairs; each item validated."""
+    out: list[tuple[str, DatasetInfo]] = []
+    offset: int | None = 0
+    while offset is not None:
+        body = conn.request(kind, {"offset": offset})
+        items, following = body.get("items"), body.get("next")
+        if not isinstance(items, list) or not (following is None or (isinstance(following, int)
+                                                                       and not isinstance(following, bool)
+                                                                       and following > offset)):
+            raise EndpointError(f"peer sent an invalid {kind} page")
+        for item in items:
+            if not isinstance(item, dict):
+                raise EndpointError(f"peer sent an invalid {kind} item")
+            if "dataset" in item:
+                key = item.get("key")
+                if not isinstance(key, str):
+                    raise EndpointError(f"peer sent an invalid {kind} item")
+                out.append((key, dataset_from_wire(item["dataset"])))
+            elif out:
+                try:
+                    out[-1][1].versions.append(version_from_wire(out[-1][1].name, item.get("version")))
+                except ValueError as exc:
+                    raise EndpointError(f"peer sent an invalid {kind} item: {exc}") from None
+            else:
+                raise EndpointError(f"peer sent a {kind} version before any dataset")
+        offset = following
+    for _, ds in out:
+        ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
+    return out
 
 
 @dataclass
@@ -5654,21 +6168,24 @@ class StepRequest:
     resume_token: str | None = None
     received: list[tuple[str, int]] = field(default_factory=list)  # (short name, guid) oldest first
     replace_placeholder: bool = False
+    dataset_type: str = "filesystem"  # the sender's dataset type: receive defaults differ for volumes
 
     @classmethod
-    def from_step(cls, fs: str, step: Step, replace_placeholder: bool = False) -> StepRequest:
+    def from_step(cls, fs: str, step: Step, replace_placeholder: bool = False,
+                  dataset_type: str = "filesystem") -> StepRequest:
         src = step.from_version
         return cls(fs=fs, to=step.to_version.name, to_guid=step.to_version.guid,
                    from_=None if src is None else ("@" if src.is_snapshot else "#") + src.name,
                    from_guid=None if src is None else src.guid, multi=step.multi,
                    resume_token=step.resume_token,
                    received=[(v.name, v.guid) for v in step.received_versions()],
-                   replace_placeholder=replace_placeholder)
+                   replace_placeholder=replace_placeholder, dataset_type=dataset_type)
 
     def to_wire(self) -> dict[str, Any]:
         return {"fs": self.fs, "to": self.to, "to_guid": self.to_guid, "from": self.from_,
                 "from_guid": self.from_guid, "multi": self.multi, "resume_token": self.resume_token,
-                "received": [list(r) for r in self.received], "replace_placeholder": self.replace_placeholder}
+                "received": [list(r) for r in self.received], "replace_placeholder": self.replace_placeholder,
+                "type": self.dataset_type}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> StepRequest:
@@ -5689,12 +6206,179 @@ class StepRequest:
                     raise ValueError("bad received list")
                 received.append((validate_snapshot_short_name(str(item[0])), int(item[1])))
             from_guid = d.get("from_guid")
+            dtype = d.get("type", "filesystem")
+            if dtype not in ("filesystem", "volume"):
+                raise ValueError(f"bad dataset type {dtype!r}")
             return cls(fs=fs, to=to, to_guid=int(d.get("to_guid", 0)), from_=src,
                        from_guid=None if from_guid is None else int(from_guid), multi=bool(d.get("multi")),
-                       resume_token=token, received=received, replace_placeholder=bool(d.get("replace_placeholder")))
+                       resume_token=token, received=received, replace_placeholder=bool(d.get("replace_placeholder")),
+                       dataset_type=dtype)
         except (ValueError, TypeError) as exc:
             raise EndpointError(f"invalid step request: {exc}") from None
 
+
+# ---- the roles ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """Facts about an endpoint, from its config (local) or its typed `endpoint.info` reply (remote).
+
+    `job` is the job that serves this side; `abstraction_job` the job name its holds and bookmarks
+    carry (a sender's replication cursor and step holds, a receiver's last-received holds); `root`
+    is where a receiver keeps the replicas ("" on a sender)."""
+
+    job: str
+    type: str
+    abstraction_job: str
+    root: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> PeerInfo:
+        try:
+            job, jtype, abstraction_job, root = (body.get(k) for k in ("job", "type", "abstraction_job", "root"))
+            if not isinstance(job, str) or not isinstance(jtype, str) or not isinstance(root, str):
+                raise ValueError("job, type and root must be strings")
+            if jtype not in ("sink", "source", "push", "pull"):
+                raise ValueError(f"unknown job type {jtype!r}")
+            if not isinstance(abstraction_job, str):
+                raise ValueError("abstraction_job must be a string")
+            _check_job_for_names(abstraction_job)
+            if root:
+                validate_dataset_name(root)
+        except ValueError as exc:
+            raise EndpointError(f"peer sent an invalid endpoint.info reply: {exc}", kind="forbidden") from None
+        return cls(job=job, type=jtype, abstraction_job=abstraction_job, root=root)
+
+
+@dataclass
+class ReceiverFilesystem:
+    """One dataset below a receiver's root, with its decoded resume token (None: no partial receive;
+    a token that could not be decoded has toguid 0)."""
+
+    dataset: DatasetInfo
+    token: DecodedToken | None = None
+
+
+ReceiverListing = dict[str, ReceiverFilesystem]  # keyed by the SENDER's filesystem name
+
+
+@dataclass
+class DestroyResult:
+    """What a batch destroy did: snapshots gone (short names), per-snapshot errors, and snapshots
+    the endpoint kept although asked to destroy them (another job or client still needs them)."""
+
+    destroyed: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ReceiveResult:
+    """The snapshot a step delivered, verified on the receiver (name and guid)."""
+
+    received: str
+    guid: int
+
+
+class StreamSource(Protocol):
+    """A replication stream on its way from `zfs send` to `zfs recv`, as the receiving side sees it:
+    `zfs send`'s own pipe (push) or a stream arriving over a connection (pull, a sink)."""
+
+    def open_fd(self) -> int:
+        """The readable end for `zfs recv`'s stdin; the caller owns and closes it. Once only."""
+        ...
+
+    def finish(self) -> str | None:
+        """After the consumer is done: wait for the producer. None if it succeeded, else its error."""
+        ...
+
+    def abandon(self) -> None:
+        """The consumer failed: stop the producer; the rest of the stream is discarded."""
+        ...
+
+
+Deliver = Callable[[StreamSource], ReceiveResult]
+
+
+class Sender(Protocol):
+    """The sending side of a replication (zrepl's logic.Sender): a SenderEndpoint or RemoteSender."""
+
+    info: PeerInfo
+
+    def list_filesystems(self) -> list[DatasetInfo]: ...
+
+    def estimate(self, req: StepRequest) -> int | None: ...
+
+    def send(self, req: StepRequest, deliver: Deliver) -> ReceiveResult:
+        """Start `zfs send` for req and hand its stream to deliver (the receiver's receive); a failed
+        step names the sender's failure when that is the cause (with_sender_error)."""
+        ...
+
+    def protect(self, fs: str, level: str, snapshots: Sequence[tuple[str, int]], source: str | None) -> None: ...
+
+    def complete(self, fs: str, to: str, to_guid: int, level: str) -> None: ...
+
+    def release_stale(self, fs: str) -> None:
+        """Drop this side's stale holds and bookmarks of its job on fs (stale_abstractions)."""
+        ...
+
+    def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]: ...
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult: ...
+
+
+class Receiver(Protocol):
+    """The receiving side (zrepl's logic.Receiver): a ReceiverEndpoint or RemoteReceiver. Requests
+    name the SENDER's filesystems; the receiver maps them below its root itself."""
+
+    info: PeerInfo
+
+    def list_filesystems(self) -> ReceiverListing: ...
+
+    def prepare(self, req: StepRequest) -> None: ...
+
+    def receive(self, req: StepRequest, source: StreamSource) -> ReceiveResult: ...
+
+    def clear_resume_token(self, fs: str) -> None: ...
+
+    def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None: ...
+
+    def release_stale(self, fs: str) -> None:
+        """Release this job's last-received holds on all but the replica's newest snapshot."""
+        ...
+
+    def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]: ...
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult: ...
+
+
+def with_sender_error(exc: BaseException, send_error: str | None) -> BaseException:
+    """A failed step's error, naming the sender's failure when it is the cause.
+
+    When `zfs send` fails (cut connection, vanished source), `zfs recv` fails too, with a message
+    that only says the stream ended ("failed to read from stream"); the receiver's error is what
+    arrives first, so without this the cause never reaches the status. When the receiver fails
+    first, the sender only reports a broken pipe: then the receiver's error is the whole story."""
+    if not send_error or send_error in str(exc) or isinstance(exc, Cancelled):
+        return exc
+    if "broken pipe" in send_error.lower() or "status -13" in send_error:
+        return exc
+    return EndpointError(f"the sending side failed: {send_error} (then the receiving side: {exc})",
+                         temporary=is_temporary(exc), kind=EndpointErrorKind.SEND_FAILED)
+
+
+def is_temporary(exc: BaseException) -> bool:
+    """Whether retrying the step may help: the error says so itself (ZreplError.temporary, set
+    where it is made); an OSError of ours (a pipe, a fork) is worth another attempt."""
+    if isinstance(exc, ZreplError):
+        return bool(exc.temporary)
+    return isinstance(exc, OSError)
+
+
+# ---- streams ----------------------------------------------------------------------------------------
 
 def _progress_reader(stream: Any, buffer: RingBuffer, progress: Progress | None) -> None:
     """Read `zfs send -v -P` stderr: turn per-second lines (`HH:MM:SS<TAB>bytes<TAB>snapshot`)
@@ -5715,21 +6399,40 @@ def _progress_reader(stream: Any, buffer: RingBuffer, progress: Progress | None)
 
 
 class SendProcess:
-    """One `zfs send` of a step. result() waits for it exactly once, whichever way the step ended:
-    by the protocol after a passed or copied stream, or by the runner after a failed receive
+    """One `zfs send` of a step, as a StreamSource. result() waits for it exactly once, whichever
+    way the step ended: by the consumer after a passed or copied stream, or after a failed receive
     (which may leave the send blocked on a pipe nobody reads: then it is killed)."""
 
     def __init__(self, proc: subprocess.Popen, argv: Sequence[str], buffer: RingBuffer, reader: threading.Thread,
                  processes: ProcessRegistry):
         self.proc, self.argv, self.buffer, self.reader, self.processes = proc, list(argv), buffer, reader, processes
+        assert proc.stdout is not None
+        self._fd: int | None = os.dup(proc.stdout.fileno())  # handed to the consumer by open_fd()
+        proc.stdout.close()
         self._lock = threading.Lock()
         self._done = False
         self._error: str | None = None
 
+    def open_fd(self) -> int:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise ZreplError(f"the stream of `{shlex.join(self.argv)}` was already handed over")
+        return fd
+
+    def finish(self) -> str | None:
+        return self.result()
+
+    def abandon(self) -> None:
+        self.result(timeout=30.0)
+
     def result(self, timeout: float | None = None) -> str | None:
-        """None when the send succeeded, else its exit status and stderr tail."""
+        """None when the send succeeded, else its exit status and stderr tail. With a timeout, a
+        send still running after it is killed (its receiver is gone)."""
         with self._lock:
             if not self._done:
+                if self._fd is not None:  # never handed over: nobody will read it
+                    os.close(self._fd)
+                    self._fd = None
                 try:
                     rc = self.proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
@@ -5745,29 +6448,65 @@ class SendProcess:
             return self._error
 
 
+class IncomingSource:
+    """A stream arriving over a connection (IncomingStream) as a StreamSource."""
+
+    def __init__(self, stream: IncomingStream):
+        self.stream = stream
+
+    def open_fd(self) -> int:
+        return self.stream.open_fd()
+
+    def finish(self) -> str | None:
+        try:
+            self.stream.finish()
+        except StreamError as exc:
+            return str(exc)
+        return None
+
+    def abandon(self) -> None:
+        self.stream.abandon()
+
+    @property
+    def sender_error(self) -> str | None:
+        """The producer's error as its END frame reported it (after the stream ended)."""
+        return self.stream.sender_error if self.stream.sender_status == "error" else None
+
+
+# ---- the local endpoints --------------------------------------------------------------------------
+
 class SenderEndpoint:
-    """The sending side of a job: lists its filesystems, sends streams, protects and moves cursors.
+    """The sending side of a job (implements Sender): lists its filesystems, sends streams, protects
+    and moves cursors.
 
     `job` names the sending job (hold tags and cursor bookmarks carry it). Everything a request names
     must be a filesystem the filter accepts and a version of that filesystem.
     """
 
     def __init__(self, zfs: Zfs, job: str, filesystems: DatasetFilter, send: SendConfig,
-                 processes: ProcessRegistry | None = None, progress: Progress | None = None):
-        self.zfs, self.job, self.filter, self.send_cfg = zfs, job, filesystems, send
+                 processes: ProcessRegistry | None = None, progress: Progress | None = None,
+                 job_type: str = "push", abstraction_job: str | None = None, guards: Sequence[str] = (),
+                 read_only: bool = False):
+        """`abstraction_job` names this side's holds and bookmarks (default: the job; a source with
+        several clients gives each its own). `guards` are the other replicating jobs whose
+        unreplicated snapshots a destroy keeps. `read_only` refuses every destroy."""
+        self.zfs, self.filter, self.send_cfg = zfs, filesystems, send
+        self.job = abstraction_job or job
+        self.info = PeerInfo(job=job, type=job_type, abstraction_job=self.job)
+        self.guards, self.read_only = [g for g in guards if g != self.job], read_only
         self.processes = processes or ProcessRegistry()
         self.progress = progress
         self._listing: dict[str, DatasetInfo] = {}
-        self.last_send: SendProcess | None = None  # steps run one at a time
 
     # -- confinement -----------------------------------------------------------------------------
     def _allowed(self, fs: str) -> str:
         try:
             validate_dataset_name(fs)
         except ValueError as exc:
-            raise EndpointError(f"invalid filesystem name: {exc}", kind="forbidden") from None
+            raise EndpointError(f"invalid filesystem name: {exc}", kind=EndpointErrorKind.FORBIDDEN) from None
         if not self.filter.accepts(fs):
-            raise EndpointError(f"filesystem {fs!r} is not served by job {self.job!r}", kind="forbidden")
+            raise EndpointError(f"filesystem {fs!r} is not served by job {self.job!r}",
+                                kind=EndpointErrorKind.FORBIDDEN)
         return fs
 
     # -- listing ---------------------------------------------------------------------------------
@@ -5786,35 +6525,58 @@ class SenderEndpoint:
                          backup_properties=c.backup_properties, large_blocks=c.large_blocks,
                          compressed=c.compressed, embedded_data=c.embedded_data, saved=c.saved)
 
+    def _own(self, fs: str) -> DatasetInfo:
+        """The filesystem as OUR listing shows it (the run's listing, else a fresh one)."""
+        info = self._info(fs) or self.zfs.list_one(fs)
+        if info is None:
+            raise EndpointError(f"{fs} does not exist on the sender", kind=EndpointErrorKind.FORBIDDEN)
+        return info
+
+    def _check_encryption(self, info: DatasetInfo) -> None:
+        problem = check_send_encryption(self.send_cfg.encrypted, self.send_cfg.raw, dataset_is_encrypted(info))
+        if problem:
+            raise EndpointError(f"{info.name}: {problem}", kind=EndpointErrorKind.ENCRYPTION)
+
+    def _check_token(self, fs: str, req: StepRequest) -> None:
+        """A resume token comes from the receiver: `zfs send -t` would send whatever snapshot of the
+        pool its guid names, with the token's flags (raw or not). Accept it only if it continues
+        exactly the step requested, of a snapshot of this filesystem in our own listing, with the
+        raw flag our encryption policy demands."""
+        def refuse(why: str, kind: str = EndpointErrorKind.FORBIDDEN) -> EndpointError:
+            return EndpointError(f"{fs}: refusing the resume token: {why}", kind=kind)
+        try:
+            token = decode_resume_token(req.resume_token or "")
+        except ValueError as exc:
+            raise refuse(str(exc)) from None
+        if token.toname.partition("@")[0] != fs:
+            raise refuse(f"it continues {token.toname!r}, not a snapshot of {fs}")
+        info = self._own(fs)
+        to = next((v for v in info.snapshots() if v.guid == token.toguid), None)
+        if to is None or token.toguid != req.to_guid or to.name != req.to:
+            raise refuse(f"its snapshot (guid {token.toguid:#x}) is not {fs}@{req.to} here")
+        if (token.fromguid is None) != (req.from_ is None):
+            raise refuse("a full send and an incremental one were mixed up")
+        if token.fromguid is not None and (req.from_guid != token.fromguid
+                                           or not any(v.guid == token.fromguid for v in info.versions)):
+            raise refuse(f"its incremental source (guid {token.fromguid:#x}) is not {fs}{req.from_} here")
+        self._check_encryption(info)
+        if token.raw != self._flags().raw:
+            raise refuse(f"it asks for a {'raw' if token.raw else 'non-raw'} send, but this job sends "
+                         f"{'raw' if self._flags().raw else 'non-raw'} (send.encrypted / send.raw)",
+                         EndpointErrorKind.ENCRYPTION)
+
     def _send_argv(self, req: StepRequest, estimate: bool) -> list[str]:
         fs = self._allowed(req.fs)
         if req.resume_token:
-            decoded = self.decode_token(req.resume_token)
-            dataset = decoded.toname.split("@", 1)[0]
-            if dataset != fs:
-                raise EndpointError(f"resume token belongs to {dataset!r}, not {fs!r}", kind="forbidden")
+            self._check_token(fs, req)
             argv = send_argv("", resume_token=req.resume_token, estimate=estimate)
         else:
-            info = self._info(fs)
-            encrypted = info is not None and info.props.get("encryption", "off") not in ("off", "")
-            if info is None:
-                encrypted = self.zfs.get_property(fs, "encryption") not in ("off", "-", "")
-            problem = check_send_encryption(self.send_cfg.encrypted, self.send_cfg.raw, encrypted)
-            if problem:
-                raise EndpointError(f"{fs}: {problem}", kind="encryption")
+            self._check_encryption(self._own(fs))
             src = f"{fs}{req.from_}" if req.from_ else None
             argv = send_argv(f"{fs}@{req.to}", src, multi=req.multi, flags=self._flags(), estimate=estimate)
         if not estimate:
             argv[2:2] = ["-v", "-P"]  # per-second progress on stderr (watchdog, status)
         return argv
-
-    def decode_token(self, token: str) -> DecodedToken:
-        proc = self.zfs.run(["zfs", "send", "-n", "-v", "-t", token], check=False)
-        text = proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
-        try:
-            return parse_resume_token_info(text)
-        except ValueError:
-            raise EndpointError(f"cannot decode resume token: {text.strip()[-500:]}") from None
 
     def estimate(self, req: StepRequest) -> int | None:
         try:
@@ -5824,33 +6586,40 @@ class SenderEndpoint:
             return None
         return parse_send_estimate(proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace"))
 
-    def open_send(self, req: StepRequest) -> OutgoingStream:
-        """Start `zfs send`; the stream's finish() reports its exit status with stderr."""
+    def open_send(self, req: StepRequest) -> SendProcess:
+        """Start `zfs send`; the returned stream's finish() reports its exit status with stderr."""
         argv = self._send_argv(req, estimate=False)
         proc = self.zfs.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         self.processes.add(proc)
         buffer = RingBuffer(64 * 1024)
         reader = threading.Thread(target=_progress_reader, args=(proc.stderr, buffer, self.progress), daemon=True)
         reader.start()
-        send = SendProcess(proc, argv, buffer, reader, self.processes)
-        self.last_send = send
-        assert proc.stdout is not None
-        fd = os.dup(proc.stdout.fileno())  # the protocol owns and closes this one
-        proc.stdout.close()
-        return OutgoingStream(fd, send.result)
+        return SendProcess(proc, argv, buffer, reader, self.processes)
 
-    def send_error(self, timeout: float = 30.0) -> str | None:
-        """After a failed step: the error of its `zfs send` (None if it succeeded or never ran),
-        waiting for it to end and killing it after `timeout` seconds."""
-        return self.last_send.result(timeout) if self.last_send is not None else None
+    def send(self, req: StepRequest, deliver: Deliver) -> ReceiveResult:
+        stream = self.open_send(req)
+        try:
+            return deliver(stream)
+        except (ZreplError, OSError) as exc:
+            # After a failed receive the send may be blocked on a pipe nobody reads: killed after 30 s.
+            raise with_sender_error(exc, stream.result(timeout=30.0)) from exc
 
     # -- protection ------------------------------------------------------------------------------
     def _snapshots_of(self, fs: str, names: Sequence[str]) -> list[str]:
         return [f"{fs}@{validate_snapshot_short_name(n)}" for n in names]
 
+    def _check_guids(self, fs: str, snapshots: Sequence[tuple[str, int]]) -> None:
+        """Bookmark names carry guids: take them from our own listing, never from the request."""
+        own = {v.name: v.guid for v in self._own(fs).snapshots()}
+        for name, snap_guid in snapshots:
+            if own.get(name) != snap_guid:
+                raise EndpointError(f"{fs}@{name} with guid {snap_guid:#x} does not exist on the sender",
+                                    kind=EndpointErrorKind.FORBIDDEN)
+
     def protect(self, fs: str, level: str, snapshots: Sequence[tuple[str, int]], source: str | None) -> None:
         """Before a step: step holds (resumability) or tentative cursors (incremental) on what it needs."""
         self._allowed(fs)
+        self._check_guids(fs, snapshots)
         if level == "guarantee_resumability":
             names = [n for n, _ in snapshots] + ([source[1:]] if source and source.startswith("@") else [])
             self.zfs.hold_idempotent(step_hold_tag(self.job), self._snapshots_of(fs, names))
@@ -5862,18 +6631,22 @@ class SenderEndpoint:
         try:
             self.zfs.bookmark(f"{fs}@{snapshot}", f"{fs}#{bookmark}")
         except ZfsError as exc:
-            if exc.kind != "exists":
+            if exc.kind != ZfsErrorKind.EXISTS:
                 raise
 
     def complete(self, fs: str, to: str, to_guid: int, level: str) -> None:
         """After a step: move the replication cursor to `to`, then drop this job's older
         cursors, tentative cursors and step holds on this filesystem (never another job's)."""
         self._allowed(fs)
+        self._check_guids(fs, [(to, to_guid)])
         if level != "guarantee_nothing":
             self._bookmark_once(fs, to, cursor_bookmark_name(to_guid, self.job))
-        self.release_stale(fs, keep_cursor_guid=to_guid if level != "guarantee_nothing" else None)
+        self.drop_stale(fs, keep_cursor_guid=to_guid if level != "guarantee_nothing" else None)
 
-    def release_stale(self, fs: str, keep_cursor_guid: int | None = None, dry_run: bool = False) -> list[Abstraction]:
+    def release_stale(self, fs: str) -> None:
+        self.drop_stale(fs)
+
+    def drop_stale(self, fs: str, keep_cursor_guid: int | None = None, dry_run: bool = False) -> list[Abstraction]:
         """Release this job's stale abstractions on one filesystem (see stale_abstractions)."""
         self._allowed(fs)
         info = self.zfs.list_one(fs) if not dry_run or fs not in self._listing else self._listing.get(fs)
@@ -5892,43 +6665,98 @@ class SenderEndpoint:
         return stale
 
     # -- pruning ---------------------------------------------------------------------------------
-    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
+        self._allowed(fs)
+        return _hold_tags(self.zfs, fs, names)
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
+        """Destroy snapshots of one filesystem, but never one another job or client still has to
+        replicate (checked against our own listing, whoever asks)."""
         self._allowed(fs)
         for n in names:
             validate_snapshot_short_name(n)
-        return destroy_with_bisect(self.zfs, fs, list(names))
+        if self.read_only:
+            raise EndpointError(f"job {self.info.job!r} is a read-only source: it destroys nothing for its clients",
+                                kind=EndpointErrorKind.FORBIDDEN)
+        needed = unreplicated_by(self._own(fs), self.guards) if self.guards else {}
+        kept = {n: needed[f"{fs}@{n}"] for n in names if f"{fs}@{n}" in needed}
+        result = DestroyResult(*destroy_with_bisect(self.zfs, fs, [n for n in names if n not in kept]))
+        result.kept = kept
+        return result
+
+
+def _hold_tags(zfs: Zfs, dataset: str, names: Sequence[str]) -> dict[str, list[str]]:
+    """Hold tags of some snapshots of one dataset, keyed by short name."""
+    if not names:
+        return {}
+    tags = zfs.holds([f"{dataset}@{validate_snapshot_short_name(n)}" for n in names])
+    return {full.partition("@")[2]: t for full, t in tags.items()}
 
 
 def destroy_abstractions(zfs: Zfs, stale: Sequence[Abstraction]) -> None:
-    """Release holds and destroy bookmarks; each is named in the log before it goes."""
+    """Release holds (one `zfs release` per tag for all its snapshots) and destroy bookmarks;
+    each is named in the log before it goes. Already gone counts as done."""
+    by_tag: dict[str, list[str]] = {}
     for a in stale:
         if a.is_hold:
-            log.info("releasing hold %s on %s", a.tag, a.full_name)
-            try:
-                zfs.release(a.tag or "", [a.full_name])
-            except ZfsError as exc:
-                if exc.kind != "not-exist":
-                    raise
-        else:
-            log.info("destroying bookmark %s (%s)", a.full_name, a.type)
+            by_tag.setdefault(a.tag or "", []).append(a.full_name)
+    for tag, names in by_tag.items():
+        log.debug("releasing hold %s on %s", tag, ", ".join(names))
+        try:
+            zfs.release(tag, names)
+        except ZfsError as exc:
+            if exc.kind != ZfsErrorKind.NOT_EXIST:
+                raise
+    for a in stale:
+        if not a.is_hold:
+            log.debug("destroying bookmark %s (%s)", a.full_name, a.type)
             try:
                 zfs.destroy_bookmark(a.full_name)
             except ZfsError as exc:
-                if exc.kind != "not-exist":
+                if exc.kind != ZfsErrorKind.NOT_EXIST:
                     raise
 
 
+# Properties in a received stream come from the peer. A compromised sender could ship
+# mountpoint=/etc with canmount=on, or sharenfs=on, and `zfs recv -u` only delays the mount until
+# the next boot. With recv.properties.safe (the default) the stream's mountpoint and shares are
+# ignored on every receive (-x: the replica inherits from its parent, a placeholder with
+# mountpoint=none), and a new replica is created not mounted at boot, read-only and, for volumes,
+# without a device node (-o; set locally, so later streams cannot change them). An explicit
+# recv.properties inherit/override entry wins over these.
+SAFE_RECEIVE_EXCLUDE = ("mountpoint", "sharenfs", "sharesmb")
+SAFE_RECEIVE_CREATE = {"filesystem": {"canmount": "noauto", "readonly": "on"},
+                       "volume": {"volmode": "none", "readonly": "on"}}
+
+
+def receive_property_args(recv: RecvConfig, creates: bool, dataset_type: str) -> tuple[list[str], dict[str, str]]:
+    """(`-x` properties, `-o` properties) for one receive; `creates`: a full, not resumed, receive."""
+    inherit, override = list(recv.inherit), dict(recv.override)
+    if recv.safe_properties:
+        inherit += [p for p in SAFE_RECEIVE_EXCLUDE if p not in override and p not in inherit]
+        if creates:
+            for prop, value in SAFE_RECEIVE_CREATE.get(dataset_type, {}).items():
+                if prop not in inherit:
+                    override.setdefault(prop, value)
+    if creates:
+        override.setdefault(PLACEHOLDER_PROPERTY, "off")
+    return inherit, override
+
+
 class ReceiverEndpoint:
-    """The receiving side: receives below `root` (= root_fs, or root_fs/<client identity> on a sink).
+    """The receiving side (implements Receiver): receives below `root` (= root_fs, or
+    root_fs/<client identity> on a sink).
 
     Requests name the SENDER's filesystem; the receiver maps it below its root itself, so a client
     can never name a dataset outside its subtree. `job` is the receiving job (last-received holds).
     """
 
     def __init__(self, zfs: Zfs, job: str, root_fs: str, client_identity: str | None, recv: RecvConfig,
-                 processes: ProcessRegistry | None = None, progress: Progress | None = None):
+                 processes: ProcessRegistry | None = None, progress: Progress | None = None,
+                 job_type: str = "sink"):
         self.zfs, self.job, self.root_fs, self.identity, self.recv_cfg = zfs, job, root_fs, client_identity, recv
         self.root = f"{root_fs}/{client_identity}" if client_identity else root_fs
+        self.info = PeerInfo(job=job, type=job_type, abstraction_job=job, root=self.root)
         self.processes = processes or ProcessRegistry()
         self.progress = progress
         self._listing: dict[str, DatasetInfo] = {}
@@ -5939,45 +6767,38 @@ class ReceiverEndpoint:
             validate_dataset_name(sender_fs)
             target = validate_dataset_name(receiver_path(self.root_fs, sender_fs, self.identity))
         except ValueError as exc:
-            raise EndpointError(f"invalid filesystem name: {exc}", kind="forbidden") from None
+            raise EndpointError(f"invalid filesystem name: {exc}", kind=EndpointErrorKind.FORBIDDEN) from None
         if not is_descendant(target, self.root):
-            raise EndpointError(f"{target!r} is outside {self.root!r}", kind="forbidden")
+            raise EndpointError(f"{target!r} is outside {self.root!r}", kind=EndpointErrorKind.FORBIDDEN)
         return target
 
     def _sender_name(self, target: str) -> str:
         return target[len(self.root) + 1:]
 
     # -- listing ---------------------------------------------------------------------------------
-    def list_filesystems(self) -> dict[str, tuple[DatasetInfo, DecodedToken | None]]:
+    def list_filesystems(self) -> ReceiverListing:
         """Datasets below root keyed by the sender's name, with decoded resume tokens."""
-        pool = self.root_fs.split("/", 1)[0]
-        listing = self.zfs.list_datasets([self.root_fs]) if pool else {}
-        if self.root_fs not in listing:
-            raise EndpointError(f"root_fs {self.root_fs!r} does not exist on the receiver (create it first)")
+        # Only this side's subtree: a sink client's listing must not cost (or show) the other clients'.
+        listing = self.zfs.list_datasets([self.root])
+        if self.root not in listing and not self.zfs.list_datasets([self.root_fs], depth=0):
+            raise EndpointError(f"root_fs {self.root_fs!r} does not exist on the receiver; create it once "
+                                f"with `{_q('zfs', 'create', '-p', '-o', 'mountpoint=none', self.root_fs)}`")
         self._listing = listing
-        out: dict[str, tuple[DatasetInfo, DecodedToken | None]] = {}
-        for name, ds in listing.items():
-            if not is_descendant(name, self.root):
-                continue
-            token = None
-            raw = ds.props.get("receive_resume_token")
-            if raw:
-                try:
-                    token = parse_resume_token_info(self._token_text(raw))
-                except ValueError:
-                    log.warning("%s: undecodable resume token; it will be cleared", name)
-                    token = DecodedToken(toguid=0, toname="", fromguid=None, bytes=None)
-            out[self._sender_name(name)] = (ds, token)
+        mine = {name: ds for name, ds in listing.items() if is_descendant(name, self.root, include_self=True)}
+        # Only an empty dataset can be a placeholder that a full receive may replace: ask ZFS which of
+        # them carry a LOCAL zrepl:placeholder=on (the listing itself holds no user property).
+        for name in self.zfs.local_placeholders([n for n, ds in mine.items() if not ds.snapshots()]):
+            mine[name].props[PLACEHOLDER_PROPERTY] = "on"
+        out: ReceiverListing = {}
+        for name, ds in mine.items():
+            if name != self.root:
+                out[self._sender_name(name)] = ReceiverFilesystem(ds, _decoded_token(ds))
         return out
-
-    def _token_text(self, token: str) -> str:
-        proc = self.zfs.run(["zfs", "send", "-n", "-v", "-t", token], check=False)
-        return proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
 
     # -- placeholders ----------------------------------------------------------------------------
     def _ensure_parents(self, target: str) -> None:
         if not self._listing:
-            self._listing = self.zfs.list_datasets([self.root_fs])
+            self._listing = self.zfs.list_datasets([self.root])
         for ph in placeholders_needed(target, self.root_fs, set(self._listing)):
             is_identity = self.identity is not None and ph == self.root
             enc = self.recv_cfg.placeholder_encryption
@@ -5998,7 +6819,7 @@ class ReceiverEndpoint:
                 # as non-root (zfs allow), `zfs create` exits 1 after creating because only root may
                 # mount; a placeholder is never mounted (mountpoint=none), so that is success
                 mounted_by_root_only = "successfully created, but it may only be mounted by root" in exc.stderr
-                if exc.kind != "exists" and not mounted_by_root_only:
+                if exc.kind != ZfsErrorKind.EXISTS and not mounted_by_root_only:
                     raise
             self._listing.setdefault(ph, DatasetInfo(name=ph, type="filesystem", props={PLACEHOLDER_PROPERTY: "on"}))
 
@@ -6016,7 +6837,19 @@ class ReceiverEndpoint:
             self._ensure_parents(target)
             self._prepared_absent.add(target)
 
-    def receive(self, req: StepRequest, stream_fd: int) -> dict[str, Any]:
+    def receive(self, req: StepRequest, source: StreamSource) -> ReceiveResult:
+        """Run `zfs recv` on the stream, verify what arrived, then the producer's outcome."""
+        try:
+            result = self._receive(req, source.open_fd())
+        except BaseException:
+            source.abandon()
+            raise
+        error = source.finish()
+        if error:
+            raise StreamError(error, temporary=True)
+        return result
+
+    def _receive(self, req: StepRequest, stream_fd: int) -> ReceiveResult:
         """Run `zfs recv` with stdin = stream_fd (closed here), then verify what arrived."""
         try:
             target = self.target(req.fs)
@@ -6030,17 +6863,19 @@ class ReceiverEndpoint:
             force = False
             if req.from_ is None and not req.resume_token and current is not None:
                 # A full stream onto an existing dataset: only into a placeholder without snapshots,
-                # checked here on the receiving side, never on the client's word.
-                if current.props.get(PLACEHOLDER_PROPERTY) != "on" or current.snapshots():
-                    raise EndpointError(f"refusing to overwrite {target}: it exists and is not an empty placeholder",
-                                        kind="receiver-has-data")
+                # checked here on the receiving side right before `-F`, never on the client's word
+                # nor on an earlier listing: the property must be set locally (an inherited `on` is
+                # a dataset somebody created below a placeholder).
+                if current.snapshots() or target not in self.zfs.local_placeholders([target]):
+                    raise EndpointError(f"refusing to overwrite {target}: it exists and is not an empty placeholder "
+                                        f"(zrepl:placeholder=on set on the dataset itself)",
+                                        kind=EndpointErrorKind.RECEIVER_HAS_DATA)
                 force = True
             if current is None and req.from_ is None:
                 self._ensure_parents(target)
-            override = dict(self.recv_cfg.override)
-            if req.from_ is None and not req.resume_token:
-                override.setdefault(PLACEHOLDER_PROPERTY, "off")
-            argv = recv_argv(target, resumable=True, force=force, inherit=self.recv_cfg.inherit, override=override)
+            creates = req.from_ is None and not req.resume_token
+            inherit, override = receive_property_args(self.recv_cfg, creates, req.dataset_type)
+            argv = recv_argv(target, resumable=True, force=force, inherit=inherit, override=override)
             proc = self.zfs.spawn(argv, stdin=stream_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         finally:
             os.close(stream_fd)
@@ -6050,10 +6885,33 @@ class ReceiverEndpoint:
         finally:
             self.processes.discard(proc)
         if proc.returncode != 0:
-            raise ZfsError(argv, proc.returncode, err.decode("utf-8", "replace"))
+            failure = ZfsError(argv, proc.returncode, err.decode("utf-8", "replace"))
+            raise self._explained(failure, target) from failure
         return self._verify(target, req)
 
-    def _verify(self, target: str, req: StepRequest) -> dict[str, Any]:
+    def _explained(self, failure: ZfsError, target: str) -> ZreplError:
+        """A refused receive that a human has to resolve: say why and how (permanent, not retried)."""
+        aside = _q("zfs", "rename", target, f"{target}-zrepl-aside")
+        if failure.kind == ZfsErrorKind.MODIFIED:
+            info = self.zfs.list_one(target)
+            newest = info.snapshots()[-1].full_name if info and info.snapshots() else f"{target}@<newest>"
+            return EndpointError(
+                f"{target} was written to on the receiver after its newest snapshot (mounted read-write?), so zfs "
+                f"refuses the incremental receive. Discard the change: `{_q('zfs', 'rollback', newest)}`; or keep it "
+                f"and start over with a full replication: `{aside}`. readonly=on on replicas prevents this "
+                f"(recv.properties.safe sets it on new ones). ({failure.stderr})",
+                kind=EndpointErrorKind.RECEIVER_MODIFIED)
+        if failure.kind == ZfsErrorKind.ENCRYPTED_OVERWRITE:
+            return EndpointError(
+                f"{target}: OpenZFS cannot replace this placeholder with the stream (zfs receive -F does not put an "
+                f"encrypted stream over an unencrypted placeholder, nor a plain one over an encrypted). If {target} "
+                f"has no children, remove it (`{_q('zfs', 'destroy', target)}`) and the next run receives it as a "
+                f"new dataset; otherwise move the placeholder aside (`{aside}`) or set "
+                f"recv.placeholder.encryption to match the stream. ({failure.stderr})",
+                kind=EndpointErrorKind.ENCRYPTION)
+        return failure
+
+    def _verify(self, target: str, req: StepRequest) -> ReceiveResult:
         info = self.zfs.list_one(target)
         if info is None:
             raise EndpointError(f"{target} does not exist after the receive")
@@ -6064,7 +6922,7 @@ class ReceiverEndpoint:
         if self._listing:  # a child's step must not take this new dataset for a missing parent
             self._listing[target] = info
         self._hold_last_received(target, info, req.to)
-        return {"received": req.to, "guid": req.to_guid}
+        return ReceiveResult(received=req.to, guid=req.to_guid)
 
     def _hold_last_received(self, target: str, info: DatasetInfo, newest: str) -> None:
         """Hold the newest received snapshot (the next incremental base) and release older holds."""
@@ -6078,10 +6936,10 @@ class ReceiverEndpoint:
                 log.info("releasing hold %s on %s", tag, ", ".join(older))
                 self.zfs.release(tag, older)
 
-    def hold_last_received(self, sender_fs: str, snapshot: str, guid: int) -> None:
+    def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None:
         """Put the last-received hold on a snapshot that already arrived (its receive's own hold was
         lost). Only a snapshot that exists here with the GUID the client names is held."""
-        target = self.target(sender_fs)
+        target = self.target(fs)
         validate_snapshot_short_name(snapshot)
         info = self.zfs.list_one(target)
         found = {v.name: v.guid for v in info.snapshots()} if info else {}
@@ -6090,21 +6948,38 @@ class ReceiverEndpoint:
         log.info("%s@%s: restoring the last-received hold", target, snapshot)
         self._hold_last_received(target, info, snapshot)
 
-    def clear_resume_token(self, sender_fs: str) -> None:
-        target = self.target(sender_fs)
+    def release_stale(self, fs: str) -> None:
+        target = self.target(fs)
+        info = self.zfs.list_one(target)
+        if info is None:
+            return
+        snaps = _by_txg(info.snapshots())
+        held = [v.full_name for v in snaps[:-1] if v.userrefs > 0]
+        tag = last_received_hold_tag(self.job)
+        older = [name for name, tags in (self.zfs.holds(held) if held else {}).items() if tag in tags]
+        if older:
+            log.info("%s: releasing stale last-received holds on %s", target, ", ".join(older))
+            destroy_abstractions(self.zfs, [Abstraction(ABSTRACTION_LAST_RECEIVED_HOLD, self.job, target,
+                                                        name.partition("@")[2], tag=tag) for name in older])
+
+    def clear_resume_token(self, fs: str) -> None:
+        target = self.target(fs)
         log.warning("%s: discarding the partial receive state (zfs recv -A): its source is gone", target)
         try:
             self.zfs.run(recv_abort_argv(target))
         except ZfsError as exc:
-            if exc.kind != "not-exist" and "does not have any resumable receive state" not in exc.stderr:
+            if exc.kind != ZfsErrorKind.NOT_EXIST and "does not have any resumable receive state" not in exc.stderr:
                 raise
 
     # -- pruning ---------------------------------------------------------------------------------
-    def destroy_snapshots(self, sender_fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-        target = self.target(sender_fs)
+    def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
+        return _hold_tags(self.zfs, self.target(fs), names)
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
+        target = self.target(fs)
         for n in names:
             validate_snapshot_short_name(n)
-        return destroy_with_bisect(self.zfs, target, list(names))
+        return DestroyResult(*destroy_with_bisect(self.zfs, target, list(names)))
 
 
 # ---- serving endpoints over the protocol, and the client-side proxies ---------------------------
@@ -6112,7 +6987,7 @@ class ReceiverEndpoint:
 def _wire_str_list(body: dict[str, Any], key: str) -> list[str]:
     value = body.get(key, [])
     if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-        raise EndpointError(f"{key!r} must be a list of strings")
+        raise EndpointError(f"{key!r} must be a list of strings", kind=EndpointErrorKind.FORBIDDEN)
     return value
 
 
@@ -6123,27 +6998,40 @@ def _refuse_malformed(handlers: dict[str, Handler]) -> dict[str, Handler]:
         def call(body: dict, ctx: RequestContext) -> Any:
             for key in ("fs", "to"):  # names are strings: None must not become a dataset "None"
                 if key in body and not isinstance(body[key], str):
-                    raise EndpointError(f"malformed {kind} request: {key!r} must be a string", kind="forbidden")
+                    raise EndpointError(f"malformed {kind} request: {key!r} must be a string",
+                                        kind=EndpointErrorKind.FORBIDDEN)
             try:
                 return handler(body, ctx)
             except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
                 raise EndpointError(f"malformed {kind} request: {type(exc).__name__}: {exc}",
-                                    kind="forbidden") from None
+                                    kind=EndpointErrorKind.FORBIDDEN) from None
         return call
     return {kind: guard(kind, handler) for kind, handler in handlers.items()}
+
+
+def _destroy_reply(result: DestroyResult) -> dict[str, Any]:
+    return {"destroyed": result.destroyed, "errors": result.errors, "kept": result.kept}
 
 
 def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
     """Protocol handlers of a source job's sender (a pull client talks to these)."""
 
+    def info(body: dict, ctx: RequestContext) -> dict:
+        return ep.info.to_wire()
+
+    pages: list[dict[str, Any]] = []
+
     def list_(body: dict, ctx: RequestContext) -> dict:
-        return {"job": ep.job, "filesystems": [dataset_to_wire(d) for d in ep.list_filesystems()]}
+        if body.get("offset", 0) == 0:
+            pages[:] = listing_items((d.name, d) for d in ep.list_filesystems())
+        return listing_page(pages, body.get("offset", 0))
 
     def estimate(body: dict, ctx: RequestContext) -> dict:
         return {"bytes": ep.estimate(StepRequest.from_wire(body))}
 
     def send(body: dict, ctx: RequestContext) -> Reply:
-        return Reply({"ok": True}, stream=ep.open_send(StepRequest.from_wire(body)))
+        stream = ep.open_send(StepRequest.from_wire(body))
+        return Reply({"ok": True}, stream=OutgoingStream(stream.open_fd(), stream.finish))
 
     def protect(body: dict, ctx: RequestContext) -> dict:
         snaps = [(validate_snapshot_short_name(str(n)), int(g)) for n, g in body.get("snapshots", [])]
@@ -6156,43 +7044,48 @@ def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
                     int(body.get("to_guid", 0)), _level(body))
         return {}
 
-    def destroy(body: dict, ctx: RequestContext) -> dict:
-        done, errors = ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names"))
-        return {"destroyed": done, "errors": errors}
+    def holds(body: dict, ctx: RequestContext) -> dict:
+        return {"holds": ep.hold_tags(str(body.get("fs", "")), _wire_str_list(body, "names"))}
 
-    return _refuse_malformed({"sender.list": list_, "sender.estimate": estimate, "sender.send": send,
-                              "sender.protect": protect, "sender.complete": complete, "sender.destroy": destroy})
+    def release_stale(body: dict, ctx: RequestContext) -> dict:
+        ep.release_stale(str(body.get("fs", "")))
+        return {}
+
+    def destroy(body: dict, ctx: RequestContext) -> dict:
+        return _destroy_reply(ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names")))
+
+    return _refuse_malformed({"endpoint.info": info, "sender.list": list_, "sender.estimate": estimate,
+                              "sender.send": send, "sender.protect": protect, "sender.complete": complete,
+                              "sender.release_stale": release_stale, "sender.holds": holds,
+                              "sender.destroy": destroy})
 
 
 def _level(body: dict[str, Any]) -> str:
     level = body.get("level")
     if level not in PROTECTION_CHOICES:
-        raise EndpointError(f"invalid protection level {level!r}")
+        raise EndpointError(f"invalid protection level {level!r}", kind=EndpointErrorKind.FORBIDDEN)
     return level
 
 
 def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
     """Protocol handlers of a sink's receiver (a push client talks to these)."""
 
+    def info(body: dict, ctx: RequestContext) -> dict:
+        return ep.info.to_wire()
+
+    pages: list[dict[str, Any]] = []
+
     def list_(body: dict, ctx: RequestContext) -> dict:
-        out = {}
-        for name, (ds, token) in ep.list_filesystems().items():
-            out[name] = {"dataset": dataset_to_wire(ds),
-                         "token": None if token is None else dataclasses.asdict(token)}
-        return {"job": ep.job, "root": ep.root, "filesystems": out}
+        # keyed by the sender's filesystem name; the client decodes any resume token itself
+        if body.get("offset", 0) == 0:
+            pages[:] = listing_items((name, e.dataset) for name, e in ep.list_filesystems().items())
+        return listing_page(pages, body.get("offset", 0))
 
     def receive(body: dict, ctx: RequestContext) -> dict:
         if ctx.stream is None:
-            raise EndpointError("receive request without a stream")
-        req = StepRequest.from_wire(body)
-        fd = ctx.stream.open_fd()
-        try:
-            result = ep.receive(req, fd)
-        except BaseException:
-            ctx.stream.abandon()
-            raise
-        ctx.stream.finish()
-        return result
+            raise EndpointError("receive request without a stream", kind=EndpointErrorKind.FORBIDDEN)
+        result = ep.receive(StepRequest.from_wire(body), IncomingSource(ctx.stream))
+        return dataclasses.asdict(result)
 
     def prepare(body: dict, ctx: RequestContext) -> dict:
         ep.prepare(StepRequest.from_wire(body))
@@ -6206,46 +7099,90 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
         try:
             snap_guid = int(body.get("guid", 0))
         except (TypeError, ValueError):
-            raise EndpointError("invalid guid") from None
+            raise EndpointError("invalid guid", kind=EndpointErrorKind.FORBIDDEN) from None
         ep.hold_last_received(str(body.get("fs", "")), str(body.get("snapshot", "")), snap_guid)
         return {}
 
-    def destroy(body: dict, ctx: RequestContext) -> dict:
-        done, errors = ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names"))
-        return {"destroyed": done, "errors": errors}
+    def holds(body: dict, ctx: RequestContext) -> dict:
+        return {"holds": ep.hold_tags(str(body.get("fs", "")), _wire_str_list(body, "names"))}
 
-    return _refuse_malformed({"receiver.list": list_, "receiver.prepare": prepare, "receiver.receive": receive,
-                              "receiver.clear_token": clear_token, "receiver.hold_last_received": hold_last_received,
+    def release_stale(body: dict, ctx: RequestContext) -> dict:
+        ep.release_stale(str(body.get("fs", "")))
+        return {}
+
+    def destroy(body: dict, ctx: RequestContext) -> dict:
+        return _destroy_reply(ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names")))
+
+    return _refuse_malformed({"endpoint.info": info, "receiver.list": list_, "receiver.prepare": prepare,
+                              "receiver.receive": receive, "receiver.clear_token": clear_token,
+                              "receiver.hold_last_received": hold_last_received,
+                              "receiver.release_stale": release_stale, "receiver.holds": holds,
                               "receiver.destroy": destroy})
 
 
-class RemoteSender:
-    """A pull job's view of a source's SenderEndpoint, through a connection."""
+class RequestChannel(Protocol):
+    """What the Remote* proxies need of a connection (a Connection or a RedialingConnection)."""
 
-    def __init__(self, conn: Connection):
+    def request(self, kind: str, body: dict[str, Any] | None = None, *,
+                stream_in: OutgoingStream | int | None = None,
+                stream_out: Callable[[dict[str, Any], IncomingStream], Any] | None = None) -> dict[str, Any]: ...
+
+
+def _peer_info(conn: RequestChannel, expected: str) -> PeerInfo:
+    info = PeerInfo.from_wire(conn.request("endpoint.info", {}))
+    if info.type != expected:
+        raise EndpointError(f"the peer is a {info.type} job ({info.job!r}), expected a {expected}",
+                            kind=EndpointErrorKind.FORBIDDEN)
+    return info
+
+
+def _destroy_result(body: dict[str, Any]) -> DestroyResult:
+    destroyed, errors, kept = body.get("destroyed", []), body.get("errors", {}), body.get("kept", {})
+    if not isinstance(destroyed, list) or not all(isinstance(n, str) for n in destroyed) \
+            or not all(isinstance(d, dict) and all(isinstance(v, str) for v in d.values()) for d in (errors, kept)):
+        raise EndpointError("peer sent an invalid destroy reply")
+    return DestroyResult(list(destroyed), {str(k): v for k, v in errors.items()}, {str(k): v for k, v in kept.items()})
+
+
+def _holds_reply(body: dict[str, Any]) -> dict[str, list[str]]:
+    holds = body.get("holds", {})
+    if not isinstance(holds, dict) or not all(isinstance(t, list) and all(isinstance(x, str) for x in t)
+                                              for t in holds.values()):
+        raise EndpointError("peer sent an invalid holds reply")
+    return {str(k): list(v) for k, v in holds.items()}
+
+
+class RemoteSender:
+    """A pull job's view of a source's SenderEndpoint, through a connection (implements Sender)."""
+
+    def __init__(self, conn: RequestChannel):
         self.conn = conn
-        self.job = ""
+        self.info = _peer_info(conn, "source")
 
     def list_filesystems(self) -> list[DatasetInfo]:
-        body = self.conn.request("sender.list", {})
-        self.job = str(body.get("job", ""))
-        items = body.get("filesystems", [])
-        if not isinstance(items, list):
-            raise EndpointError("peer sent an invalid listing")
-        return [dataset_from_wire(d) for d in items]
+        return [ds for _, ds in fetch_listing(self.conn, "sender.list")]
 
     def estimate(self, req: StepRequest) -> int | None:
         value = self.conn.request("sender.estimate", req.to_wire()).get("bytes")
-        return value if isinstance(value, int) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    def send_into(self, req: StepRequest, consume: Callable[[IncomingStream], dict[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
+    def send(self, req: StepRequest, deliver: Deliver) -> ReceiveResult:
+        results: list[ReceiveResult] = []
+        sources: list[IncomingSource] = []
 
         def on_stream(body: dict[str, Any], stream: IncomingStream) -> None:
-            result.update(consume(stream))
-
-        self.conn.request("sender.send", req.to_wire(), stream_out=on_stream)
-        return result
+            source = IncomingSource(stream)
+            sources.append(source)
+            results.append(deliver(source))
+        try:
+            self.conn.request("sender.send", req.to_wire(), stream_out=on_stream)
+        except (ZreplError, OSError) as exc:
+            # the stream was drained to its END: it says whether the sender failed
+            failed = [s.sender_error for s in sources if s.sender_error]
+            raise with_sender_error(exc, failed[0] if failed else None) from exc
+        if not results:
+            raise EndpointError("the source answered sender.send without a stream")
+        return results[0]
 
     def protect(self, fs: str, level: str, snapshots: Sequence[tuple[str, int]], source: str | None) -> None:
         self.conn.request("sender.protect", {"fs": fs, "level": level, "snapshots": [list(s) for s in snapshots],
@@ -6254,41 +7191,43 @@ class RemoteSender:
     def complete(self, fs: str, to: str, to_guid: int, level: str) -> None:
         self.conn.request("sender.complete", {"fs": fs, "to": to, "to_guid": to_guid, "level": level})
 
-    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-        body = self.conn.request("sender.destroy", {"fs": fs, "names": list(names)})
-        return list(body.get("destroyed", [])), dict(body.get("errors", {}))
+    def release_stale(self, fs: str) -> None:
+        self.conn.request("sender.release_stale", {"fs": fs})
+
+    def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
+        return _holds_reply(self.conn.request("sender.holds", {"fs": fs, "names": list(names)})) if names else {}
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
+        return _destroy_result(self.conn.request("sender.destroy", {"fs": fs, "names": list(names)}))
 
 
 class RemoteReceiver:
-    """A push job's view of a sink's ReceiverEndpoint, through a connection."""
+    """A push job's view of a sink's ReceiverEndpoint, through a connection (implements Receiver)."""
 
-    def __init__(self, conn: Connection):
+    def __init__(self, conn: RequestChannel):
         self.conn = conn
-        self.job = ""
-        self.root = ""
+        self.info = _peer_info(conn, "sink")
 
-    def list_filesystems(self) -> dict[str, tuple[DatasetInfo, DecodedToken | None]]:
-        body = self.conn.request("receiver.list", {})
-        self.job, self.root = str(body.get("job", "")), str(body.get("root", ""))
-        out: dict[str, tuple[DatasetInfo, DecodedToken | None]] = {}
-        items = body.get("filesystems", {})
-        if not isinstance(items, dict):
-            raise EndpointError("peer sent an invalid listing")
-        for name, entry in items.items():
-            validate_dataset_name(name)
-            token = entry.get("token") if isinstance(entry, dict) else None
-            decoded = None
-            if isinstance(token, dict):
-                decoded = DecodedToken(toguid=int(token.get("toguid") or 0), toname=str(token.get("toname", "")),
-                                       fromguid=token.get("fromguid"), bytes=token.get("bytes"))
-            out[name] = (dataset_from_wire(entry.get("dataset") if isinstance(entry, dict) else None), decoded)
+    def list_filesystems(self) -> ReceiverListing:
+        out: ReceiverListing = {}
+        for name, dataset in fetch_listing(self.conn, "receiver.list"):
+            try:
+                validate_dataset_name(name)
+            except ValueError as exc:
+                raise EndpointError(f"peer sent an invalid listing: {exc}") from None
+            out[name] = ReceiverFilesystem(dataset, _decoded_token(dataset))
         return out
 
     def prepare(self, req: StepRequest) -> None:
         self.conn.request("receiver.prepare", req.to_wire())
 
-    def receive(self, req: StepRequest, stream: OutgoingStream) -> dict[str, Any]:
-        return self.conn.request("receiver.receive", req.to_wire(), stream_in=stream)
+    def receive(self, req: StepRequest, source: StreamSource) -> ReceiveResult:
+        body = self.conn.request("receiver.receive", req.to_wire(),
+                                 stream_in=OutgoingStream(source.open_fd(), source.finish))
+        received, guid = body.get("received"), body.get("guid")
+        if not isinstance(received, str) or not isinstance(guid, int) or isinstance(guid, bool):
+            raise EndpointError(f"peer sent an invalid receive reply {body!r:.200}")
+        return ReceiveResult(received=received, guid=guid)
 
     def clear_resume_token(self, fs: str) -> None:
         self.conn.request("receiver.clear_token", {"fs": fs})
@@ -6296,63 +7235,268 @@ class RemoteReceiver:
     def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None:
         self.conn.request("receiver.hold_last_received", {"fs": fs, "snapshot": snapshot, "guid": guid})
 
-    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-        body = self.conn.request("receiver.destroy", {"fs": fs, "names": list(names)})
-        return list(body.get("destroyed", [])), dict(body.get("errors", {}))
+    def release_stale(self, fs: str) -> None:
+        self.conn.request("receiver.release_stale", {"fs": fs})
+
+    def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
+        return _holds_reply(self.conn.request("receiver.holds", {"fs": fs, "names": list(names)})) if names else {}
+
+    def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
+        return _destroy_result(self.conn.request("receiver.destroy", {"fs": fs, "names": list(names)}))
 
 
-def receive_from_stream(ep: ReceiverEndpoint, req: StepRequest, stream: IncomingStream) -> dict[str, Any]:
-    """Pull: feed a stream arriving from the source into the local `zfs recv`."""
-    fd = stream.open_fd()
+def _decoded_token(ds: DatasetInfo) -> DecodedToken | None:
+    """A dataset's receive_resume_token decoded HERE (the peer's own decoding is never used): None
+    without a token; one that does not decode has toguid 0, so planning clears it."""
+    raw = ds.props.get("receive_resume_token")
+    if not raw:
+        return None
     try:
-        result = ep.receive(req, fd)
-    except BaseException:
-        stream.abandon()
-        raise
-    stream.finish()
-    return result
+        return decode_resume_token(raw)
+    except ValueError as exc:
+        log.warning("%s: undecodable resume token (%s); it will be cleared", ds.name, exc)
+        return DecodedToken(toguid=0, toname="", fromguid=None, bytes=None)
 
 
 # =================================================================================================
-# 9. Replication runner
+# 9. Transports
 # =================================================================================================
 
-# The runner plans from both listings and drives the steps. It works the same whether the sender
-# or the receiver is the local side: push = SenderEndpoint + RemoteReceiver, pull = RemoteSender +
-# ReceiverEndpoint. Failures stay per filesystem; temporary ones are retried within the run.
+# How an active job reaches its passive side (zrepl's `connect`), and what the passive side offers
+# one client (`serve`). `local`: a socketpair to the sink/source of the same config, served in a
+# thread of this process (streams pass as file descriptors). `ssh+stdinserver`: ssh with no remote
+# command; the passive host's authorized_keys forces `zrepl.py stdinserver IDENTITY`.
+
+@dataclass
+class Peer:
+    """A connected peer for one active run: the connection and how to tear it down."""
+
+    conn: RequestChannel
+    close: Callable[[], None]
+    cancel: Callable[[str], None]
+
+
+def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry,
+                  progress: Progress) -> Peer:
+    """Join an active job to the sink/source serving its local listener: a socketpair, the passive
+    endpoint served in a thread of this process. Streams pass as file descriptors (zero copies)
+    unless a bandwidth limit forces copying."""
+    assert job.connect is not None
+    passive = local_listener_job(config, job.connect.listener_name)
+    client, server = local_pair()
+    client.name, server.name = f"local listener {job.connect.listener_name}", f"local client {job.name}"
+    identity = job.connect.client_identity
+    handlers = passive_handlers(passive, identity, zfs, processes, progress, replication_guards(config))
+    if passive.type == "sink":
+        client.send_limit = _bucket(job.send.bandwidth_limit)
+        server.recv_limit = _bucket(passive.recv.bandwidth_limit)
+    else:
+        server.send_limit = _bucket(passive.send.bandwidth_limit)
+        client.recv_limit = _bucket(job.recv.bandwidth_limit)
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            serve_connection(server, handlers)
+        except (ZreplError, OSError) as exc:
+            failure.append(exc)
+            log.debug("local server for %s ended: %s", passive.name, exc)
+        finally:
+            server.close()
+
+    thread = threading.Thread(target=serve, name=f"serve {passive.name}", daemon=True)
+    thread.start()
+    client.handshake_client(identity)
+
+    def close() -> None:
+        client.close()
+        thread.join(timeout=30)
+
+    return Peer(client, close, client.cancel)
+
+
+def local_listener_job(config: Config, listener: str) -> JobConfig:
+    """The sink or source job serving a local listener (configcheck guarantees exactly one)."""
+    for j in config.jobs:
+        if j.serve is not None and j.serve.type == "local" and j.serve.listener_name == listener:
+            return j
+    raise ConfigError(f"no sink or source job serves local listener {listener!r}", file=config.file)
+
+
+def _bucket(limit: BandwidthLimit | None) -> TokenBucket | None:
+    return TokenBucket(limit.max, limit.bucket_capacity) if limit else None
+
+
+def connect_peer(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress,
+                 clock: Clock = SYSTEM_CLOCK) -> Peer:
+    """Connect an active job to its passive side over the configured transport."""
+    assert job.connect is not None
+    if job.connect.type == "local":
+        return connect_local(config, job, zfs, processes, progress)
+    return connect_ssh(job, progress, clock)
+
+
+DIAL_RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds between dials refused as temporary
+
+
+def connect_ssh(job: JobConfig, progress: Progress, clock: Clock = SYSTEM_CLOCK) -> Peer:
+    """ssh+stdinserver: ssh with no remote command; the passive host's authorized_keys forces
+    `zrepl.py stdinserver IDENTITY`, which serves the protocol on its stdin/stdout.
+
+    The connection redials after it broke (RedialingConnection), so the runner's retry attempts
+    after a lost connection (ssh killed, network gone) get a fresh one and resume from the
+    receiver's resume token."""
+    assert job.connect is not None
+    connect = job.connect
+
+    def dial_once() -> Connection:
+        conn = ssh_connect(ssh_argv(connect), name=f"{connect.user}@{connect.host}",
+                           timeout=max(connect.dial_timeout, DEFAULT_PEER_TIMEOUT))
+        if job.type == "push":
+            conn.send_limit = _bucket(job.send.bandwidth_limit)
+        else:
+            conn.recv_limit = _bucket(job.recv.bandwidth_limit)
+            # push counts bytes from the local `zfs send -v -P`; pull has only the stream to count
+            conn.progress = progress.add_bytes
+        try:
+            conn.handshake_client(job.name)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def dial() -> Connection:
+        # A temporary refusal (the server still holds this identity's lock, e.g. its previous
+        # stdinserver is winding down) is worth a few short waits; anything else fails at once.
+        for delay in DIAL_RETRY_DELAYS:
+            try:
+                return dial_once()
+            except ProtocolError as exc:
+                if not exc.temporary:
+                    raise
+                log.warning("job %s: %s; dialing again in %gs", job.name, exc, delay)
+                clock.sleep(delay)
+        return dial_once()
+
+    redialing = RedialingConnection(dial)
+    return Peer(redialing, redialing.close, redialing.cancel)
+
+
+def ssh_argv(c: ConnectConfig) -> list[str]:
+    """`ssh -T -o BatchMode=yes [-o opt]... -o ConnectTimeout=<dial_timeout> -i identity_file -p port
+    user@host`, no remote command: the forced command in authorized_keys decides what runs.
+
+    ConnectTimeout comes after the configured options because ssh keeps the FIRST value of an
+    option: an explicit `options = ["ConnectTimeout=30"]` wins over dial_timeout."""
+    argv = [c.ssh_command, "-T", "-o", "BatchMode=yes"]
+    for opt in c.options:
+        argv += ["-o", opt]
+    argv += ["-o", f"ConnectTimeout={max(1, int(c.dial_timeout))}"]
+    return argv + ["-i", c.identity_file, "-p", str(c.port), f"{c.user}@{c.host}"]
+
+
+class RedialingConnection:
+    """An active side's connection that dials again after the previous one broke (a RequestChannel).
+
+    A request that fails with ProtocolError (lost, timed out, garbage) marks the connection stale;
+    the next request dials anew. Cancelled connections never redial: cancel means stop.
+    """
+
+    def __init__(self, dial: Callable[[], Connection]):
+        self._dial = dial
+        self.conn: Connection = dial()
+        self.dials = 1
+        self._stale = False
+        self._cancelled: str | None = None
+
+    def request(self, kind: str, body: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+        if self._stale and self._cancelled is None:
+            try:
+                self._redial()
+            except BaseException:
+                stream_in = kwargs.get("stream_in")
+                if stream_in is not None:  # ownership passed to us: don't leak the producer's pipe
+                    os.close(stream_in if isinstance(stream_in, int) else stream_in.fd)
+                raise
+        try:
+            return self.conn.request(kind, body, **kwargs)
+        except ProtocolError:
+            self._stale = True
+            raise
+
+    def _redial(self) -> None:
+        log.info("%s: connecting again after the lost connection", self.conn.name)
+        self.conn.close()
+        self.conn = self._dial()
+        self.dials += 1
+        self._stale = False
+
+    @property
+    def name(self) -> str:
+        return self.conn.name
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self._cancelled = reason
+        self.conn.cancel(reason)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# ---- the passive side: what a sink or source offers one client ------------------------------------
+
+def stdinserver_job(config: Config, identity: str) -> JobConfig:
+    """The sink or source job whose `serve = {type = "stdinserver"}` lists `identity`."""
+    matches = [j for j in config.jobs
+               if j.serve is not None and j.serve.type == "stdinserver" and identity in j.serve.client_identities]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ZreplError(f"client identity {identity!r} is listed by several jobs "
+                         f"({', '.join(j.name for j in matches)}); it must select exactly one sink or source job")
+    known = sorted({i for j in config.jobs if j.serve is not None and j.serve.type == "stdinserver"
+                    for i in j.serve.client_identities})
+    raise ZreplError(f"unknown client identity {identity!r}: no sink or source job in {config.file} lists it "
+                     f"in serve.client_identities (known: {', '.join(known) or 'none'})")
+
+
+def passive_handlers(job: JobConfig, identity: str, zfs: Zfs, processes: ProcessRegistry,
+                     progress: Progress, guards: Sequence[str] = ()) -> dict[str, Handler]:
+    """The protocol handlers a sink (receiver below root_fs/<identity>) or a source (sender of its
+    filesystems filter) offers one client. A source gives each client its own abstraction names
+    and keeps what its other clients and this host's other jobs (`guards`) still need."""
+    if job.type == "sink":
+        return receiver_handlers(ReceiverEndpoint(zfs, job.name, job.root_fs, identity, job.recv, processes,
+                                                  progress, job_type="sink"))
+    assert job.filesystems is not None and job.serve is not None
+    return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress,
+                                          job_type="source", abstraction_job=source_abstraction_job(job, identity),
+                                          guards=guards, read_only=job.serve.read_only))
+
+
+# =================================================================================================
+# 10. Replication runner
+# =================================================================================================
+
+# The runner plans from both listings and drives the steps. It knows only the roles (Sender,
+# Receiver): push = SenderEndpoint + RemoteReceiver, pull = RemoteSender + ReceiverEndpoint.
+# Failures stay per filesystem; temporary ones (ZreplError.temporary) are retried within the run.
 
 RETRY_ATTEMPTS = 3
-_PERMANENT_KINDS = {"forbidden", "encryption", "receiver-has-data", "permission", "no-space", "diverged"}
 
 
-def is_temporary(exc: BaseException) -> bool:
-    """Whether retrying the step may help (lost connections, cut streams, busy datasets)."""
-    if isinstance(exc, Cancelled):
-        return False
-    if isinstance(exc, EndpointError):
-        return exc.temporary
-    if isinstance(exc, ZfsError):
-        return exc.kind not in _PERMANENT_KINDS
-    if isinstance(exc, RemoteError):
-        if exc.remote_type in ("EndpointError", "PlanError"):
-            return exc.temporary
-        return not any(k in exc.message for k in ("permission denied", "refusing", "not served", "outside"))
-    return isinstance(exc, (ProtocolError, StreamError, OSError))
+class FilesystemState(enum.StrEnum):
+    """A filesystem's replication state in the status document (zrepl's names)."""
+
+    PLANNING = "planning"
+    PLANNING_ERROR = "planning-error"
+    STEPPING = "stepping"
+    STEP_ERROR = "step-error"
+    BLOCKED = "blocked"
+    DONE = "done"
 
 
-def with_sender_error(exc: BaseException, send_error: str | None) -> BaseException:
-    """A failed step's error, naming the sender's failure when it is the cause.
-
-    When `zfs send` fails (cut connection, vanished source), `zfs recv` fails too, with a message
-    that only says the stream ended ("failed to read from stream"); the receiver's error is what
-    arrives first, so without this the cause never reaches the status. When the receiver fails
-    first, the sender only reports a broken pipe: then the receiver's error is the whole story."""
-    if not send_error or send_error in str(exc) or isinstance(exc, Cancelled):
-        return exc
-    if "broken pipe" in send_error.lower() or "status -13" in send_error:
-        return exc
-    return EndpointError(f"the sending side failed: {send_error} (then the receiving side: {exc})",
-                         temporary=is_temporary(exc), kind="send-failed")
+_FAILED_STATES = (FilesystemState.PLANNING_ERROR, FilesystemState.STEP_ERROR, FilesystemState.BLOCKED)
 
 
 @dataclass
@@ -6361,7 +7505,7 @@ class FilesystemReport:
 
     sender_fs: str
     receiver_fs: str = ""
-    state: str = "planning"  # planning | planning-error | stepping | step-error | blocked | done
+    state: FilesystemState = FilesystemState.PLANNING
     step: str = ""
     steps_total: int = 0
     steps_done: int = 0
@@ -6392,6 +7536,9 @@ class ReplicationSettings:
     dry_run: bool = False
 
 
+Listings = tuple[list[DatasetInfo], ReceiverListing]  # (sender's, receiver's) as planning saw them
+
+
 class Replication:
     """One replication pass between a sender and a receiver.
 
@@ -6400,12 +7547,12 @@ class Replication:
     go behind healthy ones in the queue.
     """
 
-    def __init__(self, sender: Any, receiver: Any, settings: ReplicationSettings, progress: Progress,
+    def __init__(self, sender: Sender, receiver: Receiver, settings: ReplicationSettings, progress: Progress,
                  on_update: Callable[[dict[str, FilesystemReport]], None] = lambda r: None,
                  error_counts: dict[str, int] | None = None,
-                 previous: dict[str, dict[str, Any]] | None = None):
+                 previous: dict[str, dict[str, Any]] | None = None, clock: Clock = SYSTEM_CLOCK):
         self.sender, self.receiver, self.settings = sender, receiver, settings
-        self.progress, self.on_update = progress, on_update
+        self.progress, self.on_update, self.clock = progress, on_update, clock
         self.error_counts = dict(error_counts or {})
         self.reports: dict[str, FilesystemReport] = {}
         self.previous = previous or {}
@@ -6415,8 +7562,11 @@ class Replication:
         self.current: tuple[FilesystemReport, int] | None = None  # the step in flight, bytes at its start
         # The last planning's listings and whether we changed either side since: pruning reuses
         # unchanged listings instead of listing both sides again (half the spawns of a no-op run).
-        self.listings: tuple[list[DatasetInfo], dict[str, Any]] | None = None
+        self.listings: Listings | None = None
         self.changed = False
+        # filesystem -> "sender" | "receiver": restoring a lost cursor or hold failed there, so that
+        # side of it must not be pruned (its incremental base is not protected)
+        self.unprotected: dict[str, str] = {}
 
     def refresh(self) -> None:
         """Update the in-flight step's byte count (called by the status ticker)."""
@@ -6435,6 +7585,9 @@ class Replication:
     def _publish(self) -> None:
         self.on_update(self.reports)
 
+    def _now_iso(self) -> str | None:
+        return iso_time(self.clock.time())
+
     # -- planning --------------------------------------------------------------------------------
     def plan(self) -> list[FilesystemPlan]:
         # Each finished command is a sign of life for the watchdog, which is there to catch a
@@ -6444,17 +7597,17 @@ class Replication:
         receiver_list = self.receiver.list_filesystems()
         self.progress.touch()
         self.listings = (sender_list, receiver_list)
+        root = self.receiver.info.root
         inputs = []
         for ds in sender_list:
             r = receiver_list.get(ds.name)
             token = None
-            if r and r[1] is not None:
-                t = r[1]
+            if r is not None and r.token is not None:
+                t = r.token
                 token = ResumeToken(fromguid=t.fromguid, toguid=t.toguid, toname=t.toname,
-                                    raw=r[0].props.get("receive_resume_token", ""))
-            receiver_fs = getattr(self.receiver, "root", "") or ""
-            receiver_fs = f"{receiver_fs}/{ds.name}" if receiver_fs else ds.name
-            inputs.append(FilesystemInput(sender=ds, receiver=r[0] if r else None, receiver_fs=receiver_fs,
+                                    raw=r.dataset.props.get("receive_resume_token", ""))
+            receiver_fs = f"{root}/{ds.name}" if root else ds.name
+            inputs.append(FilesystemInput(sender=ds, receiver=r.dataset if r else None, receiver_fs=receiver_fs,
                                           resume_token=token))
         plans = plan_filesystems(inputs, self.settings.plan, self.error_counts)
         replanned = []
@@ -6475,32 +7628,38 @@ class Replication:
             log.info("%s: %s no longer exists on the sender", self.settings.job, fs)
             del self.reports[fs]
         if not self.settings.dry_run:
+            receivers = {i.sender.name: i.receiver for i in inputs}
             for p in plans:
                 if p.common is not None and p.error is None:
                     self._restore_bookkeeping(p, listed[p.sender_fs])
+                if p.up_to_date and p.error is None:
+                    self._release_stale(p.sender_fs, listed[p.sender_fs], receivers.get(p.sender_fs))
         for p in plans:
-            rep = self._report(p.sender_fs)
-            rep.receiver_fs, rep.plan = p.receiver_fs, p.describe()
-            rep.blocked_by = p.blocked_by
-            rep.steps_total, rep.steps_done = len(p.steps), 0
-            if p.error:
-                if rep.error != p.error.message:  # once per run, not once per retry attempt
-                    log.error("%s: %s: cannot replicate: %s%s", self.settings.job, p.sender_fs, p.error.message,
-                              " (recovery steps: zrepl.py status -v)" if p.error.details else "")
-                rep.state, rep.error, rep.error_details = "planning-error", p.error.message, p.error.details
-            elif p.blocked_by:
-                blocked = f"blocked by {p.blocked_by}: {p.note}".rstrip(": ")
-                if rep.error != blocked:
-                    log.warning("%s: %s: %s", self.settings.job, p.sender_fs, blocked)
-                rep.state, rep.error = "blocked", blocked
-            elif not p.steps:
-                rep.state, rep.error = "done", None
-            else:
-                rep.state, rep.error = "stepping", None
+            self._record_plan(p)
         self.plans = plans
         self.progress.touch()
         self._publish()
         return plans
+
+    def _record_plan(self, p: FilesystemPlan) -> None:
+        rep = self._report(p.sender_fs)
+        rep.receiver_fs, rep.plan = p.receiver_fs, p.describe()
+        rep.blocked_by = p.blocked_by
+        rep.steps_total, rep.steps_done = len(p.steps), 0
+        if p.error:
+            if rep.error != p.error.message:  # once per run, not once per retry attempt
+                log.error("%s: %s: cannot replicate: %s%s", self.settings.job, p.sender_fs, p.error.message,
+                          " (recovery steps: zrepl.py status -v)" if p.error.details else "")
+            rep.state, rep.error, rep.error_details = FilesystemState.PLANNING_ERROR, p.error.message, p.error.details
+        elif p.blocked_by:
+            blocked = f"blocked by {p.blocked_by}: {p.note}".rstrip(": ")
+            if rep.error != blocked:
+                log.warning("%s: %s: %s", self.settings.job, p.sender_fs, blocked)
+            rep.state, rep.error = FilesystemState.BLOCKED, blocked
+        elif not p.steps:
+            rep.state, rep.error = FilesystemState.DONE, None
+        else:
+            rep.state, rep.error = FilesystemState.STEPPING, None
 
     def _restore_bookkeeping(self, plan: FilesystemPlan, sender_info: DatasetInfo) -> None:
         """zrepl's "hint most recent common ancestor". The newest snapshot both sides have should
@@ -6511,21 +7670,39 @@ class Replication:
         replication itself does not depend on them."""
         fs, level = plan.sender_fs, self.settings.plan.protection_incremental
         common, rcommon = plan.common, plan.receiver_common
+        side = "sender"
         try:
             if level != "guarantee_nothing" and common is not None and common.is_snapshot:
-                current = replication_cursor(sender_info, getattr(self.sender, "job", ""))
+                current = replication_cursor(sender_info, self.sender.info.abstraction_job)
                 if current is None or current.guid != common.guid:
                     log.info("%s: %s: moving the replication cursor to %s (its completion was lost)",
                              self.settings.job, fs, common.full_name)
                     self.changed = True
                     self.sender.complete(fs, common.name, common.guid, level)
+            side = "receiver"
             if rcommon is not None and rcommon.userrefs == 0:
                 self.changed = True
                 log.info("%s: %s: restoring the last-received hold on %s", self.settings.job, fs, rcommon.full_name)
                 self.receiver.hold_last_received(fs, rcommon.name, rcommon.guid)
+            self.unprotected.pop(fs, None)
         except (ZreplError, OSError) as exc:
-            log.warning("%s: %s: could not restore the replication cursor or last-received hold: %s",
-                        self.settings.job, fs, exc)
+            self.unprotected[fs] = side
+            log.error("%s: %s: could not restore the %s on the %s; not pruning that side of it: %s",
+                      self.settings.job, fs, "replication cursor" if side == "sender" else "last-received hold",
+                      side, exc)
+
+    def _release_stale(self, fs: str, sender_info: DatasetInfo, receiver_info: DatasetInfo | None) -> None:
+        """A no-op run heals what a crash during a step's completion left (an extra cursor, step
+        holds, an older last-received hold): otherwise they block pruning until the next step."""
+        try:
+            if sender_needs_cleanup(sender_info, self.sender.info.abstraction_job):
+                self.changed = True
+                self.sender.release_stale(fs)
+            if receiver_info is not None and receiver_needs_cleanup(receiver_info):
+                self.changed = True
+                self.receiver.release_stale(fs)
+        except (ZreplError, OSError) as exc:
+            log.warning("%s: %s: could not release stale holds or bookmarks: %s", self.settings.job, fs, exc)
 
     # -- running ---------------------------------------------------------------------------------
     def run(self) -> dict[str, FilesystemReport]:
@@ -6539,7 +7716,7 @@ class Replication:
             except (ZreplError, OSError) as exc:
                 if attempt < self.settings.attempts and is_temporary(exc) and not self.cancel_reason:
                     log.warning("%s: planning failed (attempt %d): %s", self.settings.job, attempt, exc)
-                    time.sleep(self.settings.retry_delay * attempt)
+                    self.clock.sleep(self.settings.retry_delay * attempt)
                     continue
                 raise
             if self.settings.dry_run:
@@ -6552,11 +7729,11 @@ class Replication:
             if not retry or self.cancel_reason:
                 break
             log.info("%s: retrying %d filesystem(s) after temporary errors", self.settings.job, len(retry))
-            time.sleep(self.settings.retry_delay * attempt)
+            self.clock.sleep(self.settings.retry_delay * attempt)
         for fs, rep in self.reports.items():
-            if rep.state in ("planning-error", "step-error", "blocked"):
+            if rep.state in _FAILED_STATES:
                 rep.error_count = self.error_counts.get(fs, 0) + 1
-            elif rep.state == "done":
+            elif rep.state == FilesystemState.DONE:
                 rep.error_count = 0
         self._publish()
         return self.reports
@@ -6576,12 +7753,12 @@ class Replication:
             rep = self._report(fs)
             if fs in stopped or (plan.depends_on and plan.depends_on in stopped):
                 if fs not in stopped and plan.depends_on in stopped:
-                    rep.state, rep.blocked_by = "blocked", plan.depends_on
+                    rep.state, rep.blocked_by = FilesystemState.BLOCKED, plan.depends_on
                     rep.error = f"blocked: parent {plan.depends_on} failed"
                     stopped.add(fs)
                 continue
             if self.cancel_reason:
-                rep.state, rep.error = "step-error", f"cancelled: {self.cancel_reason}"
+                rep.state, rep.error = FilesystemState.STEP_ERROR, f"cancelled: {self.cancel_reason}"
                 stopped.add(fs)
                 continue
             try:
@@ -6591,7 +7768,7 @@ class Replication:
                 if not isinstance(exc, (ZreplError, OSError)):
                     log.error("internal error replicating %s: %s: %s", fs, type(exc).__name__, exc)
                 reason = f"cancelled by the watchdog: {self.cancel_reason}" if self.cancel_reason else str(exc)
-                rep.state, rep.error = "step-error", f"{step.describe()}: {reason}"
+                rep.state, rep.error = FilesystemState.STEP_ERROR, f"{step.describe()}: {reason}"
                 log.error("%s: %s: %s", self.settings.job, fs, rep.error)
                 stopped.add(fs)
                 if is_temporary(exc) and not self.cancel_reason:
@@ -6601,19 +7778,20 @@ class Replication:
                 continue
             rep.steps_done += 1
             if rep.steps_done >= rep.steps_total:
-                rep.state, rep.error = "done", None
-                rep.last_success = iso_time(utcnow())
+                rep.state, rep.error = FilesystemState.DONE, None
+                rep.last_success = self._now_iso()
             self._publish()
         return retry
 
     def _run_step(self, plan: FilesystemPlan, step: Step, rep: FilesystemReport) -> None:
         fs = plan.sender_fs
-        req = StepRequest.from_step(fs, step, replace_placeholder=plan.replace_placeholder and step.is_full)
+        req = StepRequest.from_step(fs, step, replace_placeholder=plan.replace_placeholder and step.is_full,
+                                    dataset_type=plan.sender_type)
         level = self.settings.plan.protection_for(step)
-        rep.state, rep.step = "stepping", step.describe()
+        rep.state, rep.step = FilesystemState.STEPPING, step.describe()
         rep.bytes_expected = self._estimate(plan, step)
         rep.bytes_replicated = 0
-        rep.step_started = iso_time(utcnow())
+        rep.step_started = self._now_iso()
         self.current = (rep, self.progress.bytes)
         self.progress.touch()  # signs of life between commands: see plan()
         self._publish()
@@ -6625,24 +7803,7 @@ class Replication:
         # Receiver set-up (placeholders) before `zfs send` starts, not while it waits on the pipe.
         self.receiver.prepare(req)
         self.progress.touch()
-        if isinstance(self.sender, SenderEndpoint):
-            stream = self.sender.open_send(req)
-            try:
-                self.receiver.receive(req, stream)
-            except (ZreplError, OSError) as exc:
-                raise with_sender_error(exc, self.sender.send_error()) from exc
-        else:
-            streams: list[IncomingStream] = []
-
-            def consume(incoming: IncomingStream) -> dict[str, Any]:
-                streams.append(incoming)
-                return receive_from_stream(self.receiver, req, incoming)
-            try:
-                self.sender.send_into(req, consume)
-            except (ZreplError, OSError) as exc:
-                # discard() has drained the stream to its END: it says whether the sender failed
-                failed = [i.sender_error for i in streams if i.sender_status == "error"]
-                raise with_sender_error(exc, str(failed[0]) if failed else None) from exc
+        self.sender.send(req, lambda source: self.receiver.receive(req, source))
         self.refresh()
         self.current = None
         self.progress.step_done()
@@ -6655,7 +7816,8 @@ class Watchdog(PeriodicThread):
     """Cancels a replication that makes no progress (bytes moved or steps finished) for `timeout`.
 
     Cancelling kills the run's zfs processes and cancels the connection, so every blocked call
-    returns; the reason is kept for the status file.
+    returns; the reason is kept for the status file. `check()` is the decision, callable by tests
+    with a fake clock; the thread only calls it every `interval` seconds.
     """
 
     def __init__(self, progress: Progress, timeout: float, cancel: Callable[[str], None], interval: float = 1.0):
@@ -6664,7 +7826,10 @@ class Watchdog(PeriodicThread):
         self.fired: str | None = None
 
     def tick(self) -> bool:
-        idle = time.monotonic() - self.progress.last_change
+        return self.check()
+
+    def check(self) -> bool:
+        idle = self.progress.clock.monotonic() - self.progress.last_change
         if idle <= self.timeout:
             return False
         self.fired = (f"no progress for {format_duration(idle)} (replication.timeout = "
@@ -6676,7 +7841,7 @@ class Watchdog(PeriodicThread):
 
 
 # =================================================================================================
-# 10. Snapshotter and hooks
+# 11. Snapshotter and hooks
 # =================================================================================================
 
 HOOK_OUTPUT_LIMIT = 1 << 20
@@ -7064,8 +8229,13 @@ def take_due_snapshots(zfs: Zfs, snap: SnapshottingConfig, datasets: list[Datase
 
 
 # =================================================================================================
-# 11. Pruner
+# 12. Pruner
 # =================================================================================================
+
+# Pruning applies the pure keep-rule decisions (section 3) to one side through the same roles the
+# replication uses (zrepl's pruner over its sender and receiver endpoints): a Sender or Receiver
+# lists, looks up hold tags and destroys in batches, locally or through the connection. Only
+# snapshots are ever destroyed; bookmarks and datasets never reach a destroyer.
 
 @dataclass
 class PruneResult:
@@ -7083,63 +8253,175 @@ class PruneResult:
                 "held": self.held, "errors": self.errors, "notes": self.notes}
 
 
-Destroyer = Callable[[str, list[str]], tuple[list[str], dict[str, str]]]
-HoldLookup = Callable[[list[str]], dict[str, list[str]]]
+Destroyer = Callable[[str, list[str]], DestroyResult]  # (dataset, short names) -> what happened
+HoldLookup = Callable[[str, list[str]], dict[str, list[str]]]  # (dataset, short names) -> tags by name
 
 
-def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[Any], destroy: Destroyer,
+def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destroy: Destroyer,
                    holds: HoldLookup | None = None, contexts: dict[str, PruneContext] | None = None,
-                   dry_run: bool = False, names: dict[str, str] | None = None) -> list[PruneResult]:
+                   dry_run: bool = False, guards: Sequence[str] = (),
+                   protected: dict[str, dict[str, str]] | None = None,
+                   tick: Callable[[], None] | None = None) -> list[PruneResult]:
     """Apply keep rules to each dataset's snapshots; destroy the rest in one batch per dataset.
 
     `destroy(dataset, short_names)` does the batch (locally: destroy_with_bisect; on a peer: a
-    request), `holds(full_names)` looks up hold tags (None: tags unknown). Held snapshots are
-    reported with their tags and left alone. Only snapshots are ever destroyed: bookmarks and
-    datasets never reach `destroy`. `names` maps a dataset to the name `destroy` expects (the
-    sender's name for a remote receiver).
+    request), `holds(dataset, short_names)` looks up hold tags (None: tags unknown). Held snapshots
+    are reported with their tags and left alone. Only snapshots are ever destroyed: bookmarks and
+    datasets never reach `destroy`. Whatever the rules say, a snapshot stays when another
+    replicating job (`guards`, by their cursors in the listing) still needs it, or when
+    `protected[dataset]` names it (e.g. a receiver's incremental base), with that reason.
     """
     results: list[PruneResult] = []
-    plans: list[tuple[DatasetInfo, PruneDecision]] = []
-    held_candidates: list[str] = []
     for ds in datasets:
         ctx = (contexts or {}).get(ds.name) or PruneContext()
         decision = decide_prune(ds.snapshots(), rules, ctx)
-        plans.append((ds, decision))
-        held_candidates += [v.full_name for v in decision.destroy if v.userrefs > 0]
-    hold_tags = holds(held_candidates) if (held_candidates and holds) else {}
-    for ds, decision in plans:
+        must_stay = {**unreplicated_by(ds, guards), **(protected or {}).get(ds.name, {})}
+        for v in [v for v in decision.destroy if v.full_name in must_stay]:
+            decision.destroy.remove(v)
+            decision.keep[v.full_name] = [must_stay[v.full_name]]
         result = PruneResult(dataset=ds.name, kept=decision.keep, notes=list(decision.notes))
+        held_names = [v.name for v in decision.destroy if v.userrefs > 0]
+        tags = holds(ds.name, held_names) if (held_names and holds) else {}
         victims = []
         for v in decision.destroy:
             if v.userrefs > 0:
-                result.held[v.name] = hold_tags.get(v.full_name, [f"{v.userrefs} hold(s)"])
+                result.held[v.name] = tags.get(v.name, [f"{v.userrefs} hold(s)"])
             else:
                 victims.append(v.name)
-        for snap, tags in result.held.items():
-            level = logging.INFO if all(t.startswith("zrepl_") for t in tags) else logging.WARNING
-            log.log(level, "not destroying %s@%s: held by %s", ds.name, snap, ", ".join(tags))
+        for snap, snap_tags in result.held.items():
+            level = logging.INFO if all(t.startswith("zrepl_") for t in snap_tags) else logging.WARNING
+            log.log(level, "not destroying %s@%s: held by %s", ds.name, snap, ", ".join(snap_tags))
         if victims:
             if dry_run:
                 log.info("dry run: would destroy %s@%s", ds.name, ",".join(victims))
                 result.destroyed = victims
             else:
                 log.info("destroying %d snapshot(s) of %s: %s", len(victims), ds.name, ", ".join(victims))
-                result.destroyed, result.errors = destroy((names or {}).get(ds.name, ds.name), victims)
-                # A hold placed after our listing shows up as "dataset is busy": report its tags.
-                raced = holds([f"{ds.name}@{snap}" for snap in result.errors]) if (result.errors and holds) else {}
-                for full, tags in raced.items():
-                    snap = full.partition("@")[2]
-                    if tags and snap in result.errors:
-                        del result.errors[snap]
-                        result.held[snap] = tags
-                for snap, err in result.errors.items():
-                    log.error("could not destroy %s@%s: %s", ds.name, snap, err)
+                done = destroy(ds.name, victims)
+                result.destroyed, result.errors = done.destroyed, dict(done.errors)
+                for name, why in done.kept.items():  # the endpoint knows another job still needs it
+                    result.kept[f"{ds.name}@{name}"] = [why]
+                _report_raced_holds(ds.name, result, holds)
         results.append(result)
+        if tick is not None:
+            tick()
     return results
 
 
+def _report_raced_holds(dataset: str, result: PruneResult, holds: HoldLookup | None) -> None:
+    """A hold placed after our listing shows up as "dataset is busy": report its tags instead."""
+    raced = holds(dataset, list(result.errors)) if (result.errors and holds) else {}
+    for snap, tags in raced.items():
+        if tags and snap in result.errors:
+            del result.errors[snap]
+            result.held[snap] = tags
+    for snap, err in result.errors.items():
+        log.error("could not destroy %s@%s: %s", dataset, snap, err)
+
+
 def local_destroyer(zfs: Zfs) -> Destroyer:
-    return lambda dataset, names: destroy_with_bisect(zfs, dataset, names)
+    return lambda dataset, names: DestroyResult(*destroy_with_bisect(zfs, dataset, names))
+
+
+def local_hold_lookup(zfs: Zfs) -> HoldLookup:
+    return lambda dataset, names: _hold_tags(zfs, dataset, names)
+
+
+def cursor_contexts(listing: Iterable[DatasetInfo], abstraction_job: str) -> dict[str, PruneContext]:
+    """not_replicated's facts per sender dataset: the replication cursor of the job that sends."""
+    contexts = {}
+    for ds in listing:
+        cursor = replication_cursor(ds, abstraction_job)
+        contexts[ds.name] = PruneContext(cursor_guid=cursor.guid if cursor else None,
+                                         cursor_createtxg=cursor.createtxg if cursor else None)
+    return contexts
+
+
+def prune_sender(sender: Sender, listing: list[DatasetInfo], rules: Sequence[KeepRule],
+                 dry_run: bool = False, guards: Sequence[str] = (),
+                 tick: Callable[[], None] | None = None) -> list[PruneResult]:
+    """keep_sender on the sending side; not_replicated compares against the cursor of the job whose
+    abstractions the sender writes (sender.info: the push job, or the source serving this client).
+    `guards`: other jobs of this host whose unreplicated snapshots stay (the endpoint checks too)."""
+    own = sender.info.abstraction_job
+    return prune_datasets(listing, rules, sender.destroy_snapshots, sender.hold_tags,
+                          cursor_contexts(listing, own), dry_run, guards=[g for g in guards if g != own], tick=tick)
+
+
+def prune_receiver(receiver: Receiver, listing: ReceiverListing, sender_list: Iterable[DatasetInfo],
+                   rules: Sequence[KeepRule], dry_run: bool = False, refused: Iterable[str] = (),
+                   tick: Callable[[], None] | None = None) -> list[PruneResult]:
+    """keep_receiver on the receiving side, only for datasets established as replicas of this
+    sender's filesystems (replica_protection: a common snapshot, not diverged) and not refused by
+    this run's planning; their incremental base always stays."""
+    senders, skip = {ds.name: ds for ds in sender_list}, set(refused)
+    names, datasets, protected = {}, [], {}
+    for fs, entry in sorted(listing.items()):
+        if fs not in senders or fs in skip:
+            continue
+        protect = replica_protection(senders[fs], entry.dataset)
+        if protect is None:
+            log.info("%s: not pruned: not an established replica of %s on the sender (no common snapshot, "
+                     "or diverged)", entry.dataset.name, fs)
+            continue
+        names[entry.dataset.name] = fs
+        datasets.append(entry.dataset)
+        protected[entry.dataset.name] = protect
+    return prune_datasets(datasets, rules,
+                          lambda dataset, snaps: receiver.destroy_snapshots(names[dataset], snaps),
+                          lambda dataset, snaps: receiver.hold_tags(names[dataset], snaps),
+                          None, dry_run, protected=protected, tick=tick)
+
+
+@dataclass
+class BothSidesPruned:
+    """The outcome of pruning both sides of an active job; `failures` are keyed like a pass's."""
+
+    sender: list[PruneResult] = field(default_factory=list)
+    receiver: list[PruneResult] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[KeepRule],
+                     keep_receiver: Sequence[KeepRule], listings: Listings | None = None,
+                     dry_run: bool = False, on_side: Callable[[str], None] = lambda side: None,
+                     job: str = "", guards: Sequence[str] = (), refused: Iterable[str] = (),
+                     skip_sender: Iterable[str] = (), tick: Callable[[], None] | None = None) -> BothSidesPruned:
+    """Prune the sender, then the receiver (zrepl's order). `listings` are the replication's own
+    when it changed nothing since; otherwise both sides are listed again. A failure on one side is
+    recorded and the other side still runs. `refused`: filesystems whose replication was refused
+    in this run (their receiver is left alone); `skip_sender`: filesystems whose sender side must
+    stay as it is (its cursor could not be restored); `guards`: see prune_sender; `tick` is called
+    after each dataset (a sign of life for a watchdog)."""
+    out = BothSidesPruned()
+    on_side("sender")
+    try:
+        sender_list = listings[0] if listings is not None else sender.list_filesystems()
+    except (ZreplError, OSError) as exc:
+        log.error("job %s: listing the sender for pruning failed: %s", job, exc)
+        out.failures["(pruning)"] = str(exc)
+        return out
+    try:
+        skip = set(skip_sender)
+        out.sender = prune_sender(sender, [ds for ds in sender_list if ds.name not in skip], keep_sender, dry_run,
+                                  guards, tick)
+        for r in out.sender:
+            if r.errors:
+                out.failures[r.dataset] = f"pruning sender: {len(r.errors)} snapshot(s) could not be destroyed"
+    except (ZreplError, OSError) as exc:
+        log.error("job %s: pruning the sender failed: %s", job, exc)
+        out.failures["(pruning sender)"] = str(exc)
+    on_side("receiver")
+    try:
+        receiver_list = listings[1] if listings is not None else receiver.list_filesystems()
+        out.receiver = prune_receiver(receiver, receiver_list, sender_list, keep_receiver, dry_run, refused, tick)
+        for r in out.receiver:
+            if r.errors:
+                out.failures[r.dataset] = f"pruning receiver: {len(r.errors)} snapshot(s) could not be destroyed"
+    except (ZreplError, OSError) as exc:
+        log.error("job %s: pruning the receiver failed: %s", job, exc)
+        out.failures["(pruning receiver)"] = str(exc)
+    return out
 
 
 def prune_summary(pruned: list[PruneResult]) -> dict[str, Any]:
@@ -7152,15 +8434,50 @@ def prune_summary(pruned: list[PruneResult]) -> dict[str, Any]:
 
 
 # =================================================================================================
-# 12. Jobs and watchdog
+# 13. Jobs
 # =================================================================================================
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def ensure_private_dir(path: str) -> None:
-    """Create a root-only directory (locks and requests live there)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create (if needed) and check a private directory for locks and requests: a real directory
+    (not a symlink), owned by the running user (root when run as root), writable by nobody else.
+    Raises SetupError naming the path and the fix."""
+    try:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            st = os.lstat(path)
+    except OSError as exc:
+        raise SetupError(f"cannot create the runtime directory {path}: {exc.strerror or exc} "
+                         f"(global.runtime_dir; it must be a writable local directory)") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise SetupError(f"{path} is not a directory (global.runtime_dir must name a directory, not a file "
+                         f"or a symlink)")
+    if st.st_uid != os.geteuid():
+        raise SetupError(f"{path} belongs to uid {st.st_uid}, not to the running user (uid {os.geteuid()}): "
+                         f"its locks would be shared with another user; `chown {os.geteuid()} {path}` or set "
+                         f"global.runtime_dir to a directory of your own")
+    if st.st_mode & 0o022:
+        raise SetupError(f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}): "
+                         f"`chmod 700 {path}`")
+
+
+def _open_private_file(path: str, flags: int) -> int:
+    """Open a lock or request file without following a symlink planted in its place."""
+    try:
+        return os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        what = "is a directory" if exc.errno == errno.EISDIR else (
+            "is a symlink" if exc.errno == errno.ELOOP else exc.strerror or str(exc))
+        raise SetupError(f"cannot open {path}: {what} (remove it; zrepl.py creates it)") from None
+
+
+# Name spaces in the runtime dir: job names and client identities cannot contain '/', so these
+# never collide with each other nor with the status writer's `status.lock`.
+_JOBS_DIR, _CLIENTS_DIR = "jobs", "clients"
 
 
 class JobLock:
@@ -7169,14 +8486,21 @@ class JobLock:
     The lock dies with the process, so a crashed run never leaves a stale lock behind.
     """
 
-    def __init__(self, runtime_dir: str, job: str):
-        self.path = os.path.join(runtime_dir, f"{job}.lock")
+    def __init__(self, runtime_dir: str, job: str, directory: str = _JOBS_DIR):
+        self.dir = os.path.join(runtime_dir, directory)
+        self.path = os.path.join(self.dir, f"{job}.lock")
         self.runtime_dir = runtime_dir
         self.fd: int | None = None
 
+    @classmethod
+    def for_client(cls, runtime_dir: str, job: str, identity: str) -> JobLock:
+        """The lock of one client identity of a passive job (one connection at a time)."""
+        return cls(runtime_dir, identity, os.path.join(_CLIENTS_DIR, job))
+
     def try_acquire(self) -> bool:
         ensure_private_dir(self.runtime_dir)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        ensure_private_dir(os.path.dirname(self.path))
+        fd = _open_private_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -7189,8 +8513,9 @@ class JobLock:
 
     def holder_pid(self) -> int | None:
         try:
-            with open(self.path) as f:
-                return int(f.read().strip() or 0) or None
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            with os.fdopen(fd) as f:
+                return int(f.read(32).strip() or 0) or None
         except (OSError, ValueError):
             return None
 
@@ -7209,18 +8534,19 @@ class WakeupRequest:
     after releasing it (then re-takes the lock if it can).
     """
 
-    def __init__(self, runtime_dir: str, job: str):
-        self.path = os.path.join(runtime_dir, f"{job}.wakeup")
-        self.runtime_dir = runtime_dir
+    def __init__(self, runtime_dir: str, job: str, clock: Clock = SYSTEM_CLOCK):
+        self.path = os.path.join(runtime_dir, _JOBS_DIR, f"{job}.wakeup")
+        self.runtime_dir, self.clock = runtime_dir, clock
 
     def post(self) -> None:
         ensure_private_dir(self.runtime_dir)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.write(fd, f"{time.time()}\n".encode())
+        ensure_private_dir(os.path.dirname(self.path))
+        fd = _open_private_file(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.write(fd, f"{self.clock.time()}\n".encode())
         os.close(fd)
 
     def pending(self) -> bool:
-        return os.path.exists(self.path)
+        return os.path.lexists(self.path)
 
     def consume(self) -> bool:
         try:
@@ -7246,6 +8572,59 @@ class PassResult:
     failures: dict[str, str] = field(default_factory=dict)  # filesystem -> what failed
 
 
+class ActiveMode(Protocol):
+    """How an active job's run is wired (zrepl's activeMode: modePush, modePull): which side is
+    local, which one is reached through the connection, and whether the job takes snapshots."""
+
+    def takes_snapshots(self) -> bool: ...
+
+    def sides(self, conn: RequestChannel) -> tuple[Sender, Receiver]:
+        """The sender and receiver for one connection (built again after a reconnect)."""
+        ...
+
+
+class PushMode:
+    """push: this host's filesystems are the sender; the sink is the receiver, through the connection.
+    The replication cursor lives here (this job's name), the last-received holds on the sink.
+    `guards`: this host's replicating jobs whose unreplicated snapshots our pruning keeps."""
+
+    def __init__(self, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress,
+                 guards: Sequence[str] = ()):
+        self.job, self.zfs, self.processes, self.progress = job, zfs, processes, progress
+        self.guards = list(guards)
+
+    def takes_snapshots(self) -> bool:
+        return self.job.snapshotting.type != "manual"
+
+    def sides(self, conn: RequestChannel) -> tuple[Sender, Receiver]:
+        assert self.job.filesystems is not None
+        sender = SenderEndpoint(self.zfs, self.job.name, self.job.filesystems, self.job.send, self.processes,
+                                self.progress, job_type="push", guards=self.guards)
+        return sender, RemoteReceiver(conn)
+
+
+class PullMode:
+    """pull: the source is the sender, through the connection; this host's root_fs is the receiver.
+    The replication cursor lives on the source (named by the source: endpoint.info), the
+    last-received holds here (this job's name). The source guards its own other clients."""
+
+    def __init__(self, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress,
+                 guards: Sequence[str] = ()):
+        self.job, self.zfs, self.processes, self.progress = job, zfs, processes, progress
+
+    def takes_snapshots(self) -> bool:
+        return False
+
+    def sides(self, conn: RequestChannel) -> tuple[Sender, Receiver]:
+        receiver = ReceiverEndpoint(self.zfs, self.job.name, self.job.root_fs, None, self.job.recv,
+                                    self.processes, self.progress, job_type="pull")
+        return RemoteSender(conn), receiver
+
+
+ACTIVE_MODES: dict[str, Callable[[JobConfig, Zfs, ProcessRegistry, Progress, Sequence[str]], ActiveMode]] = {
+    "push": PushMode, "pull": PullMode}
+
+
 class JobRunner:
     """Runs passes of one job under its lock and publishes the job's status document.
 
@@ -7254,7 +8633,7 @@ class JobRunner:
     """
 
     def __init__(self, config: Config, job: JobConfig, zfs: Zfs, publish: Publish = _no_publish,
-                 dry_run: bool = False, clock: Callable[[], float] = utcnow):
+                 dry_run: bool = False, clock: Clock = SYSTEM_CLOCK):
         self.config, self.job, self.zfs = config, job, zfs
         self.publish = publish if not dry_run else _no_publish
         self.dry_run, self.clock = dry_run, clock
@@ -7268,7 +8647,7 @@ class JobRunner:
     def _set_activity(self, step: str, progress: str = "") -> None:
         self.doc["state"] = "running"
         self.doc["pid"] = os.getpid()
-        self.doc["activity"] = {"step": step, "progress": progress, "since": iso_time(self.clock())}
+        self.doc["activity"] = {"step": step, "progress": progress, "since": iso_time(self.clock.time())}
         self.publish(self.job.name, self.doc)
 
     def _fs(self, name: str) -> dict[str, Any]:
@@ -7276,13 +8655,16 @@ class JobRunner:
 
     # -- runs ------------------------------------------------------------------------------------
     def run(self, previous: dict[str, Any] | None = None) -> int | None:
-        """Run passes while wakeups are pending. Returns the worst exit code, or None if busy."""
+        """Run passes while wakeups are pending. Returns the worst exit code, or None if busy.
+        A dry run changes nothing, so it takes no lock and runs once."""
         rt = self.config.global_.runtime_dir
-        lock, wakeup = JobLock(rt, self.job.name), WakeupRequest(rt, self.job.name)
+        lock, wakeup = JobLock(rt, self.job.name), WakeupRequest(rt, self.job.name, self.clock)
         if previous:
             for key in ("last_success", "filesystems", "last_run", "replication"):
                 if key in previous:
                     self.doc[key] = previous[key]
+        if self.dry_run:
+            return self.run_pass().exit_code
         worst: int | None = None
         while True:
             if not lock.try_acquire():
@@ -7302,16 +8684,22 @@ class JobRunner:
 
     def run_pass(self) -> PassResult:
         """One pass: whatever the job type does (snapshot if due, replicate, prune)."""
-        started = self.clock()
+        started = self.clock.time()
         self.doc["last_run"] = {"start": iso_time(started), "end": None, "result": "running",
                                 "dry_run": self.dry_run}
         self._set_activity("starting")
         try:
             result = self._dispatch()
+        except SetupError:
+            raise  # the environment, not this job: the command says so and exits 2
         except ZreplError as exc:
             log.error("job %s: %s", self.job.name, exc)
             result = PassResult(EXIT_FAILED, error=str(exc))
-        ended = self.clock()
+        except Exception as exc:  # a bug must end this pass with a recorded error, never other jobs
+            log.error("job %s: internal error: %s: %s", self.job.name, type(exc).__name__, exc,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            result = PassResult(EXIT_FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+        ended = self.clock.time()
         outcome = "ok" if result.exit_code == EXIT_OK else ("error" if result.error else "failed")
         self.doc["last_run"] = {"start": iso_time(started), "end": iso_time(ended), "result": outcome,
                                 "error": result.error, "failures": result.failures, "dry_run": self.dry_run}
@@ -7326,7 +8714,7 @@ class JobRunner:
     def _dispatch(self) -> PassResult:
         if self.job.type in ("snap", "source"):
             return self._snap_pass(prune=self.job.type == "snap")
-        if self.job.type in ("push", "pull"):
+        if self.job.type in ACTIVE_MODES:
             return self._active_pass()
         log.info("job %s: sink jobs are passive; they serve when a client connects", self.job.name)
         return PassResult()
@@ -7339,8 +8727,11 @@ class JobRunner:
     def _take_snapshots(self, datasets: list[DatasetInfo], result: PassResult) -> list[SnapshotBatchResult]:
         """Snapshot the due filesystems (one command per pool) and record it in the status."""
         if not datasets:
-            log.warning("job %s: the filesystems filter selects no dataset", self.job.name)
-        now = self.clock()
+            why = ("the filesystems filter selects no dataset (a typo, or a pool that is not imported?); "
+                   "check with `zrepl.py test filesystems --job " + self.job.name + "`")
+            log.error("job %s: %s", self.job.name, why)
+            result.failures["(filesystems)"] = why
+        now = self.clock.time()
         snap = self.job.snapshotting
         if snap.type != "manual":
             self._set_activity("snapshotting", f"{len(datasets)} filesystems")
@@ -7355,6 +8746,10 @@ class JobRunner:
             for fs, why in {**batch.skipped, **batch.errors}.items():
                 self._fs(fs)["snapshot_error"] = why
                 result.failures[fs] = why
+            for hook in batch.hooks:  # even with err_is_fatal = false: the snapshot may be inconsistent
+                if not hook.ok:
+                    for fs in hook.filesystems:
+                        result.failures.setdefault(fs, f"{hook.edge}-snapshot hook {hook.hook} failed: {hook.error}")
         self.last_batches = batches
         return batches
 
@@ -7366,12 +8761,12 @@ class JobRunner:
         if prune:
             if any(b.snapshotted for b in batches):
                 if self.dry_run:
-                    datasets = _with_planned_snapshots(datasets, batches, self.clock())
+                    datasets = _with_planned_snapshots(datasets, batches, self.clock.time())
                 else:
                     datasets = self._select()  # pruning must see the new snapshots' real txg and guid
             self._set_activity("pruning", f"{len(datasets)} filesystems")
-            pruned = prune_datasets(datasets, self.job.keep, local_destroyer(self.zfs), self.zfs.holds,
-                                    dry_run=self.dry_run)
+            pruned = prune_datasets(datasets, self.job.keep, local_destroyer(self.zfs), local_hold_lookup(self.zfs),
+                                    dry_run=self.dry_run, guards=replication_guards(self.config))
             self.doc["pruning"] = prune_summary(pruned)
             self.last_prune = pruned
             for r in pruned:
@@ -7383,62 +8778,56 @@ class JobRunner:
         return result
 
     # -- push and pull -----------------------------------------------------------------------------
-    def _replication_settings(self) -> ReplicationSettings:
+    def _replication_settings(self, sender: Sender, receiver: Receiver) -> ReplicationSettings:
         job = self.job
         if job.replication.concurrency_steps > 1:
             # Parallel steps need one connection per step; until then say so rather than pretend.
             log.warning("job %s: replication.concurrency.steps = %d is accepted but steps run one at a time",
                         job.name, job.replication.concurrency_steps)
-        receiving = None
-        if job.type == "pull":
-            receiving = job.name
         plan = PlanSettings(initial=job.initial_replication, protection_initial=job.replication.protection_initial,
                             protection_incremental=job.replication.protection_incremental,
-                            encrypted=job.send.encrypted, raw=job.send.raw, receiving_job=receiving)
+                            encrypted=job.send.encrypted, raw=job.send.raw,
+                            receiving_job=receiver.info.abstraction_job, sending_job=sender.info.abstraction_job)
         return ReplicationSettings(job=job.name, plan=plan, timeout=job.replication.timeout, dry_run=self.dry_run,
                                    retry_delay=float(os.environ.get("ZREPL_RETRY_DELAY", "2")))
 
     def _active_pass(self) -> PassResult:
         """push: snapshot if due, replicate, prune sender, prune receiver. pull: replicate, prune."""
         job, result = self.job, PassResult()
-        if job.type == "push" and job.snapshotting.type != "manual":  # manual: no listing needed
+        processes, progress = ProcessRegistry(), Progress(self.clock)
+        guards = replication_guards(self.config)
+        mode = ACTIVE_MODES[job.type](job, self.zfs, processes, progress, guards)
+        if mode.takes_snapshots():  # manual snapshotting: no listing needed
             self._set_activity("listing")
             self._take_snapshots(self._select(), result)
-        processes, progress = ProcessRegistry(), Progress()
         self._set_activity("connecting")
-        peer = connect_peer(self.config, job, self.zfs, processes, progress)
+        peer = connect_peer(self.config, job, self.zfs, processes, progress, self.clock)
         try:
-            if job.type == "push":
-                assert job.filesystems is not None
-                sender: Any = SenderEndpoint(self.zfs, job.name, job.filesystems, job.send, processes, progress)
-                receiver: Any = RemoteReceiver(peer.conn)
-            else:
-                sender = RemoteSender(peer.conn)
-                receiver = ReceiverEndpoint(self.zfs, job.name, job.root_fs, None, job.recv, processes, progress)
-            peer = self._replicate(sender, receiver, peer, processes, progress, result)
-            if job.type == "pull":
-                sender = RemoteSender(peer.conn)
-            else:
-                receiver = RemoteReceiver(peer.conn)
+            sender, receiver = mode.sides(peer.conn)
+            replicated_peer = self._replicate(mode, sender, receiver, peer, processes, progress, result)
+            if replicated_peer is not peer:  # reconnected after a cancelled replication
+                peer = replicated_peer
+                sender, receiver = mode.sides(peer.conn)
             repl = self.last_replication
             unchanged = (repl.listings if repl is not None and not repl.changed and not repl.cancel_reason
                          else None)
-            self._prune_both(sender, receiver, result, unchanged)
+            self._prune_both(sender, receiver, peer, result, unchanged)
         finally:
             peer.close()
         if result.failures and result.exit_code == EXIT_OK:
             result.exit_code = EXIT_FAILED
         return result
 
-    def _replicate(self, sender: Any, receiver: Any, peer: Peer, processes: ProcessRegistry, progress: Progress,
-                   result: PassResult) -> Peer:
+    def _replicate(self, mode: ActiveMode, sender: Sender, receiver: Receiver, peer: Peer,
+                   processes: ProcessRegistry, progress: Progress, result: PassResult) -> Peer:
         """Run the replication under the watchdog; returns a usable peer (reconnected if cancelled)."""
         previous = (self.doc.get("replication") or {}).get("filesystems") or {}
         counts = {fs: int(v.get("error_count") or 0) for fs, v in previous.items() if isinstance(v, dict)}
-        settings = self._replication_settings()
-        repl = Replication(sender, receiver, settings, progress, error_counts=counts, previous=previous)
+        settings = self._replication_settings(sender, receiver)
+        repl = Replication(sender, receiver, settings, progress, error_counts=counts, previous=previous,
+                           clock=self.clock)
         self.last_replication = repl
-        state: dict[str, Any] = {"started": iso_time(self.clock()), "cancelled": None}
+        state: dict[str, Any] = {"started": iso_time(self.clock.time()), "cancelled": None}
 
         def publish(reports: dict[str, FilesystemReport]) -> None:
             self.doc["replication"] = {**state, "filesystems": {fs: r.to_json() for fs, r in reports.items()}}
@@ -7450,7 +8839,7 @@ class JobRunner:
             repl.cancel_reason = reason
             state["cancelled"] = reason
             processes.kill_all(reason)
-            peer.conn.cancel(reason)
+            peer.cancel(reason)
 
         self._set_activity("replicating")
         try:
@@ -7471,70 +8860,55 @@ class JobRunner:
         for fs, rep in repl.reports.items():
             if rep.error:
                 result.failures[fs] = rep.error
+        for fs, side in repl.unprotected.items():
+            what = "replication cursor" if side == "sender" else "last-received hold"
+            result.failures.setdefault(fs, f"the lost {what} could not be restored on the {side}; not pruned there")
+        if repl.listings is not None and not repl.listings[0]:
+            chooser = "source" if self.job.type == "pull" else "filesystems filter"
+            why = f"the {chooser} selects no dataset to replicate (a typo, or a pool that is not imported?)"
+            log.error("job %s: %s", self.job.name, why)
+            result.failures["(filesystems)"] = why
         if repl.cancel_reason and not self.dry_run:
             peer.close()
             log.info("job %s: reconnecting for pruning after the cancelled replication", self.job.name)
-            return connect_peer(self.config, self.job, self.zfs, ProcessRegistry(), Progress())
+            return connect_peer(self.config, self.job, self.zfs, ProcessRegistry(), Progress(self.clock), self.clock)
         return peer
 
-    def _prune_both(self, sender: Any, receiver: Any, result: PassResult,
-                    listings: tuple[list[DatasetInfo], dict[str, Any]] | None = None) -> None:
-        """Prune the sender, then the receiver. `listings` (sender, receiver) are the replication's
-        own when it changed nothing since; otherwise both sides are listed again."""
+    def _prune_both(self, sender: Sender, receiver: Receiver, peer: Peer, result: PassResult,
+                    listings: Listings | None) -> None:
+        """Prune the sender, then the receiver (section 12), under a watchdog of its own (a stalled
+        peer must not hold the job lock for ever), and record it in the status."""
         job = self.job
         if not job.keep_sender and not job.keep_receiver:
             # Empty keep lists keep everything: skip both listings (two spawns per run).
             self.doc["pruning_sender"] = self.doc["pruning_receiver"] = prune_summary([])
             return
-        self._set_activity("pruning sender")
-        try:
-            sender_list = listings[0] if listings is not None else sender.list_filesystems()
-        except (ZreplError, OSError) as exc:
-            log.error("job %s: listing the sender for pruning failed: %s", job.name, exc)
-            result.failures["(pruning)"] = str(exc)
-            return
-        try:
-            cursor_job = job.name if job.type == "push" else sender.job
-            contexts = {}
-            for ds in sender_list:
-                cursor = replication_cursor(ds, cursor_job)
-                contexts[ds.name] = PruneContext(cursor_guid=cursor.guid if cursor else None,
-                                                 cursor_createtxg=cursor.createtxg if cursor else None)
-            if job.type == "push":
-                destroy, holds = local_destroyer(self.zfs), self.zfs.holds
-            else:
-                destroy, holds = sender.destroy_snapshots, None
-            pruned = prune_datasets(sender_list, job.keep_sender, destroy, holds, contexts, self.dry_run)
-            self.doc["pruning_sender"] = prune_summary(pruned)
-            self.last_prune = pruned
-            for r in pruned:
-                if r.errors:
-                    result.failures[r.dataset] = f"pruning sender: {len(r.errors)} snapshot(s) could not be destroyed"
-        except (ZreplError, OSError) as exc:
-            log.error("job %s: pruning the sender failed: %s", job.name, exc)
-            result.failures["(pruning sender)"] = str(exc)
-        self._set_activity("pruning receiver")
-        try:
-            wanted = {ds.name for ds in sender_list}
-            datasets, names = [], {}
-            receiver_list = listings[1] if listings is not None else receiver.list_filesystems()
-            for sender_name, (ds, _token) in sorted(receiver_list.items()):
-                if sender_name in wanted:
-                    datasets.append(ds)
-                    names[ds.name] = sender_name
-            if job.type == "pull":
-                destroy, holds, names = local_destroyer(self.zfs), self.zfs.holds, {}
-            else:
-                destroy, holds = receiver.destroy_snapshots, None
-            pruned = prune_datasets(datasets, job.keep_receiver, destroy, holds, None, self.dry_run, names=names)
-            self.doc["pruning_receiver"] = prune_summary(pruned)
-            self.last_prune_receiver = pruned
-            for r in pruned:
-                if r.errors:
-                    result.failures[r.dataset] = f"pruning receiver: {len(r.errors)} snapshot(s) could not be destroyed"
-        except (ZreplError, OSError) as exc:
-            log.error("job %s: pruning the receiver failed: %s", job.name, exc)
-            result.failures["(pruning receiver)"] = str(exc)
+        repl = self.last_replication
+        reports = repl.reports if repl else {}
+        refused = [fs for fs, r in reports.items() if r.state == FilesystemState.PLANNING_ERROR]
+        unprotected = repl.unprotected if repl else {}
+        guards = replication_guards(self.config) if job.type == "push" else []
+        progress, cancelled = Progress(self.clock), []
+
+        def cancel(reason: str) -> None:
+            cancelled.append(reason)
+            peer.cancel(reason)
+
+        def on_side(side: str) -> None:
+            progress.touch()
+            self._set_activity(f"pruning {side}")
+        with Watchdog(progress, job.replication.timeout, cancel):
+            pruned = prune_both_sides(sender, receiver, job.keep_sender, job.keep_receiver, listings, self.dry_run,
+                                      on_side=on_side, job=job.name, guards=guards,
+                                      refused=refused + [fs for fs, side in unprotected.items() if side == "receiver"],
+                                      skip_sender=[fs for fs, side in unprotected.items() if side == "sender"],
+                                      tick=progress.touch)
+        if cancelled:
+            result.failures["(pruning)"] = f"pruning cancelled by the watchdog: {cancelled[0]}"
+        self.doc["pruning_sender"] = prune_summary(pruned.sender)
+        self.doc["pruning_receiver"] = prune_summary(pruned.receiver)
+        self.last_prune, self.last_prune_receiver = pruned.sender, pruned.receiver
+        result.failures.update(pruned.failures)
 
 
 def _with_planned_snapshots(datasets: list[DatasetInfo], batches: list[SnapshotBatchResult],
@@ -7565,179 +8939,6 @@ class StatusTicker(PeriodicThread):
             log.debug("status tick failed: %s", exc)
 
 
-@dataclass
-class Peer:
-    """A connected peer for one active run: the connection and how to tear it down."""
-
-    conn: Connection
-    close: Callable[[], None]
-
-
-def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry,
-                  progress: Progress) -> Peer:
-    """Join an active job to the sink/source serving its local listener: a socketpair, the passive
-    endpoint served in a thread of this process. Streams pass as file descriptors (zero copies)
-    unless a bandwidth limit forces copying."""
-    assert job.connect is not None
-    passive = next(j for j in config.jobs if j.serve and j.serve.type == "local"
-                   and j.serve.listener_name == job.connect.listener_name)
-    client, server = local_pair()
-    client.name, server.name = f"local listener {job.connect.listener_name}", f"local client {job.name}"
-    identity = job.connect.client_identity
-    handlers: dict[str, Handler]
-    if passive.type == "sink":
-        handlers = receiver_handlers(ReceiverEndpoint(zfs, passive.name, passive.root_fs, identity, passive.recv,
-                                                      processes, progress))
-        client.send_limit = _bucket(job.send.bandwidth_limit)
-        server.recv_limit = _bucket(passive.recv.bandwidth_limit)
-    else:
-        assert passive.filesystems is not None
-        handlers = sender_handlers(SenderEndpoint(zfs, passive.name, passive.filesystems, passive.send,
-                                                  processes, progress))
-        server.send_limit = _bucket(passive.send.bandwidth_limit)
-        client.recv_limit = _bucket(job.recv.bandwidth_limit)
-    failure: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            serve_connection(server, handlers)
-        except (ZreplError, OSError) as exc:
-            failure.append(exc)
-            log.debug("local server for %s ended: %s", passive.name, exc)
-        finally:
-            server.close()
-
-    thread = threading.Thread(target=serve, name=f"serve {passive.name}", daemon=True)
-    thread.start()
-    client.handshake_client(identity)
-
-    def close() -> None:
-        client.close()
-        thread.join(timeout=30)
-
-    return Peer(client, close)
-
-
-def _bucket(limit: BandwidthLimit | None) -> TokenBucket | None:
-    return TokenBucket(limit.max, limit.bucket_capacity) if limit else None
-
-
-def connect_peer(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress) -> Peer:
-    """Connect an active job to its passive side over the configured transport."""
-    assert job.connect is not None
-    if job.connect.type == "local":
-        return connect_local(config, job, zfs, processes, progress)
-    return connect_ssh(job, progress)
-
-
-DIAL_RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds between dials refused as temporary
-
-
-def connect_ssh(job: JobConfig, progress: Progress) -> Peer:
-    """ssh+stdinserver: ssh with no remote command; the passive host's authorized_keys forces
-    `zrepl.py stdinserver IDENTITY`, which serves the protocol on its stdin/stdout.
-
-    The connection redials after it broke (RedialingConnection), so the runner's retry attempts
-    after a lost connection (ssh killed, network gone) get a fresh one and resume from the
-    receiver's resume token."""
-    assert job.connect is not None
-    connect = job.connect
-
-    def dial_once() -> Connection:
-        conn = ssh_connect(ssh_argv(connect), name=f"{connect.user}@{connect.host}",
-                           timeout=max(connect.dial_timeout, DEFAULT_PEER_TIMEOUT))
-        if job.type == "push":
-            conn.send_limit = _bucket(job.send.bandwidth_limit)
-        else:
-            conn.recv_limit = _bucket(job.recv.bandwidth_limit)
-            # push counts bytes from the local `zfs send -v -P`; pull has only the stream to count
-            conn.progress = progress.add_bytes
-        try:
-            conn.handshake_client(job.name)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def dial() -> Connection:
-        # A temporary refusal (the server still holds this identity's lock, e.g. its previous
-        # stdinserver is winding down) is worth a few short waits; anything else fails at once.
-        for delay in DIAL_RETRY_DELAYS:
-            try:
-                return dial_once()
-            except ProtocolError as exc:
-                if not exc.temporary:
-                    raise
-                log.warning("job %s: %s; dialing again in %gs", job.name, exc, delay)
-                time.sleep(delay)
-        return dial_once()
-
-    redialing = RedialingConnection(dial)
-    return Peer(redialing, redialing.close)  # type: ignore[arg-type]
-
-
-def ssh_argv(c: ConnectConfig) -> list[str]:
-    """`ssh -T -o BatchMode=yes [-o opt]... -o ConnectTimeout=<dial_timeout> -i identity_file -p port
-    user@host`, no remote command: the forced command in authorized_keys decides what runs.
-
-    ConnectTimeout comes after the configured options because ssh keeps the FIRST value of an
-    option: an explicit `options = ["ConnectTimeout=30"]` wins over dial_timeout."""
-    argv = [c.ssh_command, "-T", "-o", "BatchMode=yes"]
-    for opt in c.options:
-        argv += ["-o", opt]
-    argv += ["-o", f"ConnectTimeout={max(1, int(c.dial_timeout))}"]
-    return argv + ["-i", c.identity_file, "-p", str(c.port), f"{c.user}@{c.host}"]
-
-
-class RedialingConnection:
-    """An active side's connection that dials again after the previous one broke.
-
-    Quacks like the Connection the Remote* proxies use (request, cancel, close). A request that
-    fails with ProtocolError (lost, timed out, garbage) marks the connection stale; the next request
-    dials anew. Cancelled connections never redial: cancel means stop.
-    """
-
-    def __init__(self, dial: Callable[[], Connection]):
-        self._dial = dial
-        self.conn: Connection = dial()
-        self.dials = 1
-        self._stale = False
-        self._cancelled: str | None = None
-
-    def request(self, kind: str, body: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
-        if self._stale and self._cancelled is None:
-            try:
-                self._redial()
-            except BaseException:
-                stream_in = kwargs.get("stream_in")
-                if stream_in is not None:  # ownership passed to us: don't leak the producer's pipe
-                    os.close(stream_in if isinstance(stream_in, int) else stream_in.fd)
-                raise
-        try:
-            return self.conn.request(kind, body, **kwargs)
-        except ProtocolError:
-            self._stale = True
-            raise
-
-    def _redial(self) -> None:
-        log.info("%s: connecting again after the lost connection", self.conn.name)
-        self.conn.close()
-        self.conn = self._dial()
-        self.dials += 1
-        self._stale = False
-
-    @property
-    def name(self) -> str:
-        return self.conn.name
-
-    def cancel(self, reason: str = "cancelled") -> None:
-        self._cancelled = reason
-        self.conn.cancel(reason)
-
-    def close(self) -> None:
-        self.conn.close()
-
-
 # ---- the passive side of ssh+stdinserver: one process per client connection ----------------------
 
 STDINSERVER_LOCK_WAIT = 30.0  # seconds a new connection waits for the same identity's previous one
@@ -7747,50 +8948,25 @@ CLIENT_ERRORS_KEPT = 10
 StatusMerge = Callable[[str, Callable[[dict[str, Any]], None]], None]
 
 
-def stdinserver_job(config: Config, identity: str) -> JobConfig:
-    """The sink or source job whose `serve = {type = "stdinserver"}` lists `identity`."""
-    matches = [j for j in config.jobs
-               if j.serve is not None and j.serve.type == "stdinserver" and identity in j.serve.client_identities]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise ZreplError(f"client identity {identity!r} is listed by several jobs "
-                         f"({', '.join(j.name for j in matches)}); it must select exactly one sink or source job")
-    known = sorted({i for j in config.jobs if j.serve is not None and j.serve.type == "stdinserver"
-                    for i in j.serve.client_identities})
-    raise ZreplError(f"unknown client identity {identity!r}: no sink or source job in {config.file} lists it "
-                     f"in serve.client_identities (known: {', '.join(known) or 'none'})")
-
-
-def passive_handlers(job: JobConfig, identity: str, zfs: Zfs, processes: ProcessRegistry,
-                     progress: Progress) -> dict[str, Handler]:
-    """The protocol handlers a sink (receiver below root_fs/<identity>) or a source (sender of its
-    filesystems filter) offers one client."""
-    if job.type == "sink":
-        return receiver_handlers(ReceiverEndpoint(zfs, job.name, job.root_fs, identity, job.recv, processes, progress))
-    assert job.filesystems is not None
-    return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress))
-
-
 class ClientBusy(ZreplError):
     """The same client identity is still being served by another stdinserver process."""
 
     temporary = True
 
 
-def acquire_client_lock(runtime_dir: str, job: str, identity: str,
-                        wait: float = STDINSERVER_LOCK_WAIT) -> JobLock | None:
+def acquire_client_lock(runtime_dir: str, job: str, identity: str, wait: float = STDINSERVER_LOCK_WAIT,
+                        clock: Clock = SYSTEM_CLOCK) -> JobLock | None:
     """One connection per (job, identity) at a time: a client that reconnects after a lost connection
     waits here until the previous server process has let its `zfs recv` save the resume state.
     Returns the held lock, or None when the runtime dir is unusable (then we serve unlocked)."""
-    lock = JobLock(runtime_dir, f"{job}.client.{identity}")
-    deadline = time.monotonic() + wait
+    lock = JobLock.for_client(runtime_dir, job, identity)
+    deadline = clock.monotonic() + wait
     try:
         while not lock.try_acquire():
-            if time.monotonic() >= deadline:
+            if clock.monotonic() >= deadline:
                 raise ClientBusy(f"another connection of client {identity!r} to job {job!r} is still being "
                                  f"served (pid {lock.holder_pid() or '?'}); try again later")
-            time.sleep(0.2)
+            clock.sleep(0.2)
     except OSError as exc:
         log.warning("cannot lock %s (%s); serving without the per-client lock", lock.path, exc.strerror or exc)
         return None
@@ -7907,7 +9083,7 @@ class ClientRecorder:
 
 
 # =================================================================================================
-# 13. Status
+# 14. Status
 # =================================================================================================
 
 NAGIOS_OK, NAGIOS_WARNING, NAGIOS_CRITICAL, NAGIOS_UNKNOWN = 0, 1, 2, 3
@@ -7967,7 +9143,7 @@ class StatusStore:
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, mode=0o755, exist_ok=True)
         ensure_private_dir(self.runtime_dir)
-        lock_fd = os.open(os.path.join(self.runtime_dir, "status.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock_fd = _open_private_file(os.path.join(self.runtime_dir, "status.lock"), os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
@@ -8101,6 +9277,11 @@ def evaluate_job(name: str, jtype: str, doc: dict[str, Any] | None, now: float,
         act = doc.get("activity") or {}
         if _pid_alive(doc.get("pid")):
             parts.append(f"running: {act.get('step', '?')} {act.get('progress', '')}".rstrip())
+            started = parse_iso(last.get("start")) if isinstance(last, dict) else None
+            if started is not None and now - started > monitoring.crit_no_success_after:
+                # a run that holds the job's lock this long keeps every later run out ("busy")
+                level = NAGIOS_CRITICAL
+                parts.append(f"the run started {format_duration(now - started)} ago still holds the job (stuck?)")
         else:
             level = max(level, NAGIOS_WARNING)
             parts.append(f"a run (pid {doc.get('pid')}) died during {act.get('step', '?')}")
@@ -8208,7 +9389,7 @@ def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool)
 
 
 # =================================================================================================
-# 14. CLI
+# 15. CLI
 # =================================================================================================
 
 class _LogfmtFormatter(logging.Formatter):
@@ -8401,7 +9582,9 @@ def cmd_stdinserver(args: argparse.Namespace) -> int:
     try:
         config = _open_config(args)
         job = stdinserver_job(config, identity)
-        lock = acquire_client_lock(config.global_.runtime_dir, job.name, identity)
+        # ZREPL_STDINSERVER_LOCK_WAIT (seconds) shortens the wait for the previous connection (tests)
+        wait = float(os.environ.get("ZREPL_STDINSERVER_LOCK_WAIT", STDINSERVER_LOCK_WAIT))
+        lock = acquire_client_lock(config.global_.runtime_dir, job.name, identity, wait)
     except ZreplError as exc:
         _refuse_stdio_client(str(exc), temporary=isinstance(exc, ClientBusy))
         raise
@@ -8410,7 +9593,8 @@ def cmd_stdinserver(args: argparse.Namespace) -> int:
     try:
         processes, progress = ProcessRegistry(), Progress()
         recorder = ClientRecorder(job, identity, store.update)
-        handlers = recorder.wrap(passive_handlers(job, identity, args.zfs, processes, progress))
+        handlers = recorder.wrap(passive_handlers(job, identity, args.zfs, processes, progress,
+                                                  replication_guards(config)))
         conn = Connection.from_stdio(name=f"client {identity}")
         if job.type == "sink":
             conn.recv_limit = _bucket(job.recv.bandwidth_limit)
@@ -8473,30 +9657,29 @@ def cmd_test_placeholder(args: argparse.Namespace) -> int:
             root = validate_dataset_name(args.dataset)
         except ValueError as exc:
             raise UsageError(f"--dataset: {exc}") from None
-        listing = args.zfs.list_datasets([root])
+        listing = args.zfs.list_datasets([root], depth=0)
         names = [root] if root in listing else []
         if not names:
             raise ZreplError(f"dataset {root!r} does not exist")
     else:
         listing = args.zfs.list_datasets([])
         names = sorted(listing)
+    placeholders = args.zfs.local_placeholders(names)
     for name in names:
-        state = "placeholder" if listing[name].props.get(PLACEHOLDER_PROPERTY) == "on" else "not a placeholder"
+        state = "placeholder" if name in placeholders else "not a placeholder"
         print(f"{name}\t{state}")
     return EXIT_OK
 
 
 def cmd_test_decoderesumetoken(args: argparse.Namespace) -> int:
-    """Decode a receive_resume_token with `zfs send -nvt` and print what it would resume."""
+    """Decode a receive_resume_token (as zfs would, without running it) and print what it resumes."""
     if not re.fullmatch(r"[0-9a-zA-Z-]+", args.token):
         raise UsageError("--token: not a resume token (expected the receive_resume_token property's value)")
-    proc = args.zfs.run(["zfs", "send", "-n", "-v", "-t", args.token], check=False)
-    text = proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
     try:
-        decoded = parse_resume_token_info(text)
-    except ValueError:
-        raise ZreplError(f"cannot decode the token: {text.strip()}") from None
-    print(json.dumps(dataclasses.asdict(decoded), indent=2))
+        decoded = args.zfs.decode_resume_token(args.token)
+    except ZfsError as exc:
+        raise ZreplError(f"cannot decode the token: {exc.stderr}") from None
+    print(json.dumps({**dataclasses.asdict(decoded), "flags": sorted(decoded.flags)}, indent=2))
     return EXIT_OK
 
 
@@ -8547,8 +9730,41 @@ def cmd_zfs_abstractions(args: argparse.Namespace) -> int:
             what = f"hold {a.tag}" if a.is_hold else "bookmark"
             print(f"{a.type}\t{a.job}\t{a.full_name}\t{what}")
     if args.action != "list" and not args.dry_run:
-        destroy_abstractions(zfs, chosen)
+        locks = _lock_abstraction_owners(args, {a.job for a in chosen})
+        try:
+            destroy_abstractions(zfs, chosen)
+        finally:
+            for lock in locks:
+                lock.release()
     return EXIT_OK
+
+
+def _lock_abstraction_owners(args: argparse.Namespace, jobs: set[str]) -> list[JobLock]:
+    """Take the lock of every job of this host's config (a source's client: that client's lock)
+    whose abstractions are about to go, so no run of it is between placing and using them."""
+    try:
+        config = load_config(find_config_file(args.config))
+    except ConfigError as exc:
+        log.warning("no usable config (%s): releasing without taking the jobs' locks", exc)
+        return []
+    owners: list[tuple[str, JobLock]] = []
+    rt = config.global_.runtime_dir
+    for job in config.jobs:
+        if job.name in jobs:
+            owners.append((job.name, JobLock(rt, job.name)))
+        if job.type == "source" and job.serve is not None and job.serve.type == "stdinserver":
+            for ident in job.serve.client_identities:
+                if source_abstraction_job(job, ident) in jobs:
+                    owners.append((f"{job.name} (client {ident})", JobLock.for_client(rt, job.name, ident)))
+    held: list[JobLock] = []
+    for name, lock in owners:
+        if not lock.try_acquire():
+            for other in held:
+                other.release()
+            raise ZreplError(f"job {name!r} is running (pid {lock.holder_pid() or '?'}): nothing was released; "
+                             f"try again when it is idle")
+        held.append(lock)
+    return held
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -8653,6 +9869,9 @@ def main(argv: Sequence[str] | None = None, *, zfs: Zfs | None = None) -> int:
         return EXIT_USAGE
     except UsageError as exc:
         print(f"zrepl.py: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SetupError as exc:
+        print(f"zrepl.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (ZreplError, ValueError) as exc:
         print(f"zrepl.py: error: {exc}", file=sys.stderr)

@@ -314,3 +314,15 @@ def test_listener_check_is_skipped_only_where_a_broken_job_may_serve_it():
     assert paths == ["jobs[1].filesystems", "jobs[0].connect.listener_name"]
     paths = [e.path for e in errors_of(textwrap.dedent(push) + broken_sink)]
     assert paths == ["jobs[1].root_fs"]  # the sink serves it; only its own error is reported
+
+
+def test_excluding_a_receive_root_from_an_everything_filter_is_enough():
+    """configcheck refuses a filter that reaches a receive root and says to add "root<" = false;
+    doing so must satisfy it, also when the filter accepts everything ("<")."""
+    sink = ('[[jobs]]\nname = "k"\ntype = "sink"\nroot_fs = "pool/sink"\n'
+            'serve = { type = "local", listener_name = "l" }\n')
+    snap = snap_with('{ "tank<" = true }', '{ "<" = true }')
+    assert "pool/sink<" in only_error(snap + sink).message
+    zrepl.parse_config(snap_with('{ "tank<" = true }', '{ "<" = true, "pool/sink<" = false }') + sink)
+    error = only_error(snap_with('{ "tank<" = true }', '{ "<" = true, "pool/sink" = false }') + sink)
+    assert error.path == "jobs[0].filesystems"  # only the dataset itself is excluded, its children are not

@@ -11,12 +11,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zrepl  # noqa: E402
 
 LISTING = "\n".join([
-    "tank\tfilesystem\t111\t1\t1700000000\t-\t-\toff\t-\t-\t-",
-    "tank/with space\tfilesystem\t222\t5\t1700000100\t-\t-\toff\t-\t-\ton",
-    "tank/with space@b\tsnapshot\t333\t9\t1700000200\t0\t-\toff\t-\t-\t-",
-    "tank/with space@a\tsnapshot\t444\t12\t1700000300\t2\t-\toff\t-\t-\t-",
-    "tank/with space#zrepl_CURSOR_G_00000000000001bd_J_push\tbookmark\t445\t12\t1700000300\t-\t-\t-\t-\t-\t-",
-    "tank/vol\tvolume\t555\t20\t1700000400\t-\t1-abc-def\taes-256-gcm\ttank/vol\tavailable\t-",
+    "tank\tfilesystem\t111\t1\t1700000000\t-\t-\toff\t-\t-",
+    "tank/with space\tfilesystem\t222\t5\t1700000100\t-\t-\toff\t-\t-",
+    "tank/with space@b\tsnapshot\t333\t9\t1700000200\t0\t-\toff\t-\t-",
+    "tank/with space@a\tsnapshot\t444\t12\t1700000300\t2\t-\toff\t-\t-",
+    "tank/with space#zrepl_CURSOR_G_00000000000001bd_J_push\tbookmark\t445\t12\t1700000300\t-\t-\t-\t-\t-",
+    "tank/vol\tvolume\t555\t20\t1700000400\t-\t1-abc-def\taes-256-gcm\ttank/vol\tavailable",
 ])
 
 
@@ -26,11 +26,48 @@ def test_parse_zfs_list_orders_by_createtxg_and_keeps_props():
     fs = ds["tank/with space"]
     assert [v.name for v in fs.snapshots()] == ["b", "a"]  # createtxg order, not name order
     assert fs.snapshots()[1].userrefs == 2
-    assert fs.props["zrepl:placeholder"] == "on"
     assert fs.bookmarks()[0].full_name == "tank/with space#zrepl_CURSOR_G_00000000000001bd_J_push"
     vol = ds["tank/vol"]
     assert vol.type == "volume" and vol.props["receive_resume_token"] == "1-abc-def"
-    assert "zrepl:placeholder" not in ds["tank"].props  # "-" means unset
+    assert "encryptionroot" not in ds["tank"].props  # "-" means unset
+    # no user property is listed: a value with a TAB or NEWLINE cannot shift or forge rows
+    assert not any(":" in p for p in zrepl.LIST_PROPERTIES)
+
+
+def test_parse_zfs_list_skips_rows_zfs_cannot_print():
+    forged = LISTING + "\ntank/with space@fake\tsnapshot\tnot-a-number\t99\t1700000900\t0\t-\toff\t-\t-"
+    ds = zrepl.parse_zfs_list(forged)
+    assert [v.name for v in ds["tank/with space"].snapshots()] == ["b", "a"]
+
+
+class ScriptedZfs(zrepl.Zfs):
+    """Answers `zfs get` with canned output per argv; records the calls."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers, self.calls = answers, []
+
+    def run(self, argv, *, check=True, timeout=None, input=None):
+        import subprocess
+        self.calls.append(list(argv))
+        out = self.answers[tuple(argv[7:])]
+        return subprocess.CompletedProcess(argv, 0, out, b"")
+
+
+
+def test_local_placeholders_counts_only_a_locally_set_on():
+    zfs = ScriptedZfs({("r/a", "r/b", "r/c"): b"r/a\tlocal\ton\nr/b\tinherited from r/a\ton\nr/c\tlocal\toff\n"})
+    assert zfs.local_placeholders(["r/a", "r/b", "r/c"]) == {"r/a"}
+    assert len(zfs.calls) == 1
+
+
+def test_local_placeholders_distrusts_a_forged_line_and_asks_each_dataset():
+    # r/evil's value contains a NEWLINE and forges a line claiming r/victim is a placeholder
+    forged = b"r/evil\tlocal\tx\nr/victim\tlocal\ton\nr/victim\t-\t-\n"
+    zfs = ScriptedZfs({("r/evil", "r/victim"): forged,
+                       ("r/evil",): b"x\nr/victim\tlocal\ton\tlocal\n", ("r/victim",): b"-\t-\n"})
+    assert zfs.local_placeholders(["r/evil", "r/victim"]) == set()
+    assert [c[-1] for c in zfs.calls[1:]] == ["r/evil", "r/victim"]  # one by one after the forgery
 
 
 def test_parse_zfs_list_rejects_wrong_column_count():
@@ -226,3 +263,51 @@ def test_mysql_dsn_translation_keeps_password_off_argv():
     assert "--host=db.example" in argv and "--port=3307" in argv and argv[-1] == "mydb"
     with pytest.raises(ValueError):
         zrepl.mysql_client_argv("garbage")
+
+
+# ---- lock name spaces and the runtime dir (issue 8 items 5 and 13) ----
+
+def test_job_client_and_status_locks_live_in_disjoint_name_spaces(tmp_path):
+    rt = str(tmp_path / "rt")
+    paths = {zrepl.JobLock(rt, "status").path, zrepl.JobLock(rt, "a.client.b").path,
+             zrepl.JobLock.for_client(rt, "a", "b").path, os.path.join(rt, "status.lock"),
+             zrepl.WakeupRequest(rt, "a.client.b").path}
+    assert len(paths) == 5
+    status_job = zrepl.JobLock(rt, "status")
+    assert status_job.try_acquire()  # a job named "status" no longer takes the status writer's lock
+    store = zrepl.StatusStore(str(tmp_path / "status.json"), rt)
+    store.publish("status", {"type": "snap", "state": "idle"})
+    assert store.read()["jobs"]["status"]["state"] == "idle"
+    status_job.release()
+
+
+def test_an_unusable_runtime_dir_is_a_setup_error_naming_the_path(tmp_path):
+    plain_file = tmp_path / "file"
+    plain_file.write_text("")
+    with pytest.raises(zrepl.SetupError, match="is not a directory"):
+        zrepl.JobLock(str(plain_file), "j").try_acquire()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(zrepl.SetupError, match="chmod 700"):
+        zrepl.JobLock(str(shared), "j").try_acquire()
+    rt = tmp_path / "rt"
+    (rt / "jobs").mkdir(parents=True, mode=0o700)
+    (rt / "jobs" / "j.lock").symlink_to(tmp_path / "victim")
+    with pytest.raises(zrepl.SetupError, match="is a symlink"):
+        zrepl.JobLock(str(rt), "j").try_acquire()
+    assert not (tmp_path / "victim").exists()
+    (rt / "jobs" / "k.lock").mkdir()
+    with pytest.raises(zrepl.SetupError, match="is a directory"):
+        zrepl.JobLock(str(rt), "k").try_acquire()
+
+
+def test_a_run_holding_its_job_far_too_long_is_critical():
+    # a stalled peer (heartbeats only) must not keep a job "running" and green for ever (issue 8 item 12)
+    doc = {"state": "running", "pid": os.getpid(), "activity": {"step": "pruning receiver"},
+           "last_run": {"start": zrepl.iso_time(NOW - 7 * 3600), "end": None, "result": "running"},
+           "last_success": zrepl.iso_time(NOW - 3600)}
+    health = zrepl.evaluate_job("j", "push", doc, NOW, MON)
+    assert health.level == zrepl.NAGIOS_CRITICAL and "still holds the job" in health.line
+    doc["last_run"]["start"] = zrepl.iso_time(NOW - 60)
+    assert zrepl.evaluate_job("j", "push", doc, NOW, MON).level == zrepl.NAGIOS_OK

@@ -27,8 +27,9 @@ def test_bookmark_exists_is_classified_as_exists():
 
 
 def test_sender_error_is_named_as_the_cause():
+    # the peer's ERROR frame carries its ZfsError's temporary flag (kind "other": temporary)
     recv = zrepl.RemoteError("`zfs recv -u -s p/x` failed (exit 1, other): cannot receive: failed to read from stream",
-                             remote_type="ZfsError")
+                             remote_type="ZfsError", temporary=True)
     err = zrepl.with_sender_error(recv, "`zfs send -v -P p/a@1` exited with status 1: ssh: connection reset")
     assert isinstance(err, zrepl.EndpointError)
     assert str(err).startswith("the sending side failed: `zfs send -v -P p/a@1` exited with status 1: ssh: connection")
@@ -61,10 +62,12 @@ def test_plan_carries_the_common_snapshot_only_when_continuing():
 
 
 class FakeSender:
+    info = zrepl.PeerInfo(job="push", type="push", abstraction_job="push")
+
     def __init__(self, datasets):
-        self.job = "push"
         self.datasets = datasets
         self.completed = []
+        self.released = []
 
     def list_filesystems(self):
         return self.datasets
@@ -72,13 +75,20 @@ class FakeSender:
     def complete(self, fs, to, to_guid, level):
         self.completed.append((fs, to, to_guid, level))
 
+    def release_stale(self, fs):
+        self.released.append(fs)
+
 
 class FakeReceiver:
-    root = "dst"
+    info = zrepl.PeerInfo(job="sink", type="sink", abstraction_job="sink", root="dst")
 
     def __init__(self, listing):
         self.listing = listing
         self.held = []
+        self.released = []
+
+    def release_stale(self, fs):
+        self.released.append(fs)
 
     def list_filesystems(self):
         return self.listing
@@ -89,7 +99,8 @@ class FakeReceiver:
 
 def _replication(sender_versions, receiver_versions, dry_run=False, incremental="guarantee_resumability"):
     sender = FakeSender([DatasetInfo("src/fs", "filesystem", versions=sender_versions)])
-    receiver = FakeReceiver({"src/fs": (DatasetInfo("dst/src/fs", "filesystem", versions=receiver_versions), None)})
+    receiver = FakeReceiver({"src/fs": zrepl.ReceiverFilesystem(DatasetInfo("dst/src/fs", "filesystem",
+                                                                             versions=receiver_versions))})
     settings = zrepl.ReplicationSettings(job="push", plan=PlanSettings(protection_incremental=incremental),
                                          dry_run=dry_run)
     return zrepl.Replication(sender, receiver, settings, zrepl.Progress()), sender, receiver
@@ -137,3 +148,50 @@ def test_a_filesystem_that_vanished_since_the_last_attempt_is_dropped_from_the_r
     repl._report("src/gone").state = "step-error"
     repl.plan()
     assert "src/gone" not in repl.reports and "src/fs" in repl.reports
+
+
+class ManualClock(zrepl.Clock):
+    def __init__(self):
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_watchdog_fires_only_after_the_timeout_without_progress():
+    clock = ManualClock()
+    progress = zrepl.Progress(clock)
+    cancelled = []
+    dog = zrepl.Watchdog(progress, timeout=600, cancel=cancelled.append)
+    clock.now += 599
+    assert not dog.check()
+    progress.add_bytes(1)  # a sign of life restarts the count
+    clock.now += 599
+    assert not dog.check() and not cancelled
+    clock.now += 2
+    assert dog.check()
+    assert len(cancelled) == 1
+    assert "no progress for 10m1s" in cancelled[0] and "replication.timeout = 10m" in cancelled[0]
+
+
+def test_a_no_op_run_heals_what_a_crash_during_completion_left():
+    # killed between the new cursor and the release of the old one (sender), and between the new
+    # last-received hold and the release of the older one (receiver): issue 14 item 2
+    a, b = snap("src/fs", "a", 10, 0xA), snap("src/fs", "b", 20, 0xB, userrefs=1)
+    old = bookmark("src/fs", zrepl.cursor_bookmark_name(0xA, "push"), 10, 0xA)
+    new = bookmark("src/fs", zrepl.cursor_bookmark_name(0xB, "push"), 20, 0xB)
+    repl, sender, receiver = _replication([old, a, new, b], [snap("dst/src/fs", "a", 5, 0xA, userrefs=1),
+                                                              snap("dst/src/fs", "b", 6, 0xB, userrefs=1)])
+    assert repl.plan()[0].up_to_date
+    assert sender.released == ["src/fs"] and receiver.released == ["src/fs"]
+    b_released = snap("src/fs", "b", 20, 0xB)
+    clean, sender, receiver = _replication([a, new, b_released], [snap("dst/src/fs", "a", 5, 0xA),
+                                                          snap("dst/src/fs", "b", 6, 0xB, userrefs=1)])
+    clean.plan()
+    assert sender.released == [] and receiver.released == []  # nothing to heal: no spawn

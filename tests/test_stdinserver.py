@@ -221,15 +221,47 @@ def test_unknown_identity_is_refused_with_a_clear_message_before_any_zfs_call(se
     assert fake.calls() == []
 
 
-def test_second_connection_of_one_identity_is_refused_as_temporary(setup):
+def test_second_connection_of_one_identity_is_refused_as_temporary(setup, monkeypatch):
     fake, cfg, connect = setup
     first = connect("client1")
-    # the server waits STDINSERVER_LOCK_WAIT for the first connection to end, then refuses
-    second = connect("client1", handshake=False, timeout=zrepl.STDINSERVER_LOCK_WAIT + 20)
+    # the server waits STDINSERVER_LOCK_WAIT (here shortened) for the first connection to end, then refuses
+    monkeypatch.setenv("ZREPL_STDINSERVER_LOCK_WAIT", "0.5")
+    second = connect("client1", handshake=False, timeout=20)
     with pytest.raises(zrepl.ProtocolError) as ei:
         second.handshake_client("client1")
     assert "handshake refused" in str(ei.value) and ei.value.temporary is True  # worth dialing again
-    assert first.request("receiver.list", {})["root"] == "tank/sink/client1"  # the first is still served
+    assert first.request("endpoint.info", {})["root"] == "tank/sink/client1"  # the first is still served
+
+
+class FakeClock(zrepl.Clock):
+    """Time that moves only when something sleeps (CPython's test_sched model)."""
+
+    def __init__(self, start: float = 1_000.0):
+        self.now, self.slept = start, []
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_client_lock_waits_for_the_previous_connection_then_refuses(tmp_path):
+    holder = zrepl.JobLock.for_client(str(tmp_path), "sink", "c1")
+    assert holder.try_acquire()
+    clock = FakeClock()
+    with pytest.raises(zrepl.ClientBusy) as ei:
+        zrepl.acquire_client_lock(str(tmp_path), "sink", "c1", wait=30, clock=clock)
+    assert ei.value.temporary and "still being served" in str(ei.value)
+    assert 29.9 <= sum(clock.slept) <= 30.3 and max(clock.slept) <= 0.2  # polled, never a blind 30 s sleep
+    holder.release()
+    lock = zrepl.acquire_client_lock(str(tmp_path), "sink", "c1", wait=30, clock=clock)
+    assert lock is not None
+    lock.release()
 
 
 def test_unknown_identity_without_a_client_exits_with_the_message(setup):
@@ -245,10 +277,11 @@ def test_unknown_identity_without_a_client_exits_with_the_message(setup):
 def test_identity_comes_from_the_forced_command_not_from_the_client(setup):
     fake, cfg, connect = setup
     conn = connect("client1", claimed="client2")
-    body = conn.request("receiver.list", {})
-    assert body["root"] == "tank/sink/client1" and body["job"] == "sink"
-    assert sorted(body["filesystems"]) == ["prod", "prod/fs"]
-    guids = [v["guid"] for v in body["filesystems"]["prod/fs"]["dataset"]["versions"]]
+    info = conn.request("endpoint.info", {})
+    assert info["root"] == "tank/sink/client1" and info["job"] == "sink"
+    listing = dict(zrepl.fetch_listing(conn, "receiver.list"))
+    assert sorted(listing) == ["prod", "prod/fs"]
+    guids = [v.guid for v in listing["prod/fs"].versions]
     assert guids == [11]  # client1's snapshot, never client2's (guid 21)
     assert_confined(fake, in_client1, read_also={"tank/sink"})
 
@@ -291,7 +324,7 @@ def test_sink_refuses_bad_names_before_any_zfs_call(setup):
         with pytest.raises(zrepl.RemoteError):
             conn.request("receiver.destroy", {"fs": "prod/fs", "names": [name]})
     assert fake.calls()[before:] == []  # every one refused before zfs ran
-    assert conn.request("receiver.list", {})["root"] == "tank/sink/client1"  # still usable
+    assert conn.request("endpoint.info", {})["root"] == "tank/sink/client1"  # still usable
 
 
 @pytest.mark.parametrize("size", [1000, 2 * MiB])  # small: the whole stream is out before the refusal
@@ -305,7 +338,7 @@ def test_sink_receive_with_a_traversing_name_never_starts_zfs_recv(setup, size):
             conn.request("receiver.receive", req, stream_in=zrepl.OutgoingStream.from_process(producer, "head"))
         producer.wait()
     assert not any(argv[0] in ("recv", "receive", "create") for argv in fake.calls())
-    assert conn.request("receiver.list", {})["root"] == "tank/sink/client1"
+    assert conn.request("endpoint.info", {})["root"] == "tank/sink/client1"
 
 
 def test_names_of_another_identity_land_inside_the_own_subtree(setup):
@@ -338,7 +371,7 @@ def test_source_client_reaches_only_its_filesystems_filter(setup):
     fake, cfg, connect = setup
     fake.set_world({**WORLD, "send_bytes": 1000})
     conn = connect("puller")
-    listed = [d["name"] for d in conn.request("sender.list", {})["filesystems"]]
+    listed = [ds.name for _, ds in zrepl.fetch_listing(conn, "sender.list")]
     assert listed == ["tank/data"]
     for fs in ("tank/other", "tank/data/secret", "tank/sink/client1/prod/fs", "tank", "tank/data/../other"):
         req = {"fs": fs, "to": "a", "to_guid": 51}
@@ -352,8 +385,10 @@ def test_source_client_reaches_only_its_filesystems_filter(setup):
                 conn.request(kind, body, stream_out=lambda b, s: s.discard())
             assert "internal error" not in str(ei.value)
     # a resume token of another dataset, smuggled into a request for an allowed one
-    with pytest.raises(zrepl.RemoteError, match="belongs to 'tank/other'"):
-        conn.request("sender.send", {"fs": "tank/data", "to": "a", "to_guid": 31, "resume_token": "1-foreign-token"},
+    foreign = zrepl.encode_resume_token({"object": 1, "offset": 0, "bytes": 0, "toguid": 0x1F,
+                                         "toname": "tank/other@a"})
+    with pytest.raises(zrepl.RemoteError, match="continues 'tank/other@a', not a snapshot of tank/data"):
+        conn.request("sender.send", {"fs": "tank/data", "to": "a", "to_guid": 31, "resume_token": foreign},
                      stream_out=lambda b, s: s.discard())
     for bad in (["a@b", 1], ["../x", 1], ["a", "x"], "xx", [["a"]]):
         with pytest.raises(zrepl.RemoteError) as ei:
@@ -466,7 +501,7 @@ def test_one_connection_per_identity_a_reconnect_waits_for_the_previous(setup):
     first = connect("client1")
     first.request("receiver.list", {})
     other = connect("client2")  # another identity is not held up
-    assert other.request("receiver.list", {})["root"] == "tank/sink/client2"
+    assert other.request("endpoint.info", {})["root"] == "tank/sink/client2"
     second = connect("client1", handshake=False)
     import threading
     done = {}
@@ -479,7 +514,7 @@ def test_one_connection_per_identity_a_reconnect_waits_for_the_previous(setup):
     first.close()
     t.join(20)
     assert done["at"] >= closed_at
-    assert second.request("receiver.list", {})["root"] == "tank/sink/client1"
+    assert second.request("endpoint.info", {})["root"] == "tank/sink/client1"
 
 
 # ---- bandwidth limits on the passive side ------------------------------------------------------
@@ -543,6 +578,22 @@ def test_passive_side_applies_its_bandwidth_limits(tmp_path):
 
 # ---- the active side's ssh transport ------------------------------------------------------------
 
+class ProcessSource:
+    """A StreamSource over a producer process's stdout (what SendProcess is for `zfs send`)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.stream = zrepl.OutgoingStream.from_process(proc, proc.args[0])
+
+    def open_fd(self) -> int:
+        return self.stream.fd
+
+    def finish(self) -> str | None:
+        return self.stream.finish() if self.stream.finish else None
+
+    def abandon(self) -> None:
+        pass
+
+
 def ssh_job(identity_file: str = "/etc/zrepl/id", options: list[str] | None = None, **kw) -> zrepl.JobConfig:
     connect = zrepl.ConnectConfig(type="ssh+stdinserver", host="backup.example.com", user="zrepl", port=2222,
                                   identity_file=identity_file, options=options or [], **kw)
@@ -576,7 +627,7 @@ def test_connect_ssh_runs_ssh_without_a_remote_command_and_talks_to_stdinserver(
         try:
             receiver = zrepl.RemoteReceiver(peer.conn)
             assert sorted(receiver.list_filesystems()) == ["prod", "prod/fs"]
-            assert receiver.root == "tank/sink/client1"
+            assert receiver.info.root == "tank/sink/client1" and receiver.info.job == "sink"
         finally:
             peer.close()
     finally:
@@ -604,7 +655,7 @@ def test_connect_ssh_applies_the_push_jobs_send_limit(setup, tmp_path):
             with pytest.raises(zrepl.RemoteError):  # the fake recv leaves nothing to verify
                 zrepl.RemoteReceiver(peer.conn).receive(
                     zrepl.StepRequest(fs="prod/fs", to="s2", to_guid=5, from_="@s1", from_guid=11),
-                    zrepl.OutgoingStream.from_process(producer, "head"))
+                    ProcessSource(producer))
             elapsed = time.monotonic() - start
             producer.wait()
         finally:

@@ -56,7 +56,8 @@ def toml_document(data: dict) -> str:
 UNSUPPORTED = "transport is not supported by zrepl.py"
 # sample -> the errors we report (key path, words of the message); empty = it loads.
 SAMPLE_OUTCOMES = {
-    "bandwidth_limit": [],
+    # two sinks on one local listener: zrepl lets them share it (a connection reaches either of them)
+    "bandwidth_limit": [("jobs[2].serve.listener_name", "already served by job 'limited_sink'")],
     "empty": [],
     "include.d__snap": [],
     "include": [("include", "include is not supported")],
@@ -125,8 +126,12 @@ def test_sample_config_loads_with_our_transport(name):
 
 
 def test_sample_bandwidth_limit():
-    """zrepl build_jobs_test.go testSampleConfig_BandwidthLimit."""
-    config = parse((SAMPLES / "bandwidth_limit.toml").read_text())
+    """zrepl build_jobs_test.go testSampleConfig_BandwidthLimit, with the third sink on a listener of
+    its own (zrepl.py refuses two jobs serving one local listener, see above)."""
+    text = (SAMPLES / "bandwidth_limit.toml").read_text()
+    assert text.count('listener_name = "localsink" }') == 2
+    head, sep, tail = text.rpartition('listener_name = "localsink"')
+    config = parse(head + 'listener_name = "another_localsink"' + tail)
     limited_sink, limited_push, unlimited_sink = config.jobs
     sink_limit, push_limit = limited_sink.recv.bandwidth_limit, limited_push.send.bandwidth_limit
     assert (sink_limit.max, sink_limit.bucket_capacity) == (12345, 1 << 17)
@@ -244,7 +249,7 @@ PUSH = """
 name = "foo"
 type = "push"
 connect = {{ type = "local", listener_name = "foo", client_identity = "bar" }}
-filesystems = {{ "<" = true }}
+filesystems = {{ "<" = true, "pool/sink<" = false }}
 {extra}
 pruning = {{ keep_sender = [{{ type = "last_n", count = 10 }}], keep_receiver = [{{ type = "last_n", count = 10 }}] }}
 
@@ -255,7 +260,9 @@ root_fs = "pool/sink"
 serve = {{ type = "local", listener_name = "foo" }}
 """
 # zrepl's push template connects to listener "foo" without a sink serving it; our config check
-# requires one in the same config (the local-listener check), so the template above adds it.
+# requires one in the same config (the local-listener check), so the template above adds it, and
+# keeps the sink's root_fs out of the push filter (configcheck refuses a filter that reaches a
+# receive root: the push would snapshot and prune the replicas).
 
 
 def push(extra: str, snapshotting: str = 'snapshotting = { type = "manual" }') -> zrepl.JobConfig:

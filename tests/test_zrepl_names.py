@@ -87,13 +87,14 @@ def test_entity_namecheck(name, kind, ok):
 def push_job_named(name: str) -> str:
     """zrepl's template (a push job over a local connect, pruning last_n 10 on both sides) in TOML,
     plus the sink serving listener "foo": our config check requires the listener a local connect
-    names (the local-listener check, README: Coming from zrepl); zrepl checks it when the daemon runs."""
+    names (the local-listener check, README: Coming from zrepl); zrepl checks it when the daemon runs.
+    The push filter leaves the sink's root_fs out, which configcheck requires."""
     return f"""
 [[jobs]]
 name = {json.dumps(name)}
 type = "push"
 connect = {{ type = "local", listener_name = "foo", client_identity = "bar" }}
-filesystems = {{ "<" = true }}
+filesystems = {{ "<" = true, "pool/sink<" = false }}
 snapshotting = {{ type = "manual" }}
 pruning = {{ keep_sender = [{{ type = "last_n", count = 10 }}], keep_receiver = [{{ type = "last_n", count = 10 }}] }}
 

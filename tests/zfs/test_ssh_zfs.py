@@ -301,7 +301,7 @@ def test_hostile_client_over_ssh_changes_nothing_outside_its_subtree(make_pool, 
     conn = zrepl.ssh_connect(sshd_localhost.ssh_argv(identity_file=key), timeout=60)
     try:
         conn.handshake_client("client2")  # claiming another identity changes nothing
-        assert conn.request("receiver.list", {})["root"] == f"{dst}/sink/client1"
+        assert conn.request("endpoint.info", {})["root"] == f"{dst}/sink/client1"
         for fs in (f"../client2/{src}/data", f"{src}/data/../../../client2/{src}/data", f"/{dst}/other",
                    f"{src}/data@s1", f"{src}/data#s1", f"{src}/da\nta", "x" * 300, "..", None):
             for kind, body in (("receiver.destroy", {"fs": fs, "names": ["s1"]}),
