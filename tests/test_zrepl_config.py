@@ -425,3 +425,36 @@ def test_replication_options(table, expected):
     else:
         paths = [e.path for e in errors_of(text)]
         assert paths == (expected if isinstance(expected, list) else [expected])
+
+
+# ---- internal/daemon/job/build_jobs_test.go TestValidateReceivingSidesDoNotOverlap ----
+
+def sinks(roots: list[str]) -> str:
+    return "".join(f'[[jobs]]\nname = "sink{i}"\ntype = "sink"\nroot_fs = "{root}"\n'
+                   f'serve = {{ type = "local", listener_name = "l{i}" }}\n' for i, root in enumerate(roots))
+
+
+@pytest.mark.parametrize("overlap,roots", [
+    pytest.param(overlap, roots, id=f"build_jobs_test.go:TestValidateReceivingSidesDoNotOverlap/{roots}")
+    for overlap, roots in [
+        (False, []), (False, ["a"]), (False, ["some/path"]), (False, ["zroot/sink1", "zroot/sink2", "zroot/sink3"]),
+        (False, ["zroot/foo", "zroot/foobar"]), (True, ["zroot/b", "zroot/b"]),
+        (True, ["zroot/foo", "zroot/foo/bar", "zroot/baz"]), (False, ["a/x", "b/x"]), (False, ["a", "b"]),
+        (True, ["a", "a"]), (True, ["a/x/y", "a/x"]), (True, ["a/x", "a/x/y"]), (True, ["a/x", "b/x", "a/x/y"]),
+        (True, ["a", "a/b", "a/c", "a/b"]), (True, ["a/b", "a/c", "a/b", "a/d", "a/c"]),
+    ]])
+def test_validate_receiving_sides_do_not_overlap(overlap, roots):
+    """zrepl internal/daemon/job/build_jobs_test.go TestValidateReceivingSidesDoNotOverlap, as sink
+    jobs with these root_fs (its nil and empty lists are both the empty list here)."""
+    if not overlap:
+        parse(sinks(roots))
+        return
+    errors = errors_of(sinks(roots))
+    assert errors and all(e.path.endswith(".root_fs") and "overlaps" in e.message for e in errors)
+
+
+def test_empty_root_fs_is_refused():
+    """zrepl build_jobs_test.go TestValidateReceivingSidesDoNotOverlap passes [""] ("not our job to
+    determine valid paths"); zrepl.py's config check does judge it: an empty root_fs is no dataset."""
+    (error,) = errors_of(sinks([""]))
+    assert error.path == "jobs[0].root_fs"
