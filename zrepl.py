@@ -7,8 +7,9 @@ ZFS is driven exclusively through `zfs`/`zpool` subprocesses with argument lists
 
 Map of this file (sections in dependency order; a section only uses those above it):
 
-    1. Utilities            durations, sizes, ring buffer, errors, clock, logging
-    2. Filters and naming   filesystems filter, timestamp formats, cron specs, abstraction names
+    1. Utilities            durations, sizes and data rates, ring buffer, errors, clock, logging
+    2. Filters and naming   filesystems filter, timestamp formats, cron specs, abstraction names,
+                            config regexes (Go RE2 syntax, translated)
     3. Keep rules           last_n, grid, regex, not_replicated: pure prune decisions
     4. Config               TOML loading and strict validation with key paths
     5. ZFS command layer    argv builders, listing parser, error kinds, resume tokens, the one runner
@@ -48,6 +49,7 @@ import dataclasses
 import datetime as dt
 import enum
 import errno
+import fractions
 import fcntl
 import json
 import logging
@@ -67,11 +69,12 @@ import termios
 import threading
 import time
 import tomllib
+import warnings
 import zlib
 import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 __version__ = "0.1.0"
 
@@ -100,10 +103,27 @@ class SetupError(ZreplError):
     path and what to do."""
 
 
+def shorten(value: Any, limit: int = 80) -> str:
+    """repr() of a value for an error message, cut when long: a 100 kB value must not flood the
+    terminal (the cut form says how long the value was)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"  # repr() of a huge int may even raise
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, (str, bytes, list, dict)) else f"{len(text)} characters"
+    return f"{text[:limit - 20]}... ({size})"
+
+
+_MESSAGE_LIMIT = 2000  # a safety net for messages that quote values without shorten()
+
+
 class ConfigError(ZreplError):
     """A config problem: names the file, the key path and what is wrong (exit code 2)."""
 
     def __init__(self, message: str, path: str = "", file: str = "", line: int | None = None):
+        if len(message) > _MESSAGE_LIMIT:
+            message = message[:_MESSAGE_LIMIT - 40] + f"... ({len(message)} characters)"
         self.message, self.path, self.file, self.line = message, path, file, line
         super().__init__(str(self))
 
@@ -114,22 +134,57 @@ class ConfigError(ZreplError):
         return f"{where}: {self.path + ': ' if self.path else ''}{self.message}"
 
 
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+class ConfigErrors(ConfigError):
+    """Every problem found in one pass over a config. Reads as its first error (path, message,
+    line) followed by the others, one per line, so each keeps its key path."""
+
+    def __init__(self, errors: Sequence[ConfigError]):
+        self.errors = list(errors)
+        first = self.errors[0]
+        super().__init__(first.message, first.path, first.file, first.line)
+
+    def __str__(self) -> str:
+        head = ConfigError.__str__(self)
+        rest = self.errors[1:]
+        if not rest:
+            return head
+        return f"{head} (and {len(rest)} more)\n" + "\n".join(f"  {e}" for e in rest)
+
+
+# Durations: zrepl's `10m`, `1d`, `1w`, Go's compound `1h30m` and `500ms` (zrepl's timeouts are Go
+# durations), decimals (`1.5h`) and bare seconds as TOML numbers.
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400,
+                   "w": 7 * 86400}
+_DURATION_PART = r"(\d+(?:\.\d+)?)\s*(ns|us|\u00b5s|ms|s|m|h|d|w)"
+_DURATION_RE = re.compile(rf"\s*\+?\s*(?:{_DURATION_PART}\s*)+")
+_DURATION_PART_RE = re.compile(_DURATION_PART)
+# 100 years: far beyond any sensible interval or timeout, and due times stay inside datetime's range
+# (an interval of 7000 years made every run fail with "year 9999 is out of range").
+MAX_DURATION = 100 * 365.25 * 86400
 
 
 def parse_duration(text: str | int | float) -> float:
-    """`30s`, `10m`, `1h`, `1d`, `1w` (or a bare number of seconds) -> seconds. Raises ValueError."""
+    """`30s`, `10m`, `1h`, `1d`, `1w`, `1h30m`, `500ms` (or a bare number of seconds) -> seconds,
+    at most 100 years. Raises ValueError."""
     if isinstance(text, bool):
         raise ValueError(f"expected a duration like '10m', got {text!r}")
     if isinstance(text, (int, float)):
+        if text != text:
+            raise ValueError("expected a duration like '10m', got nan")
         if text < 0:
-            raise ValueError(f"duration must not be negative, got {text!r}")
+            raise ValueError(f"duration must not be negative, got {shorten(text)}")
+        if text > MAX_DURATION:
+            raise ValueError(f"duration {shorten(text)} is too long (at most 100 years)")
         return float(text)
-    m = _DURATION_RE.match(str(text))
-    if not m:
-        raise ValueError(f"expected a duration like '30s', '10m', '1h', '1d' or '1w', got {text!r}")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    value = str(text)
+    if value.strip() == "0":  # zrepl accepts a bare 0
+        return 0.0
+    if not _DURATION_RE.fullmatch(value):
+        raise ValueError(f"expected a duration like '30s', '10m', '1h', '1d', '1w' or '1h30m', got {shorten(value)}")
+    seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART_RE.findall(value))
+    if not seconds <= MAX_DURATION:  # also catches inf from a number of 309 digits
+        raise ValueError(f"duration {shorten(value)} is too long (at most 100 years)")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -145,22 +200,69 @@ def format_duration(seconds: float) -> str:
     return "".join(parts[:2])
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
+MAX_SIZE = (1 << 63) - 1  # what ZFS and zrepl's int64 fields can hold
 
 
 def parse_size(text: str | int) -> int:
-    """`512`, `10 MiB`, `1.5G`, `100KB` -> bytes (binary multiples). Raises ValueError."""
+    """zrepl.py's own sizes: `512`, `10 MiB`, `1.5G`, `100KB` -> bytes, binary multiples, any case.
+    (Bandwidth limits use zrepl's data-rate units instead: parse_data_rate.) Raises ValueError."""
     if isinstance(text, bool):
         raise ValueError(f"expected a size like '10 MiB', got {text!r}")
     if isinstance(text, int):
         if text < 0:
-            raise ValueError(f"size must not be negative, got {text}")
+            raise ValueError(f"size must not be negative, got {shorten(text)}")
+        if text > MAX_SIZE:
+            raise ValueError(f"size {shorten(text)} is too large (at most 2^63-1 bytes)")
         return text
-    m = _SIZE_RE.match(str(text))
+    m = _SIZE_RE.fullmatch(str(text))
     if not m:
-        raise ValueError(f"expected a size like '512', '64 KiB', '10 MiB' or '1 GiB', got {text!r}")
+        raise ValueError(f"expected a size like '512', '64 KiB', '10 MiB' or '1 GiB', got {shorten(text)}")
     unit = (m.group(2) or "B").upper()[0]
-    return int(float(m.group(1)) * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+    if len(m.group(1)) > 40:
+        raise ValueError(f"size {shorten(text)} is too large (at most 2^63-1 bytes)")
+    size = int(fractions.Fraction(m.group(1)) * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+    if size > MAX_SIZE:
+        raise ValueError(f"size {shorten(text)} is too large (at most 2^63-1 bytes)")
+    return size
+
+
+# zrepl's data-rate grammar (bandwidth_limit.max and .bucket_capacity), exactly: a number, optional
+# blanks, then `bit`, or an optional prefix (K M G T decimal, Ki Mi Gi Ti binary) and `b` (bits) or
+# `B` (bytes). Case matters: `1 Mb` is 125000 bytes, `1 MB` a million, `1 MiB` 1048576.
+_DATA_RATE_RE = re.compile(r"([-0-9.]*)[ \t\n\f\r]*(bit|(|K|Ki|M|Mi|G|Gi|T|Ti)([bB]))")
+_DATA_RATE_PREFIX = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12,
+                     "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+
+
+def parse_data_rate(text: str | int) -> float:
+    """zrepl's data sizes -> bytes (a float: `23 bit` is 2.875 bytes). A TOML integer is a number of
+    bytes. Negative means "no limit" in zrepl; the caller decides. Raises ValueError."""
+    if isinstance(text, bool):
+        raise ValueError(f"expected a data size like '10 MiB' or '100 Mb', got {text!r}")
+    if isinstance(text, int):
+        if abs(text) > MAX_SIZE:
+            raise ValueError(f"{shorten(text)} is too large (at most 2^63-1 bytes)")
+        return float(text)
+    m = _DATA_RATE_RE.fullmatch(text)
+    hint = ("expected a number and a unit: 'bit', or 'b' (bits) / 'B' (bytes) with an optional prefix "
+            "K, M, G, T (powers of 1000) or Ki, Mi, Gi, Ti (powers of 1024), e.g. '10 MiB', '100 Mb'; "
+            "units are case-sensitive")
+    if not m:
+        raise ValueError(f"{hint}, got {shorten(text)}")
+    try:
+        number = float(m.group(1))
+    except ValueError:
+        raise ValueError(f"{hint}, got {shorten(text)}") from None
+    if m.group(2) == "bit":
+        if number != round(number):
+            raise ValueError(f"{shorten(text)}: a number of bits must be a whole number")
+        bits = number
+    else:
+        bits = number * _DATA_RATE_PREFIX[m.group(3)] * (8 if m.group(4) == "B" else 1)
+    if not math.isfinite(bits) or abs(bits / 8) > MAX_SIZE:
+        raise ValueError(f"{shorten(text)} is too large (at most 2^63-1 bytes)")
+    return bits / 8
 
 
 def format_size(n: float) -> str:
@@ -173,9 +275,16 @@ def format_size(n: float) -> str:
 
 
 class RingBuffer:
-    """Keeps the last `capacity` bytes written (hook output, stderr tails). Thread-safe."""
+    """Keeps the last `capacity` bytes written (hook output, stderr tails). Thread-safe.
+
+    Like zrepl's hook output log: never more than `capacity` bytes (1 MiB by default); when older
+    output was dropped, the kept bytes start with the marker `(...)` in place of their first bytes."""
+
+    CUT_MARK = b"(...)"
 
     def __init__(self, capacity: int = 1 << 20):
+        if capacity <= 0:
+            raise ValueError(f"ring buffer capacity must be positive, got {capacity}")
         self.capacity = capacity
         self._buf = bytearray()
         self._dropped = 0
@@ -195,11 +304,13 @@ class RingBuffer:
 
     def getvalue(self) -> bytes:
         with self._lock:
-            return bytes(self._buf)
+            data = bytes(self._buf)
+        if self._dropped and len(data) >= len(self.CUT_MARK):
+            data = self.CUT_MARK + data[len(self.CUT_MARK):]
+        return data
 
     def text(self) -> str:
-        prefix = f"[... {self._dropped} bytes dropped ...]\n" if self._dropped else ""
-        return prefix + self.getvalue().decode("utf-8", "replace")
+        return self.getvalue().decode("utf-8", "replace")
 
 
 class PeriodicThread:
@@ -279,11 +390,11 @@ def _check_name_chars(what: str, name: str, also_allowed: str = "") -> None:
         if ch in _ZFS_NAME_CHARS or ch in also_allowed:
             continue
         if ord(ch) < 32 or ord(ch) == 127:
-            raise ValueError(f"{what} {name!r} contains a control character ({ch!r})")
+            raise ValueError(f"{what} {shorten(name)} contains a control character ({shorten(ch)})")
         if ch in "@#":
-            raise ValueError(f"{what} {name!r} contains {ch!r}, which separates a dataset from a "
+            raise ValueError(f"{what} {shorten(name)} contains {shorten(ch)}, which separates a dataset from a "
                              f"{'snapshot' if ch == '@' else 'bookmark'} name")
-        raise ValueError(f"{what} {name!r} contains {ch!r}; ZFS allows only {_ZFS_ALLOWED_TEXT}")
+        raise ValueError(f"{what} {shorten(name)} contains {shorten(ch)}; ZFS allows only {_ZFS_ALLOWED_TEXT}")
 
 
 def validate_dataset_name(name: str) -> str:
@@ -296,20 +407,20 @@ def validate_dataset_name(name: str) -> str:
         raise ValueError(f"dataset name {name[:40]!r}... is {len(name)} characters long; "
                          f"ZFS allows at most {ZFS_NAME_MAX}")
     if name.startswith("/") or name.endswith("/"):
-        raise ValueError(f"dataset name {name!r} must not start or end with '/' "
+        raise ValueError(f"dataset name {shorten(name)} must not start or end with '/' "
                          f"(write 'pool/fs', not a mountpoint path)")
     _check_name_chars("dataset name", name, also_allowed="/")
     components = name.split("/")
     for comp in components:
         if comp == "":
-            raise ValueError(f"dataset name {name!r} contains an empty component ('//')")
+            raise ValueError(f"dataset name {shorten(name)} contains an empty component ('//')")
         if comp in (".", ".."):
-            raise ValueError(f"dataset name {name!r} contains the component {comp!r}, which ZFS refuses")
+            raise ValueError(f"dataset name {shorten(name)} contains the component {shorten(comp)}, which ZFS refuses")
         if len(comp) > ZFS_NAME_MAX:  # unreachable with the total limit, kept for clarity of intent
             raise ValueError(f"dataset name component {comp[:40]!r}... is longer than {ZFS_NAME_MAX} characters")
     pool = components[0]
     if not ("a" <= pool[0].lower() <= "z"):
-        raise ValueError(f"pool name {pool!r} (in dataset name {name!r}) must start with a letter")
+        raise ValueError(f"pool name {shorten(pool)} (in dataset name {shorten(name)}) must start with a letter")
     return name
 
 
@@ -323,9 +434,9 @@ def validate_snapshot_short_name(name: str) -> str:
         raise ValueError(f"snapshot name {name[:40]!r}... is {len(name)} characters long; "
                          f"ZFS allows at most {ZFS_NAME_MAX}")
     if name in (".", ".."):
-        raise ValueError(f"snapshot name {name!r} is not allowed")
+        raise ValueError(f"snapshot name {shorten(name)} is not allowed")
     if "/" in name:
-        raise ValueError(f"snapshot name {name!r} contains '/'; ZFS allows only {_ZFS_ALLOWED_TEXT}")
+        raise ValueError(f"snapshot name {shorten(name)} contains '/'; ZFS allows only {_ZFS_ALLOWED_TEXT}")
     _check_name_chars("snapshot name", name)
     return name
 
@@ -337,10 +448,10 @@ def split_version_name(full: str) -> tuple[str, str, str]:
         raise ValueError(f"snapshot or bookmark name must be a string, got {type(full).__name__}")
     seps = [i for i, ch in enumerate(full) if ch in "@#"]
     if not seps:
-        raise ValueError(f"{full!r} is not a snapshot or bookmark name "
+        raise ValueError(f"{shorten(full)} is not a snapshot or bookmark name "
                          f"(expected 'pool/fs@name' or 'pool/fs#name')")
     if len(seps) > 1:
-        raise ValueError(f"{full!r} contains more than one '@' or '#'")
+        raise ValueError(f"{shorten(full)} contains more than one '@' or '#'")
     i = seps[0]
     dataset, sep, short = full[:i], full[i], full[i + 1:]
     validate_dataset_name(dataset)
@@ -376,11 +487,12 @@ class DatasetFilter:
         self._subtree: dict[str, tuple[bool, str]] = {}  # "" is the root ("<" alone)
         for pattern, value in mapping.items():
             if not isinstance(pattern, str):
-                raise ValueError(f"filesystems pattern {pattern!r} must be a string")
+                raise ValueError(f"filesystems pattern {shorten(pattern)} must be a string")
             if not isinstance(value, bool):
-                raise ValueError(f"filesystems pattern {pattern!r}: value must be true or false, got {value!r}")
+                raise ValueError(f"filesystems pattern {shorten(pattern)}: value must be true or false, "
+                                 f"got {shorten(value)}")
             if pattern.count("<") > 1 or ("<" in pattern and not pattern.endswith("<")):
-                raise ValueError(f"filesystems pattern {pattern!r}: '<' is allowed only once, at the end "
+                raise ValueError(f"filesystems pattern {shorten(pattern)}: '<' is allowed only once, at the end "
                                  f"('pool/fs<' means pool/fs and everything below it)")
             if pattern.endswith("<"):
                 path = pattern[:-1]
@@ -397,7 +509,7 @@ class DatasetFilter:
         try:
             validate_dataset_name(path)
         except ValueError as e:
-            raise ValueError(f"filesystems pattern {pattern!r} is not a valid dataset pattern: {e}") from None
+            raise ValueError(f"filesystems pattern {shorten(pattern)} is not a valid dataset pattern: {e}") from None
 
     @classmethod
     def accept_all(cls) -> DatasetFilter:
@@ -440,7 +552,7 @@ def resolve_zone(location: str = "UTC") -> dt.tzinfo:
     """'UTC', 'Local' (the host's zone) or an IANA name like 'Europe/Berlin' -> tzinfo. ValueError if unknown."""
     if not isinstance(location, str) or not location:
         raise ValueError(f"time zone must be 'UTC', 'Local' or an IANA name like 'Europe/Berlin', "
-                         f"got {location!r}")
+                         f"got {shorten(location)}")
     if location == "UTC":
         return dt.UTC
     if location == "Local":
@@ -448,7 +560,7 @@ def resolve_zone(location: str = "UTC") -> dt.tzinfo:
     try:
         return zoneinfo.ZoneInfo(location)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValueError(f"unknown time zone {location!r}: use 'UTC', 'Local' or an IANA name "
+        raise ValueError(f"unknown time zone {shorten(location)}: use 'UTC', 'Local' or an IANA name "
                          f"like 'Europe/Berlin'") from None
 
 
@@ -476,21 +588,22 @@ _UTC_ONLY_FORMATS = ("dense", "human", "unix-seconds")
 def format_timestamp(fmt: str, when: float, location: str = "UTC") -> str:
     """Format unix time `when` the way zrepl names snapshots.
 
-    dense `20060102_150405_000`, human `2006-01-02_15:04:05`, iso-8601 `2006-01-02T15:04:05.000Z`
-    (`Z` in UTC, else the offset as `_0200` / `-0500`), unix-seconds, or any other string as a
-    strftime pattern. A '+' of a zone offset becomes '_' (ZFS does not allow '+'); a literal '+'
-    in a custom pattern is refused because it would be indistinguishable from that.
+    dense `20060102_150405_000`, human `2006-01-02_15:04:05`, iso-8601 `2006-01-02T15:04:05.999Z`
+    (milliseconds; `Z` in UTC, else the offset as `_0200` / `-0500`), unix-seconds, or any other
+    string as a strftime pattern (zrepl takes a Go time layout there). A '+' of a zone offset becomes
+    '_' (ZFS does not allow '+'); a literal '+' in a custom pattern is refused because it would be
+    indistinguishable from that.
     """
     if not isinstance(fmt, str) or not fmt:
         raise ValueError("timestamp format must be a non-empty string")
     tz = resolve_zone(location)
     kind = fmt.lower()
     if kind in _UTC_ONLY_FORMATS and location != "UTC":
-        raise ValueError(f"timestamp format {fmt!r} contains no zone offset and requires location 'UTC' "
-                         f"(got {location!r}); use 'iso-8601' or a custom format with %z for local time")
+        raise ValueError(f"timestamp format {shorten(fmt)} contains no zone offset and requires location 'UTC' "
+                         f"(got {shorten(location)}); use 'iso-8601' or a custom format with %z for local time")
     moment = dt.datetime.fromtimestamp(when, tz)
     if kind == "dense":
-        return moment.strftime("%Y%m%d_%H%M%S") + "_000"
+        return moment.strftime("%Y%m%d_%H%M%S") + "_000"  # zrepl's `_000` is literal, not milliseconds
     if kind == "human":
         return moment.strftime("%Y-%m-%d_%H:%M:%S")
     if kind == "unix-seconds":
@@ -498,14 +611,18 @@ def format_timestamp(fmt: str, when: float, location: str = "UTC") -> str:
     if kind == "iso-8601":
         offset = moment.utcoffset() or dt.timedelta(0)
         zone = "Z" if offset == dt.timedelta(0) else moment.strftime("%z")
-        return (moment.strftime("%Y-%m-%dT%H:%M:%S") + ".000" + zone).replace("+", "_")
+        millis = f".{moment.microsecond // 1000:03d}"
+        return (moment.strftime("%Y-%m-%dT%H:%M:%S") + millis + zone).replace("+", "_")
     if "+" in fmt:
-        raise ValueError(f"timestamp format {fmt!r} contains '+', which ZFS does not allow in names "
+        raise ValueError(f"timestamp format {shorten(fmt)} contains '+', which ZFS does not allow in names "
                          f"(a '+' of a zone offset from %z is replaced by '_' automatically)")
+    bad = next((ch for ch in fmt if ord(ch) < 32 or ord(ch) == 127), None)
+    if bad is not None:  # strftime stops at a NUL; ZFS refuses control characters anyway
+        raise ValueError(f"timestamp format {shorten(fmt)} contains a control character ({bad!r})")
     try:
         text = moment.strftime(fmt)
     except ValueError as e:
-        raise ValueError(f"timestamp format {fmt!r} is not a valid strftime pattern: {e}") from None
+        raise ValueError(f"timestamp format {shorten(fmt)} is not a valid strftime pattern: {e}") from None
     return text.replace("+", "_")
 
 
@@ -515,35 +632,63 @@ def snapshot_name(prefix: str, fmt: str, when: float, location: str = "UTC") -> 
     try:
         validate_snapshot_short_name(name)
     except ValueError as e:
-        raise ValueError(f"prefix {prefix!r} with timestamp format {fmt!r} gives an invalid "
+        raise ValueError(f"prefix {shorten(prefix)} with timestamp format {shorten(fmt)} gives an invalid "
                          f"snapshot name: {e}") from None
     return name
 
 
+# Go time layout tokens (what zrepl takes as a custom format) and their strftime equivalents, for
+# the hint when a zrepl layout was carried over unchanged.
+_GO_LAYOUT_TOKENS = (("2006", "%Y"), ("-0700", "%z"), ("Z0700", "%z"), ("15", "%H"), ("01", "%m"), ("02", "%d"),
+                     ("04", "%M"), ("05", "%S"), ("Jan", "%b"), ("Mon", "%a"))
+# Steps after which two snapshot names must differ: a format that repeats within a year (no year,
+# no month, 12-hour clock without am/pm, ...) or is coarser than a second would make a later
+# snapshot fail with "dataset already exists".
+_TIMESTAMP_PROBE_STEPS = (1, 60, 3600, 12 * 3600, 86400, 7 * 86400, 31 * 86400, 365 * 86400)
+
+
+def _go_layout_hint(fmt: str) -> str:
+    if "%" in fmt or "2006" not in fmt:
+        return ""
+    translated = fmt
+    for token, directive in _GO_LAYOUT_TOKENS:
+        translated = translated.replace(token, directive)
+    return (f"; this looks like a Go time layout (what zrepl takes): zrepl.py uses strftime, "
+            f"e.g. {translated!r}")
+
+
 def validate_timestamp_format(fmt: str, location: str = "UTC") -> None:
-    """Raise ValueError unless `fmt`/`location` produce valid, changing snapshot names."""
-    sample = 1136214245.0  # 2006-01-02 15:04:05 UTC (a Monday), Go's reference time
-    later = sample + 400 * 86400 + 3661  # differs in year, month, day, weekday, hour, minute, second
+    """Raise ValueError unless `fmt`/`location` produce valid snapshot names that differ for every
+    second (two snapshots of one minute, or one year apart, must not collide)."""
+    sample = 1136163845.0  # 2006-01-02 01:04:05 UTC, a Monday: 12 hours later is the same day
     first = format_timestamp(fmt, sample, location)
     try:
         validate_snapshot_short_name(first)
     except ValueError as e:
-        raise ValueError(f"timestamp format {fmt!r} gives an invalid snapshot name: {e}") from None
-    if first == format_timestamp(fmt, later, location):
-        raise ValueError(f"timestamp format {fmt!r} contains no date or time field: every snapshot "
-                         f"would get the same name {first!r}")
+        raise ValueError(f"timestamp format {shorten(fmt)} gives an invalid snapshot name: {e}") from None
+    for step in _TIMESTAMP_PROBE_STEPS:
+        if format_timestamp(fmt, sample + step, location) == first:
+            what = "contains no date or time field" if step == 1 and "%" not in fmt else (
+                "is coarser than one second" if step == 1 else f"repeats after {format_duration(step)}")
+            raise ValueError(f"timestamp format {shorten(fmt)} {what}: snapshots "
+                             f"{format_duration(step)} apart would both be named {shorten(first)}; include the "
+                             f"year, month, day, hour (%H), minute and second{_go_layout_hint(fmt)}")
 
 
 # ---- cron specs ----
 
+_MONTH_NAMES = {m: i + 1 for i, m in enumerate(
+    ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"))}
+_WEEKDAY_NAMES = {d: i for i, d in enumerate(("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"))}
 _CRON_FIELDS = (  # name, low, high, names
+    ("second", 0, 59, None),
     ("minute", 0, 59, None),
     ("hour", 0, 23, None),
     ("day-of-month", 1, 31, None),
-    ("month", 1, 12, {m: i + 1 for i, m in enumerate(
-        ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"))}),
-    ("day-of-week", 0, 7, {d: i for i, d in enumerate(("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"))}),
+    ("month", 1, 12, _MONTH_NAMES),
+    ("day-of-week", 0, 7, _WEEKDAY_NAMES),  # 7 is Sunday too (zrepl refuses 7; Vixie cron takes it)
 )
+# Not in zrepl (it turns robfig/cron's descriptors off): an extension, so `@daily` works as in crontab.
 _CRON_MACROS = {
     "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
     "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
@@ -554,56 +699,59 @@ _CRON_SEARCH_YEARS = 12  # Feb 29 schedules fire at least every 8 years
 
 
 def _parse_cron_field(spec: str, text: str, index: int) -> tuple[frozenset[int], bool]:
-    """One cron field -> (values, unrestricted?). Unrestricted = starts with '*' (Vixie's rule)."""
+    """One cron field -> (values, unrestricted?). Unrestricted as in robfig/cron (zrepl's parser):
+    some list element is `*` or `?` without a step above 1 (so `*/2` restricts, unlike Vixie cron)."""
     name, low, high, names = _CRON_FIELDS[index]
+    where = f"(in cron spec {shorten(spec)})"
 
     def number(tok: str) -> int:
         up = tok.upper()
         if names and up in names:
             return names[up]
-        if not tok.isdigit():
-            raise ValueError(f"{name} field {tok!r} is not a number{' or name' if names else ''} "
-                             f"(in cron spec {spec!r})")
-        value = int(tok)
-        if not low <= value <= high:
-            raise ValueError(f"{name} field {tok!r} out of range {low}-{high} (in cron spec {spec!r})")
-        return value
+        if not (tok.isascii() and tok.isdigit()):
+            raise ValueError(f"{name} field {shorten(tok)} is not a number{' or name' if names else ''} {where}")
+        if len(tok) > 3 or not low <= int(tok) <= high:
+            raise ValueError(f"{name} field {shorten(tok)} out of range {low}-{high} {where}")
+        return int(tok)
 
     values: set[int] = set()
+    unrestricted = False
     for part in text.split(","):
         if part == "":
-            raise ValueError(f"{name} field {text!r} has an empty list element (in cron spec {spec!r})")
+            raise ValueError(f"{name} field {shorten(text)} has an empty list element {where}")
         rng, slash, step_text = part.partition("/")
         step = 1
         if slash:
-            if not step_text.isdigit() or int(step_text) == 0:
-                raise ValueError(f"{name} field {part!r}: step must be a positive number (in cron spec {spec!r})")
+            if not (step_text.isascii() and step_text.isdigit()) or len(step_text) > 3 or int(step_text) == 0:
+                raise ValueError(f"{name} field {shorten(part)}: step must be a positive number {where}")
             step = int(step_text)
         if rng in ("*", "?"):
             start, end = low, high
+            unrestricted = unrestricted or step == 1
         elif "-" in rng:
             a, _, b = rng.partition("-")
             start, end = number(a), number(b)
             if start > end:
-                raise ValueError(f"{name} field {part!r}: range start is after its end (in cron spec {spec!r})")
+                raise ValueError(f"{name} field {shorten(part)}: range start is after its end {where}")
         else:
             start = number(rng)
             end = high if slash else start  # 'a/n' means a-max/n
         values.update(range(start, end + 1, step))
-    if index == 4 and 7 in values:  # 7 is another name for Sunday
+    if index == 5 and 7 in values:
         values.discard(7)
         values.add(0)
-    return frozenset(values), text.startswith(("*", "?"))
+    return frozenset(values), unrestricted
 
 
 @dataclass(frozen=True)
 class CronSpec:
-    """A 5-field cron schedule (minute hour day-of-month month day-of-week), evaluated in a time zone.
+    """A cron schedule, evaluated in a time zone: 5 fields (minute hour day-of-month month
+    day-of-week) or zrepl's 6 with seconds first, optionally after `TZ=Zone ` or `CRON_TZ=Zone `.
 
-    Vixie semantics: when both day fields are restricted (neither starts with '*'), a day matches if
-    EITHER matches. A fire time is every minute whose local wall-clock time matches (a repeated hour
-    after a DST fall-back fires again); wall-clock times skipped by a DST jump forward fire once, at
-    the instant of the jump, so a daily snapshot is never lost.
+    robfig/cron semantics (zrepl's parser): when both day fields are restricted, a day matches if
+    EITHER matches. A fire time is every matching local wall-clock second (a repeated hour after a
+    DST fall-back fires again); wall-clock times skipped by a DST jump forward fire once, at the
+    instant of the jump, so a daily snapshot is never lost.
     """
 
     text: str
@@ -614,25 +762,38 @@ class CronSpec:
     weekdays: frozenset[int]  # 0 = Sunday
     days_unrestricted: bool
     weekdays_unrestricted: bool
+    seconds: frozenset[int] = frozenset({0})
+    zone: str | None = None  # from a TZ= prefix; overrides the location callers pass
 
     @classmethod
     def parse(cls, text: str) -> CronSpec:
         if not isinstance(text, str):
             raise ValueError(f"cron spec must be a string, got {type(text).__name__}")
         spec = text.strip()
+        zone = None
+        if spec.startswith(("TZ=", "CRON_TZ=")):
+            assignment, _, spec = spec.partition(" ")
+            zone = assignment.partition("=")[2]
+            resolve_zone(zone)
+            spec = spec.strip()
         expanded = _CRON_MACROS.get(spec.lower(), spec)
+        if expanded.startswith("@"):
+            raise ValueError(f"cron spec {shorten(text)}: {shorten(spec.split()[0])} is not supported (zrepl supports "
+                             f"no @ shortcuts; zrepl.py knows {', '.join(_CRON_MACROS)})")
         fields = expanded.split()
-        if len(fields) != 5:
-            raise ValueError(f"cron spec {text!r} must have 5 fields (minute hour day-of-month month "
-                             f"day-of-week), got {len(fields)}")
+        if len(fields) == 5:
+            fields.insert(0, "0")
+        elif len(fields) != 6:
+            raise ValueError(f"cron spec {shorten(text)} must have 5 fields (minute hour day-of-month month "
+                             f"day-of-week) or 6 with seconds first, got {len(fields)}")
         parsed = [_parse_cron_field(spec, f, i) for i, f in enumerate(fields)]
-        self = cls(spec, parsed[0][0], parsed[1][0], parsed[2][0], parsed[3][0], parsed[4][0],
-                   parsed[2][1], parsed[4][1])
+        self = cls(spec if zone is None else text.strip(), parsed[1][0], parsed[2][0], parsed[3][0], parsed[4][0],
+                   parsed[5][0], parsed[3][1], parsed[5][1], parsed[0][0], zone)
         # A day-of-month list that never exists in the chosen months would never fire (e.g. '0 0 31 2 *').
         # (With a restricted day-of-week, weekdays fire on their own, so only this case can be empty.)
         if self.weekdays_unrestricted:
             if not any(d <= _MONTH_MAX_DAYS[m - 1] for m in self.months for d in self.days):
-                raise ValueError(f"cron spec {text!r} never fires: none of its days of the month exist "
+                raise ValueError(f"cron spec {shorten(text)} never fires: none of its days of the month exist "
                                  f"in its months")
         return self
 
@@ -759,8 +920,30 @@ class CronSpec:
         return False
 
     def next_after(self, ts: float, location: str = "UTC") -> float:
-        """The first fire time strictly after unix time `ts`, evaluated in `location`."""
-        tz = resolve_zone(location)
+        """The first fire time strictly after unix time `ts`, evaluated in `location` (or the
+        spec's own TZ= zone)."""
+        tz = resolve_zone(self.zone or location)
+        minute = math.floor(ts / 60) * 60.0
+        if self._fires_at(minute, tz):
+            later = [sec for sec in self.seconds if minute + sec > ts]
+            if later:
+                return minute + min(later)
+        return self._next_fire_minute(ts, tz) + min(self.seconds)
+
+    def last_at_or_before(self, ts: float, location: str = "UTC", max_days: int = 366) -> float | None:
+        """The latest fire time <= unix time `ts` in `location` (or the spec's own TZ= zone),
+        looking back at most `max_days`."""
+        tz = resolve_zone(self.zone or location)
+        minute = math.floor(ts / 60) * 60.0
+        if self._fires_at(minute, tz):
+            earlier = [sec for sec in self.seconds if minute + sec <= ts]
+            if earlier:
+                return minute + max(earlier)
+        found = self._last_fire_minute(minute - 60, ts - max_days * 86400, tz)
+        return None if found is None else found + max(self.seconds)
+
+    def _next_fire_minute(self, ts: float, tz: dt.tzinfo) -> float:
+        """The first minute-aligned fire instant strictly after `ts`."""
         t = (math.floor(ts / 60) + 1) * 60.0
         for _ in range(100_000):
             if self._fires_at(t, tz):
@@ -782,11 +965,9 @@ class CronSpec:
             return cand
         raise ValueError(f"cron spec {self.text!r} does not fire within {_CRON_SEARCH_YEARS} years")
 
-    def last_at_or_before(self, ts: float, location: str = "UTC", max_days: int = 366) -> float | None:
-        """The latest fire time <= unix time `ts` in `location`, looking back at most `max_days`."""
-        tz = resolve_zone(location)
+    def _last_fire_minute(self, ts: float, horizon: float, tz: dt.tzinfo) -> float | None:
+        """The latest minute-aligned fire instant <= `ts`, not before `horizon`."""
         t = math.floor(ts / 60) * 60.0
-        horizon = ts - max_days * 86400
         for _ in range(100_000):
             if t < horizon:
                 return None
@@ -829,16 +1010,34 @@ _LAST_RECEIVED_HOLD_PREFIX = "zrepl_last_received_J_"
 _CURSOR_PREFIX = "zrepl_CURSOR"
 _TENTATIVE_CURSOR_PREFIX = "zrepl_CURSORTENTATIVE_"
 # Greedy first group like zrepl's parser: the prefix is everything before the last `_G_<16 hex>_J_`.
-_JOB_AND_GUID_RE = re.compile(r"^(.+)_G_([0-9a-f]{16})_J_(.+)$")
+_JOB_AND_GUID_RE = re.compile(r"(.+)_G_([0-9a-f]{16})_J_(.+)")
 # Characters ZFS accepts in a dataset/snapshot/bookmark name component.
-_ZFS_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_\-:. ]+$")
+_ZFS_COMPONENT_RE = re.compile(r"[A-Za-z0-9_\-:. ]+")
+# zrepl's job-name check also builds a tentative cursor bookmark on `pool/ds`: 52 characters plus
+# the job name must fit ZFS's 255, so job names are at most 203 characters.
+JOB_NAME_MAX = ZFS_NAME_MAX - len("pool/ds#" + _TENTATIVE_CURSOR_PREFIX + "_G_" + "0" * 16 + "_J_")
+
+
+def _job_name_problem(job: str) -> str | None:
+    """Why ZFS could not carry `job` in hold tags and bookmark names (zrepl's job-id check), or None."""
+    if not isinstance(job, str) or not job:
+        return "must not be empty"
+    if job in (".", ".."):
+        return f"must not be {job!r}"
+    if not _ZFS_COMPONENT_RE.fullmatch(job):
+        bad = next((ch for ch in job if not _ZFS_COMPONENT_RE.fullmatch(ch)), "")
+        return f"contains {bad!r}; ZFS allows only {_ZFS_ALLOWED_TEXT}"
+    if len(job) > JOB_NAME_MAX:
+        return (f"is {len(job)} characters long; at most {JOB_NAME_MAX} fit into ZFS's 255-character "
+                f"bookmark names")
+    return None
 
 
 def _check_job_for_names(job: str) -> None:
     """Job names end up inside hold tags and bookmark names: refuse ones ZFS would reject."""
-    if not job or job in (".", "..") or not _ZFS_COMPONENT_RE.match(job):
-        raise ValueError(f"job name {job!r} cannot be used in ZFS hold tags and bookmark names "
-                         "(allowed: letters, digits, '_', '-', ':', '.', space; not '.' or '..')")
+    problem = _job_name_problem(job)
+    if problem:
+        raise ValueError(f"job name {shorten(job)} cannot be used in ZFS hold tags and bookmark names: {problem}")
 
 
 def step_hold_tag(job: str) -> str:
@@ -872,19 +1071,21 @@ def tentative_cursor_bookmark_name(guid: int, job: str) -> str:
 
 
 def parse_hold_tag(tag: str) -> tuple[str, str] | None:
-    """Hold tag -> (abstraction type, job), or None for a tag that is not ours."""
+    """Hold tag -> (abstraction type, job), or None for a tag that is not ours (including tags whose
+    job part no job could have, e.g. with a backslash or a newline, as zrepl does)."""
     for prefix, kind in ((_STEP_HOLD_PREFIX, ABSTRACTION_STEP_HOLD),
                          (_LAST_RECEIVED_HOLD_PREFIX, ABSTRACTION_LAST_RECEIVED_HOLD)):
-        if tag.startswith(prefix) and len(tag) > len(prefix):
+        if tag.startswith(prefix) and _job_name_problem(tag[len(prefix):]) is None:
             return kind, tag[len(prefix):]
     return None
 
 
 def parse_bookmark_abstraction(short_name: str) -> tuple[str, int, str] | None:
-    """Bookmark name (after '#'; a full `fs#name` is accepted too) -> (type, guid, job), or None."""
+    """Bookmark name (after '#'; a full `fs#name` is accepted too) -> (type, guid, job), or None for
+    names that are not ours or whose job part no job could have."""
     name = short_name.rsplit("#", 1)[-1]
-    m = _JOB_AND_GUID_RE.match(name)
-    if not m:
+    m = _JOB_AND_GUID_RE.fullmatch(name)
+    if not m or _job_name_problem(m.group(3)) is not None:
         return None
     kind = {_CURSOR_PREFIX: ABSTRACTION_CURSOR, _TENTATIVE_CURSOR_PREFIX: ABSTRACTION_TENTATIVE_CURSOR}.get(m.group(1))
     if kind is None:
@@ -956,19 +1157,296 @@ def stale_abstractions(abstractions: Iterable[Abstraction], job: str) -> list[Ab
     return stale
 
 
-# =================================================================================================
-# 3. Keep rules
-# =================================================================================================
+# ---- regular expressions: Go RE2 syntax, as zrepl configs use it ----
+
+# zrepl compiles config regexes with Go's regexp (RE2). Python's `re` reads most of them the same
+# way, but not all: `[[:digit:]]` is a POSIX class in RE2 and a plain set (with a FutureWarning) in
+# Python, `$` also matches before a final newline in Python, `\s` differs, `{,3}` is a literal in
+# RE2 and a repeat in Python. So config regexes are translated, token by token, into a Python
+# pattern with the RE2 meaning; RE2 syntax Python lacks is translated too (`\Q..\E`, `\x{..}`,
+# `(?<name>`, flags in mid-pattern); what RE2 refuses (backreferences, lookarounds, possessive and
+# atomic forms, `\Z`) or what has no Python equivalent (`\C`, `\pN`, `(?U)`) is refused with why.
+
+_RE2_MAX_REPEAT = 1000  # RE2 refuses larger repeat counts
+_RE2_MAX_NESTING = 100  # RE2 allows 1000; Python's compiler recurses and gives up near 500
+_RE2_PERL_CLASSES = {"d": ((48, 57),), "s": ((9, 10), (12, 13), (32, 32)),
+                     "w": ((48, 57), (65, 90), (95, 95), (97, 122))}
+_RE2_POSIX_CLASSES = {
+    "alnum": ((48, 57), (65, 90), (97, 122)), "alpha": ((65, 90), (97, 122)), "ascii": ((0, 127),),
+    "blank": ((9, 9), (32, 32)), "cntrl": ((0, 31), (127, 127)), "digit": ((48, 57),), "graph": ((33, 126),),
+    "lower": ((97, 122),), "print": ((32, 126),), "punct": ((33, 47), (58, 64), (91, 96), (123, 126)),
+    "space": ((9, 13), (32, 32)), "upper": ((65, 90),), "word": ((48, 57), (65, 90), (95, 95), (97, 122)),
+    "xdigit": ((48, 57), (65, 70), (97, 102)),
+}
+_RE2_CHAR_ESCAPES = {"a": 7, "f": 12, "t": 9, "n": 10, "r": 13, "v": 11}
+_RE2_REPEAT = re.compile(r"\{(\d+)(,(\d*))?\}")
+Ranges = tuple[tuple[int, int], ...]
+
+
+def _class_char(code: int) -> str:
+    ch = chr(code)
+    if ch.isascii() and ch.isalnum():
+        return ch
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _class_text(ranges: Ranges, negate: bool = False) -> str:
+    body = "".join(_class_char(lo) + (f"-{_class_char(hi)}" if hi > lo else "") for lo, hi in ranges)
+    return f"[{'^' if negate else ''}{body}]"
+
+
+class _Re2Translator:
+    """One pass over an RE2 pattern, writing the Python equivalent. ValueError names what is wrong."""
+
+    def __init__(self, pattern: str):
+        self.src, self.i, self.start = pattern, 0, 0
+        self.out: list[str] = []
+        # One entry per open group: [multi-line flag, flag groups opened in it by a mid-pattern
+        # `(?i)`, which Python only has in the scoped form]; the outermost entry is the pattern.
+        self.groups: list[tuple[list[bool], list[str]]] = [([False], [])]
+
+    def fail(self, what: str) -> ValueError:
+        return ValueError(f"{what} (at offset {self.start}); zrepl's regexes are Go RE2 syntax")
+
+    def translate(self) -> str:
+        while self.i < len(self.src):
+            self.token()
+        if len(self.groups) > 1:
+            raise self.fail("missing closing )")
+        return "".join(self.out) + ")" * len(self.groups[0][1])
+
+    def token(self) -> None:
+        self.start = self.i
+        ch = self.src[self.i]
+        if ch == "\\":
+            self.escape()
+        elif ch == "[":
+            self.i += 1
+            self.out.append(self.char_class())
+        elif ch == "(":
+            self.open_group()
+        elif ch == ")":
+            if len(self.groups) == 1:
+                raise self.fail("unexpected )")
+            self.i += 1
+            self.out.append(")" * (len(self.groups.pop()[1]) + 1))
+        elif ch == "|":
+            # `x(?i)a|b` is `x(?i:a)|(?i:b)` in RE2: a flag reaches across the alternation.
+            self.i += 1
+            pending = self.groups[-1][1]
+            self.out.append(")" * len(pending) + "|" + "".join(pending))
+        elif ch in "*+?":
+            self.i += 1
+            self.out.append(ch)
+            self.quantifier_suffix()
+        elif ch == "{" and (m := _RE2_REPEAT.match(self.src, self.i)):
+            low, high = int(m.group(1)), m.group(3)
+            if low > _RE2_MAX_REPEAT or (high and int(high) > _RE2_MAX_REPEAT):
+                raise self.fail(f"repeat count in {shorten(m.group(0))} is larger than {_RE2_MAX_REPEAT}")
+            if high and int(high) < low:
+                raise self.fail(f"invalid repeat count {shorten(m.group(0))}")
+            self.i = m.end()
+            self.out.append(m.group(0))
+            self.quantifier_suffix()
+        elif ch == "$":
+            self.i += 1
+            # RE2's `$` is the end of the text (without m); Python's also matches before a final \n.
+            self.out.append("$" if self.groups[-1][0][0] else r"\Z")
+        elif ch in "^.":
+            self.i += 1
+            self.out.append(ch)
+        else:
+            self.i += 1
+            self.out.append(re.escape(ch))
+
+    def quantifier_suffix(self) -> None:
+        if self.src.startswith("?", self.i):
+            self.i += 1
+            self.out.append("?")
+        if self.src.startswith(("+", "*", "?", "{"), self.i) and (
+                self.src[self.i] != "{" or _RE2_REPEAT.match(self.src, self.i)):
+            raise self.fail("invalid nested repetition operator (possessive quantifiers like 'a++' are not RE2)")
+
+    def open_group(self) -> None:
+        if len(self.groups) > _RE2_MAX_NESTING:
+            raise self.fail(f"groups nested more than {_RE2_MAX_NESTING} deep")
+        multiline = self.groups[-1][0][0]
+        rest = self.src[self.i + 1:self.i + 200]  # enough for any group name or flag set
+        opening, length = ("(", 1) if not rest.startswith("?") else ("(?:", 3) if rest.startswith("?:") else ("", 0)
+        if not opening and (m := re.match(r"\?P?<([A-Za-z0-9_]+)>", rest)):
+            opening, length = f"(?P<{m.group(1)}>", 1 + m.end()
+        if opening:
+            self.i += length
+            self.out.append(opening)
+            self.groups.append(([multiline], []))
+            return
+        m = re.match(r"\?([imsU]*)(?:-([imsU]*))?([:)])", rest)
+        if not m:
+            kinds = {"?=": "lookahead", "?!": "lookahead", "?<=": "lookbehind", "?<!": "lookbehind",
+                     "?>": "atomic groups", "?#": "comments", "?(": "conditionals", "?P=": "backreferences"}
+            kind = next((k for p, k in kinds.items() if rest.startswith(p)), "this group syntax")
+            raise self.fail(f"{kind} ('({rest[:3]}') not supported by RE2 (invalid or unsupported Perl syntax)")
+        on, off, end = m.group(1), m.group(2) or "", m.group(3)
+        if "U" in on + off:
+            raise self.fail("the (?U) flag (ungreedy) has no Python equivalent: write lazy quantifiers "
+                            "like '*?' instead")
+        if not on and not off:
+            raise self.fail("missing flags in '(?' group")
+        self.i += 1 + m.end()
+        scoped = f"(?{on}{'-' + off if off else ''}:"
+        multiline = ("m" in on) or (multiline and "m" not in off)
+        self.out.append(scoped)
+        if end == ":":
+            self.groups.append(([multiline], []))
+        else:  # (?i) applies to the rest of the enclosing group
+            self.groups[-1][0][0] = multiline
+            self.groups[-1][1].append(scoped)
+
+    def escape(self) -> None:
+        if self.i + 1 >= len(self.src):
+            raise self.fail("trailing backslash")
+        c = self.src[self.i + 1]
+        if c in "AbBdDwW":
+            self.i += 2
+            self.out.append("\\" + c)  # with re.ASCII these mean what RE2 means
+        elif c == "z":
+            self.i += 2
+            self.out.append(r"\Z")
+        elif c in "sS":
+            self.i += 2
+            self.out.append(_class_text(_RE2_PERL_CLASSES["s"], negate=c == "S"))
+        elif c == "Q":
+            end = self.src.find(r"\E", self.i + 2)
+            literal = self.src[self.i + 2:] if end < 0 else self.src[self.i + 2:end]
+            self.i = len(self.src) if end < 0 else end + 2
+            self.out.append(re.escape(literal))
+        elif c == "Z":
+            raise self.fail(r"'\Z' is not RE2 (RE2's end of text is '\z' or '$')")
+        elif c == "C":
+            raise self.fail(r"'\C' (any byte) has no Python equivalent")
+        elif c in "pP":
+            raise self.fail(rf"Unicode classes ('\{c}...') are not supported; snapshot and dataset names "
+                            "are ASCII: write [0-9], [A-Za-z] or [[:alpha:]]")
+        else:
+            self.out.append(re.escape(chr(self.char_escape())))
+
+    def char_escape(self) -> int:
+        """A backslash escape that stands for one character (outside or inside a class)."""
+        c = self.src[self.i + 1]
+        self.i += 2
+        if c in _RE2_CHAR_ESCAPES:
+            return _RE2_CHAR_ESCAPES[c]
+        if c in "01234567":
+            digits = re.match(r"[0-7]{0,2}", self.src[self.i:self.i + 2])
+            assert digits is not None
+            if c != "0" and not digits.group(0):
+                raise self.fail(f"backreferences ('\\{c}') are not supported by RE2")
+            self.i += len(digits.group(0))
+            return int(c + digits.group(0), 8)
+        if c == "x":
+            m = re.match(r"\{([0-9A-Fa-f]{1,8})\}|([0-9A-Fa-f]{2})", self.src[self.i:self.i + 10])
+            if not m or int(m.group(1) or m.group(2), 16) > 0x10FFFF:
+                raise self.fail(r"invalid '\x' escape (RE2: '\x7F' or '\x{10FFFF}')")
+            self.i += m.end()
+            return int(m.group(1) or m.group(2), 16)
+        if c.isascii() and not c.isalnum():
+            return ord(c)
+        if c in "89":
+            raise self.fail(f"backreferences ('\\{c}') are not supported by RE2")
+        raise self.fail(f"invalid escape '\\{c}'")
+
+    def char_class(self) -> str:
+        """After '[': a class with RE2 semantics, as a Python class or a small alternation."""
+        negate = self.src.startswith("^", self.i)
+        self.i += negate
+        positive: list[tuple[int, int]] = []
+        negated: list[Ranges] = []  # [[:^alpha:]], \D, \S, \W: complements inside the class
+        first = True
+        while True:
+            if self.i >= len(self.src):
+                raise self.fail("missing closing ] of a character class")
+            ch = self.src[self.i]
+            if ch == "]" and not first:
+                self.i += 1
+                break
+            first = False
+            if ch == "[" and (m := re.match(r"\[:(\^?)([a-z]*):\]", self.src[self.i:self.i + 40])):
+                if m.group(2) not in _RE2_POSIX_CLASSES:
+                    raise self.fail(f"unknown POSIX class {shorten(m.group(0))}")
+                self.i += m.end()
+                if m.group(1):
+                    negated.append(_RE2_POSIX_CLASSES[m.group(2)])
+                else:
+                    positive.extend(_RE2_POSIX_CLASSES[m.group(2)])
+                continue
+            if ch == "\\" and self.src[self.i + 1:self.i + 2] in tuple("dDsSwWpP"):
+                c = self.src[self.i + 1]
+                if c in "pP":
+                    self.escape()  # refuses with the explanation
+                self.i += 2
+                if c.isupper():
+                    negated.append(_RE2_PERL_CLASSES[c.lower()])
+                else:
+                    positive.extend(_RE2_PERL_CLASSES[c])
+                continue
+            low = self.class_char()
+            high = low
+            if self.src.startswith("-", self.i) and not self.src.startswith("-]", self.i):
+                self.i += 1
+                high = self.class_char()
+                if high < low:
+                    raise self.fail(f"invalid character class range {chr(low)!r}-{chr(high)!r}")
+            positive.append((low, high))
+        return self.class_pattern(tuple(positive), negated, negate)
+
+    def class_char(self) -> int:
+        if self.i >= len(self.src):
+            raise self.fail("missing closing ] of a character class")
+        if self.src[self.i] == "\\":
+            if self.i + 1 >= len(self.src):
+                raise self.fail("trailing backslash")
+            if self.src[self.i + 1] in "AbBzZQC":
+                raise self.fail(f"'\\{self.src[self.i + 1]}' is not allowed in a character class")
+            return self.char_escape()
+        self.i += 1
+        return ord(self.src[self.i - 1])
+
+    @staticmethod
+    def class_pattern(positive: Ranges, negated: list[Ranges], negate: bool) -> str:
+        if not negated:
+            return _class_text(positive, negate)
+        if not negate:  # P or not N1 or not N2 ...
+            parts = ([_class_text(positive)] if positive else []) + [_class_text(n, True) for n in negated]
+            return parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
+        # not (P or not N1 ...) = N1 and N2 ... and not P
+        checks = "".join(f"(?={_class_text(n)})" for n in negated[1:])
+        last = _class_text(negated[0])
+        return f"(?:{checks}(?!{_class_text(positive)}){last})" if positive else f"(?:{checks}{last})"
+
+
+def translate_re2(pattern: str) -> str:
+    """The Python `re` pattern (to compile with re.ASCII) that means what RE2 pattern `pattern`
+    means. ValueError for syntax RE2 refuses or Python cannot express."""
+    return _Re2Translator(pattern).translate()
+
 
 def compile_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a keep-rule regex (Python `re` syntax, searched unanchored). ValueError with re's message."""
+    """Compile a config regex (Go RE2 syntax, as zrepl; searched unanchored). ValueError says why not."""
     if not isinstance(pattern, str):
         raise ValueError(f"regex must be a string, got {type(pattern).__name__}")
     try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"invalid regular expression {pattern!r}: {e}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a FutureWarning would mean the translation is incomplete
+            return re.compile(translate_re2(pattern), re.ASCII)
+    except (ValueError, re.error) as e:
+        raise ValueError(f"invalid regular expression {shorten(pattern)}: {e}") from None
+    except (OverflowError, RecursionError, Warning) as e:
+        raise ValueError(f"invalid regular expression {shorten(pattern)}: too complex ({e})") from None
 
+
+# =================================================================================================
+# 3. Keep rules
+# =================================================================================================
 
 # ---- retention grid ----
 
@@ -1004,7 +1482,8 @@ def _exact_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-_GRID_ENTRY_RE = re.compile(r"^\s*(\d+)\s*x\s*([^()]*?)\s*(?:\((.*)\))?\s*$")
+_GRID_ENTRY_RE = re.compile(r"\s*(\d+)\s*x\s*([^()]*?)\s*(?:\((.*)\))?\s*")
+GRID_MAX_COUNT = 1_000_000  # buckets per entry; no real schedule comes near it
 
 
 def _check_grid_order(intervals: Sequence[GridInterval], labels: Sequence[str]) -> None:
@@ -1028,11 +1507,13 @@ def parse_grid(spec: str) -> list[GridInterval]:
     intervals: list[GridInterval] = []
     labels: list[str] = []
     for n, raw in enumerate(entries, 1):
-        label = f"{n} of {len(entries)} ({raw.strip()!r})"
-        m = _GRID_ENTRY_RE.match(raw)
+        label = f"{n} of {len(entries)} ({shorten(raw.strip())})"
+        m = _GRID_ENTRY_RE.fullmatch(raw)
         if not m:
             raise ValueError(f"grid entry {label}: expected 'N x DURATION' with an optional '(keep=K)' "
                              f"or '(keep=all)', e.g. '24x1h'")
+        if len(m.group(1)) > 7 or int(m.group(1)) > GRID_MAX_COUNT:
+            raise ValueError(f"grid entry {label}: the count before 'x' must be at most {GRID_MAX_COUNT}")
         count = int(m.group(1))
         if count <= 0:
             raise ValueError(f"grid entry {label}: the count before 'x' must be at least 1")
@@ -1050,13 +1531,13 @@ def parse_grid(spec: str) -> list[GridInterval]:
             value = pm.group(1)
             if value == "all":
                 keep = None
-            elif value.isdigit():
+            elif value.isascii() and value.isdigit() and len(value) <= 9:
                 keep = int(value)
                 if keep == 0:
                     raise ValueError(f"grid entry {label}: keep=0 is not allowed (a bucket must keep at "
                                      f"least 1 snapshot; leave the interval out instead)")
             else:
-                raise ValueError(f"grid entry {label}: keep must be a positive number or 'all', got {value!r}")
+                raise ValueError(f"grid entry {label}: keep must be a positive number or 'all', got {shorten(value)}")
         intervals.append(GridInterval(count, length, keep))
         labels.append(label)
     _check_grid_order(intervals, labels)
@@ -1067,11 +1548,14 @@ def parse_grid(spec: str) -> list[GridInterval]:
 
 @dataclass
 class PruneContext:
-    """Facts about the filesystem that rules may need: the sender's replication cursor (if any).
-    Rules append human-readable notes (e.g. why nothing could be pruned)."""
+    """Facts about the filesystem that rules may need: the sender's replication cursor (if any)
+    and `now`, the caller's clock (unix seconds; None = not known, then the grid trusts the
+    snapshots' dates as zrepl does). Rules append human-readable notes (e.g. why nothing could be
+    pruned)."""
 
     cursor_guid: int | None = None
     cursor_createtxg: int | None = None
+    now: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -1129,13 +1613,49 @@ class KeepLastN(KeepRule):
         return f"last_n(count={self.count}" + (f", regex={self.regex!r})" if self.regex is not None else ")")
 
 
+# A youngest snapshot dated more than this after `now` does not anchor the grid: one snapshot from
+# a sender whose clock ran years ahead would otherwise make every real snapshot "too old".
+GRID_FUTURE_SLACK = 3600.0
+
+
+def fit_grid(intervals: Sequence[GridInterval], anchor: float,
+             entries: Iterable[tuple[float, int, str]]) -> set[str]:
+    """zrepl's retention grid, pure: buckets laid back from `anchor`; `entries` are (creation,
+    createtxg, name). Returns the names kept: entries younger than the anchor, and per bucket its
+    `keep` oldest. Bucket i covers (edge_i - length_i, edge_i], so an entry exactly on an edge
+    belongs to the older bucket; entries at or beyond the oldest edge are not kept. Arithmetic per
+    interval, so a count of a million buckets costs nothing."""
+    kept: set[str] = set()
+    buckets: dict[tuple[int, int], list[tuple[float, int, str]]] = {}
+    for entry in entries:
+        age = anchor - entry[0]
+        if age < 0:
+            kept.add(entry[2])
+            continue
+        offset = 0.0
+        for index, interval in enumerate(intervals):
+            span = interval.count * interval.length
+            if age < offset + span:
+                bucket = (index, int((age - offset) // interval.length))
+                buckets.setdefault(bucket, []).append(entry)
+                break
+            offset += span
+    for (index, _), members in buckets.items():
+        keep = intervals[index].keep
+        members.sort()  # oldest first: creation, then createtxg, then name
+        kept.update(name for _, _, name in (members if keep is None else members[:keep]))
+    return kept
+
+
 @dataclass(frozen=True)
 class KeepGrid(KeepRule):
     """grid: fits snapshots matching `regex` into buckets laid backwards from the youngest match.
 
     Bucket i covers (edge_i - length_i, edge_i]: a snapshot exactly on a boundary belongs to the older
     bucket. Each bucket keeps its `keep` oldest snapshots; matches older than the last bucket are not
-    kept; non-matching snapshots are not kept by this rule (zrepl's algorithm).
+    kept; non-matching snapshots are not kept by this rule (zrepl's algorithm). When the caller's
+    clock (`ctx.now`) says the youngest match lies more than GRID_FUTURE_SLACK in the future, the
+    rule keeps every snapshot of the filesystem and says why in a note.
     """
 
     intervals: tuple[GridInterval, ...]
@@ -1157,32 +1677,20 @@ class KeepGrid(KeepRule):
 
     def keep(self, snapshots: list[Version], ctx: PruneContext) -> set[str]:
         assert self._re is not None
-        matching = [s for s in _only_snapshots(snapshots) if self._re.search(s.name)]
+        snaps = _only_snapshots(snapshots)
+        matching = [s for s in snaps if self._re.search(s.name)]
         if not matching:
             return set()
-        now = max(s.creation for s in matching)
-        # Edges from young to old: now, now - len_0, now - len_0 - len_1, ...; negated for bisect.
-        lengths: list[float] = []
-        keeps: list[int | None] = []
-        for interval in self.intervals:
-            lengths += [interval.length] * interval.count
-            keeps += [interval.keep] * interval.count
-        neg_edges = [-float(now)]
-        for length in lengths:
-            neg_edges.append(neg_edges[-1] + length)
-        kept: set[str] = set()
-        buckets: list[list[Version]] = [[] for _ in lengths]
-        for s in matching:
-            j = bisect.bisect_right(neg_edges, -float(s.creation))
-            if j == 0:  # younger than now: cannot happen for matches, kept like zrepl would
-                kept.add(s.full_name)
-            elif j <= len(lengths):  # bucket j-1 covers (edge_j, edge_{j-1}]
-                buckets[j - 1].append(s)
-            # else: at or beyond the oldest edge -> not kept
-        for bucket, keep in zip(buckets, keeps, strict=True):
-            bucket.sort(key=lambda s: (s.creation, s.createtxg, s.name))  # oldest first
-            kept.update(s.full_name for s in (bucket if keep is None else bucket[:keep]))
-        return kept
+        youngest = max(matching, key=lambda s: (s.creation, s.createtxg))
+        if ctx.now is not None and youngest.creation > ctx.now + GRID_FUTURE_SLACK:
+            ctx.notes.append(
+                f"grid: the youngest matching snapshot {youngest.name} is dated "
+                f"{iso_time(youngest.creation)}, {format_duration(youngest.creation - ctx.now)} after now "
+                f"({iso_time(ctx.now)}): a clock was wrong when it was made. The grid would measure every "
+                f"age from it, so nothing is pruned on this filesystem until it is gone or the clock is right")
+            return {s.full_name for s in snaps}
+        return fit_grid(self.intervals, youngest.creation,
+                        ((s.creation, s.createtxg, s.full_name) for s in matching))
 
     def describe(self) -> str:
         return f"grid({' | '.join(str(i) for i in self.intervals)}, regex={self.regex!r})"
@@ -1260,7 +1768,8 @@ def decide_prune(snapshots: list[Version], rules: Sequence[KeepRule],
     """Decide for ONE filesystem which snapshots to destroy: those no rule keeps.
 
     Bookmarks in `snapshots` are ignored (never destroyed); an empty rule list keeps everything.
-    Pure: no I/O, no clock (the grid measures age from the youngest matching snapshot).
+    Pure: no I/O, no clock of its own (the grid measures age from the youngest matching snapshot,
+    and checks it against `ctx.now` when the caller passes one).
     """
     ctx = ctx if ctx is not None else PruneContext()
     snaps = sorted(_only_snapshots(snapshots), key=lambda s: (s.createtxg, s.name))
@@ -1288,26 +1797,60 @@ PROTECTION_LEVELS = ("guarantee_resumability", "guarantee_incremental", "guarant
 INITIAL_REPLICATION = ("most_recent", "all", "fail")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("human", "logfmt", "json")
-_JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_\-:.]+$")
+SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
+                     "ftp", *(f"local{i}" for i in range(8)))
 _REQUIRED = object()
+_MAX_TOML_NESTING = 64  # arrays and inline tables; tomllib itself recurses (and dies) near 500
 
 
 @dataclass
 class LoggingConfig:
-    """One log outlet: stderr in a format, or syslog."""
+    """One log outlet: stderr (zrepl's `stdout` is accepted and also written to stderr) in a format,
+    or syslog. `time`, `color` and `retry_interval` are zrepl's keys, accepted for compatibility."""
 
     type: str = "stderr"
     level: str = "info"
     format: str = "human"
-    facility: str = "daemon"
+    facility: str = "local0"  # zrepl's default
+    time: bool = True
+    color: bool = True
+    retry_interval: float = 10.0
 
 
 @dataclass
-class MonitoringConfig:
-    """Thresholds for `zrepl.py status` exit codes (Nagios style)."""
+class StatusThresholds:
+    """`[global.status]`: thresholds for `zrepl.py status` exit codes (Nagios style)."""
 
     warn_no_success_after: float = 2 * 3600
     crit_no_success_after: float = 6 * 3600
+
+
+MonitoringConfig = StatusThresholds  # the old name, still used in annotations and by older callers
+
+
+@dataclass
+class MonitoringOutlet:
+    """One `global.monitoring` entry: zrepl's `prometheus` (listen, listen_freebind) or zrepl.py's
+    `textfile` (path). Parsed and stored; serving them is the daemon's job."""
+
+    type: str
+    listen: str = ""
+    listen_freebind: bool = False
+    path: str = ""
+
+
+@dataclass
+class ControlConfig:
+    """`global.control`: zrepl's control socket (parsed and stored for the daemon)."""
+
+    sockpath: str = "/var/run/zrepl/control"
+
+
+@dataclass
+class GlobalServeConfig:
+    """`global.serve`: zrepl's `stdinserver.sockdir` (parsed and stored for the daemon)."""
+
+    stdinserver_sockdir: str = "/var/run/zrepl/stdinserver"
 
 
 @dataclass
@@ -1317,7 +1860,10 @@ class GlobalConfig:
     status_file: str = "/run/zrepl/status.json"
     runtime_dir: str = "/run/zrepl"
     logging: list[LoggingConfig] = field(default_factory=lambda: [LoggingConfig()])
-    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    monitoring: list[MonitoringOutlet] = field(default_factory=list)
+    status_thresholds: StatusThresholds = field(default_factory=StatusThresholds)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    serve: GlobalServeConfig = field(default_factory=GlobalServeConfig)
 
 
 @dataclass
@@ -1334,7 +1880,7 @@ class HookConfig:
 
 @dataclass
 class SnapshottingConfig:
-    """`snapshotting`: periodic (interval), cron (5-field spec) or manual."""
+    """`snapshotting`: periodic (interval), cron (5- or 6-field spec) or manual."""
 
     type: str = "manual"
     prefix: str = ""
@@ -1347,9 +1893,9 @@ class SnapshottingConfig:
 
 @dataclass
 class BandwidthLimit:
-    """Token bucket: `max` bytes per second, `bucket_capacity` bytes of burst."""
+    """Token bucket: `max` bytes per second (fractional: `23 bit` is 2.875), `bucket_capacity` bytes of burst."""
 
-    max: int
+    max: float
     bucket_capacity: int
 
 
@@ -1382,11 +1928,12 @@ class RecvConfig:
 
 @dataclass
 class ReplicationConfig:
-    """`replication`: protection levels, step concurrency and the watchdog timeout."""
+    """`replication`: protection levels, concurrency and the watchdog timeout."""
 
     protection_initial: str = "guarantee_resumability"
     protection_incremental: str = "guarantee_resumability"
     concurrency_steps: int = 1
+    concurrency_size_estimates: int = 4
     timeout: float = 600.0
 
 
@@ -1404,6 +1951,7 @@ class ConnectConfig:
     options: list[str] = field(default_factory=list)
     dial_timeout: float = 10.0
     ssh_command: str = "ssh"
+    transport_open_command: list[str] = field(default_factory=list)  # zrepl's key, unused there too
 
 
 @dataclass
@@ -1451,7 +1999,7 @@ class Config:
         for job in self.jobs:
             if job.name == name:
                 return job
-        raise ConfigError(f"no job named {name!r} (jobs: {', '.join(j.name for j in self.jobs) or 'none'})",
+        raise ConfigError(f"no job named {shorten(name)} (jobs: {', '.join(j.name for j in self.jobs) or 'none'})",
                           file=self.file)
 
 
@@ -1478,16 +2026,38 @@ def replication_guards(config: Config) -> list[str]:
 
 
 class _Table:
-    """Reads one TOML table strictly: tracks the key path, checks types, rejects unknown keys."""
+    """Reads one TOML table strictly: tracks the key path, checks types, rejects unknown keys.
 
-    def __init__(self, data: Any, path: str, file: str):
+    Errors are collected, not fatal: `collect()` records a ConfigError in the list shared by the
+    whole config and goes on with the next key, so one pass reports every problem. Each table
+    declares its keys (`allow`), so "valid keys here" lists all of them."""
+
+    def __init__(self, data: Any, path: str, file: str, errors: list[ConfigError] | None = None):
         if not isinstance(data, dict):
-            raise ConfigError(f"must be a table, got {_toml_type(data)}", path, file)
+            raise ConfigError(f"must be a table, got {_describe(data)}", path, file)
         self.data, self.path, self.file = data, path, file
+        self.errors: list[ConfigError] = [] if errors is None else errors
         self.seen: set[str] = set()
+        self.valid: set[str] = set()
+        self.hints: dict[str, str] = {}
+
+    def allow(self, *keys: str) -> None:
+        self.valid.update(keys)
+
+    def hint(self, key: str, message: str) -> None:
+        """What to say when `key` is present but not valid here (a common mix-up)."""
+        self.hints[key] = message
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        try:
+            yield
+        except ConfigError as exc:
+            self.errors.extend(exc.errors if isinstance(exc, ConfigErrors) else [exc])
 
     def key_path(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
+        shown = key if len(key) <= 60 and key.isprintable() else shorten(key, 40)
+        return f"{self.path}.{shown}" if self.path else shown
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(message, self.key_path(key), self.file)
@@ -1509,7 +2079,7 @@ class _Table:
             ok = isinstance(value, kinds)
         if not ok:
             names = " or ".join(_TOML_NAMES.get(k, k.__name__) for k in kinds)
-            raise self.error(key, f"must be {names}, got {_toml_type(value)} {value!r}")
+            raise self.error(key, f"must be {names}, got {_describe(value)}")
         return value
 
     def convert(self, key: str, kind: type | tuple[type, ...], fn: Callable[[Any], Any],
@@ -1522,28 +2092,52 @@ class _Table:
             return fn(value)
         except ValueError as exc:
             raise self.error(key, str(exc)) from None
+        except (OverflowError, RecursionError) as exc:  # a value far outside any sensible range
+            raise self.error(key, f"cannot be used: {shorten(value)} ({type(exc).__name__})") from None
 
     def choice(self, key: str, choices: Sequence[str], default: Any = _REQUIRED) -> str:
         value = self.get(key, str, default)
         if value not in choices:
-            raise self.error(key, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+            raise self.error(key, f"must be one of {', '.join(repr(c) for c in choices)}, got {shorten(value)}")
         return value
 
     def table(self, key: str) -> _Table | None:
         self.seen.add(key)
         if key not in self.data:
             return None
-        return _Table(self.data[key], self.key_path(key), self.file)
+        value = self.data[key]
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            header = _toml_header(self.key_path(key))
+            raise self.error(key, f"must be a table, got an array of tables: write [{header}] (one pair of "
+                                  f"brackets) or {key} = {{ ... }}")
+        return _Table(value, self.key_path(key), self.file, self.errors)
 
     def tables(self, key: str) -> list[_Table]:
-        items = self.get(key, list, [])
-        return [_Table(item, f"{self.key_path(key)}[{i}]", self.file) for i, item in enumerate(items)]
+        """An array of tables; an entry that is not a table is an error of its own."""
+        self.seen.add(key)
+        if key not in self.data:
+            return []
+        items = self.data[key]
+        if isinstance(items, dict):
+            header = _toml_header(self.key_path(key))
+            raise self.error(key, f"must be an array of tables, not a table: write [[{header}]] (two pairs of "
+                                  f"brackets) before each entry, or {key} = [{{ ... }}, ...]")
+        if not isinstance(items, list):
+            raise self.error(key, f"must be an array of tables, got {_describe(items)}")
+        tables = []
+        for i, item in enumerate(items):
+            with self.collect():
+                tables.append(_Table(item, f"{self.key_path(key)}[{i}]", self.file, self.errors))
+        return tables
 
-    def finish(self) -> None:
-        unknown = [k for k in self.data if k not in self.seen]
-        if unknown:
-            valid = ", ".join(sorted(self.seen)) or "none"
-            raise self.error(unknown[0], f"unknown key (valid keys here: {valid})")
+    def finish(self, what: str = "") -> None:
+        """Record an error for each key that is not valid here."""
+        valid = self.valid | self.seen
+        for key in self.data:
+            if key not in valid:
+                message = self.hints.get(key) or (
+                    f"unknown key{what} (valid keys here: {', '.join(sorted(valid)) or 'none'})")
+                self.errors.append(self.error(key, message))
 
 
 _TOML_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
@@ -1557,9 +2151,29 @@ def _toml_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def _describe(value: Any) -> str:
+    """A value for an error message in TOML words: `string 'x'`, `integer 5`, `an array`, `a table`."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return f"an array of {len(value)} item(s)"
+    if isinstance(value, (str, int, float)):
+        return f"{_toml_type(value)} {shorten(value)}"
+    return f"a TOML {type(value).__name__} ({shorten(str(value))})"
+
+
+def _toml_header(key_path: str) -> str:
+    """jobs[2].snapshotting.hooks -> jobs.snapshotting.hooks (how a TOML table header spells it)."""
+    return re.sub(r"\[\d+\]", "", key_path)
+
+
 def find_config_file(explicit: str | None) -> str:
     """--config, then $ZREPL_CONFIG, then the standard locations."""
-    if explicit:
+    if explicit is not None:
+        if not explicit:
+            raise ConfigError("--config: the file name is empty")
         return explicit
     if os.environ.get("ZREPL_CONFIG"):
         return os.environ["ZREPL_CONFIG"]
@@ -1574,72 +2188,275 @@ def load_config(path: str) -> Config:
     try:
         with open(path, "rb") as f:
             raw = f.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config: {exc.strerror}", file=path) from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read config: {getattr(exc, 'strerror', None) or exc}", file=path) from None
     return parse_config(raw.decode("utf-8", "replace"), path)
 
 
-def parse_config(text: str, file: str = "<config>") -> Config:
-    """Parse TOML text into a validated Config."""
+_YAML_LINE = re.compile(r"\s*(---\s*|-\s+\S.*|[A-Za-z_][\w-]*:(\s.*)?)")
+
+
+def _looks_like_yaml(text: str, file: str) -> bool:
+    if file.endswith((".yml", ".yaml")):
+        return True
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return bool(_YAML_LINE.fullmatch(line))
+    return False
+
+
+def _nesting_too_deep(text: str) -> tuple[int, str] | None:
+    """Where arrays/inline tables nest deeper than _MAX_TOML_NESTING: (line, key path of that
+    line's key), else None. A light scan (strings and comments skipped), run before tomllib."""
+    depth, line, i, n = 0, 1, 0, len(text)
+    header, key, counts = "", "", dict[str, int]()
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line += 1
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif c in "\"'":
+            quote = c * 3 if text.startswith(c * 3, i) else c
+            j = i + len(quote)
+            while j < n and not text.startswith(quote, j) and (len(quote) == 3 or text[j] != "\n"):
+                j += 2 if c == '"' and text[j] == "\\" else 1
+            line += text.count("\n", i, j)
+            i = j if j >= n or text[j] == "\n" else j + len(quote)  # an unclosed string ends at its line
+            continue
+        elif depth == 0 and c == "[" and text[text.rfind("\n", 0, i) + 1:i].strip() == "":
+            end = text.find("\n", i)
+            raw = text[i:n if end < 0 else end].split("#")[0].strip()
+            header = raw.strip("[] ")
+            if raw.startswith("[["):
+                counts[header] = counts.get(header, -1) + 1
+            i = n if end < 0 else end
+            continue
+        elif depth == 0 and c == "=":
+            key = text[text.rfind("\n", 0, i) + 1:i].strip().strip("\"'")
+        elif c in "[{":
+            depth += 1
+            if depth > _MAX_TOML_NESTING:
+                parts = header.split(".") if header else []
+                where = ".".join(part + (f"[{counts[prefix]}]" if (prefix := ".".join(parts[:i + 1])) in counts else "")
+                                 for i, part in enumerate(parts))
+                return line, f"{where}.{key}" if where else key
+        elif c in "]}":
+            depth = max(0, depth - 1)
+        i += 1
+    return None
+
+
+def _load_toml(text: str, file: str) -> dict[str, Any]:
+    deep = _nesting_too_deep(text)
+    if deep is not None:
+        raise ConfigError(f"nested more than {_MAX_TOML_NESTING} levels deep (arrays or inline tables)",
+                          deep[1], file, deep[0])
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
         line = int(m.group(1)) if m else None
-        raise ConfigError(f"TOML syntax error: {exc}", file=file, line=line) from None
-    top = _Table(data, "", file)
-    gtable = top.table("global")
-    global_ = _parse_global(gtable) if gtable else GlobalConfig()
-    jobs = [_parse_job(t) for t in top.tables("jobs")]
+        yaml = "this looks like YAML; zrepl.py reads TOML (see README: Coming from zrepl). " if _looks_like_yaml(
+            text, file) else ""
+        raise ConfigError(f"{yaml}TOML syntax error: {exc}", file=file, line=line) from None
+    except RecursionError:
+        raise ConfigError("TOML values nested too deeply", file=file) from None
+    except ValueError as exc:  # tomllib: an integer of more than 4300 digits
+        m = re.search(r"\d{4300}", text)
+        line = text.count("\n", 0, m.start()) + 1 if m else None
+        raise ConfigError(f"a number is far too long: {str(exc).split(';')[0]}", file=file, line=line) from None
+
+
+def parse_config(text: str, file: str = "<config>") -> Config:
+    """Parse TOML text into a validated Config. Every problem is reported, each on its key path:
+    one ConfigError, or a ConfigErrors with all of them."""
+    data = _load_toml(text, file)
+    errors: list[ConfigError] = []
+    top = _Table(data, "", file, errors)
+    top.allow("global", "jobs")
+    top.hint("include", "zrepl's include is not supported: zrepl.py reads one file; copy the jobs of the "
+                        "included files into it")
+    global_ = GlobalConfig()
+    with top.collect():
+        gtable = top.table("global")
+        if gtable:
+            global_ = _parse_global(gtable)
+    jobs: list[JobConfig] = []
+    clean: list[JobConfig] = []  # jobs without errors: only they take part in cross-checks
+    tables = 0
+    with top.collect():
+        for jt in top.tables("jobs"):
+            tables += 1
+            before = len(errors)
+            with top.collect():
+                job = _parse_job(jt)
+                jobs.append(job)
+                if len(errors) == before:
+                    clean.append(job)
     top.finish()
     seen: dict[str, str] = {}
     for job in jobs:
-        if job.name in seen:
-            raise ConfigError(f"job name {job.name!r} is already used by {seen[job.name]}", f"{job.path}.name", file)
-        seen[job.name] = job.path
-    _check_replication_layout(jobs, file)
-    _check_local_listeners(jobs, file)
+        if job.name and job.name in seen:
+            errors.append(ConfigError(f"job name {shorten(job.name)} is already used by {seen[job.name]}",
+                                      f"{job.path}.name", file))
+        seen.setdefault(job.name, job.path)
+    errors += _check_replication_layout(clean, file)
+    listed = top.data.get("jobs", [])
+    every_job_read = isinstance(listed, list) and len(jobs) == tables == len(listed)
+    errors += _check_local_listeners(clean, jobs, file, every_job_read)
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     return Config(file=file, global_=global_, jobs=jobs)
 
 
 def _parse_global(t: _Table) -> GlobalConfig:
     g = GlobalConfig()
-    g.status_file = t.convert("status_file", str, _absolute_path, g.status_file)
-    g.runtime_dir = t.convert("runtime_dir", str, _absolute_path, g.runtime_dir)
-    if t.has("logging"):
-        g.logging = []
-        for lt in t.tables("logging"):
-            outlet = LoggingConfig(type=lt.choice("type", ("stderr", "syslog"), "stderr"),
-                                   level=lt.choice("level", LOG_LEVELS, "info"),
-                                   format=lt.choice("format", LOG_FORMATS, "human"),
-                                   facility=lt.get("facility", str, "daemon"))
-            lt.finish()
-            g.logging.append(outlet)
-    mt = t.table("monitoring")
-    if mt:
-        m = MonitoringConfig()
-        for key in ("warn_no_success_after", "crit_no_success_after"):
-            setattr(m, key, mt.convert(key, (str, int), parse_duration, getattr(m, key)))
-        if m.crit_no_success_after < m.warn_no_success_after:
-            raise mt.error("crit_no_success_after", "must not be shorter than warn_no_success_after")
-        mt.finish()
-        g.monitoring = m
+    t.allow("status_file", "runtime_dir", "logging", "monitoring", "status", "control", "serve")
+    with t.collect():
+        g.status_file = t.convert("status_file", str, _absolute_path, g.status_file)
+    with t.collect():
+        g.runtime_dir = t.convert("runtime_dir", str, _absolute_path, g.runtime_dir)
+    with t.collect():
+        if t.has("logging"):
+            g.logging = []
+            for lt in t.tables("logging"):
+                with t.collect():
+                    g.logging.append(_parse_logging_outlet(lt))
+    with t.collect():
+        g.monitoring = _parse_monitoring(t)
+    with t.collect():
+        st = t.table("status")
+        if st:
+            g.status_thresholds = _parse_status_thresholds(st)
+    with t.collect():
+        ct = t.table("control")
+        if ct:
+            ct.allow("sockpath")
+            g.control.sockpath = ct.convert("sockpath", str, _absolute_path, g.control.sockpath)
+            ct.finish()
+    with t.collect():
+        sv = t.table("serve")
+        if sv:
+            sv.allow("stdinserver")
+            with sv.collect():
+                si = sv.table("stdinserver")
+                if si:
+                    si.allow("sockdir")
+                    g.serve.stdinserver_sockdir = si.convert("sockdir", str, _absolute_path,
+                                                             g.serve.stdinserver_sockdir)
+                    si.finish()
+            sv.finish()
     t.finish()
     return g
 
 
+def _parse_logging_outlet(t: _Table) -> LoggingConfig:
+    t.allow("type", "level", "format")
+    if t.get("type", str, "stderr") == "tcp":
+        raise t.error("type", "zrepl's tcp log outlet is not supported by zrepl.py: use type = \"syslog\" (a local "
+                              "syslog daemon can forward to a log server) or \"stderr\"")
+    o = LoggingConfig(type=t.choice("type", ("stderr", "stdout", "syslog"), "stderr"))
+    with t.collect():
+        o.level = t.choice("level", LOG_LEVELS, o.level)
+    with t.collect():
+        o.format = t.choice("format", LOG_FORMATS, o.format)
+    if o.type == "syslog":
+        t.allow("facility", "retry_interval")
+        with t.collect():
+            o.facility = t.choice("facility", SYSLOG_FACILITIES, o.facility)
+        with t.collect():
+            o.retry_interval = t.convert("retry_interval", (str, int), _positive_duration, o.retry_interval)
+    else:
+        t.allow("time", "color")
+        with t.collect():
+            o.time = t.get("time", bool, True)
+        with t.collect():
+            o.color = t.get("color", bool, True)
+    t.finish()
+    return o
+
+
+_THRESHOLDS_MOVED = ("the status thresholds moved to [global.status] (warn_no_success_after, crit_no_success_after); "
+                     "global.monitoring is zrepl's array of monitoring outlets, e.g. "
+                     "monitoring = [{ type = \"prometheus\", listen = \":9811\" }]")
+
+
+def _parse_monitoring(t: _Table) -> list[MonitoringOutlet]:
+    t.seen.add("monitoring")
+    value = t.data.get("monitoring")
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        if set(value) & {"warn_no_success_after", "crit_no_success_after"}:
+            raise t.error("monitoring", _THRESHOLDS_MOVED)
+        raise t.error("monitoring", "must be an array of monitoring outlets: write [[global.monitoring]] before each, "
+                                    "or monitoring = [{ type = \"prometheus\", listen = \":9811\" }]")
+    outlets = []
+    for mt in t.tables("monitoring"):
+        with t.collect():
+            outlets.append(_parse_monitoring_outlet(mt))
+    return outlets
+
+
+def _parse_monitoring_outlet(t: _Table) -> MonitoringOutlet:
+    t.allow("type")
+    m = MonitoringOutlet(type=t.choice("type", ("prometheus", "textfile")))
+    if m.type == "prometheus":
+        t.allow("listen", "listen_freebind")
+        with t.collect():
+            m.listen = t.convert("listen", str, _host_port)
+        with t.collect():
+            m.listen_freebind = t.get("listen_freebind", bool, False)
+    else:
+        t.allow("path")
+        with t.collect():
+            m.path = t.convert("path", str, _absolute_path)
+    t.finish()
+    return m
+
+
+def _parse_status_thresholds(t: _Table) -> StatusThresholds:
+    m = StatusThresholds()
+    t.allow("warn_no_success_after", "crit_no_success_after")
+    for key in ("warn_no_success_after", "crit_no_success_after"):
+        with t.collect():
+            setattr(m, key, t.convert(key, (str, int), parse_duration, getattr(m, key)))
+    if m.crit_no_success_after < m.warn_no_success_after:
+        t.errors.append(t.error("crit_no_success_after", "must not be shorter than warn_no_success_after"))
+    t.finish()
+    return m
+
+
+def _host_port(value: str) -> str:
+    """zrepl's `listen` form: host:port, the host may be empty (all addresses) or [IPv6]."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port with a port from 1 to 65535 (e.g. ':9811'), got {shorten(value)}")
+    if any(ch.isspace() or ord(ch) < 32 for ch in host) or ("]" in host and not host.startswith("[")):
+        raise ValueError(f"invalid host in {shorten(value)}")
+    return value
+
+
 def _absolute_path(value: str) -> str:
     if not value.startswith("/"):
-        raise ValueError(f"must be an absolute path, got {value!r}")
+        raise ValueError(f"must be an absolute path, got {shorten(value)}")
+    if any(ord(ch) < 32 for ch in value):
+        raise ValueError(f"must not contain control characters, got {shorten(value)}")
     return value
 
 
 def _job_name(value: str) -> str:
-    if not _JOB_NAME_RE.match(value) or value in (".", ".."):
-        raise ValueError(f"job name {value!r} may only use ZFS name characters [A-Za-z0-9_-:.] "
+    """zrepl's rule: a name ZFS accepts as a component of hold tags and bookmark names (spaces are
+    fine), not reserved (no leading '_')."""
+    problem = _job_name_problem(value)
+    if problem:
+        raise ValueError(f"job name {shorten(value)} is not usable as part of a ZFS name: {problem} "
                          "(it becomes part of hold tags and bookmark names)")
     if value.startswith("_"):
-        raise ValueError(f"job name {value!r} must not start with '_'")
+        raise ValueError(f"job name {shorten(value)} must not start with '_' (reserved for internal use, as in zrepl)")
     return value
 
 
@@ -1653,152 +2470,213 @@ _JOB_KEYS = {
 
 
 def _parse_job(t: _Table) -> JobConfig:
-    name = t.convert("name", str, _job_name)
-    jtype = t.choice("type", JOB_TYPES)
+    t.allow("name", "type")
+    name = ""
+    with t.collect():
+        name = t.convert("name", str, _job_name)
+    if not name and isinstance(t.data.get("name"), str):
+        name = t.data["name"]  # for duplicate checks; its error is recorded
+    jtype = t.choice("type", JOB_TYPES)  # without a type, nothing else can be judged
     job = JobConfig(name=name, type=jtype, path=t.path)
     allowed = _JOB_KEYS[jtype]
-    for key in t.data:
-        if key not in allowed and key not in ("name", "type"):
-            raise t.error(key, f"unknown key for a {jtype} job (valid keys: name, type, {', '.join(sorted(allowed))})")
+    t.allow(*allowed)
     if "filesystems" in allowed:
-        job.filesystems = t.convert("filesystems", dict, DatasetFilter)
+        with t.collect():
+            job.filesystems = t.convert("filesystems", dict, DatasetFilter)
     if "root_fs" in allowed:
-        job.root_fs = t.convert("root_fs", str, validate_dataset_name)
+        with t.collect():
+            job.root_fs = t.convert("root_fs", str, validate_dataset_name)
     if "snapshotting" in allowed:
-        st = t.table("snapshotting")
-        if st is None:
-            raise t.error("snapshotting", "is required (use type = \"manual\" to take no snapshots)")
-        job.snapshotting = _parse_snapshotting(st)
+        with t.collect():
+            st = t.table("snapshotting")
+            if st is None:
+                raise t.error("snapshotting", "is required (use type = \"manual\" to take no snapshots)")
+            job.snapshotting = _parse_snapshotting(st)
     if "pruning" in allowed:
-        pt = t.table("pruning")
-        if pt is None:
-            raise t.error("pruning", "is required (an empty keep list keeps everything)")
-        if jtype == "snap":
-            job.keep = _parse_keep_rules(pt, "keep", allow_not_replicated=False, job_type=jtype)
-        else:
-            job.keep_sender = _parse_keep_rules(pt, "keep_sender", allow_not_replicated=True, job_type=jtype)
-            job.keep_receiver = _parse_keep_rules(pt, "keep_receiver", allow_not_replicated=False, job_type=jtype)
-        pt.finish()
+        with t.collect():
+            _parse_pruning(t, job)
     if "connect" in allowed:
-        ct = t.table("connect")
-        if ct is None:
-            raise t.error("connect", "is required")
-        job.connect = _parse_connect(ct)
+        with t.collect():
+            ct = t.table("connect")
+            if ct is None:
+                raise t.error("connect", "is required")
+            job.connect = _parse_connect(ct)
     if "serve" in allowed:
-        sv = t.table("serve")
-        if sv is None:
-            raise t.error("serve", "is required")
-        job.serve = _parse_serve(sv, jtype)
+        with t.collect():
+            sv = t.table("serve")
+            if sv is None:
+                raise t.error("serve", "is required")
+            job.serve = _parse_serve(sv, jtype)
     if "send" in allowed:
-        se = t.table("send")
-        if se:
-            job.send = _parse_send(se)
+        with t.collect():
+            se = t.table("send")
+            if se:
+                job.send = _parse_send(se)
     if "recv" in allowed:
-        rt = t.table("recv")
-        if rt:
-            job.recv = _parse_recv(rt)
+        with t.collect():
+            rt = t.table("recv")
+            if rt:
+                job.recv = _parse_recv(rt)
     if "replication" in allowed:
-        rp = t.table("replication")
-        if rp:
-            job.replication = _parse_replication(rp)
+        with t.collect():
+            rp = t.table("replication")
+            if rp:
+                job.replication = _parse_replication(rp)
     if "conflict_resolution" in allowed:
-        cr = t.table("conflict_resolution")
-        if cr:
-            job.initial_replication = cr.choice("initial_replication", INITIAL_REPLICATION, "most_recent")
-            cr.finish()
+        with t.collect():
+            cr = t.table("conflict_resolution")
+            if cr:
+                cr.allow("initial_replication")
+                job.initial_replication = cr.choice("initial_replication", INITIAL_REPLICATION, "most_recent")
+                cr.finish()
     if "interval" in allowed:
-        value = t.get("interval", (str, int))
-        if value == "manual":
-            job.interval = None
-        else:
-            job.interval = t.convert("interval", (str, int), _positive_duration)
-    t.finish()
+        with t.collect():
+            value = t.get("interval", (str, int))
+            job.interval = None if value == "manual" else t.convert("interval", (str, int), _positive_duration)
+    t.finish(f" for a {jtype} job (valid keys: name, type, {', '.join(sorted(allowed))})")
     return job
+
+
+def _parse_pruning(t: _Table, job: JobConfig) -> None:
+    pt = t.table("pruning")
+    if pt is None:
+        raise t.error("pruning", "is required (an empty keep list keeps everything)")
+    if job.type == "snap":
+        pt.allow("keep")
+        for key in ("keep_sender", "keep_receiver"):
+            pt.hint(key, "snap jobs keep snapshots with `keep` (keep_sender and keep_receiver are for push and "
+                         "pull jobs, which prune two sides)")
+        with pt.collect():
+            job.keep = _parse_keep_rules(pt, "keep", allow_not_replicated=False, job_type=job.type)
+    else:
+        pt.allow("keep_sender", "keep_receiver")
+        pt.hint("keep", f"{job.type} jobs prune both sides: use keep_sender and keep_receiver "
+                        "(`keep` is for snap jobs)")
+        with pt.collect():
+            job.keep_sender = _parse_keep_rules(pt, "keep_sender", allow_not_replicated=True, job_type=job.type)
+        with pt.collect():
+            job.keep_receiver = _parse_keep_rules(pt, "keep_receiver", allow_not_replicated=False,
+                                                  job_type=job.type)
+    pt.finish()
 
 
 def _positive_duration(value: str | int) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
-        raise ValueError(f"must be a positive duration, got {value!r}")
+        raise ValueError(f"must be a positive duration, got {shorten(value)}")
     return seconds
 
 
+def _zone_name(value: str) -> str:
+    resolve_zone(value)
+    return value
+
+
 def _parse_snapshotting(t: _Table) -> SnapshottingConfig:
+    t.allow("type")
     s = SnapshottingConfig(type=t.choice("type", ("periodic", "cron", "manual")))
     if s.type == "manual":
-        t.finish()
+        t.finish(" (manual snapshotting takes no other key)")
         return s
-    s.prefix = t.get("prefix", str)
-    if not s.prefix:
-        raise t.error("prefix", "must not be empty")
-    try:
-        validate_snapshot_short_name(s.prefix)
-    except ValueError as exc:
-        raise t.error("prefix", str(exc)) from None
-    if s.type == "periodic":
-        s.interval = t.convert("interval", (str, int), _positive_duration)
-    else:
-        s.cron = t.convert("cron", str, CronSpec.parse)
-    s.timestamp_format = t.get("timestamp_format", str, "dense")
-    s.timestamp_location = t.get("timestamp_location", str, "UTC")
-    try:
-        validate_timestamp_format(s.timestamp_format, s.timestamp_location)
-        snapshot_name(s.prefix, s.timestamp_format, 0.0, s.timestamp_location)
-    except ValueError as exc:
-        raise t.error("timestamp_format", str(exc)) from None
-    s.hooks = [_parse_hook(h) for h in t.tables("hooks")]
-    t.finish()
+    t.allow("prefix", "timestamp_format", "timestamp_location", "hooks", "interval" if s.type == "periodic" else "cron")
+    prefix_ok = location_ok = False
+    with t.collect():
+        s.prefix = t.get("prefix", str)
+        if not s.prefix:
+            raise t.error("prefix", "must not be empty")
+        try:
+            validate_snapshot_short_name(s.prefix)
+        except ValueError as exc:
+            raise t.error("prefix", str(exc)) from None
+        prefix_ok = True
+    with t.collect():
+        if s.type == "periodic":
+            s.interval = t.convert("interval", (str, int), _positive_duration)
+        else:
+            s.cron = t.convert("cron", str, CronSpec.parse)
+    with t.collect():
+        s.timestamp_location = t.convert("timestamp_location", str, _zone_name, "UTC")
+        location_ok = True
+    with t.collect():
+        s.timestamp_format = t.get("timestamp_format", str, "dense")
+        if location_ok:
+            try:
+                validate_timestamp_format(s.timestamp_format, s.timestamp_location)
+                if prefix_ok:
+                    snapshot_name(s.prefix, s.timestamp_format, 0.0, s.timestamp_location)
+            except ValueError as exc:
+                raise t.error("timestamp_format", str(exc)) from None
+    with t.collect():
+        for h in t.tables("hooks"):
+            with t.collect():
+                s.hooks.append(_parse_hook(h))
+    t.finish(f" for {s.type} snapshotting")
     return s
 
 
 def _parse_hook(t: _Table) -> HookConfig:
+    t.allow("type", "filesystems", "err_is_fatal", "timeout")
     htype = t.choice("type", ("command", "postgres-checkpoint", "mysql-lock-tables"))
-    needs_filter = htype != "command"
-    if needs_filter and not t.has("filesystems"):
-        raise t.error("filesystems", f"is required for {htype} hooks")
-    filt = t.convert("filesystems", dict, DatasetFilter, None) or DatasetFilter({"<": True})
-    hook = HookConfig(type=htype, filesystems=filt, err_is_fatal=t.get("err_is_fatal", bool, False))
-    if htype != "mysql-lock-tables":
+    t.allow("path" if htype == "command" else "dsn")
+    hook = HookConfig(type=htype, filesystems=DatasetFilter.accept_all())
+    with t.collect():
+        if htype != "command" and not t.has("filesystems"):
+            raise t.error("filesystems", f"is required for {htype} hooks")
+        hook.filesystems = t.convert("filesystems", dict, DatasetFilter, None) or DatasetFilter.accept_all()
+    with t.collect():
+        hook.err_is_fatal = t.get("err_is_fatal", bool, False)
+    with t.collect():
         hook.timeout = t.convert("timeout", (str, int), _positive_duration, 30.0)
-    if htype == "command":
-        hook.path = t.convert("path", str, _absolute_path)
-    else:
-        hook.dsn = t.get("dsn", str)
-    t.finish()
+    with t.collect():
+        if htype == "command":
+            hook.path = t.convert("path", str, _absolute_path)
+        else:
+            hook.dsn = t.get("dsn", str)
+    t.finish(f" for a {htype} hook")
     return hook
+
+
+_KEEP_RULE_KEYS = {"not_replicated": ("keep_snapshot_at_cursor",), "last_n": ("count", "regex"),
+                   "grid": ("grid", "regex"), "regex": ("regex", "negate")}
 
 
 def _parse_keep_rules(t: _Table, key: str, allow_not_replicated: bool, job_type: str) -> list[Any]:
     if not t.has(key):
         t.seen.add(key)
-        if job_type == "snap" or key in ("keep_sender", "keep_receiver"):
-            raise t.error(key, "is required (an empty list keeps every snapshot)")
+        raise t.error(key, "is required (an empty list keeps every snapshot)")
     rules: list[KeepRule] = []
     for rt in t.tables(key):
-        rtype = rt.choice("type", ("not_replicated", "last_n", "grid", "regex"))
-        rule: KeepRule
-        try:
-            if rtype == "not_replicated":
-                if not allow_not_replicated:
-                    where = "snap jobs (nothing is replicated)" if job_type == "snap" else "keep_receiver"
-                    raise rt.error("type", f"not_replicated is not allowed in {where}")
-                rule = KeepNotReplicated(keep_snapshot_at_cursor=rt.get("keep_snapshot_at_cursor", bool, True))
-            elif rtype == "last_n":
-                count = rt.get("count", int)
-                if count <= 0:
-                    raise rt.error("count", f"must be greater than 0, got {count}")
-                regex = rt.convert("regex", str, _regex, None)
-                rule = KeepLastN(count=count, regex=regex)
-            elif rtype == "grid":
-                intervals = rt.convert("grid", str, parse_grid)
-                rule = KeepGrid(intervals=tuple(intervals), regex=rt.convert("regex", str, _regex))
-            else:
-                rule = KeepRegex(regex=rt.convert("regex", str, _regex), negate=rt.get("negate", bool, False))
-        except ValueError as exc:
-            raise rt.error("type", str(exc)) from None
-        rt.finish()
-        rules.append(rule)
+        with t.collect():
+            rules.append(_parse_keep_rule(rt, allow_not_replicated, job_type))
     return rules
+
+
+def _parse_keep_rule(rt: _Table, allow_not_replicated: bool, job_type: str) -> KeepRule:
+    rt.allow("type")
+    rtype = rt.choice("type", tuple(_KEEP_RULE_KEYS))
+    rt.allow(*_KEEP_RULE_KEYS[rtype])
+    rule: KeepRule
+    try:
+        if rtype == "not_replicated":
+            if not allow_not_replicated:
+                where = "snap jobs (nothing is replicated)" if job_type == "snap" else "keep_receiver"
+                raise rt.error("type", f"not_replicated is not allowed in {where}")
+            rule = KeepNotReplicated(keep_snapshot_at_cursor=rt.get("keep_snapshot_at_cursor", bool, True))
+        elif rtype == "last_n":
+            count = rt.get("count", int)
+            if count <= 0:
+                raise rt.error("count", f"must be greater than 0, got {shorten(count)}")
+            regex = rt.convert("regex", str, _regex, None)
+            rule = KeepLastN(count=count, regex=regex)
+        elif rtype == "grid":
+            intervals = rt.convert("grid", str, parse_grid)
+            rule = KeepGrid(intervals=tuple(intervals), regex=rt.convert("regex", str, _regex))
+        else:
+            rule = KeepRegex(regex=rt.convert("regex", str, _regex), negate=rt.get("negate", bool, False))
+    except ValueError as exc:
+        raise rt.error("type", str(exc)) from None
+    rt.finish(f" for a {rtype} rule")
+    return rule
 
 
 def _regex(value: str) -> str:
@@ -1806,200 +2684,297 @@ def _regex(value: str) -> str:
     return value
 
 
+_UNSUPPORTED_TRANSPORT = ("zrepl's {kind} transport is not supported by zrepl.py: use type = \"ssh+stdinserver\" "
+                          "(see README: Remote replication over SSH) or \"local\"")
+
+
 def _parse_connect(t: _Table) -> ConnectConfig:
+    t.allow("type")
+    if t.get("type", str) in ("tcp", "tls"):
+        raise t.error("type", _UNSUPPORTED_TRANSPORT.format(kind=t.data["type"]))
     c = ConnectConfig(type=t.choice("type", ("local", "ssh+stdinserver")))
     if c.type == "local":
-        c.listener_name = t.get("listener_name", str)
-        c.client_identity = t.convert("client_identity", str, _identity)
-    else:
-        c.host = t.get("host", str)
-        c.user = t.get("user", str, "root")
+        t.allow("listener_name", "client_identity", "dial_timeout")
+        with t.collect():
+            c.listener_name = t.get("listener_name", str)
+        with t.collect():
+            c.client_identity = t.convert("client_identity", str, _identity)
+        with t.collect():
+            c.dial_timeout = t.convert("dial_timeout", (str, int), _positive_duration, 2.0)
+        t.finish(" for a local connect")
+        return c
+    t.allow("host", "user", "port", "identity_file", "options", "dial_timeout", "ssh_command",
+            "transport_open_command")
+    with t.collect():
+        c.host = t.convert("host", str, lambda v: _ssh_word("host", v))
+    with t.collect():
+        c.user = t.convert("user", str, lambda v: _ssh_word("user", v), "root")
+    with t.collect():
         c.port = t.get("port", int, 22)
         if not 0 < c.port < 65536:
-            raise t.error("port", f"must be between 1 and 65535, got {c.port}")
+            raise t.error("port", f"must be between 1 and 65535, got {shorten(c.port)}")
+    with t.collect():
         c.identity_file = t.convert("identity_file", str, _absolute_path)
-        c.options = t.get("options", list, [])
-        for i, opt in enumerate(c.options):
-            if not isinstance(opt, str):
-                raise ConfigError(f"must be a string like 'Compression=yes', got {opt!r}",
-                                  f"{t.key_path('options')}[{i}]", t.file)
+    with t.collect():
+        c.options = _string_list(t, "options", "a string like 'Compression=yes'")
+    with t.collect():
         c.dial_timeout = t.convert("dial_timeout", (str, int), _positive_duration, 10.0)
+    with t.collect():
         c.ssh_command = t.get("ssh_command", str, "ssh")
-        for key, value in (("host", c.host), ("user", c.user)):
-            if not value or value.startswith("-") or any(ch.isspace() or ord(ch) < 32 for ch in value):
-                raise t.error(key, f"invalid {key} {value!r}")
-    t.finish()
+    with t.collect():
+        c.transport_open_command = _string_list(t, "transport_open_command", "a string")
+    t.finish(" for an ssh+stdinserver connect")
     return c
+
+
+def _ssh_word(key: str, value: str) -> str:
+    if not value or value.startswith("-") or any(ch.isspace() or ord(ch) < 32 for ch in value):
+        raise ValueError(f"invalid {key} {shorten(value)}")
+    return value
+
+
+def _string_list(t: _Table, key: str, what: str) -> list[str]:
+    items = t.get(key, list, [])
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ConfigError(f"must be {what}, got {_describe(item)}", f"{t.key_path(key)}[{i}]", t.file)
+    return list(items)
 
 
 def _identity(value: str) -> str:
     """Client identities become a dataset name component on the sink."""
     if not value or "/" in value:
-        raise ValueError(f"client identity {value!r} must be a single dataset name component")
+        raise ValueError(f"client identity {shorten(value)} must be a single dataset name component")
     validate_snapshot_short_name(value)  # same character rules as a single component
     return value
 
 
 def _parse_serve(t: _Table, job_type: str) -> ServeConfig:
+    t.allow("type")
+    if t.get("type", str) in ("tcp", "tls"):
+        raise t.error("type", _UNSUPPORTED_TRANSPORT.format(kind=t.data["type"]).replace(
+            "ssh+stdinserver", "stdinserver"))
     s = ServeConfig(type=t.choice("type", ("local", "stdinserver")))
     if job_type == "source":
-        s.read_only = t.get("read_only", bool, False)
+        t.allow("read_only")
+        with t.collect():
+            s.read_only = t.get("read_only", bool, False)
     if s.type == "local":
-        s.listener_name = t.get("listener_name", str)
+        t.allow("listener_name")
+        with t.collect():
+            s.listener_name = t.get("listener_name", str)
     else:
-        ids = t.get("client_identities", list)
-        if not ids:
-            raise t.error("client_identities", "must list at least one identity")
-        for i, ident in enumerate(ids):
-            try:
-                if not isinstance(ident, str):
-                    raise ValueError(f"must be a string, got {ident!r}")
-                _identity(ident)
-            except ValueError as exc:
-                raise ConfigError(str(exc), f"{t.key_path('client_identities')}[{i}]", t.file) from None
-        s.client_identities = list(ids)
-    t.finish()
+        t.allow("client_identities")
+        with t.collect():
+            ids = _string_list(t, "client_identities", "a string")
+            if not ids:
+                raise t.error("client_identities", "must list at least one identity")
+            for i, ident in enumerate(ids):
+                try:
+                    _identity(ident)
+                except ValueError as exc:
+                    raise ConfigError(str(exc), f"{t.key_path('client_identities')}[{i}]", t.file) from None
+            s.client_identities = ids
+    t.finish(f" for a {s.type} serve")
     return s
 
 
 def _parse_bandwidth(t: _Table | None) -> BandwidthLimit | None:
+    """zrepl's bandwidth_limit: data-rate units (see parse_data_rate); a negative max means no limit."""
     if t is None:
         return None
-    rate = t.convert("max", (str, int), parse_size)
-    if rate <= 0:
-        raise t.error("max", "must be greater than 0")
-    capacity = t.convert("bucket_capacity", (str, int), parse_size, max(rate // 8, 128 * 1024))
+    t.allow("max", "bucket_capacity")
+    rate = t.convert("max", (str, int), parse_data_rate)
+    capacity = t.convert("bucket_capacity", (str, int), parse_data_rate, None)
+    if capacity is not None and capacity < 1:
+        raise t.error("bucket_capacity", f"must be at least 1 byte, got {shorten(t.data['bucket_capacity'])}")
     t.finish()
-    return BandwidthLimit(max=rate, bucket_capacity=capacity)
+    if rate < 0:
+        return None
+    if rate == 0:
+        raise t.error("max", "must not be 0 (leave bandwidth_limit out, or set a negative value like '-1 B', "
+                             "for no limit)")
+    if rate < 1:
+        raise t.error("max", f"is too small: at least one byte per second, got {shorten(t.data['max'])} "
+                             f"({rate:g} bytes)")
+    # zrepl's default burst is 128 KiB; at high rates 1/8 s of data keeps the pacer's wake-ups few.
+    default_capacity = max(int(rate / 8), 128 * 1024)
+    return BandwidthLimit(max=rate, bucket_capacity=default_capacity if capacity is None else int(capacity))
 
 
 def _parse_send(t: _Table) -> SendConfig:
     s = SendConfig()
-    for key in ("encrypted", "raw", "send_properties", "backup_properties", "large_blocks", "compressed",
-                "embedded_data", "saved"):
-        setattr(s, key, t.get(key, bool, False))
-    s.bandwidth_limit = _parse_bandwidth(t.table("bandwidth_limit"))
+    flags = ("encrypted", "raw", "send_properties", "backup_properties", "large_blocks", "compressed",
+             "embedded_data", "saved")
+    t.allow(*flags, "bandwidth_limit")
+    for key in flags:
+        with t.collect():
+            setattr(s, key, t.get(key, bool, False))
+    with t.collect():
+        s.bandwidth_limit = _parse_bandwidth(t.table("bandwidth_limit"))
     t.finish()
     return s
 
 
-_PROPERTY_RE = re.compile(r"^[a-z0-9_.:\-]+$")
+_PROPERTY_RE = re.compile(r"[a-z0-9_.:\-]+")
 
 
 def _parse_recv(t: _Table) -> RecvConfig:
     r = RecvConfig()
-    pt = t.table("properties")
-    if pt:
-        inherit = pt.get("inherit", list, [])
-        for i, prop in enumerate(inherit):
-            if not isinstance(prop, str) or not _PROPERTY_RE.match(prop):
-                raise ConfigError(f"invalid property name {prop!r}", f"{pt.key_path('inherit')}[{i}]", t.file)
-        r.inherit = list(inherit)
-        override = pt.get("override", dict, {})
-        for prop, value in override.items():
-            if not _PROPERTY_RE.match(prop):
-                raise ConfigError(f"invalid property name {prop!r}", pt.key_path("override"), t.file)
-            if not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise ConfigError(f"value must be a string or integer, got {value!r}",
-                                  f"{pt.key_path('override')}.{prop}", t.file)
-        r.override = {k: str(v) for k, v in override.items()}
-        r.safe_properties = pt.get("safe", bool, True)
-        pt.finish()
-    ph = t.table("placeholder")
-    if ph:
-        r.placeholder_encryption = ph.choice("encryption", ("unspecified", "inherit", "off"), "unspecified")
-        ph.finish()
-    r.bandwidth_limit = _parse_bandwidth(t.table("bandwidth_limit"))
+    t.allow("properties", "placeholder", "bandwidth_limit")
+    with t.collect():
+        pt = t.table("properties")
+        if pt:
+            _parse_recv_properties(pt, r)
+    with t.collect():
+        ph = t.table("placeholder")
+        if ph:
+            ph.allow("encryption")
+            r.placeholder_encryption = ph.choice("encryption", ("unspecified", "inherit", "off"), "unspecified")
+            ph.finish()
+    with t.collect():
+        r.bandwidth_limit = _parse_bandwidth(t.table("bandwidth_limit"))
     t.finish()
     return r
 
 
+def _parse_recv_properties(pt: _Table, r: RecvConfig) -> None:
+    pt.allow("inherit", "override", "safe")
+    with pt.collect():
+        r.safe_properties = pt.get("safe", bool, True)
+    with pt.collect():
+        inherit = pt.get("inherit", list, [])
+        for i, prop in enumerate(inherit):
+            if not isinstance(prop, str) or not _PROPERTY_RE.fullmatch(prop):
+                raise ConfigError(f"invalid property name {shorten(prop)}", f"{pt.key_path('inherit')}[{i}]", pt.file)
+        r.inherit = list(inherit)
+    with pt.collect():
+        override = pt.get("override", dict, {})
+        for prop, value in override.items():
+            if not _PROPERTY_RE.fullmatch(prop):
+                raise ConfigError(f"invalid property name {shorten(prop)}", pt.key_path("override"), pt.file)
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ConfigError(f"value must be a string or integer, got {_describe(value)}",
+                                  f"{pt.key_path('override')}.{prop}", pt.file)
+        r.override = {k: str(v) for k, v in override.items()}
+    pt.finish()
+
+
 def _parse_replication(t: _Table) -> ReplicationConfig:
     r = ReplicationConfig()
-    pt = t.table("protection")
-    if pt:
-        r.protection_initial = pt.choice("initial", PROTECTION_LEVELS, r.protection_initial)
-        r.protection_incremental = pt.choice("incremental", PROTECTION_LEVELS, r.protection_incremental)
-        pt.finish()
-    ct = t.table("concurrency")
-    if ct:
-        r.concurrency_steps = ct.get("steps", int, 1)
-        if r.concurrency_steps < 1:
-            raise ct.error("steps", "must be at least 1")
-        ct.get("size_estimates", int, 4)  # accepted for zrepl compatibility; estimates run in one pass
-        ct.finish()
-    r.timeout = t.convert("timeout", (str, int), _positive_duration, r.timeout)
+    t.allow("protection", "concurrency", "timeout")
+    with t.collect():
+        pt = t.table("protection")
+        if pt:
+            pt.allow("initial", "incremental")
+            with pt.collect():
+                r.protection_initial = pt.choice("initial", PROTECTION_LEVELS, r.protection_initial)
+            with pt.collect():
+                r.protection_incremental = pt.choice("incremental", PROTECTION_LEVELS, r.protection_incremental)
+            pt.finish()
+    with t.collect():
+        ct = t.table("concurrency")
+        if ct:
+            ct.allow("steps", "size_estimates")
+            for key, attr in (("steps", "concurrency_steps"), ("size_estimates", "concurrency_size_estimates")):
+                with ct.collect():
+                    value = ct.get(key, int, getattr(r, attr))
+                    if value < 1:
+                        raise ct.error(key, f"must be at least 1, got {shorten(value)}")
+                    setattr(r, attr, value)
+            ct.finish()
+    with t.collect():
+        r.timeout = t.convert("timeout", (str, int), _positive_duration, r.timeout)
     t.finish()
     return r
 
 
 def _filter_reaches(filt: DatasetFilter, root: str) -> bool:
-    """Whether a filesystems filter accepts `root` or could accept something below it."""
-    if filt.accepts(root):
+    """Whether a filesystems filter accepts `root` or could accept something below it: a child no
+    pattern names (decided by the longest subtree pattern above it, so `"<" = true` with
+    `"root<" = false` does not reach), or a dataset an accepting pattern names below root."""
+    if filt.accepts(root) or filt.accepts(f"{root}/\x00"):  # NUL: a child no pattern can name
         return True
-    return any(accept and (pattern == "<" or is_descendant(pattern.rstrip("<"), root, include_self=True))
-               for pattern, accept in filt.patterns.items())
+    return any(accept and is_descendant(pattern.rstrip("<"), root) for pattern, accept in filt.patterns.items())
 
 
-def _check_replication_layout(jobs: list[JobConfig], file: str) -> None:
-    """Refuse layouts where one job's replicas can be mistaken for, or pruned as, another's."""
+def _check_replication_layout(jobs: list[JobConfig], file: str) -> list[ConfigError]:
+    """Refuse layouts where one job's replicas can be mistaken for, or pruned as, another's (checked
+    for the jobs that parsed without errors)."""
+    errors: list[ConfigError] = []
     receivers = [(j, j.root_fs) for j in jobs if j.type in ("sink", "pull") and j.root_fs]
     for i, (a, ra) in enumerate(receivers):
         for b, rb in receivers[i + 1:]:
             if is_descendant(ra, rb, include_self=True) or is_descendant(rb, ra, include_self=True):
-                raise ConfigError(f"root_fs {rb!r} overlaps root_fs {ra!r} of {a.type} job {a.name!r}: two jobs "
-                                  f"receiving into one subtree would take each other's replicas for their own",
-                                  f"{b.path}.root_fs", file)
+                errors.append(ConfigError(
+                    f"root_fs {shorten(rb)} overlaps root_fs {shorten(ra)} of {a.type} job {shorten(a.name)}: two "
+                    f"jobs receiving into one subtree would take each other's replicas for their own",
+                    f"{b.path}.root_fs", file))
     for job in jobs:
         if job.filesystems is None or job.type not in ("push", "snap", "source"):
             continue
         for receiver, root in receivers:
             if _filter_reaches(job.filesystems, root):
-                raise ConfigError(f"the filter selects datasets at or below {root!r}, the root_fs of {receiver.type} "
-                                  f"job {receiver.name!r}: this job would snapshot, send or prune its replicas; "
-                                  f"add \"{root}<\" = false", f"{job.path}.filesystems", file)
+                errors.append(ConfigError(
+                    f"the filter selects datasets at or below {shorten(root)}, the root_fs of {receiver.type} job "
+                    f"{shorten(receiver.name)}: this job would snapshot, send or prune its replicas; add "
+                    f"\"{root}<\" = false", f"{job.path}.filesystems", file))
+                break
     served: dict[str, JobConfig] = {}
-    for job in jobs:
-        if job.serve is not None and job.serve.type == "local":
-            if job.serve.listener_name in served:
-                raise ConfigError(f"listener {job.serve.listener_name!r} is already served by job "
-                                  f"{served[job.serve.listener_name].name!r}", f"{job.path}.serve.listener_name", file)
-            served[job.serve.listener_name] = job
     connected: dict[str, JobConfig] = {}
     for job in jobs:
+        if job.serve is not None and job.serve.type == "local":
+            name = job.serve.listener_name
+            if name in served:
+                errors.append(ConfigError(f"listener {shorten(name)} is already served by job "
+                                          f"{shorten(served[name].name)}", f"{job.path}.serve.listener_name", file))
+            served.setdefault(name, job)
         if job.connect is not None and job.connect.type == "local":
-            other = connected.get(job.connect.listener_name)
-            if other is not None:
-                raise ConfigError(f"job {other.name!r} already connects to local listener "
-                                  f"{job.connect.listener_name!r}: two jobs on one listener would share one "
-                                  f"replication cursor and subtree; give each its own sink or source",
-                                  f"{job.path}.connect.listener_name", file)
-            connected[job.connect.listener_name] = job
+            name = job.connect.listener_name
+            if name in connected:
+                errors.append(ConfigError(f"job {shorten(connected[name].name)} already connects to local listener "
+                                          f"{shorten(name)}: two jobs on one listener would share one replication "
+                                          f"cursor and subtree; give each its own sink or source",
+                                          f"{job.path}.connect.listener_name", file))
+            connected.setdefault(name, job)
     names = {j.name: j for j in jobs}
     for job in jobs:
         if job.type == "source" and job.serve is not None and job.serve.type == "stdinserver":
             for ident in job.serve.client_identities:
                 derived = source_abstraction_job(job, ident)
                 if derived != job.name and derived in names:
-                    raise ConfigError(f"client {ident!r} gets the hold and bookmark name {derived!r}, which is also "
-                                      f"the name of job {derived!r}: rename one", f"{job.path}.serve.client_identities",
-                                      file)
+                    errors.append(ConfigError(f"client {shorten(ident)} gets the hold and bookmark name "
+                                              f"{shorten(derived)}, which is also the name of job {shorten(derived)}: "
+                                              f"rename one", f"{job.path}.serve.client_identities", file))
+    return errors
 
 
-def _check_local_listeners(jobs: list[JobConfig], file: str) -> None:
-    """Every local connect must name a local serve in the same config."""
-    listeners = {j.serve.listener_name: j for j in jobs if j.serve and j.serve.type == "local"}
-    for job in jobs:
-        if job.connect and job.connect.type == "local":
-            target = listeners.get(job.connect.listener_name)
-            if target is None:
-                raise ConfigError(f"no sink or source job serves local listener {job.connect.listener_name!r}",
-                                  f"{job.path}.connect.listener_name", file)
-            wanted = "sink" if job.type == "push" else "source"
-            if target.type != wanted:
-                raise ConfigError(f"a {job.type} job must connect to a {wanted}, but listener "
-                                  f"{job.connect.listener_name!r} is served by {target.type} job {target.name!r}",
-                                  f"{job.path}.connect.listener_name", file)
+def _check_local_listeners(clean: list[JobConfig], jobs: list[JobConfig], file: str,
+                           every_job_read: bool) -> list[ConfigError]:
+    """Every local connect must name a local serve in the same config. Checked for jobs that parsed
+    without errors; a listener that a job with errors may serve is not judged."""
+    errors = []
+    listeners = {j.serve.listener_name: j for j in clean if j.serve and j.serve.type == "local"}
+    clean_paths = {j.path for j in clean}
+    broken = [j for j in jobs if j.path not in clean_paths]
+    unsure = not every_job_read or any(j.type in ("sink", "source") and j.serve is None for j in broken)
+    maybe_served = {j.serve.listener_name for j in broken if j.serve}
+    for job in clean:
+        if not (job.connect and job.connect.type == "local"):
+            continue
+        name = job.connect.listener_name
+        target = listeners.get(name)
+        if target is None:
+            if not unsure and name not in maybe_served:
+                errors.append(ConfigError(f"no sink or source job serves local listener {shorten(name)}",
+                                          f"{job.path}.connect.listener_name", file))
+            continue
+        wanted = "sink" if job.type == "push" else "source"
+        if target.type != wanted:
+            errors.append(ConfigError(f"a {job.type} job must connect to a {wanted}, but listener {shorten(name)} "
+                                      f"is served by {target.type} job {shorten(target.name)}",
+                                      f"{job.path}.connect.listener_name", file))
+    return errors
 
 
 # =================================================================================================
@@ -8746,7 +9721,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return NAGIOS_UNKNOWN
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
-    monitoring = dataclasses.replace(config.global_.monitoring)
+    monitoring = dataclasses.replace(config.global_.status_thresholds)
     if args.warn:
         monitoring.warn_no_success_after = parse_duration(args.warn)
     if args.crit:
@@ -8996,57 +9971,68 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """--config, --log-level, --debug. The top-level parser has the defaults; each subcommand parser
+    repeats the options without defaults (SUPPRESS), so `zrepl.py status --config F` works as well
+    as `zrepl.py --config F status`, and a value given before the subcommand is not reset after it."""
+    keep: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument("--config", metavar="FILE", help="config file (default: $ZREPL_CONFIG, "
+                        "/etc/zrepl/zrepl.toml, /usr/local/etc/zrepl/zrepl.toml)", **keep)
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="override the configured log level", **keep)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors", **keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="zrepl.py", description="ZFS snapshots, replication and pruning (zrepl-compatible).")
-    parser.add_argument("--config", help="config file (default: $ZREPL_CONFIG, /etc/zrepl/zrepl.toml, "
-                                         "/usr/local/etc/zrepl/zrepl.toml)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, help="override the configured log level")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    _add_global_options(parser, defaults=True)
+    common = _ArgumentParser(add_help=False)
+    _add_global_options(common, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
 
-    p = sub.add_parser("run", help="run jobs once: snapshot if due, replicate, prune")
+    p = sub.add_parser("run", parents=[common], help="run jobs once: snapshot if due, replicate, prune")
     p.add_argument("jobs", nargs="*", help="job names (default: all active and snap jobs)")
     p.add_argument("--dry-run", action="store_true", help="show what would be done, change nothing")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", help="summarize the status file (Nagios exit codes)")
+    p = sub.add_parser("status", parents=[common], help="summarize the status file (Nagios exit codes)")
     p.add_argument("-v", "--verbose", action="store_true", help="details per job")
     p.add_argument("--json", action="store_true", help="print the raw status document")
     p.add_argument("--warn", help="warn when a job had no successful run for this long (e.g. 2h)")
     p.add_argument("--crit", help="critical when a job had no successful run for this long (e.g. 6h)")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("wakeup", help="run a job now, or make the running one do one more pass")
+    p = sub.add_parser("wakeup", parents=[common], help="run a job now, or make the running one do one more pass")
     p.add_argument("job")
     p.set_defaults(func=cmd_wakeup)
 
-    p = sub.add_parser("stdinserver", help="serve one ssh client on stdin/stdout (the forced command in "
-                                           "authorized_keys of a sink or source host)")
+    p = sub.add_parser("stdinserver", parents=[common],
+                       help="serve one ssh client on stdin/stdout (the forced command in authorized_keys of a sink "
+                            "or source host)")
     p.add_argument("identity", help="the client identity: one of a sink/source job's serve.client_identities")
     p.set_defaults(func=cmd_stdinserver)
 
-    p = sub.add_parser("configcheck", help="validate the config; prints nothing when it is valid")
+    p = sub.add_parser("configcheck", parents=[common], help="validate the config; prints nothing when it is valid")
     p.set_defaults(func=cmd_configcheck)
 
-    p = sub.add_parser("test", help="inspect what a job would do")
+    p = sub.add_parser("test", parents=[common], help="inspect what a job would do")
     tsub = p.add_subparsers(dest="test_command", required=True, parser_class=_ArgumentParser)
-    t = tsub.add_parser("filesystems", help="print ACCEPT/REJECT per dataset for a job's filter")
+    t = tsub.add_parser("filesystems", parents=[common], help="print ACCEPT/REJECT per dataset for a job's filter")
     t.add_argument("--job", required=True)
     group = t.add_mutually_exclusive_group()
     group.add_argument("--all", action="store_true", help="every dataset of every pool")
     group.add_argument("--input", metavar="FS", help="one dataset name (need not exist)")
     t.set_defaults(func=cmd_test_filesystems)
 
-    t = tsub.add_parser("placeholder", help="show which datasets are placeholders")
+    t = tsub.add_parser("placeholder", parents=[common], help="show which datasets are placeholders")
     group = t.add_mutually_exclusive_group()
     group.add_argument("--all", action="store_true", help="every dataset (the default)")
     group.add_argument("--dataset", metavar="DS", help="one dataset")
     t.set_defaults(func=cmd_test_placeholder)
-    t = tsub.add_parser("decoderesumetoken", help="decode a receive_resume_token")
+    t = tsub.add_parser("decoderesumetoken", parents=[common], help="decode a receive_resume_token")
     t.add_argument("--token", required=True)
     t.set_defaults(func=cmd_test_decoderesumetoken)
 
-    p = sub.add_parser("zfs-abstractions", help="list or release zrepl's holds and bookmarks")
+    p = sub.add_parser("zfs-abstractions", parents=[common], help="list or release zrepl's holds and bookmarks")
     p.add_argument("action", choices=("list", "release-stale", "release-all"))
     p.add_argument("--job", help="only this job's abstractions")
     p.add_argument("--fs", help="only this dataset and its descendants")
@@ -9054,7 +10040,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_zfs_abstractions)
 
-    p = sub.add_parser("version", help="print the version")
+    p = sub.add_parser("version", parents=[common], help="print the version")
     p.set_defaults(func=cmd_version)
     return parser
 

@@ -80,7 +80,7 @@ def test_key_of_another_job_type_is_rejected():
 
 
 @pytest.mark.parametrize("name,fragment", [("_hidden", "must not start"), ("a/b", "ZFS name"), ("..", "ZFS name"),
-                                           ("has space", "ZFS name")])
+                                           ("tab\\there", "ZFS name"), ("newline\\n", "ZFS name")])
 def test_bad_job_names(name, fragment):
     err = error_of(SNAP_JOB.replace('name = "snapjob"', f'name = "{name}"'))
     assert err.path == "jobs[0].name" and fragment in err.message
@@ -177,11 +177,11 @@ def test_local_connect_must_name_a_listener():
     assert err.path == "jobs[0].connect.listener_name"
 
 
-def test_global_monitoring_thresholds():
-    cfg = parse('[global.monitoring]\nwarn_no_success_after = "1h"\ncrit_no_success_after = "3h"\n' + SNAP_JOB)
-    assert cfg.global_.monitoring.crit_no_success_after == 3 * 3600
-    err = error_of('[global.monitoring]\nwarn_no_success_after = "3h"\ncrit_no_success_after = "1h"\n' + SNAP_JOB)
-    assert err.path == "global.monitoring.crit_no_success_after"
+def test_global_status_thresholds():
+    cfg = parse('[global.status]\nwarn_no_success_after = "1h"\ncrit_no_success_after = "3h"\n' + SNAP_JOB)
+    assert cfg.global_.status_thresholds.crit_no_success_after == 3 * 3600
+    err = error_of('[global.status]\nwarn_no_success_after = "3h"\ncrit_no_success_after = "1h"\n' + SNAP_JOB)
+    assert err.path == "global.status.crit_no_success_after"
 
 
 def run_cli(*args, config_text=None, tmp_path=None):

@@ -213,10 +213,10 @@ def test_snapshot_name_and_invalid_results():
 def test_validate_timestamp_format():
     validate_timestamp_format("dense")
     validate_timestamp_format("iso-8601", "Europe/Berlin")
-    validate_timestamp_format("%Y%m%d")
+    validate_timestamp_format("%Y%m%d_%H%M%S")
     with pytest.raises(ValueError, match="invalid snapshot name"):
         validate_timestamp_format("%d/%m")
-    with pytest.raises(ValueError, match="same name"):
+    with pytest.raises(ValueError, match="no date or time field"):
         validate_timestamp_format("daily")
     with pytest.raises(ValueError, match="requires location"):
         validate_timestamp_format("human", "Local")
@@ -231,7 +231,7 @@ def test_validate_timestamp_format():
     ("* * * 13 *", "month field '13' out of range 1-12"),
     ("* * * * 8", "day-of-week field '8' out of range 0-7"),
     ("* * * *", "5 fields"),
-    ("* * * * * *", "5 fields"),
+    ("* * * * * * *", "6 with seconds first"),
     ("*/0 * * * *", "step must be a positive number"),
     ("5-1 * * * *", "range start is after its end"),
     ("a * * * *", "not a number"),
@@ -289,9 +289,13 @@ def test_cron_dom_dow_or_rule():
     # Only day-of-week restricted: AND with an unrestricted day-of-month.
     mondays = CronSpec.parse("0 0 * * 1")
     assert mondays.next_after(utc(2024, 9, 1)) == utc(2024, 9, 2)
-    # '*/2' starts with '*', so it counts as unrestricted: the day must match both fields.
-    odd_fridays = CronSpec.parse("0 0 */2 * 5")
-    assert odd_fridays.next_after(utc(2024, 9, 1)) == utc(2024, 9, 13)
+    # '*/2' restricts (robfig/cron, zrepl's parser; Vixie cron would call it unrestricted): odd days
+    # OR Fridays.
+    odd_or_friday = CronSpec.parse("0 0 */2 * 5")
+    assert odd_or_friday.next_after(utc(2024, 9, 1)) == utc(2024, 9, 3)
+    assert odd_or_friday.next_after(utc(2024, 9, 5)) == utc(2024, 9, 6)
+    # '*' with a step of 1 is still unrestricted: only Fridays.
+    assert CronSpec.parse("0 0 */1 * 5").next_after(utc(2024, 9, 1)) == utc(2024, 9, 6)
 
 
 def test_cron_steps_and_ranges():

@@ -199,7 +199,7 @@ def test_compile_regex():
     assert compile_regex("a+").search("xaa")
     with pytest.raises(ValueError) as e:
         compile_regex("(unclosed")
-    assert "(unclosed" in str(e.value) and "missing )" in str(e.value)
+    assert "(unclosed" in str(e.value) and "missing closing )" in str(e.value)
 
 
 # ---- not_replicated ----
@@ -286,3 +286,44 @@ def test_decide_prune_grid_example_destroys_thinned_snapshots():
     # (23h,47h] -> oldest 24; (-1h,23h] -> oldest 0.
     assert kept == [f"zrepl_{i:03d}" for i in [0, 24] + list(range(48, 73))]
     assert len(d.destroy) == 73 - len(kept)
+
+
+# ---- grid and clock errors (issue 8 item 14) ----
+
+def _hourly(count: int, start: int) -> list[Version]:
+    return [snap(f"zrepl_{i:03d}", start + i * H, txg=10 + i) for i in range(count)]
+
+
+def test_grid_far_future_snapshot_does_not_anchor_the_grid():
+    """200 snapshots, one of them dated two years ahead (a sender clock error): measured from the
+    youngest, every real snapshot is "too old" and 199 of 200 would be destroyed. With the caller's
+    clock the grid keeps the whole filesystem and says why."""
+    now = 1_800_000_000
+    history = _hourly(199, now - 199 * H)
+    future = snap("zrepl_future", now + 2 * 365 * D, txg=500)
+    rules = [KeepGrid(tuple(parse_grid("24x1h | 7x1d")), "^zrepl_")]
+    blind = decide_prune(history + [future], rules)  # no clock: zrepl's behaviour
+    assert len(blind.destroy) == 199
+    ctx = PruneContext(now=now)
+    decision = decide_prune(history + [future], rules, ctx)
+    assert decision.destroy == []
+    assert any("zrepl_future" in n and "nothing is pruned" in n for n in decision.notes), decision.notes
+    # Non-matching snapshots are kept too: nothing at all is pruned on that filesystem.
+    other = snap("manual", now - 500 * H, txg=1)
+    assert decide_prune(history + [future, other], rules, PruneContext(now=now)).destroy == []
+
+
+def test_grid_small_clock_skew_still_anchors_at_the_youngest():
+    now = 1_800_000_000
+    history = _hourly(200, now - 199 * H + 30 * 60)  # the youngest is 30 minutes "ahead"
+    rules = [KeepGrid(tuple(parse_grid("24x1h | 7x1d")), "^zrepl_")]
+    with_clock = decide_prune(history, rules, PruneContext(now=now))
+    assert [v.name for v in with_clock.destroy] == [v.name for v in decide_prune(history, rules).destroy]
+    assert with_clock.destroy and not with_clock.notes
+
+
+def test_grid_counts_do_not_cost_memory():
+    # A million one-second buckets: arithmetic per interval, not a list of buckets.
+    rule = KeepGrid(tuple(parse_grid("1000000x1s | 1x1w")), "^zrepl_")
+    kept = rule.keep(_hourly(5, 0), PruneContext())
+    assert len(kept) == 5
