@@ -6353,6 +6353,10 @@ class Receiver(Protocol):
 
     def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None: ...
 
+    def placeholders(self, filesystems: Sequence[str]) -> set[str]:
+        """Of these sender filesystems, those whose replica is an empty placeholder (replaceable)."""
+        ...
+
     def release_stale(self, fs: str) -> None:
         """Release this job's last-received holds on all but the replica's newest snapshot."""
         ...
@@ -6792,10 +6796,6 @@ class ReceiverEndpoint:
                                 f"with `{_q('zfs', 'create', '-p', '-o', 'mountpoint=none', self.root_fs)}`")
         self._listing = listing
         mine = {name: ds for name, ds in listing.items() if is_descendant(name, self.root, include_self=True)}
-        # Only an empty dataset can be a placeholder that a full receive may replace: ask ZFS which of
-        # them carry a LOCAL zrepl:placeholder=on (the listing itself holds no user property).
-        for name in self.zfs.local_placeholders([n for n, ds in mine.items() if not ds.snapshots()]):
-            mine[name].props[PLACEHOLDER_PROPERTY] = "on"
         out: ReceiverListing = {}
         for name, ds in mine.items():
             if name != self.root:
@@ -6954,6 +6954,12 @@ class ReceiverEndpoint:
             raise EndpointError(f"{target}@{snapshot} with guid {guid} does not exist on the receiver")
         log.info("%s@%s: restoring the last-received hold", target, snapshot)
         self._hold_last_received(target, info, snapshot)
+
+    def placeholders(self, filesystems: Sequence[str]) -> set[str]:
+        """Which of these (sender names) have a replica that is a placeholder a full receive may
+        replace: zrepl:placeholder=on set LOCALLY (the listing holds no user property)."""
+        targets = {self.target(fs): fs for fs in filesystems}
+        return {targets[t] for t in self.zfs.local_placeholders(list(targets))}
 
     def release_stale(self, fs: str) -> None:
         target = self.target(fs)
@@ -7117,10 +7123,14 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
         ep.release_stale(str(body.get("fs", "")))
         return {}
 
+    def placeholders(body: dict, ctx: RequestContext) -> dict:
+        return {"placeholders": sorted(ep.placeholders(_wire_str_list(body, "filesystems")))}
+
     def destroy(body: dict, ctx: RequestContext) -> dict:
         return _destroy_reply(ep.destroy_snapshots(str(body.get("fs", "")), _wire_str_list(body, "names")))
 
-    return _refuse_malformed({"endpoint.info": info, "receiver.list": list_, "receiver.prepare": prepare,
+    return _refuse_malformed({"endpoint.info": info, "receiver.list": list_, "receiver.placeholders": placeholders,
+                              "receiver.prepare": prepare,
                               "receiver.receive": receive, "receiver.clear_token": clear_token,
                               "receiver.hold_last_received": hold_last_received,
                               "receiver.release_stale": release_stale, "receiver.holds": holds,
@@ -7244,6 +7254,11 @@ class RemoteReceiver:
 
     def release_stale(self, fs: str) -> None:
         self.conn.request("receiver.release_stale", {"fs": fs})
+
+    def placeholders(self, filesystems: Sequence[str]) -> set[str]:
+        names = _wire_str_list(self.conn.request("receiver.placeholders", {"filesystems": list(filesystems)}),
+                               "placeholders")
+        return set(names) & set(filesystems)
 
     def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
         return _holds_reply(self.conn.request("receiver.holds", {"fs": fs, "names": list(names)})) if names else {}
@@ -7623,6 +7638,7 @@ class Replication:
         receiver_list = self.receiver.list_filesystems()
         self.progress.touch()
         self.listings = (sender_list, receiver_list)
+        self._mark_placeholders(sender_list, receiver_list)
         root = self.receiver.info.root
         inputs = []
         for ds in sender_list:
@@ -7666,6 +7682,17 @@ class Replication:
         self.progress.touch()
         self._publish()
         return plans
+
+    def _mark_placeholders(self, sender_list: list[DatasetInfo], receiver_list: ReceiverListing) -> None:
+        """Only a replica without snapshots can be a placeholder a full receive replaces: for those
+        (and only those: usually none, so a no-op run asks nothing) the receiver checks ZFS."""
+        empty = [ds.name for ds in sender_list if (r := receiver_list.get(ds.name)) and not r.dataset.snapshots()]
+        for entry in receiver_list.values():
+            entry.dataset.props.pop(PLACEHOLDER_PROPERTY, None)  # never from a listing, see LIST_PROPERTIES
+        if empty:
+            for fs in self.receiver.placeholders(empty):
+                receiver_list[fs].dataset.props[PLACEHOLDER_PROPERTY] = "on"
+            self.progress.touch()
 
     def _record_plan(self, p: FilesystemPlan) -> None:
         rep = self._report(p.sender_fs)
@@ -8385,7 +8412,8 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
                    holds: HoldLookup | None = None, contexts: dict[str, PruneContext] | None = None,
                    dry_run: bool = False, guards: Sequence[str] = (),
                    protected: dict[str, dict[str, str]] | None = None,
-                   tick: Callable[[], None] | None = None, own_prefix: str | None = None) -> list[PruneResult]:
+                   tick: Callable[[], None] | None = None, own_prefix: str | None = None,
+                   now: float | None = None) -> list[PruneResult]:
     """Apply keep rules to each dataset's snapshots; destroy the rest in one batch per dataset.
 
     `destroy(dataset, short_names)` does the batch (locally: destroy_with_bisect; on a peer: a
@@ -8395,11 +8423,14 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
     replicating job (`guards`, by their cursors in the listing) still needs it, or when
     `protected[dataset]` names it (e.g. a receiver's incremental base), with that reason.
     With `own_prefix` (the job's snapshotting prefix), destroying a snapshot without it is logged
-    as a warning and recorded (foreign_destroyed), and so is one kept only by last_n.
+    as a warning and recorded (foreign_destroyed), and so is one kept only by last_n. `now` (the
+    caller's clock) lets the grid refuse to anchor on a snapshot dated in the future.
     """
     results: list[PruneResult] = []
     for ds in datasets:
         ctx = (contexts or {}).get(ds.name) or PruneContext()
+        if ctx.now is None:
+            ctx.now = now
         decision = decide_prune(ds.snapshots(), rules, ctx)
         must_stay = {**unreplicated_by(ds, guards), **(protected or {}).get(ds.name, {})}
         for v in [v for v in decision.destroy if v.full_name in must_stay]:
@@ -8475,19 +8506,21 @@ def cursor_contexts(listing: Iterable[DatasetInfo], abstraction_job: str) -> dic
 
 def prune_sender(sender: Sender, listing: list[DatasetInfo], rules: Sequence[KeepRule],
                  dry_run: bool = False, guards: Sequence[str] = (),
-                 tick: Callable[[], None] | None = None, own_prefix: str | None = None) -> list[PruneResult]:
+                 tick: Callable[[], None] | None = None, own_prefix: str | None = None,
+                 now: float | None = None) -> list[PruneResult]:
     """keep_sender on the sending side; not_replicated compares against the cursor of the job whose
     abstractions the sender writes (sender.info: the push job, or the source serving this client).
     `guards`: other jobs of this host whose unreplicated snapshots stay (the endpoint checks too)."""
     own = sender.info.abstraction_job
     return prune_datasets(listing, rules, sender.destroy_snapshots, sender.hold_tags,
                           cursor_contexts(listing, own), dry_run, guards=[g for g in guards if g != own], tick=tick,
-                          own_prefix=own_prefix)
+                          own_prefix=own_prefix, now=now)
 
 
 def prune_receiver(receiver: Receiver, listing: ReceiverListing, sender_list: Iterable[DatasetInfo],
                    rules: Sequence[KeepRule], dry_run: bool = False, refused: Iterable[str] = (),
-                   tick: Callable[[], None] | None = None, own_prefix: str | None = None) -> list[PruneResult]:
+                   tick: Callable[[], None] | None = None, own_prefix: str | None = None,
+                   now: float | None = None) -> list[PruneResult]:
     """keep_receiver on the receiving side, only for datasets established as replicas of this
     sender's filesystems (replica_protection: a common snapshot, not diverged) and not refused by
     this run's planning; their incremental base always stays."""
@@ -8507,7 +8540,7 @@ def prune_receiver(receiver: Receiver, listing: ReceiverListing, sender_list: It
     return prune_datasets(datasets, rules,
                           lambda dataset, snaps: receiver.destroy_snapshots(names[dataset], snaps),
                           lambda dataset, snaps: receiver.hold_tags(names[dataset], snaps),
-                          None, dry_run, protected=protected, tick=tick, own_prefix=own_prefix)
+                          None, dry_run, protected=protected, tick=tick, own_prefix=own_prefix, now=now)
 
 
 @dataclass
@@ -8524,7 +8557,7 @@ def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[K
                      dry_run: bool = False, on_side: Callable[[str], None] = lambda side: None,
                      job: str = "", guards: Sequence[str] = (), refused: Iterable[str] = (),
                      skip_sender: Iterable[str] = (), tick: Callable[[], None] | None = None,
-                     own_prefix: str | None = None) -> BothSidesPruned:
+                     own_prefix: str | None = None, now: float | None = None) -> BothSidesPruned:
     """Prune the sender, then the receiver (zrepl's order). `listings` are the replication's own
     when it changed nothing since; otherwise both sides are listed again. A failure on one side is
     recorded and the other side still runs. `refused`: filesystems whose replication was refused
@@ -8542,7 +8575,7 @@ def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[K
     try:
         skip = set(skip_sender)
         out.sender = prune_sender(sender, [ds for ds in sender_list if ds.name not in skip], keep_sender, dry_run,
-                                  guards, tick, own_prefix)
+                                  guards, tick, own_prefix, now)
         for r in out.sender:
             if r.errors:
                 out.failures[r.dataset] = f"pruning sender: {len(r.errors)} snapshot(s) could not be destroyed"
@@ -8553,7 +8586,7 @@ def prune_both_sides(sender: Sender, receiver: Receiver, keep_sender: Sequence[K
     try:
         receiver_list = listings[1] if listings is not None else receiver.list_filesystems()
         out.receiver = prune_receiver(receiver, receiver_list, sender_list, keep_receiver, dry_run, refused, tick,
-                                      own_prefix)
+                                      own_prefix, now)
         for r in out.receiver:
             if r.errors:
                 out.failures[r.dataset] = f"pruning receiver: {len(r.errors)} snapshot(s) could not be destroyed"
@@ -8909,7 +8942,7 @@ class JobRunner:
             self._set_activity("pruning", f"{len(datasets)} filesystems")
             pruned = prune_datasets(datasets, self.job.keep, local_destroyer(self.zfs), local_hold_lookup(self.zfs),
                                     dry_run=self.dry_run, guards=replication_guards(self.config),
-                                    own_prefix=self.job.snapshotting.prefix or None)
+                                    own_prefix=self.job.snapshotting.prefix or None, now=self.clock.time())
             self.doc["pruning"] = prune_summary(pruned)
             self.last_prune = pruned
             for r in pruned:
@@ -9065,7 +9098,8 @@ class JobRunner:
                                       on_side=on_side, job=job.name, guards=guards,
                                       refused=refused + [fs for fs, side in unprotected.items() if side == "receiver"],
                                       skip_sender=[fs for fs, side in unprotected.items() if side == "sender"],
-                                      tick=progress.touch, own_prefix=job.snapshotting.prefix or None)
+                                      tick=progress.touch, own_prefix=job.snapshotting.prefix or None,
+                                      now=self.clock.time())
         if cancelled:
             result.failures["(pruning)"] = f"pruning cancelled by the watchdog: {cancelled[0]}"
         self.doc["pruning_sender"] = prune_summary(pruned.sender)

@@ -78,6 +78,9 @@ class FakeSender:
     def release_stale(self, fs):
         self.released.append(fs)
 
+    def placeholders(self, filesystems):
+        return set()
+
 
 class FakeReceiver:
     info = zrepl.PeerInfo(job="sink", type="sink", abstraction_job="sink", root="dst")
@@ -89,6 +92,9 @@ class FakeReceiver:
 
     def release_stale(self, fs):
         self.released.append(fs)
+
+    def placeholders(self, filesystems):
+        return set()
 
     def list_filesystems(self):
         return self.listing
@@ -195,3 +201,16 @@ def test_a_no_op_run_heals_what_a_crash_during_completion_left():
                                                           snap("dst/src/fs", "b", 6, 0xB, userrefs=1)])
     clean.plan()
     assert sender.released == [] and receiver.released == []  # nothing to heal: no spawn
+
+
+def test_placeholders_are_asked_for_only_when_a_replica_has_no_snapshots():
+    a = snap("src/fs", "a", 10, 0xA)
+    asked = []
+    repl, _, receiver = _replication([a], [snap("dst/src/fs", "a", 5, 0xA, userrefs=1)])
+    receiver.placeholders = lambda names: asked.append(list(names)) or set()
+    repl.plan()
+    assert asked == []  # an up-to-date replica: no zfs get on a no-op run
+    repl, _, receiver = _replication([a], [])
+    receiver.placeholders = lambda names: asked.append(list(names)) or {"src/fs"}
+    [plan] = repl.plan()
+    assert asked == [["src/fs"]] and plan.replace_placeholder

@@ -285,3 +285,20 @@ def test_foreign_snapshots_are_named_when_destroyed_or_kept_only_by_last_n(caplo
     assert any("did not make" in r.message and "before-upgrade" in r.message for r in caplog.records)
     summary = zrepl.prune_summary([result])
     assert summary["foreign_destroyed"] == [f"{fs}@before-upgrade"] and summary["foreign_at_risk"] == [f"{fs}@manual"]
+
+
+def test_the_grid_on_a_receiver_does_not_anchor_on_a_snapshot_from_the_future():
+    # a sender's clock error: the receiver keeps the sender's creation dates (issue 8 item 14)
+    now = 1_800_000_000
+    fs = "backup/tank/data"
+    history = [snap(fs, f"zrepl_{i:03}", i + 1, 1000 + i, creation=now - (200 - i) * 3600) for i in range(200)]
+    future = snap(fs, "zrepl_future", 500, 5000, creation=now + 2 * 365 * 86400)
+    ds = DatasetInfo(fs, "filesystem", versions=history + [future])
+    destroyed = []
+
+    def destroy(dataset, names):
+        destroyed.extend(names)
+        return zrepl.DestroyResult(list(names), {})
+    rules = [zrepl.KeepGrid(intervals=tuple(zrepl.parse_grid("24x1h | 7x1d")), regex="^zrepl_")]
+    [result] = zrepl.prune_datasets([ds], rules, destroy, now=now)
+    assert destroyed == [] and any("future" in n for n in result.notes)
