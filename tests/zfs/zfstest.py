@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 
+from support import parse_tree_spec, tree_dataset
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ZREPL_PY = REPO_ROOT / "zrepl.py"
 # Resolved once, before any test changes PATH: the shim execs exactly this binary.
@@ -251,10 +253,6 @@ class PoolFactory:
 # ------------------------------------------------------------------------------------------------
 
 PASSPHRASE = "zrepl-test-passphrase"
-_TOKEN_SPLIT = re.compile(r"\s+(?=-@|@|#)")
-_PROPS = re.compile(r"\{([^}]*)\}\s*$")
-
-
 @dataclass
 class Tree:
     """What `build_tree` created: full names in creation order, plus lookups."""
@@ -268,67 +266,15 @@ class Tree:
 
     def fs(self, rel: str = "") -> str:
         """Full dataset name for a path relative to the pool ('' is the pool's root dataset)."""
-        rel = rel.strip().strip("/")
-        return f"{self.pool}/{rel}" if rel and rel != "." else self.pool
-
-
-@dataclass(frozen=True)
-class TreeLine:
-    """One parsed line of a tree spec: dataset path, creation properties, ordered operations.
-
-    ops are ("snap", name), ("bookmark", name, source snapshot or None = latest on this line)
-    and ("destroy", snapshot name), in text order.
-    """
-
-    path: str
-    props: tuple[tuple[str, str], ...]
-    ops: tuple[tuple[str, ...], ...]
-
-
-def parse_tree_spec(spec: str) -> list[TreeLine]:
-    """Parse a build_tree spec (pure; raises ValueError on malformed lines)."""
-    lines = []
-    for raw_line in spec.splitlines():
-        line = raw_line.strip()
-        if not line:
-            continue
-        parts = _TOKEN_SPLIT.split(line)
-        head, tokens = parts[0].strip(), [t.strip() for t in parts[1:]]
-        props: list[tuple[str, str]] = []
-        match = _PROPS.search(head)
-        if match:
-            for item in filter(None, (p.strip() for p in match.group(1).split(","))):
-                key, sep, value = item.partition("=")
-                if not sep or not key.strip():
-                    raise ValueError(f"property must be key=value, got {item!r} in {raw_line!r}")
-                props.append((key.strip(), value.strip()))
-            head = head[: match.start()].strip()
-        if head.startswith(("@", "#", "-@")) or "{" in head or "}" in head:
-            raise ValueError(f"tree line must start with a dataset path: {raw_line!r}")
-        ops: list[tuple[str, ...]] = []
-        have_snap = False
-        for token in tokens:
-            if token.startswith("-@") and token[2:].strip():
-                ops.append(("destroy", token[2:].strip()))
-            elif token.startswith("@") and token[1:].strip():
-                ops.append(("snap", token[1:].strip()))
-                have_snap = True
-            elif token.startswith("#") and token[1:].strip():
-                name, _, source = token[1:].partition("=")
-                if not source.strip() and not have_snap:
-                    raise ValueError(f"bookmark {token!r} has no snapshot before it: {raw_line!r}")
-                ops.append(("bookmark", name.strip(), source.strip() or ""))
-            else:
-                raise ValueError(f"bad token {token!r} in {raw_line!r}")
-        lines.append(TreeLine(head.strip("/"), tuple(props), tuple(ops)))
-    return lines
+        return tree_dataset(self.pool, rel)
 
 
 def build_tree(pool: str, spec: str, *, data: bool = True, key_file: Path | None = None) -> Tree:
     """Create datasets, snapshots and bookmarks from a compact spec; return a Tree.
 
-    One line per dataset, processed top to bottom, tokens left to right (that is creation order,
-    so createtxg follows the text, not the names):
+    One line per dataset (support.parse_tree_spec, also what FakeZfs worlds are built from),
+    processed top to bottom, tokens left to right (that is creation order, so createtxg follows
+    the text, not the names):
 
         PATH [{prop=value, ...}] [@snap ...] [#bookmark ...] [#bookmark=snap ...] [-@snap ...]
 
