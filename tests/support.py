@@ -289,6 +289,26 @@ def fs_status(config: Path | str, job: str, fs: str) -> dict[str, Any]:
     return job_status(config, job)["replication"]["filesystems"][fs]
 
 
+# ---- zfs commands a run issued (FakeZfs.calls, or the argv of ZfsShim calls) -----------------------
+
+CHANGING_VERBS = frozenset({"snapshot", "destroy", "hold", "release", "bookmark", "create", "recv", "receive",
+                            "set", "inherit", "rename", "rollback", "promote"})
+
+
+def _verb_args(argv: Sequence[str]) -> Sequence[str]:
+    return argv[1:] if argv and argv[0] == "zfs" else argv
+
+
+def real_sends(calls: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The `zfs send` argv that moved data (no estimates, no token decoding), without "zfs"."""
+    return [list(a) for c in calls if (a := _verb_args(c)) and a[0] == "send" and "-n" not in a]
+
+
+def changes(calls: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The commands that change something (snapshots, holds, bookmarks, receives, ...), without "zfs"."""
+    return [list(a) for c in calls if (a := _verb_args(c)) and a[0] in CHANGING_VERBS]
+
+
 # ---- in-process runs ------------------------------------------------------------------------------
 
 @dataclass
