@@ -26,7 +26,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,8 +159,8 @@ def last_n(count: int, regex: str | None = None) -> dict[str, Any]:
     return {"type": "last_n", "count": count, **({"regex": regex} if regex is not None else {})}
 
 
-def grid(spec: str, regex: str | None = None) -> dict[str, Any]:
-    return {"type": "grid", "grid": spec, **({"regex": regex} if regex is not None else {})}
+def grid(spec: str, regex: str) -> dict[str, Any]:
+    return {"type": "grid", "grid": spec, "regex": regex}  # zrepl requires the regex for grid
 
 
 def regex(pattern: str, negate: bool = False) -> dict[str, Any]:
@@ -289,24 +289,26 @@ def fs_status(config: Path | str, job: str, fs: str) -> dict[str, Any]:
     return job_status(config, job)["replication"]["filesystems"][fs]
 
 
-# ---- zfs commands a run issued (FakeZfs.calls, or the argv of ZfsShim calls) -----------------------
+# ---- zfs commands a run issued (FakeZfs.calls, or ZfsShim.calls() in the guest) -------------------
 
 CHANGING_VERBS = frozenset({"snapshot", "destroy", "hold", "release", "bookmark", "create", "recv", "receive",
                             "set", "inherit", "rename", "rollback", "promote"})
 
 
-def _verb_args(argv: Sequence[str]) -> Sequence[str]:
+def _verb_args(call: Sequence[str] | Any) -> list[str]:
+    """A call's arguments from the verb on: an argv (with or without "zfs") or a ShimCall."""
+    argv = list(getattr(call, "argv", call))
     return argv[1:] if argv and argv[0] == "zfs" else argv
 
 
-def real_sends(calls: Sequence[Sequence[str]]) -> list[list[str]]:
+def real_sends(calls: Iterable[Any]) -> list[list[str]]:
     """The `zfs send` argv that moved data (no estimates, no token decoding), without "zfs"."""
-    return [list(a) for c in calls if (a := _verb_args(c)) and a[0] == "send" and "-n" not in a]
+    return [a for c in calls if (a := _verb_args(c)) and a[0] == "send" and "-n" not in a]
 
 
-def changes(calls: Sequence[Sequence[str]]) -> list[list[str]]:
+def changes(calls: Iterable[Any]) -> list[list[str]]:
     """The commands that change something (snapshots, holds, bookmarks, receives, ...), without "zfs"."""
-    return [list(a) for c in calls if (a := _verb_args(c)) and a[0] in CHANGING_VERBS]
+    return [a for c in calls if (a := _verb_args(c)) and a[0] in CHANGING_VERBS]
 
 
 # ---- in-process runs ------------------------------------------------------------------------------

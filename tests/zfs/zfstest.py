@@ -7,6 +7,7 @@ conftest.py wrap these classes; tests may also call the functions directly:
 
 Overview:
 - `run`, `zfs`, `zpool`: run a command, raise `CommandFailed` (with stderr) on failure.
+- `ZFS`: a `zrepl.Zfs` on the real binaries, for support.snapshots(ZFS, fs), bookmarks, holds.
 - `list_all(root)`: `zfs list -Hp -o name,type,guid,createtxg -t all -r root` as `ZfsRow`s.
 - `send_recv(send_args, recv_args)`: `zfs send ... | zfs recv ...` without a shell.
 - `PoolFactory`: throwaway pools on sparse file vdevs (unique names, destroyed afterwards).
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 
+import zrepl
 from support import parse_tree_spec, tree_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +42,8 @@ ZREPL_PY = REPO_ROOT / "zrepl.py"
 # Resolved once, before any test changes PATH: the shim execs exactly this binary.
 REAL_ZFS = shutil.which("zfs") or "/usr/sbin/zfs"
 REAL_ZPOOL = shutil.which("zpool") or "/usr/sbin/zpool"
+# The real zfs through zrepl's own ZFS layer, for support.snapshots(ZFS, fs) and friends.
+ZFS = zrepl.Zfs(zfs_bin=REAL_ZFS, zpool_bin=REAL_ZPOOL)
 # Guest /tmp is a tmpfs: sparse vdev files there cost RAM only for what is written, and are fast.
 WORK_ROOT = Path(os.environ.get("ZREPL_TEST_WORKDIR", "/tmp"))
 # Freshly initialised database directories baked into the guest image by tests/vm/build-image.
