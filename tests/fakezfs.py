@@ -210,7 +210,7 @@ class Bookmark:
 class Partial:
     """The saved state of an interrupted `zfs recv -s` (what receive_resume_token describes)."""
 
-    header: dict[str, Any]  # the stream being received (see _Stream)
+    header: dict[str, Any]  # the stream being received (its header, see _header_bytes)
     received: int  # payload bytes that arrived
     new_fs: bool  # the receive created the dataset: `zfs recv -A` destroys it again
 
@@ -232,10 +232,6 @@ class Dataset:
     encryption_root: str = ""
     key_loaded: bool = True
     partial: Partial | None = None
-
-    @property
-    def parent(self) -> str:
-        return self.name.rpartition("/")[0]
 
     def snapshot(self, name: str) -> Snapshot | None:
         return next((s for s in self.snapshots if s.name == name), None)
@@ -1098,8 +1094,8 @@ class Commands:
                 return 0
             held = [s for s in victims if s.holds]
             if held:  # one transaction: nothing is destroyed when one of them is held
-                p.say(f"cannot destroy snapshot {fs}@{held[0].name}: it's being held. Run 'zfs holds -r "
-                      f"{fs}@{held[0].name}' to see holders.\n")
+                p.say("".join(f"cannot destroy snapshot {fs}@{s.name}: it's being held. Run 'zfs holds -r "
+                              f"{fs}@{s.name}' to see holders.\n" for s in held))
                 return 1
             self.world.next_txg()
             for s in victims:
@@ -1181,7 +1177,7 @@ class Commands:
         if ds.encryption != "off" and not raw:
             if "p" in opts or "b" in opts:
                 raise _SendRefused(f"cannot send {to}: encrypted dataset {fs} may not be sent with properties "
-                                   "without the raw flag\n")
+                                   f"without the raw flag\nwarning: cannot send '{to}': backup failed\n")
             if not ds.key_loaded:
                 raise _SendRefused(f"warning: cannot send '{to}': Permission denied\n")  # approximate
         flags = {"largeblockok": "L" in opts, "embedok": "e" in opts, "compressok": "c" in opts or raw,

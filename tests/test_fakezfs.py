@@ -160,6 +160,11 @@ def test_holds_are_per_snapshot_and_block_a_whole_destroy_batch(fake):
     assert run(fake, "destroy", "p/a@s2,s3")[0::2] == (
         1, "cannot destroy snapshot p/a@s2: it's being held. Run 'zfs holds -r p/a@s2' to see holders.\n")
     assert fake.world.snapshots("p/a") == ["s1", "s2", "s3"]
+    fake.world.hold("t1", "p/a@s3")  # zfs names every held one
+    assert run(fake, "destroy", "p/a@s2,s3")[2].splitlines() == [
+        "cannot destroy snapshot p/a@s2: it's being held. Run 'zfs holds -r p/a@s2' to see holders.",
+        "cannot destroy snapshot p/a@s3: it's being held. Run 'zfs holds -r p/a@s3' to see holders."]
+    fake.world.dataset("p/a").snapshots[2].holds.clear()
     assert run(fake, "destroy", "-nv", "p/a@s2,s3")[:2] == (0, "would destroy p/a@s2\nwould destroy p/a@s3\n"
                                                              "would reclaim 0B\n")
     assert run(fake, "destroy", "p/a@s3,nope")[0] == 0  # missing names in a batch are skipped
@@ -265,7 +270,8 @@ def test_raw_sends_keep_the_ciphertext_and_its_key_on_the_sender(fake):
         "aes-256-gcm", "p/dst/enc", "unavailable"]
     assert w.guid("p/dst/enc@e1") == w.guid("p/enc@e1")
     assert run(fake, "send", "-n", "-v", "-P", "-p", "p/enc@e1")[0::2] == (
-        1, "cannot send p/enc@e1: encrypted dataset p/enc may not be sent with properties without the raw flag\n")
+        1, "cannot send p/enc@e1: encrypted dataset p/enc may not be sent with properties without the raw flag\n"
+           "warning: cannot send 'p/enc@e1': backup failed\n")
 
 
 def test_a_cut_stream_leaves_a_resume_token_and_the_resumed_stream_completes(fake):
