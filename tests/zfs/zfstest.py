@@ -24,6 +24,7 @@ import os
 import pwd
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -355,9 +356,36 @@ def _write_marker(dataset: str, snap: str) -> None:
 # Fault injection: a PATH shim in front of the real zfs
 # ------------------------------------------------------------------------------------------------
 
+# The shim is two scripts. `zfs` (bash) handles the common case itself: no rule names the verb
+# (the `verbs` file lists those that have one), so it logs the call and execs the real zfs: a
+# bash start-up instead of a Python one per spawn (about 0.7 s less each under emulation).
+# Everything else (a rule for the verb, or arguments outside printable text, which the log would
+# have to escape) goes to `shim.py`, which applies the first matching rule.
+_SHIM_FRONT = r'''#!/bin/bash
+d=@DIR@
+verb=${1-}
+[[ $verb == receive ]] && verb=recv
+ruled=
+read -r ruled < "$d/verbs" || true
+if [[ -n $verb && " $ruled " != *" $verb "* && $* != *[![:print:]]* ]]; then
+    args=
+    for a in "$@"; do
+        a=${a//\\/\\\\}
+        a=${a//\"/\\\"}
+        args+="${args:+, }\"$a\""
+    done
+    v=${verb//\\/\\\\}
+    v=${v//\"/\\\"}
+    printf '{"verb": "%s", "argv": [%s], "pid": %d, "time": %s, "action": "pass"}\n' \
+        "$v" "$args" "$$" "${EPOCHREALTIME/,/.}" >> "$d/calls.jsonl"
+    exec @REAL@ "$@"
+fi
+exec /usr/bin/python3 -S "$d/shim.py" "$@"
+'''
+
 _SHIM_SOURCE = r'''#!/usr/bin/python3 -S
-# zfs shim for zrepl.py tests: applies the first matching rule from rules.json, logs every spawn
-# to calls.jsonl, otherwise execs the real zfs unchanged.
+# zfs shim for zrepl.py tests (the slow path of the `zfs` front): applies the first matching rule
+# from rules.json, logs every spawn to calls.jsonl, otherwise execs the real zfs unchanged.
 import fcntl, json, os, sys, time
 REAL = @REAL@
 DIR = @DIR@
@@ -463,9 +491,11 @@ class ZfsShim:
         self.real_zfs = real_zfs
         self._rules: list[dict] = []
         self._next_id = 0
-        source = _SHIM_SOURCE.replace("@REAL@", repr(real_zfs)).replace("@DIR@", repr(str(self.dir)))
+        (self.dir / "shim.py").write_text(_SHIM_SOURCE.replace("@REAL@", repr(real_zfs))
+                                          .replace("@DIR@", repr(str(self.dir))))
         self.zfs_path = self.dir / "zfs"
-        self.zfs_path.write_text(source)
+        self.zfs_path.write_text(_SHIM_FRONT.replace("@REAL@", shlex.quote(real_zfs))
+                                 .replace("@DIR@", shlex.quote(str(self.dir))))
         self.zfs_path.chmod(0o755)
         self._save()
         (self.dir / "calls.jsonl").touch()
@@ -479,9 +509,13 @@ class ZfsShim:
         self._save()
 
     def _save(self) -> None:
-        tmp = self.dir / "rules.json.tmp"
-        tmp.write_text(json.dumps(self._rules))
-        tmp.replace(self.dir / "rules.json")
+        # rules first, then the verbs the fast path leaves to them: a spawn that reads the new
+        # verbs always finds its rule
+        for name, text in (("rules.json", json.dumps(self._rules)),
+                           ("verbs", " ".join(sorted({r["verb"] for r in self._rules})) + "\n")):
+            tmp = self.dir / f"{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(self.dir / name)
 
     def fail(self, verb: str, stderr: str = "shim: injected failure\n", exit_code: int = 1, *,
              times: int | None = None, match: str | None = None) -> None:
