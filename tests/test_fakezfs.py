@@ -112,6 +112,19 @@ def test_property_values_are_printed_raw_like_zfs(fake):
     assert "\tx\ty\nz\n" in out  # zfs does not escape: the listing parser has to cope
 
 
+def test_tamper_makes_hostile_states(fake):
+    w = fake.world
+    w.tree("p", "admin/data @a")
+    fake.tamper.inherited_placeholder("p/admin/data")  # on the parent only: data looks like a placeholder
+    listed = zrepl.parse_zfs_list(run(fake, *LIST[1:], "p/admin")[1])
+    assert listed["p/admin/data"].props["zrepl:placeholder"] == "on"
+    assert w.property("p/admin/data", "zrepl:placeholder") == ("on", "inherited from p/admin")
+    fake.tamper.creation("p/admin/data@a", 4_000_000_000)  # a sender clock years ahead
+    assert listed["p/admin/data"].snapshots()[0].creation != 4_000_000_000
+    assert zrepl.parse_zfs_list(run(fake, *LIST[1:], "p/admin")[1])["p/admin/data"].snapshots()[0].creation == \
+        4_000_000_000
+
+
 # ---- error texts observed on OpenZFS 2.3.2 ---------------------------------------------------------
 
 @pytest.mark.parametrize("argv,rc,stderr", [
