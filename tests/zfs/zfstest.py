@@ -356,31 +356,25 @@ def _write_marker(dataset: str, snap: str) -> None:
 # Fault injection: a PATH shim in front of the real zfs
 # ------------------------------------------------------------------------------------------------
 
-# The shim is two scripts. `zfs` (bash) handles the common case itself: no rule names the verb
-# (the `verbs` file lists those that have one), so it logs the call and execs the real zfs: a
-# bash start-up instead of a Python one per spawn (about 0.7 s less each under emulation).
-# Everything else (a rule for the verb, or arguments outside printable text, which the log would
-# have to escape) goes to `shim.py`, which applies the first matching rule.
-_SHIM_FRONT = r'''#!/bin/bash
+# The shim is two scripts. `zfs` (dash: the cheapest shell to start) handles the common case
+# itself: no rule names the verb (the `verbs` file lists those that have one), so it logs the call
+# and execs the real zfs, without starting Python (about 0.7 s per spawn under emulation). A verb
+# with a rule, or arguments the log line would have to escape (quotes, backslashes, anything but
+# printable ASCII), go to `shim.py`, which applies the first matching rule. The fast path cannot
+# read the clock without a spawn of its own: its calls are logged with time null.
+_SHIM_FRONT = r'''#!/bin/sh
 d=@DIR@
 verb=${1-}
-[[ $verb == receive ]] && verb=recv
+[ "$verb" = receive ] && verb=recv
 ruled=
-read -r ruled < "$d/verbs" || true
-if [[ -n $verb && " $ruled " != *" $verb "* && $* != *[![:print:]]* ]]; then
-    args=
-    for a in "$@"; do
-        a=${a//\\/\\\\}
-        a=${a//\"/\\\"}
-        args+="${args:+, }\"$a\""
-    done
-    v=${verb//\\/\\\\}
-    v=${v//\"/\\\"}
-    printf '{"verb": "%s", "argv": [%s], "pid": %d, "time": %s, "action": "pass"}\n' \
-        "$v" "$args" "$$" "${EPOCHREALTIME/,/.}" >> "$d/calls.jsonl"
-    exec @REAL@ "$@"
-fi
-exec /usr/bin/python3 -S "$d/shim.py" "$@"
+read -r ruled < "$d/verbs" || :
+case " $ruled " in *" $verb "*) exec /usr/bin/python3 -S "$d/shim.py" "$@" ;; esac
+case "$verb $*" in *[![:print:]]* | *'"'* | *'\'* | ' '*) exec /usr/bin/python3 -S "$d/shim.py" "$@" ;; esac
+args=
+for a do args="$args, \"$a\""; done
+printf '{"verb": "%s", "argv": [%s], "pid": %s, "time": null, "action": "pass"}\n' "$verb" "${args#, }" "$$" \
+    >> "$d/calls.jsonl"
+exec @REAL@ "$@"
 '''
 
 _SHIM_SOURCE = r'''#!/usr/bin/python3 -S
@@ -466,7 +460,7 @@ class ShimCall:
     verb: str
     argv: list[str]
     pid: int
-    time: float
+    time: float | None  # None: passed straight through (the fast path has no clock)
     action: str
 
 
