@@ -1094,9 +1094,9 @@ class Commands:
                 return 0
             held = [s for s in victims if s.holds]
             if held:  # one transaction: nothing is destroyed when one of them is held
-                # zfs names each held one, last first (as observed; the order comes from an nvlist)
+                # zfs names each held one, in an order that varies (it comes from an nvlist)
                 p.say("".join(f"cannot destroy snapshot {fs}@{s.name}: it's being held. Run 'zfs holds -r "
-                              f"{fs}@{s.name}' to see holders.\n" for s in reversed(held)))
+                              f"{fs}@{s.name}' to see holders.\n" for s in held))
                 return 1
             self.world.next_txg()
             for s in victims:
