@@ -31,10 +31,11 @@ from pathlib import Path
 from collections.abc import Mapping, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "zfs"))
-sys.path.insert(0, str(REPO))
+for _path in (REPO / "tests" / "zfs", REPO / "tests", REPO):  # zfstest, support, zrepl
+    sys.path.insert(0, str(_path))
 
-import zfstest  # noqa: E402,F401  (after the sys.path set-up above; re-exported)
+import support  # noqa: E402,F401  (after the sys.path set-up above; re-exported)
+import zfstest  # noqa: E402,F401
 from zfstest import REAL_ZFS, run, zfs, zpool  # noqa: E402,F401
 
 ZREPL_PY = REPO / "zrepl.py"

@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+import support  # noqa: E402  (benchlib put tests/ on sys.path)
 from benchlib import Series, SpawnLog, run_measured, zfs, zrepl_argv  # noqa: E402
 
 import zrepl  # noqa: E402  (benchlib put the repository root on sys.path)
@@ -106,35 +107,11 @@ class Bench:
 
     def write_configs(self) -> dict[str, Path]:
         """Configs for the zero-copy run and the copy-path run (bandwidth limit far above reality)."""
-        out = {}
-        for name, send in (("zrepl", "{}"), ("zrepl-copy", '{ bandwidth_limit = { max = "100 GiB" } }')):
-            d = self.workdir / name
-            path = d / "zrepl.toml"
-            d.mkdir(parents=True, exist_ok=True)
-            path.write_text(f'''[global]
-status_file = "{d}/status.json"
-runtime_dir = "{d}/run"
-
-[[jobs]]
-name = "push"
-type = "push"
-filesystems = {{ "{self.fs}" = true }}
-connect = {{ type = "local", listener_name = "sink", client_identity = "c" }}
-send = {send}
-[jobs.snapshotting]
-type = "manual"
-[jobs.pruning]
-keep_sender = []
-keep_receiver = []
-
-[[jobs]]
-name = "sink"
-type = "sink"
-root_fs = "{self.sink_root}"
-serve = {{ type = "local", listener_name = "sink" }}
-''')
-            out[name] = path
-        return out
+        return {name: support.write_config(self.workdir / name,
+                                           support.push_job(filesystems={self.fs: True}, client_identity="c",
+                                                            send=send),
+                                           support.sink_job(root_fs=self.sink_root))
+                for name, send in (("zrepl", {}), ("zrepl-copy", {"bandwidth_limit": {"max": "100 GiB"}}))}
 
     # -- cleanup between runs ----------------------------------------------------------------------
     def reset(self) -> None:

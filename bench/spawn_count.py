@@ -46,6 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+import support  # noqa: E402  (benchlib put tests/ on sys.path)
 from benchlib import SpawnLog, run_measured, zfs, zrepl_argv  # noqa: E402
 
 import zrepl  # noqa: E402  (benchlib put the repository root on sys.path)
@@ -85,49 +86,16 @@ class Scale:
     repeated_spawns: dict[str, list[str]] = field(default_factory=dict)  # run -> per-dataset argv patterns
 
 
-def config_text(workdir: Path, src: str, dst: str) -> str:
-    fs = f"{src}/data"
-    return f'''[global]
-status_file = "{workdir}/status.json"
-runtime_dir = "{workdir}/run"
-
-[[jobs]]
-name = "push"
-type = "push"
-filesystems = {{ "{fs}<" = true }}
-connect = {{ type = "local", listener_name = "sink", client_identity = "{IDENTITY}" }}
-[jobs.snapshotting]
-type = "manual"
-[jobs.pruning]
-keep_sender = [{{ type = "not_replicated" }}, {{ type = "last_n", count = 3 }}]
-keep_receiver = [{{ type = "last_n", count = 3 }}]
-
-[[jobs]]
-name = "sink"
-type = "sink"
-root_fs = "{dst}/sink"
-serve = {{ type = "local", listener_name = "sink" }}
-
-[[jobs]]
-name = "snap_manual"
-type = "snap"
-filesystems = {{ "{fs}<" = true }}
-[jobs.snapshotting]
-type = "manual"
-[jobs.pruning]
-keep = []
-
-[[jobs]]
-name = "snap_periodic"
-type = "snap"
-filesystems = {{ "{fs}<" = true }}
-[jobs.snapshotting]
-type = "periodic"
-prefix = "zrepl_"
-interval = "1h"
-[jobs.pruning]
-keep = [{{ type = "last_n", count = 3 }}]
-'''
+def write_config(workdir: Path, src: str, dst: str) -> Path:
+    fs = {f"{src}/data<": True}
+    return support.write_config(
+        workdir,
+        support.push_job(filesystems=fs, client_identity=IDENTITY,
+                         keep_sender=[support.not_replicated(), support.last_n(3)], keep_receiver=[support.last_n(3)]),
+        support.sink_job(root_fs=f"{dst}/sink"),
+        support.snap_job("snap_manual", filesystems=fs),
+        support.snap_job("snap_periodic", filesystems=fs, snapshotting=support.periodic("1h"),
+                         keep=[support.last_n(3)]))
 
 
 def create_datasets(parent: str, n: int) -> list[str]:
@@ -205,8 +173,7 @@ def run_scale(n: int, seed: str, base: Path, tmpfs: Path) -> Scale:
         zfs("snapshot", "-r", f"{src}/data@base")
         scale.create_s = time.perf_counter() - start
         print(f"N={n}: created {n} filesystems + @base in {scale.create_s:.1f} s", flush=True)
-        config = workdir / "zrepl.toml"
-        config.write_text(config_text(workdir, src, dst))
+        config = write_config(workdir, src, dst)
         shim = SpawnLog(workdir / "shim")
 
         def record(r: RunResult) -> None:

@@ -35,8 +35,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "zfs"))
-sys.path.insert(0, str(REPO))
+for _path in (REPO / "tests" / "zfs", REPO / "tests", REPO):  # zfstest, support, zrepl
+    sys.path.insert(0, str(_path))
+import support  # noqa: E402
 import zrepl  # noqa: E402
 from zfstest import PoolFactory, SshServer, get, release_holds, zfs  # noqa: E402
 
@@ -86,17 +87,12 @@ def main() -> int:
         sink_dir, push_dir = work / "sink", work / "push"
         for d in (sink_dir, push_dir):
             d.mkdir()
-        sink_cfg, push_cfg = sink_dir / "zrepl.toml", push_dir / "zrepl.toml"
-        sink_cfg.write_text(f'[global]\nstatus_file = "{sink_dir}/status.json"\nruntime_dir = "{sink_dir}/run"\n'
-                            f'[[jobs]]\nname = "sink"\ntype = "sink"\nroot_fs = "{dst}/sink"\n'
-                            'serve = { type = "stdinserver", client_identities = ["bench"] }\n')
+        sink_cfg = support.write_config(sink_dir, support.sink_job(root_fs=f"{dst}/sink",
+                                                                   serve=support.stdinserver("bench")))
         key = server.authorize(command=f"python3 {REPO / 'zrepl.py'} --config {sink_cfg} stdinserver bench")
-        push_cfg.write_text(
-            f'[global]\nstatus_file = "{push_dir}/status.json"\nruntime_dir = "{push_dir}/run"\n'
-            f'[[jobs]]\nname = "push"\ntype = "push"\nfilesystems = {{ "{src}/data" = true }}\n'
-            f'connect = {{ type = "ssh+stdinserver", host = "{server.host}", user = "root", port = {server.port}, '
-            f'identity_file = "{key}", options = {json.dumps(options)} }}\n'
-            'snapshotting = { type = "manual" }\npruning = { keep_sender = [], keep_receiver = [] }\n')
+        connect = {"type": "ssh+stdinserver", "host": server.host, "user": "root", "port": server.port,
+                   "identity_file": str(key), "options": options}
+        push_cfg = support.write_config(push_dir, support.push_job(filesystems={f"{src}/data": True}, connect=connect))
 
         setup = statistics.median(timed(lambda: subprocess.run(ssh + ["true"], check=True)) for _ in range(3))
         say(f"{args.size} MiB of random data, stream {stream_bytes / MiB:.1f} MiB; ssh connection setup "

@@ -83,3 +83,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         reporter.write_line(message)
     else:
         print(message)
+
+
+@pytest.fixture
+def fake_zfs():
+    """A FakeZfs (tests/fakezfs.py) with an empty world; fails the test if the double met a bug of
+    its own inside a spawned command."""
+    from fakezfs import FakeZfs
+
+    fake = FakeZfs()
+    yield fake
+    assert fake.errors == [], f"the ZFS double failed: {fake.errors}"

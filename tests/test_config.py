@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+import zrepl
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import zrepl  # noqa: E402
 
 SNAP_JOB = """
 [[jobs]]

@@ -3,15 +3,11 @@
 import calendar
 import datetime as dt
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import zrepl  # noqa: E402
-from zrepl import (  # noqa: E402
+import zrepl
+from zrepl import (
     TIMESTAMP_FORMATS,
     ZFS_NAME_MAX,
     CronSpec,

@@ -1,13 +1,8 @@
 """Section 3: keep rules and prune decisions (pure, no zfs)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from zrepl import (  # noqa: E402
+from zrepl import (
     GridInterval,
     KeepGrid,
     KeepLastN,

@@ -2,15 +2,11 @@
 
 import hashlib
 import shlex
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import zrepl  # noqa: E402
-from zrepl import DatasetInfo, FilesystemInput, PlanSettings, ResumeToken, Version  # noqa: E402
+import zrepl
+from zrepl import DatasetInfo, FilesystemInput, PlanSettings, ResumeToken, Version
 
 
 def snap(ds, name, txg, guid=None, creation=None, userrefs=0):

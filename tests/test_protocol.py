@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import zrepl  # noqa: E402
+import zrepl
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20

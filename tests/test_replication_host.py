@@ -2,13 +2,8 @@
 error classification, the sender's error as the cause of a failed step, and restoring a lost
 cursor / last-received hold while planning. Pure: fake endpoints, no ZFS."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import zrepl  # noqa: E402
-from zrepl import DatasetInfo, PlanSettings, Version  # noqa: E402
+import zrepl
+from zrepl import DatasetInfo, PlanSettings, Version
 
 
 def snap(ds, name, txg, guid, userrefs=0):

@@ -13,14 +13,14 @@ import os
 import selectors
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import zrepl  # noqa: E402
+import support
+import zrepl
+from support import sink_job, source_job, stdinserver
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -100,31 +100,16 @@ exec {python} {zrepl} --config {config} stdinserver {identity}
 '''
 
 
-def write_config(tmp_path: Path, extra: str = "") -> Path:
-    cfg = tmp_path / "zrepl.toml"
-    cfg.write_text(textwrap.dedent(f'''\
-        [global]
-        status_file = "{tmp_path}/status.json"
-        runtime_dir = "{tmp_path}/run"
-
-        [[jobs]]
-        name = "sink"
-        type = "sink"
-        root_fs = "tank/sink"
-        serve = {{ type = "stdinserver", client_identities = ["client1", "client2"] }}
-
-        [[jobs]]
-        name = "source"
-        type = "source"
-        filesystems = {{ "tank/data<" = true, "tank/data/secret" = false }}
-        serve = {{ type = "stdinserver", client_identities = ["puller"] }}
-        [jobs.snapshotting]
-        type = "manual"
-        ''') + extra)
-    return cfg
+def write_config(tmp_path: Path, *extra_jobs: support.Job) -> Path:
+    """Sink `sink` (clients client1, client2) and source `source` (client puller), both stdinserver."""
+    return support.write_config(
+        tmp_path,
+        sink_job("sink", root_fs="tank/sink", serve=stdinserver("client1", "client2")),
+        source_job("source", filesystems={"tank/data<": True, "tank/data/secret": False}, serve=stdinserver("puller")),
+        *extra_jobs)
 
 
-class FakeZfs:
+class FakeZfsOnPath:
     """The fake zfs directory: `calls()` are the argv lists it was run with."""
 
     def __init__(self, directory: Path, world: dict):
@@ -148,7 +133,7 @@ class FakeZfs:
 
 @pytest.fixture
 def setup(tmp_path):
-    fake = FakeZfs(tmp_path / "fakezfs", WORLD)
+    fake = FakeZfsOnPath(tmp_path / "fakezfs", WORLD)
     cfg = write_config(tmp_path)
     servers: list[zrepl.Connection] = []
 
@@ -189,7 +174,7 @@ def names_in(argv: list[str]) -> list[str]:
     return [p.split("@")[0].split("#")[0] for p in positional]
 
 
-def assert_confined(fake: FakeZfs, allowed, read_also: set[str] = frozenset()) -> None:
+def assert_confined(fake: FakeZfsOnPath, allowed, read_also: set[str] = frozenset()) -> None:
     for argv in fake.calls():
         for name in names_in(argv):
             ok = allowed(name) or (argv[0] == "list" and name in read_also)
@@ -287,14 +272,8 @@ def test_identity_comes_from_the_forced_command_not_from_the_client(setup):
 
 
 def test_identity_listed_by_two_jobs_is_refused(tmp_path):
-    fake = FakeZfs(tmp_path / "fakezfs", WORLD)
-    cfg = write_config(tmp_path, textwrap.dedent('''
-        [[jobs]]
-        name = "sink2"
-        type = "sink"
-        root_fs = "tank/other"
-        serve = { type = "stdinserver", client_identities = ["client1"] }
-        '''))
+    fake = FakeZfsOnPath(tmp_path / "fakezfs", WORLD)
+    cfg = write_config(tmp_path, sink_job("sink2", root_fs="tank/other", serve=stdinserver("client1")))
     proc = subprocess.run([sys.executable, str(REPO / "zrepl.py"), "--config", str(cfg), "stdinserver", "client1"],
                           capture_output=True, env=fake.env, stdin=subprocess.DEVNULL, timeout=30)
     assert proc.returncode == 1 and "listed by several jobs (sink, sink2)" in proc.stderr.decode()
@@ -520,29 +499,11 @@ def test_one_connection_per_identity_a_reconnect_waits_for_the_previous(setup):
 # ---- bandwidth limits on the passive side ------------------------------------------------------
 
 def test_passive_side_applies_its_bandwidth_limits(tmp_path):
-    fake = FakeZfs(tmp_path / "fakezfs", {**WORLD, "send_bytes": 3 * MiB})
-    cfg = tmp_path / "zrepl.toml"
-    cfg.write_text(textwrap.dedent(f'''\
-        [global]
-        status_file = "{tmp_path}/status.json"
-        runtime_dir = "{tmp_path}/run"
-
-        [[jobs]]
-        name = "sink"
-        type = "sink"
-        root_fs = "tank/sink"
-        serve = {{ type = "stdinserver", client_identities = ["client1"] }}
-        recv = {{ bandwidth_limit = {{ max = "1 MiB", bucket_capacity = "256 KiB" }} }}
-
-        [[jobs]]
-        name = "source"
-        type = "source"
-        filesystems = {{ "tank/data<" = true }}
-        serve = {{ type = "stdinserver", client_identities = ["puller"] }}
-        send = {{ bandwidth_limit = {{ max = "1 MiB", bucket_capacity = "256 KiB" }} }}
-        [jobs.snapshotting]
-        type = "manual"
-        '''))
+    fake = FakeZfsOnPath(tmp_path / "fakezfs", {**WORLD, "send_bytes": 3 * MiB})
+    limit = {"bandwidth_limit": {"max": "1 MiB", "bucket_capacity": "256 KiB"}}
+    cfg = support.write_config(
+        tmp_path, sink_job("sink", root_fs="tank/sink", serve=stdinserver("client1"), recv=limit),
+        source_job("source", filesystems={"tank/data<": True}, serve=stdinserver("puller"), send=limit))
 
     def connect(identity: str) -> zrepl.Connection:
         conn = zrepl.ssh_connect([sys.executable, str(REPO / "zrepl.py"), "--config", str(cfg),

@@ -1,5 +1,6 @@
 """Host tests of the test bed: zfs tests skip with guidance on the host, the CI guard trips when no
-real-ZFS test passed, and the tree-spec grammar parses as documented."""
+real-ZFS test passed, and the tree-spec grammar (support.py; FakeZfs worlds and zfstest.build_tree)
+parses as documented."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "zfs"))
+from support import TreeLine, parse_tree_spec, tree_dataset
 
-import zfstest  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _pytest_on_host(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
@@ -44,24 +44,23 @@ def test_require_zfs_fails_a_session_without_real_zfs_passes():
 
 
 def test_parse_tree_spec_keeps_text_order_spaces_and_properties():
-    lines = zfstest.parse_tree_spec("""
+    lines = parse_tree_spec("""
         a/b c @snap 2 @snap 1 #bm 1 #old=snap 2 -@snap 2
         . @root
         enc {encryption=on, compression=lz4}
     """)
-    assert lines[0] == zfstest.TreeLine(
+    assert lines[0] == TreeLine(
         "a/b c", (), (("snap", "snap 2"), ("snap", "snap 1"), ("bookmark", "bm 1", ""),
                       ("bookmark", "old", "snap 2"), ("destroy", "snap 2")))
-    assert lines[1] == zfstest.TreeLine(".", (), (("snap", "root"),))
+    assert lines[1] == TreeLine(".", (), (("snap", "root"),))
     assert lines[2].props == (("encryption", "on"), ("compression", "lz4"))
 
 
 @pytest.mark.parametrize("spec", ["fs #bm", "@snap", "fs {noequals}", "fs @"])
 def test_parse_tree_spec_rejects_malformed_lines(spec):
     with pytest.raises(ValueError):
-        zfstest.parse_tree_spec(spec)
+        parse_tree_spec(spec)
 
 
-def test_tree_fs_maps_relative_paths_to_full_names():
-    tree = zfstest.Tree(pool="p")
-    assert tree.fs("") == "p" and tree.fs(".") == "p" and tree.fs("a b/c") == "p/a b/c"
+def test_tree_paths_map_to_full_names():
+    assert tree_dataset("p", "") == "p" and tree_dataset("p", ".") == "p" and tree_dataset("p", "a b/c") == "p/a b/c"

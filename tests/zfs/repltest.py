@@ -1,101 +1,28 @@
-"""Helpers for the replication tests on real OpenZFS (test_replication*_zfs.py).
-
-Config builders write push/sink/pull/source jobs over the local transport; observation helpers
-read what ZFS holds (snapshots, GUIDs, holds, bookmarks) and the status file.
+"""Helpers for the replication tests on real OpenZFS (test_replication*_zfs.py), on top of
+support.py (config builders, observation: `snapshots(ZFS, fs)`, `status(cfg)`, ...) and zfstest.py
+(the real zfs, the shim): the usual push/sink pair, zrepl's abstraction names, and zrepl.py runs
+as subprocesses through the shim.
 """
 from __future__ import annotations
 
-import json
 import os
-import py_compile
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
-import zfstest
-from zfstest import ZfsShim, get, guid, list_all, zfs
-
-# Retries inside one run wait ZREPL_RETRY_DELAY * attempt seconds; the default 2 s only costs time.
-FAST = {"ZREPL_RETRY_DELAY": "0.1"}
+from support import FAST, Job, holds, push_job, sink_job
+from zfstest import ZFS, ZfsShim, get, guid, list_all, zrepl_argv, zrepl_env
 
 
-# ---- config builders ---------------------------------------------------------------------------
-
-def write_config(tmp_path: Path, jobs: str) -> Path:
-    path = tmp_path / "zrepl.toml"
-    path.write_text(f'[global]\nstatus_file = "{tmp_path}/status/status.json"\n'
-                    f'runtime_dir = "{tmp_path}/run"\n\n{jobs}')
-    return path
-
-
-def push_job(name: str, filesystems: str, *, listener: str = "sink", identity: str = "client1",
-             keep_sender: str = "[]", keep_receiver: str = "[]", initial: str = "most_recent",
-             snapshotting: str = 'type = "manual"', send: str = "{}", replication: str = "") -> str:
-    """A push job; `replication` is the body of its [jobs.replication] table."""
-    text = f'''
-[[jobs]]
-name = "{name}"
-type = "push"
-filesystems = {filesystems}
-connect = {{ type = "local", listener_name = "{listener}", client_identity = "{identity}" }}
-send = {send}
-conflict_resolution = {{ initial_replication = "{initial}" }}
-[jobs.snapshotting]
-{snapshotting}
-[jobs.pruning]
-keep_sender = {keep_sender}
-keep_receiver = {keep_receiver}
-'''
-    if replication:
-        text += f"[jobs.replication]\n{replication}\n"
-    return text
-
-
-def sink_job(name: str, root_fs: str, *, listener: str = "sink", recv: str = "") -> str:
-    """A sink job; `recv` is extra TOML for its [jobs.recv...] tables."""
-    return f'''
-[[jobs]]
-name = "{name}"
-type = "sink"
-root_fs = "{root_fs}"
-serve = {{ type = "local", listener_name = "{listener}" }}
-{recv}
-'''
-
-
-def push_sink(src: str, dst: str, *, filesystems: str | None = None, keep_sender: str = "[]",
-              keep_receiver: str = "[]", initial: str = "most_recent", snapshotting: str = 'type = "manual"',
-              send: str = "{}", recv: str = "", replication: str = "") -> str:
+def push_sink(src: str, dst: str, *, filesystems: dict[str, bool] | None = None,
+              recv: dict[str, Any] | None = None, **push_keys: Any) -> tuple[Job, Job]:
     """The common pair: job `push` (default: SRC/data and below) into sink `sink` at DST/sink."""
-    filesystems = filesystems or f'{{ "{src}/data<" = true }}'
-    return (push_job("push", filesystems, keep_sender=keep_sender, keep_receiver=keep_receiver, initial=initial,
-                     snapshotting=snapshotting, send=send, replication=replication)
-            + sink_job("sink", f"{dst}/sink", recv=recv))
+    return (push_job("push", filesystems=filesystems or {f"{src}/data<": True}, **push_keys),
+            sink_job("sink", root_fs=f"{dst}/sink", recv=recv))
 
 
-# ---- observation helpers -----------------------------------------------------------------------
-
-def _versions(dataset: str, kind: str) -> list[tuple[str, int, int]]:
-    """(short name, guid, createtxg) of one dataset's snapshots or bookmarks, one spawn."""
-    out = zfs("list", "-Hp", "-d", "1", "-t", kind, "-o", "name,guid,createtxg", dataset)
-    sep = "@" if kind == "snapshot" else "#"
-    rows = [line.split("\t") for line in out.splitlines() if line]
-    return [(n.split(sep, 1)[1], int(g), int(t)) for n, g, t in rows if n.startswith(dataset + sep)]
-
-
-def snapshots(dataset: str) -> list[str]:
-    """Short snapshot names in createtxg order."""
-    return [n for n, _, _ in sorted(_versions(dataset, "snapshot"), key=lambda v: v[2])]
-
-
-def bookmarks(dataset: str) -> list[str]:
-    return sorted(n for n, _, _ in _versions(dataset, "bookmark"))
-
-
-def holds(snapshot: str) -> set[str]:
-    """Hold tags on one snapshot."""
-    return {line.split("\t")[1] for line in zfs("holds", "-H", snapshot).splitlines() if line.strip()}
-
+# ---- zrepl's names, computed independently of zrepl.py ------------------------------------------
 
 def cursor(snapshot: str, job: str) -> str:
     """zrepl's replication cursor bookmark name for a snapshot (by its GUID)."""
@@ -106,17 +33,14 @@ def tentative(snapshot: str, job: str) -> str:
     return f"zrepl_CURSORTENTATIVE__G_{guid(snapshot):016x}_J_{job}"
 
 
-def status(tmp_path: Path) -> dict:
-    return json.loads((tmp_path / "status" / "status.json").read_text())
-
-
-def fs_status(tmp_path: Path, job: str, fs: str) -> dict:
-    return status(tmp_path)["jobs"][job]["replication"]["filesystems"][fs]
-
+# ---- observation beyond support.py ---------------------------------------------------------------
 
 def same_guids(a: str, b: str) -> bool:
     """Both datasets have the same snapshots with the same GUIDs (the received data is the sent data)."""
-    return ({n: g for n, g, _ in _versions(a, "snapshot")} == {n: g for n, g, _ in _versions(b, "snapshot")})
+    def by_name(fs: str) -> dict[str, int]:
+        info = ZFS.list_one(fs)
+        return {v.name: v.guid for v in info.snapshots()} if info else {}
+    return by_name(a) == by_name(b)
 
 
 def fill(dataset: str, nbytes: int, name: str = "big.bin") -> None:
@@ -125,23 +49,26 @@ def fill(dataset: str, nbytes: int, name: str = "big.bin") -> None:
         f.write(os.urandom(nbytes))
 
 
-def real_sends(shim: ZfsShim) -> list[list[str]]:
-    """argv of every `zfs send` that moved data (not estimates or token decoding)."""
-    return [c.argv for c in shim.calls("send") if "-n" not in c.argv]
+def state(*roots: str) -> list[tuple]:
+    """Everything a run could change below roots: datasets, snapshots, bookmarks, holds, properties."""
+    out: list[tuple] = []
+    for root in roots:
+        for row in list_all(root):
+            extra: tuple = ()
+            if row.type == "snapshot":
+                extra = tuple(sorted(holds(ZFS, row.name)))
+            elif row.type == "filesystem":
+                extra = (get(row.name, "zrepl:placeholder"), get(row.name, "receive_resume_token"))
+            out.append((row.name, row.type, row.guid, row.createtxg, extra))
+    return sorted(out)
 
+
+# ---- zrepl.py runs -------------------------------------------------------------------------------
 
 def _command(shim: ZfsShim | None, args: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
-    """argv and env for one zrepl.py run (through the shim when given: ~0.4 s per zfs spawn)."""
+    """argv and env for one zrepl.py run (through the shim when given)."""
     env = {**(shim.env if shim else os.environ), **FAST}
-    if hasattr(zfstest, "zrepl_argv"):  # `python3 -m zrepl`: bytecode cached across runs
-        return zfstest.zrepl_argv(*args), zfstest.zrepl_env(env)
-    # Older test bed: a script is recompiled on every start (seconds in the guest); compile once.
-    compiled = Path(f"/tmp/zrepl-test-{zfstest.ZREPL_PY.stat().st_mtime_ns}.pyc")
-    if not compiled.exists():
-        tmp = compiled.with_suffix(f".{os.getpid()}.tmp")
-        py_compile.compile(str(zfstest.ZREPL_PY), cfile=str(tmp), doraise=True)
-        tmp.replace(compiled)
-    return ["python3", str(compiled), *args], env
+    return zrepl_argv(*args), zrepl_env(env)
 
 
 def run(shim: ZfsShim | None, cfg: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -165,16 +92,3 @@ def wait_for_call(shim: ZfsShim, verb: str, action: str, timeout: float = 120) -
         time.sleep(0.2)
     raise AssertionError(f"zfs {verb} ({action}) was never spawned")
 
-
-def state(*roots: str) -> list[tuple]:
-    """Everything a run could change below roots: datasets, snapshots, bookmarks, holds, properties."""
-    out: list[tuple] = []
-    for root in roots:
-        for row in list_all(root):
-            extra: tuple = ()
-            if row.type == "snapshot":
-                extra = tuple(sorted(holds(row.name)))
-            elif row.type == "filesystem":
-                extra = (get(row.name, "zrepl:placeholder"), get(row.name, "receive_resume_token"))
-            out.append((row.name, row.type, row.guid, row.createtxg, extra))
-    return sorted(out)

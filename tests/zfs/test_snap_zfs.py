@@ -5,42 +5,18 @@ import json
 import subprocess
 import threading
 import time
-from pathlib import Path
 
-from zfstest import exists, list_all, run, zfs, zrepl_argv, zrepl_env
+from support import last_n, periodic, regex, snap_job, snapshots, status, write_config
+from zfstest import ZFS, exists, list_all, run, zfs, zrepl_argv, zrepl_env
 
-
-def write_config(tmp_path: Path, jobs: str) -> Path:
-    """A config whose status file and runtime dir live in the test's tmp dir."""
-    path = tmp_path / "zrepl.toml"
-    path.write_text(f'[global]\nstatus_file = "{tmp_path}/status/status.json"\n'
-                    f'runtime_dir = "{tmp_path}/run"\n\n{jobs}')
-    return path
-
-
-def snap_job(name: str, filesystems: str, snapshotting: str, keep: str = "[]", hooks: str = "") -> str:
-    return (f'[[jobs]]\nname = "{name}"\ntype = "snap"\nfilesystems = {filesystems}\n'
-            f'[jobs.snapshotting]\n{snapshotting}\n{hooks}\n[jobs.pruning]\nkeep = {keep}\n')
-
-
-def snapshots(dataset: str) -> list[str]:
-    """Short snapshot names of one dataset, createtxg order."""
-    rows = [r for r in list_all(dataset) if r.type == "snapshot" and r.name.startswith(dataset + "@")]
-    return [r.name.split("@", 1)[1] for r in sorted(rows, key=lambda r: r.createtxg)]
-
-
-def status(tmp_path: Path) -> dict:
-    return json.loads((tmp_path / "status" / "status.json").read_text())
-
-
-PERIODIC = 'type = "periodic"\nprefix = "zrepl_"\ninterval = "1h"'
+PERIODIC = periodic("1h")
 
 
 def test_one_snapshot_command_per_pool_same_name_same_txg(make_pool, zfs_tree, zfs_shim, tmp_path):
     a, b = make_pool("a"), make_pool("b")
     zfs_tree(a, "x\nx/child one\ny")
     zfs_tree(b, "z")
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{a}<" = true, "{b}/z" = true }}', PERIODIC))
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{a}<": True, f"{b}/z": True}, snapshotting=PERIODIC))
     proc = zfs_shim.run_zrepl("--config", cfg, "run", "s")
     assert proc.returncode == 0, proc.stderr
     assert zfs_shim.count("snapshot") == 2  # one per pool, not one per filesystem
@@ -54,8 +30,7 @@ def test_one_snapshot_command_per_pool_same_name_same_txg(make_pool, zfs_tree, z
 
 def test_listing_spawns_do_not_grow_with_datasets(pool, zfs_tree, zfs_shim, tmp_path):
     zfs_tree(pool, "\n".join(f"fs{i}" for i in range(12)))
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}<" = true }}', PERIODIC,
-                                          keep='[{ type = "last_n", count = 1 }]'))
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}<": True}, snapshotting=PERIODIC, keep=[last_n(1)]))
     assert zfs_shim.run_zrepl("--config", cfg, "run").returncode == 0
     first = {v: zfs_shim.count(v) for v in ("list", "snapshot", "destroy")}
     zfs_shim.reset_log()
@@ -67,40 +42,39 @@ def test_listing_spawns_do_not_grow_with_datasets(pool, zfs_tree, zfs_shim, tmp_
 
 def test_due_ness_never_twice_and_catch_up_once(pool, zfs_tree, run_zrepl, tmp_path):
     zfs_tree(pool, "fs")
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}',
-                                          'type = "periodic"\nprefix = "auto_"\ninterval = "12s"\n'
-                                          'timestamp_format = "unix-seconds"'))
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/fs": True},
+                                          snapshotting=periodic("12s", prefix="auto_",
+                                                                timestamp_format="unix-seconds")))
     assert run_zrepl("--config", cfg, "run").returncode == 0
     assert run_zrepl("--config", cfg, "run").returncode == 0
-    assert len(snapshots(f"{pool}/fs")) == 1  # second run: not due yet
+    assert len(snapshots(ZFS, f"{pool}/fs")) == 1  # second run: not due yet
     time.sleep(37)  # three intervals missed
     assert run_zrepl("--config", cfg, "run").returncode == 0
     assert run_zrepl("--config", cfg, "run").returncode == 0
-    assert len(snapshots(f"{pool}/fs")) == 2  # caught up once, not three times
-    doc = status(tmp_path)["jobs"]["s"]
+    assert len(snapshots(ZFS, f"{pool}/fs")) == 2  # caught up once, not three times
+    doc = status(cfg)["jobs"]["s"]
     assert doc["next_snapshot_due"] is not None
-    assert doc["filesystems"][f"{pool}/fs"]["last_snapshot"] == f"{pool}/fs@{snapshots(pool + '/fs')[-1]}"
+    assert doc["filesystems"][f"{pool}/fs"]["last_snapshot"] == f"{pool}/fs@{snapshots(ZFS, pool + '/fs')[-1]}"
 
 
 def test_other_prefixes_do_not_count_for_due_ness(pool, zfs_tree, run_zrepl, tmp_path):
     zfs_tree(pool, "fs @manual-now")
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}', PERIODIC))
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/fs": True}, snapshotting=PERIODIC))
     assert run_zrepl("--config", cfg, "run").returncode == 0
-    assert len(snapshots(f"{pool}/fs")) == 2
+    assert len(snapshots(ZFS, f"{pool}/fs")) == 2
 
 
 def test_batched_pruning_skips_held_snapshot_and_reports_tag(pool, zfs_tree, zfs_shim, tmp_path):
     # created in reverse name order: createtxg, not names, decides what "newest" means
     zfs_tree(pool, "fs @zrepl_f @zrepl_e @zrepl_d @zrepl_c @zrepl_b @zrepl_a @other")
     zfs("hold", "keepme", f"{pool}/fs@zrepl_d")
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}', 'type = "manual"',
-                                          keep='[{ type = "last_n", count = 2, regex = "^zrepl_" },'
-                                               ' { type = "regex", regex = "^zrepl_", negate = true }]'))
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/fs": True},
+                                          keep=[last_n(2, regex="^zrepl_"), regex("^zrepl_", negate=True)]))
     proc = zfs_shim.run_zrepl("--config", cfg, "run", "s")
     assert proc.returncode == 0, proc.stderr
-    assert snapshots(f"{pool}/fs") == ["zrepl_d", "zrepl_b", "zrepl_a", "other"]
+    assert snapshots(ZFS, f"{pool}/fs") == ["zrepl_d", "zrepl_b", "zrepl_a", "other"]
     assert zfs_shim.count("destroy") == 1  # one batch for the dataset
-    doc = status(tmp_path)["jobs"]["s"]
+    doc = status(cfg)["jobs"]["s"]
     assert doc["pruning"]["held"] == {f"{pool}/fs@zrepl_d": ["keepme"]}
     assert sorted(doc["pruning"]["destroyed"]) == sorted(f"{pool}/fs@zrepl_{x}" for x in "fec")
     zfs("release", "keepme", f"{pool}/fs@zrepl_d")
@@ -109,24 +83,22 @@ def test_batched_pruning_skips_held_snapshot_and_reports_tag(pool, zfs_tree, zfs
 def test_failed_batch_is_bisected(pool, zfs_tree, zfs_shim, tmp_path):
     zfs_tree(pool, "fs @s1 @s2 @s3 @s4 @keep")
     zfs_shim.fail("destroy", stderr="cannot destroy snapshots: dataset is busy\n", times=1)
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}', 'type = "manual"',
-                                          keep='[{ type = "regex", regex = "^keep$" }]'))
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/fs": True}, keep=[regex("^keep$")]))
     proc = zfs_shim.run_zrepl("--config", cfg, "run", "s")
     assert proc.returncode == 0, proc.stderr
-    assert snapshots(f"{pool}/fs") == ["keep"]
+    assert snapshots(ZFS, f"{pool}/fs") == ["keep"]
     assert zfs_shim.count("destroy") == 3  # the failed batch, then its two halves
 
 
 def test_undestroyable_snapshot_fails_the_run_but_not_the_others(pool, zfs_tree, zfs_shim, tmp_path):
     zfs_tree(pool, "a @s1 @s2\nb @s1 @s2")
     zfs_shim.fail("destroy", stderr="cannot destroy: permission denied\n", match=f"{pool}/a@")
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}<" = true }}', 'type = "manual"',
-                                          keep='[{ type = "last_n", count = 1 }]'))
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}<": True}, keep=[last_n(1)]))
     proc = zfs_shim.run_zrepl("--config", cfg, "run", "s")
     assert proc.returncode == 1
-    assert snapshots(f"{pool}/b") == ["s2"]
-    assert snapshots(f"{pool}/a") == ["s1", "s2"]
-    doc = status(tmp_path)["jobs"]["s"]
+    assert snapshots(ZFS, f"{pool}/b") == ["s2"]
+    assert snapshots(ZFS, f"{pool}/a") == ["s1", "s2"]
+    doc = status(cfg)["jobs"]["s"]
     assert doc["last_run"]["result"] == "failed"
     assert f"{pool}/a@s1" in doc["pruning"]["errors"]
     st = zfs_shim.run_zrepl("--config", cfg, "status", "-v")
@@ -135,9 +107,9 @@ def test_undestroyable_snapshot_fails_the_run_but_not_the_others(pool, zfs_tree,
 
 def test_dry_run_changes_nothing_and_explains(pool, zfs_tree, zfs_shim, tmp_path):
     zfs_tree(pool, "fs @zrepl_1 @zrepl_2 @zrepl_3")
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}', PERIODIC.replace("zrepl_", "auto_"),
-                                          keep='[{ type = "last_n", count = 1, regex = "^zrepl_" },'
-                                               ' { type = "regex", regex = "^auto_" }]'))
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/fs": True},
+                                          snapshotting=periodic("1h", prefix="auto_"),
+                                          keep=[last_n(1, regex="^zrepl_"), regex("^auto_")]))
     before = list_all(pool)
     proc = zfs_shim.run_zrepl("--config", cfg, "run", "--dry-run", "s")
     assert proc.returncode == 0, proc.stderr
@@ -148,13 +120,13 @@ def test_dry_run_changes_nothing_and_explains(pool, zfs_tree, zfs_shim, tmp_path
     assert f"would destroy {pool}/fs@zrepl_1" in out and f"would destroy {pool}/fs@zrepl_2" in out
     assert f"keep {pool}/fs@zrepl_3: last_n(count=1" in out
     assert f"keep {pool}/fs@auto_" in out and "regex(regex='^auto_'" in out
-    assert not (tmp_path / "status" / "status.json").exists()
+    assert not (tmp_path / "status.json").exists()
 
 
 def test_concurrent_runs_one_works_other_reports_busy(pool, zfs_tree, zfs_shim, tmp_path):
     zfs_tree(pool, "fs")
     zfs_shim.delay("snapshot", 15)
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}', PERIODIC))
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/fs": True}, snapshotting=PERIODIC))
     first = subprocess.Popen(zrepl_argv("--config", cfg, "run", "s"), env=zrepl_env(zfs_shim.env),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
@@ -164,12 +136,12 @@ def test_concurrent_runs_one_works_other_reports_busy(pool, zfs_tree, zfs_shim, 
     assert second.returncode == 0 and "busy" in second.stderr
     out, err = first.communicate(timeout=60)
     assert first.returncode == 0, err
-    assert len(snapshots(f"{pool}/fs")) == 1
+    assert len(snapshots(ZFS, f"{pool}/fs")) == 1
 
 
 def test_wakeup_runs_now_or_makes_the_running_job_pass_again(pool, zfs_tree, zfs_shim, tmp_path):
     zfs_tree(pool, "fs")
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}', 'type = "manual"'))
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/fs": True}))
     idle = zfs_shim.run_zrepl("--config", cfg, "wakeup", "s")
     assert idle.returncode == 0 and zfs_shim.count("list") == 1  # ran in the foreground
     zfs_shim.reset_log()
@@ -199,16 +171,16 @@ def test_command_hooks_stack_model(pool, zfs_tree, run_zrepl, tmp_path):
     third.write_text(f"#!/bin/sh\necho \"third $ZREPL_HOOKTYPE $ZREPL_FS\" >> {trace}\n")
     for p in (script, failing, third):
         p.chmod(0o755)
-    hooks = (f'[[jobs.snapshotting.hooks]]\ntype = "command"\npath = "{script}"\ntimeout = "20s"\n'
-             f'[[jobs.snapshotting.hooks]]\ntype = "command"\npath = "{failing}"\nerr_is_fatal = true\n'
-             f'[[jobs.snapshotting.hooks]]\ntype = "command"\npath = "{third}"\n')
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}<" = true, "{pool}" = false }}',
-                                          'type = "periodic"\nprefix = "h_"\ninterval = "1h"', hooks=hooks))
+    hooks = [{"type": "command", "path": str(script), "timeout": "20s"},
+             {"type": "command", "path": str(failing), "err_is_fatal": True},
+             {"type": "command", "path": str(third)}]
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}<": True, pool: False},
+                                          snapshotting=periodic("1h", prefix="h_", hooks=hooks)))
     proc = run_zrepl("--config", cfg, "run", "s")
     assert proc.returncode == 1  # bad was not snapshotted
-    assert len(snapshots(f"{pool}/good")) == 1 and snapshots(f"{pool}/bad") == []
+    assert len(snapshots(ZFS, f"{pool}/good")) == 1 and snapshots(ZFS, f"{pool}/bad") == []
     lines = trace.read_text().splitlines()
-    snap = snapshots(f"{pool}/good")[0]
+    snap = snapshots(ZFS, f"{pool}/good")[0]
     assert f"first pre_snapshot {pool}/good {snap} dry= t=20" in lines
 
     def sequence(fs):
@@ -221,7 +193,7 @@ def test_command_hooks_stack_model(pool, zfs_tree, run_zrepl, tmp_path):
     assert sequence(f"{pool}/good") == [("first", "pre_snapshot"), ("fail", "pre_snapshot"),
                                         ("third", "pre_snapshot"), ("third", "post_snapshot"),
                                         ("fail", "post_snapshot"), ("first", "post_snapshot")]
-    doc = status(tmp_path)["jobs"]["s"]
+    doc = status(cfg)["jobs"]["s"]
     assert any("hello-from-hook" in h["output"] for h in doc["hooks"])
     assert any(not h["ok"] and "nope" in h["output"] for h in doc["hooks"])
     assert "err_is_fatal" in doc["filesystems"][f"{pool}/bad"]["snapshot_error"]
@@ -232,14 +204,15 @@ def test_command_hook_timeout_kills(pool, zfs_tree, run_zrepl, tmp_path):
     script = tmp_path / "slow.sh"
     script.write_text("#!/bin/sh\n[ \"$ZREPL_HOOKTYPE\" = pre_snapshot ] && sleep 60\nexit 0\n")
     script.chmod(0o755)
-    hooks = f'[[jobs.snapshotting.hooks]]\ntype = "command"\npath = "{script}"\ntimeout = "1s"\n'
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}', PERIODIC, hooks=hooks))
+    hooks = [{"type": "command", "path": str(script), "timeout": "1s"}]
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/fs": True},
+                                          snapshotting=periodic("1h", hooks=hooks)))
     started = time.time()
     proc = run_zrepl("--config", cfg, "run", "s")
     assert time.time() - started < 30
     assert proc.returncode == 0  # err_is_fatal defaults to false: the snapshot is still taken
-    assert len(snapshots(f"{pool}/fs")) == 1
-    hook = status(tmp_path)["jobs"]["s"]["hooks"][0]
+    assert len(snapshots(ZFS, f"{pool}/fs")) == 1
+    hook = status(cfg)["jobs"]["s"]["hooks"][0]
     assert not hook["ok"] and "timed out" in hook["error"]
 
 
@@ -247,34 +220,36 @@ def test_postgres_checkpoint_hook(pool, zfs_tree, run_zrepl, postgres_server, tm
     zfs_tree(pool, "pg")
     count_sql = "SELECT checkpoints_req FROM pg_stat_bgwriter"
     before = int(run(postgres_server.psql_argv(count_sql)).stdout.strip())
-    hooks = (f'[[jobs.snapshotting.hooks]]\ntype = "postgres-checkpoint"\ndsn = "{postgres_server.dsn}"\n'
-             f'filesystems = {{ "{pool}/pg" = true }}\nerr_is_fatal = true\n')
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/pg" = true }}', PERIODIC, hooks=hooks))
+    hooks = [{"type": "postgres-checkpoint", "dsn": postgres_server.dsn, "filesystems": {f"{pool}/pg": True},
+              "err_is_fatal": True}]
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/pg": True},
+                                          snapshotting=periodic("1h", hooks=hooks)))
     proc = run_zrepl("--config", cfg, "run", "s")
     assert proc.returncode == 0, proc.stderr
     after = int(run(postgres_server.psql_argv(count_sql)).stdout.strip())
     assert after == before + 1
-    assert len(snapshots(f"{pool}/pg")) == 1
+    assert len(snapshots(ZFS, f"{pool}/pg")) == 1
 
 
 def test_postgres_checkpoint_failure_is_fatal_when_asked(pool, zfs_tree, run_zrepl, tmp_path):
     zfs_tree(pool, "pg")
-    hooks = (f'[[jobs.snapshotting.hooks]]\ntype = "postgres-checkpoint"\n'
-             f'dsn = "host=/nonexistent dbname=postgres"\ntimeout = "10s"\n'
-             f'filesystems = {{ "{pool}/pg" = true }}\nerr_is_fatal = true\n')
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/pg" = true }}', PERIODIC, hooks=hooks))
+    hooks = [{"type": "postgres-checkpoint", "dsn": "host=/nonexistent dbname=postgres", "timeout": "10s",
+              "filesystems": {f"{pool}/pg": True}, "err_is_fatal": True}]
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/pg": True},
+                                          snapshotting=periodic("1h", hooks=hooks)))
     proc = run_zrepl("--config", cfg, "run", "s")
     assert proc.returncode == 1
-    assert snapshots(f"{pool}/pg") == []
+    assert snapshots(ZFS, f"{pool}/pg") == []
 
 
 def test_mysql_lock_held_while_snapshot_is_taken(pool, zfs_tree, zfs_shim, mariadb_server, tmp_path):
     run(mariadb_server.mysql_argv("CREATE DATABASE t; CREATE TABLE t.x (v INT) ENGINE=InnoDB;"))
     zfs_tree(pool, "db")
     zfs_shim.delay("snapshot", 4)
-    hooks = (f'[[jobs.snapshotting.hooks]]\ntype = "mysql-lock-tables"\ndsn = "{mariadb_server.dsn}"\n'
-             f'filesystems = {{ "{pool}/db" = true }}\nerr_is_fatal = true\n')
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/db" = true }}', PERIODIC, hooks=hooks))
+    hooks = [{"type": "mysql-lock-tables", "dsn": mariadb_server.dsn, "filesystems": {f"{pool}/db": True},
+              "err_is_fatal": True}]
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/db": True},
+                                          snapshotting=periodic("1h", hooks=hooks)))
     job = subprocess.Popen(zrepl_argv("--config", cfg, "run", "s"), env=zrepl_env(zfs_shim.env),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
@@ -299,14 +274,14 @@ def test_mysql_lock_held_while_snapshot_is_taken(pool, zfs_tree, zfs_shim, maria
     assert done["at"] - snapshot_started >= 3.5
     assert done["at"] <= job_ended + 1
     assert run(mariadb_server.mysql_argv("SELECT COUNT(*) FROM t.x")).stdout.split()[-1] == "1"
-    assert len(snapshots(f"{pool}/db")) == 1
-    hooks_doc = status(tmp_path)["jobs"]["s"]["hooks"]
+    assert len(snapshots(ZFS, f"{pool}/db")) == 1
+    hooks_doc = status(cfg)["jobs"]["s"]["hooks"]
     assert [(h["edge"], h["ok"]) for h in hooks_doc] == [("pre", True), ("post", True)]
 
 
 def test_status_command_reports_ok_and_json(pool, zfs_tree, run_zrepl, tmp_path):
     zfs_tree(pool, "fs")
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/fs" = true }}', PERIODIC))
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/fs": True}, snapshotting=PERIODIC))
     never = run_zrepl("--config", cfg, "status")
     assert never.returncode == 1 and "no run recorded" in never.stdout
     assert run_zrepl("--config", cfg, "run").returncode == 0
@@ -320,7 +295,7 @@ def test_status_command_reports_ok_and_json(pool, zfs_tree, run_zrepl, tmp_path)
 
 def test_test_filesystems_all_lists_real_datasets(pool, zfs_tree, run_zrepl, tmp_path):
     zfs_tree(pool, "foo\nfoo/bar\nfoobar")
-    cfg = write_config(tmp_path, snap_job("s", f'{{ "{pool}/foo<" = true }}', 'type = "manual"'))
+    cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/foo<": True}))
     proc = run_zrepl("--config", cfg, "test", "filesystems", "--job", "s", "--all")
     assert proc.returncode == 0, proc.stderr
     verdicts = dict((ln.split("\t")[1], ln.split("\t")[0]) for ln in proc.stdout.splitlines())

@@ -11,16 +11,15 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from zfstest import REPO_ROOT, ZREPL_PY, exists, get, guid, list_all, run, run_zrepl, zfs
-
-sys.path.insert(0, str(REPO_ROOT))
-import zrepl  # noqa: E402
+import zrepl
+from support import (Job, last_n, not_replicated, periodic, pull_job, push_job, sink_job, snapshots, source_job, status,
+                     stdinserver, write_config)
+from zfstest import ZFS, ZREPL_PY, exists, get, guid, list_all, run, run_zrepl, zfs
 
 MiB = 1 << 20
 INSTALLED = Path("/usr/local/bin/zrepl.py")  # where the README puts it (the guest disk is throwaway)
@@ -39,58 +38,18 @@ def installed_zrepl():
     yield INSTALLED
 
 
-def write_config(directory: Path, jobs: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "zrepl.toml"
-    path.write_text(f'[global]\nstatus_file = "{directory}/status.json"\nruntime_dir = "{directory}/run"\n\n{jobs}')
-    return path
-
-
-def ssh_connect_toml(server, identity_file: Path, user: str = "root", extra: str = "") -> str:
-    options = json.dumps(server.option_list())
-    return (f'{{ type = "ssh+stdinserver", host = "{server.host}", user = "{user}", port = {server.port}, '
-            f'identity_file = "{identity_file}", options = {options}{extra} }}')
+def ssh_connect(server, identity_file: Path, user: str = "root", **extra: str) -> dict:
+    """A push or pull job's `connect` over ssh+stdinserver to the test's sshd."""
+    return {"type": "ssh+stdinserver", "host": server.host, "user": user, "port": server.port,
+            "identity_file": str(identity_file), "options": server.option_list(), **extra}
 
 
 def forced(config: Path, identity: str) -> str:
     return f"{INSTALLED} --config {config} stdinserver {identity}"
 
 
-def sink_jobs(dst: str, identities: str = '["client1"]') -> str:
-    return f'''
-[[jobs]]
-name = "sink"
-type = "sink"
-root_fs = "{dst}/sink"
-serve = {{ type = "stdinserver", client_identities = {identities} }}
-'''
-
-
-def push_job(filesystems: str, connect: str, *, send: str = "{}", keep_sender: str = "[]",
-             keep_receiver: str = "[]", snapshotting: str = 'type = "manual"', initial: str = "most_recent") -> str:
-    return f'''
-[[jobs]]
-name = "push"
-type = "push"
-filesystems = {filesystems}
-connect = {connect}
-send = {send}
-conflict_resolution = {{ initial_replication = "{initial}" }}
-[jobs.snapshotting]
-{snapshotting}
-[jobs.pruning]
-keep_sender = {keep_sender}
-keep_receiver = {keep_receiver}
-'''
-
-
-def snapshots(dataset: str) -> list[str]:
-    rows = [r for r in list_all(dataset) if r.type == "snapshot" and r.name.startswith(dataset + "@")]
-    return [r.name.split("@", 1)[1] for r in sorted(rows, key=lambda r: r.createtxg)]
-
-
-def status(config: Path) -> dict:
-    return json.loads((config.parent / "status.json").read_text())["jobs"]
+def sink_jobs(dst: str, *identities: str) -> Job:
+    return sink_job("sink", root_fs=f"{dst}/sink", serve=stdinserver(*(identities or ("client1",))))
 
 
 def resume_token(dataset: str) -> str:
@@ -115,13 +74,13 @@ def test_push_to_sink_over_ssh_with_an_encrypted_raw_send(make_pool, zfs_tree, s
     server_cfg = write_config(tmp_path / "server", sink_jobs(dst))
     key = sshd_localhost.authorize(command=forced(server_cfg, "client1"))
     client_cfg = write_config(tmp_path / "client", push_job(
-        f'{{ "{src}/data<" = true }}', ssh_connect_toml(sshd_localhost, key), send="{ encrypted = true }"))
+        filesystems={f"{src}/data<": True}, connect=ssh_connect(sshd_localhost, key), send={"encrypted": True}))
 
     proc = run_zrepl("--config", client_cfg, "run", "push")
     assert proc.returncode == 0, proc.stderr + json.dumps(status(client_cfg), indent=1)
     root = f"{dst}/sink/client1/{src}"
-    assert snapshots(f"{root}/data") == ["a"] and guid(f"{root}/data@a") == guid(f"{src}/data@a")
-    assert snapshots(f"{root}/data/child") == ["x"]
+    assert snapshots(ZFS, f"{root}/data") == ["a"] and guid(f"{root}/data@a") == guid(f"{src}/data@a")
+    assert snapshots(ZFS, f"{root}/data/child") == ["x"]
     # raw: still encrypted on the sink, and the key never left the client
     for fs in (f"{root}/data", f"{root}/data/child"):
         assert get(fs, "encryption") != "off" and get(fs, "keystatus") == "unavailable"
@@ -130,10 +89,10 @@ def test_push_to_sink_over_ssh_with_an_encrypted_raw_send(make_pool, zfs_tree, s
     zfs_tree(src, "data @b\ndata/child @y")
     proc = run_zrepl("--config", client_cfg, "run", "push")
     assert proc.returncode == 0, proc.stderr + json.dumps(status(client_cfg), indent=1)
-    assert snapshots(f"{root}/data") == ["a", "b"] and snapshots(f"{root}/data/child") == ["x", "y"]
+    assert snapshots(ZFS, f"{root}/data") == ["a", "b"] and snapshots(ZFS, f"{root}/data/child") == ["x", "y"]
 
     # the passive side recorded the client itself, and its `status` shows it
-    client = status(server_cfg)["sink"]["clients"]["client1"]
+    client = status(server_cfg)["jobs"]["sink"]["clients"]["client1"]
     assert client["last_connection"]["result"] == "ok" and client["last_connection"]["transfers"] == 2
     received = {t["received"] for t in client["transfers"]}
     assert {f"{src}/data@a", f"{src}/data/child@x", f"{src}/data@b", f"{src}/data/child@y"} <= received
@@ -149,34 +108,19 @@ def test_pull_from_source_over_ssh_with_a_bandwidth_limit(make_pool, zfs_tree, s
     zfs("snapshot", f"{src}/data@b")
     zfs_tree(dst, "pulled")
     # the production host: a source serving one client identity, limited to 2 MiB/s
-    server_cfg = write_config(tmp_path / "prod", f'''
-[[jobs]]
-name = "source"
-type = "source"
-filesystems = {{ "{src}/data<" = true }}
-serve = {{ type = "stdinserver", client_identities = ["backup"] }}
-send = {{ bandwidth_limit = {{ max = "2 MiB", bucket_capacity = "256 KiB" }} }}
-[jobs.snapshotting]
-type = "manual"
-''')
+    server_cfg = write_config(tmp_path / "prod", source_job(
+        filesystems={f"{src}/data<": True}, serve=stdinserver("backup"),
+        send={"bandwidth_limit": {"max": "2 MiB", "bucket_capacity": "256 KiB"}}))
     key = sshd_localhost.authorize(command=forced(server_cfg, "backup"))
-    client_cfg = write_config(tmp_path / "backup", f'''
-[[jobs]]
-name = "pull"
-type = "pull"
-connect = {ssh_connect_toml(sshd_localhost, key)}
-root_fs = "{dst}/pulled"
-interval = "manual"
-[jobs.pruning]
-keep_sender = [{{ type = "not_replicated" }}, {{ type = "last_n", count = 1 }}]
-keep_receiver = []
-''')
+    client_cfg = write_config(tmp_path / "backup", pull_job(
+        root_fs=f"{dst}/pulled", connect=ssh_connect(sshd_localhost, key),
+        keep_sender=[not_replicated(), last_n(1)]))
     proc = run_zrepl("--config", client_cfg, "run", "pull")
     assert proc.returncode == 0, proc.stderr
     target = f"{dst}/pulled/{src}/data"
-    assert snapshots(target) == ["b"] and guid(f"{target}@b") == guid(f"{src}/data@b")
-    assert snapshots(f"{src}/data") == ["b"]  # @a pruned on the source, through the connection
-    client = status(server_cfg)["source"]["clients"]["backup"]
+    assert snapshots(ZFS, target) == ["b"] and guid(f"{target}@b") == guid(f"{src}/data@b")
+    assert snapshots(ZFS, f"{src}/data") == ["b"]  # @a pruned on the source, through the connection
+    client = status(server_cfg)["jobs"]["source"]["clients"]["backup"]
     [transfer] = client["transfers"]
     assert transfer["sent"] == f"{src}/data@b" and transfer["bytes"] > 8 * MiB
     # the source's send limit held: > 8 MiB at 2 MiB/s (256 KiB head start) takes at least ~3.9 s
@@ -221,7 +165,7 @@ def killing_push(tmp_path: Path, src: str, dst: str, server, *, kill_parent: boo
     wrapper.write_text(KILLING_SSH.format(counter=str(counter), limit=2 * MiB, kill_parent=kill_parent))
     wrapper.chmod(0o755)
     client_cfg = write_config(tmp_path / "client", push_job(
-        f'{{ "{src}/data" = true }}', ssh_connect_toml(server, key, extra=f', ssh_command = "{wrapper}"')))
+        filesystems={f"{src}/data": True}, connect=ssh_connect(server, key, ssh_command=str(wrapper))))
     return server_cfg, client_cfg, counter
 
 
@@ -240,10 +184,10 @@ def test_killed_connection_is_retried_within_the_run_from_the_resume_token(make_
     assert proc.returncode == 0, proc.stderr
     assert counter.read_text() == "0"  # the connection was lost once
     assert "connection closed by the peer" in proc.stderr and "connecting again" in proc.stderr
-    assert snapshots(target) == ["a"] and guid(f"{target}@a") == guid(f"{src}/data@a")
+    assert snapshots(ZFS, target) == ["a"] and guid(f"{target}@a") == guid(f"{src}/data@a")
     sends = [c.argv for c in zfs_shim.calls("send") if "-n" not in c.argv]
     assert len(sends) == 2 and "-t" not in sends[0] and "-t" in sends[1]  # the retry resumed
-    client = status(server_cfg)["sink"]["clients"]["client1"]
+    client = status(server_cfg)["jobs"]["sink"]["clients"]["client1"]
     assert any(e["request"] == "receiver.receive" for e in client["errors"])  # the sink saw the cut
     assert client["last_connection"]["result"] == "ok" and client["last_transfer"]["resumed"] is True
 
@@ -268,7 +212,7 @@ def test_next_run_resumes_after_the_active_side_died_mid_stream(make_pool, zfs_t
     zfs_shim.reset_log()
     proc = zfs_shim.run_zrepl("--config", client_cfg, "run", "push")
     assert proc.returncode == 0, proc.stderr
-    assert snapshots(target) == ["a"] and guid(f"{target}@a") == guid(f"{src}/data@a")
+    assert snapshots(ZFS, target) == ["a"] and guid(f"{target}@a") == guid(f"{src}/data@a")
     assert not resume_token(target)
     sends = [c.argv for c in zfs_shim.calls("send") if "-n" not in c.argv]
     assert len(sends) == 1 and "-t" in sends[0]  # resumed, not started over
@@ -295,7 +239,7 @@ def test_hostile_client_over_ssh_changes_nothing_outside_its_subtree(make_pool, 
     zfs_tree(dst, f"sink/client1/{src}/data @s1 @s2\nsink/client2/{src}/data @s1\nother @o1")
     zfs("hold", "keep", f"{dst}/sink/client2/{src}/data@s1")
     before = inventory(dst)
-    server_cfg = write_config(tmp_path / "server", sink_jobs(dst, '["client1", "client2"]'))
+    server_cfg = write_config(tmp_path / "server", sink_jobs(dst, "client1", "client2"))
     key = sshd_localhost.authorize(command=forced(server_cfg, "client1"))
 
     conn = zrepl.ssh_connect(sshd_localhost.ssh_argv(identity_file=key), timeout=60)
@@ -358,13 +302,10 @@ def test_non_root_push_and_prune_with_zfs_allow(make_pool, zfs_tree, sshd_localh
     shutil.copyfile(sshd_localhost.known_hosts, known_hosts)
     options = [o if not o.startswith("UserKnownHostsFile=") else f"UserKnownHostsFile={known_hosts}"
                for o in sshd_localhost.option_list()]
-    connect = (f'{{ type = "ssh+stdinserver", host = "{sshd_localhost.host}", user = "{user}", '
-               f'port = {sshd_localhost.port}, identity_file = "{user_key}", options = {json.dumps(options)} }}')
+    connect = {**ssh_connect(sshd_localhost, user_key, user=user), "options": options}
     client_cfg = write_config(home / "client", push_job(
-        f'{{ "{src}/data" = true }}', connect, initial="all",
-        snapshotting='type = "periodic"\nprefix = "zrepl_"\ninterval = "1h"',
-        keep_sender='[{ type = "not_replicated" }, { type = "last_n", count = 1 }]',
-        keep_receiver='[{ type = "last_n", count = 1 }]'))
+        filesystems={f"{src}/data": True}, connect=connect, initial_replication="all", snapshotting=periodic("1h"),
+        keep_sender=[not_replicated(), last_n(1)], keep_receiver=[last_n(1)]))
     for path in [home, *home.rglob("*")]:
         os.chown(path, pw.pw_uid, pw.pw_gid)
     user_key.chmod(0o600)
@@ -376,13 +317,13 @@ def test_non_root_push_and_prune_with_zfs_allow(make_pool, zfs_tree, sshd_localh
                               env={"PATH": os.environ["PATH"], "HOME": pw.pw_dir})
         assert proc.returncode == 0, proc.stderr
         target = f"{dst}/sink/client1/{src}/data"
-        [taken] = [s for s in snapshots(f"{src}/data") if s.startswith("zrepl_")]  # snapshot: delegated
-        assert snapshots(f"{src}/data") == [taken]  # a and b pruned on the sender
-        assert snapshots(target) == [taken]  # a and b replicated, then pruned on the receiver
+        [taken] = [s for s in snapshots(ZFS, f"{src}/data") if s.startswith("zrepl_")]  # snapshot: delegated
+        assert snapshots(ZFS, f"{src}/data") == [taken]  # a and b pruned on the sender
+        assert snapshots(ZFS, target) == [taken]  # a and b replicated, then pruned on the receiver
         assert guid(f"{target}@{taken}") == guid(f"{src}/data@{taken}")
         # both sides really ran as the user: the files they wrote belong to it
         assert (home / "server" / "status.json").stat().st_uid == pw.pw_uid
         assert (home / "client" / "status.json").stat().st_uid == pw.pw_uid
-        assert status(server_cfg)["sink"]["clients"]["client1"]["last_connection"]["result"] == "ok"
+        assert status(server_cfg)["jobs"]["sink"]["clients"]["client1"]["last_connection"]["result"] == "ok"
     finally:
         shutil.rmtree(home, ignore_errors=True)

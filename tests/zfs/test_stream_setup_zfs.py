@@ -4,33 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from support import push_job, sink_job, write_config
 from zfstest import guid
 
 
 def config(tmp_path: Path, src: str, dst: str) -> Path:
-    path = tmp_path / "zrepl.toml"
-    path.write_text(f'''[global]
-status_file = "{tmp_path}/status.json"
-runtime_dir = "{tmp_path}/run"
-
-[[jobs]]
-name = "push"
-type = "push"
-filesystems = {{ "{src}/data<" = true }}
-connect = {{ type = "local", listener_name = "sink", client_identity = "c" }}
-[jobs.snapshotting]
-type = "manual"
-[jobs.pruning]
-keep_sender = []
-keep_receiver = []
-
-[[jobs]]
-name = "sink"
-type = "sink"
-root_fs = "{dst}/sink"
-serve = {{ type = "local", listener_name = "sink" }}
-''')
-    return path
+    return write_config(tmp_path, push_job(filesystems={f"{src}/data<": True}, client_identity="c"),
+                        sink_job(root_fs=f"{dst}/sink"))
 
 
 def test_receiver_setup_happens_before_zfs_send_starts(make_pool, zfs_tree, zfs_shim, tmp_path):

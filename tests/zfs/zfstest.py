@@ -7,6 +7,7 @@ conftest.py wrap these classes; tests may also call the functions directly:
 
 Overview:
 - `run`, `zfs`, `zpool`: run a command, raise `CommandFailed` (with stderr) on failure.
+- `ZFS`: a `zrepl.Zfs` on the real binaries, for support.snapshots(ZFS, fs), bookmarks, holds.
 - `list_all(root)`: `zfs list -Hp -o name,type,guid,createtxg -t all -r root` as `ZfsRow`s.
 - `send_recv(send_args, recv_args)`: `zfs send ... | zfs recv ...` without a shell.
 - `PoolFactory`: throwaway pools on sparse file vdevs (unique names, destroyed afterwards).
@@ -23,6 +24,7 @@ import os
 import pwd
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -33,11 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 
+import zrepl
+from support import parse_tree_spec, tree_dataset
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ZREPL_PY = REPO_ROOT / "zrepl.py"
 # Resolved once, before any test changes PATH: the shim execs exactly this binary.
 REAL_ZFS = shutil.which("zfs") or "/usr/sbin/zfs"
 REAL_ZPOOL = shutil.which("zpool") or "/usr/sbin/zpool"
+# The real zfs through zrepl's own ZFS layer, for support.snapshots(ZFS, fs) and friends.
+ZFS = zrepl.Zfs(zfs_bin=REAL_ZFS, zpool_bin=REAL_ZPOOL)
 # Guest /tmp is a tmpfs: sparse vdev files there cost RAM only for what is written, and are fast.
 WORK_ROOT = Path(os.environ.get("ZREPL_TEST_WORKDIR", "/tmp"))
 # Freshly initialised database directories baked into the guest image by tests/vm/build-image.
@@ -251,10 +258,6 @@ class PoolFactory:
 # ------------------------------------------------------------------------------------------------
 
 PASSPHRASE = "zrepl-test-passphrase"
-_TOKEN_SPLIT = re.compile(r"\s+(?=-@|@|#)")
-_PROPS = re.compile(r"\{([^}]*)\}\s*$")
-
-
 @dataclass
 class Tree:
     """What `build_tree` created: full names in creation order, plus lookups."""
@@ -268,67 +271,15 @@ class Tree:
 
     def fs(self, rel: str = "") -> str:
         """Full dataset name for a path relative to the pool ('' is the pool's root dataset)."""
-        rel = rel.strip().strip("/")
-        return f"{self.pool}/{rel}" if rel and rel != "." else self.pool
-
-
-@dataclass(frozen=True)
-class TreeLine:
-    """One parsed line of a tree spec: dataset path, creation properties, ordered operations.
-
-    ops are ("snap", name), ("bookmark", name, source snapshot or None = latest on this line)
-    and ("destroy", snapshot name), in text order.
-    """
-
-    path: str
-    props: tuple[tuple[str, str], ...]
-    ops: tuple[tuple[str, ...], ...]
-
-
-def parse_tree_spec(spec: str) -> list[TreeLine]:
-    """Parse a build_tree spec (pure; raises ValueError on malformed lines)."""
-    lines = []
-    for raw_line in spec.splitlines():
-        line = raw_line.strip()
-        if not line:
-            continue
-        parts = _TOKEN_SPLIT.split(line)
-        head, tokens = parts[0].strip(), [t.strip() for t in parts[1:]]
-        props: list[tuple[str, str]] = []
-        match = _PROPS.search(head)
-        if match:
-            for item in filter(None, (p.strip() for p in match.group(1).split(","))):
-                key, sep, value = item.partition("=")
-                if not sep or not key.strip():
-                    raise ValueError(f"property must be key=value, got {item!r} in {raw_line!r}")
-                props.append((key.strip(), value.strip()))
-            head = head[: match.start()].strip()
-        if head.startswith(("@", "#", "-@")) or "{" in head or "}" in head:
-            raise ValueError(f"tree line must start with a dataset path: {raw_line!r}")
-        ops: list[tuple[str, ...]] = []
-        have_snap = False
-        for token in tokens:
-            if token.startswith("-@") and token[2:].strip():
-                ops.append(("destroy", token[2:].strip()))
-            elif token.startswith("@") and token[1:].strip():
-                ops.append(("snap", token[1:].strip()))
-                have_snap = True
-            elif token.startswith("#") and token[1:].strip():
-                name, _, source = token[1:].partition("=")
-                if not source.strip() and not have_snap:
-                    raise ValueError(f"bookmark {token!r} has no snapshot before it: {raw_line!r}")
-                ops.append(("bookmark", name.strip(), source.strip() or ""))
-            else:
-                raise ValueError(f"bad token {token!r} in {raw_line!r}")
-        lines.append(TreeLine(head.strip("/"), tuple(props), tuple(ops)))
-    return lines
+        return tree_dataset(self.pool, rel)
 
 
 def build_tree(pool: str, spec: str, *, data: bool = True, key_file: Path | None = None) -> Tree:
     """Create datasets, snapshots and bookmarks from a compact spec; return a Tree.
 
-    One line per dataset, processed top to bottom, tokens left to right (that is creation order,
-    so createtxg follows the text, not the names):
+    One line per dataset (support.parse_tree_spec, also what FakeZfs worlds are built from),
+    processed top to bottom, tokens left to right (that is creation order, so createtxg follows
+    the text, not the names):
 
         PATH [{prop=value, ...}] [@snap ...] [#bookmark ...] [#bookmark=snap ...] [-@snap ...]
 
@@ -405,9 +356,30 @@ def _write_marker(dataset: str, snap: str) -> None:
 # Fault injection: a PATH shim in front of the real zfs
 # ------------------------------------------------------------------------------------------------
 
+# The shim is two scripts. `zfs` (dash: the cheapest shell to start) handles the common case
+# itself: no rule names the verb (the `verbs` file lists those that have one), so it logs the call
+# and execs the real zfs, without starting Python (about 0.7 s per spawn under emulation). A verb
+# with a rule, or arguments the log line would have to escape (quotes, backslashes, anything but
+# printable ASCII), go to `shim.py`, which applies the first matching rule. The fast path cannot
+# read the clock without a spawn of its own: its calls are logged with time null.
+_SHIM_FRONT = r'''#!/bin/sh
+d=@DIR@
+verb=${1-}
+[ "$verb" = receive ] && verb=recv
+ruled=
+read -r ruled < "$d/verbs" || :
+case " $ruled " in *" $verb "*) exec /usr/bin/python3 -S "$d/shim.py" "$@" ;; esac
+case "$verb $*" in *[![:print:]]* | *'"'* | *'\'* | ' '*) exec /usr/bin/python3 -S "$d/shim.py" "$@" ;; esac
+args=
+for a do args="$args, \"$a\""; done
+printf '{"verb": "%s", "argv": [%s], "pid": %s, "time": null, "action": "pass"}\n' "$verb" "${args#, }" "$$" \
+    >> "$d/calls.jsonl"
+exec @REAL@ "$@"
+'''
+
 _SHIM_SOURCE = r'''#!/usr/bin/python3 -S
-# zfs shim for zrepl.py tests: applies the first matching rule from rules.json, logs every spawn
-# to calls.jsonl, otherwise execs the real zfs unchanged.
+# zfs shim for zrepl.py tests (the slow path of the `zfs` front): applies the first matching rule
+# from rules.json, logs every spawn to calls.jsonl, otherwise execs the real zfs unchanged.
 import fcntl, json, os, sys, time
 REAL = @REAL@
 DIR = @DIR@
@@ -488,7 +460,7 @@ class ShimCall:
     verb: str
     argv: list[str]
     pid: int
-    time: float
+    time: float | None  # None: passed straight through (the fast path has no clock)
     action: str
 
 
@@ -513,9 +485,11 @@ class ZfsShim:
         self.real_zfs = real_zfs
         self._rules: list[dict] = []
         self._next_id = 0
-        source = _SHIM_SOURCE.replace("@REAL@", repr(real_zfs)).replace("@DIR@", repr(str(self.dir)))
+        (self.dir / "shim.py").write_text(_SHIM_SOURCE.replace("@REAL@", repr(real_zfs))
+                                          .replace("@DIR@", repr(str(self.dir))))
         self.zfs_path = self.dir / "zfs"
-        self.zfs_path.write_text(source)
+        self.zfs_path.write_text(_SHIM_FRONT.replace("@REAL@", shlex.quote(real_zfs))
+                                 .replace("@DIR@", shlex.quote(str(self.dir))))
         self.zfs_path.chmod(0o755)
         self._save()
         (self.dir / "calls.jsonl").touch()
@@ -529,9 +503,13 @@ class ZfsShim:
         self._save()
 
     def _save(self) -> None:
-        tmp = self.dir / "rules.json.tmp"
-        tmp.write_text(json.dumps(self._rules))
-        tmp.replace(self.dir / "rules.json")
+        # rules first, then the verbs the fast path leaves to them: a spawn that reads the new
+        # verbs always finds its rule
+        for name, text in (("rules.json", json.dumps(self._rules)),
+                           ("verbs", " ".join(sorted({r["verb"] for r in self._rules})) + "\n")):
+            tmp = self.dir / f"{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(self.dir / name)
 
     def fail(self, verb: str, stderr: str = "shim: injected failure\n", exit_code: int = 1, *,
              times: int | None = None, match: str | None = None) -> None:

@@ -1,0 +1,76 @@
+"""The ZFS command layer without ZFS: the listing parser, error classification, listing roots,
+argv builders, names validated before anything is spawned, and the stderr ring buffer."""
+import pytest
+
+import zrepl
+
+LISTING = "\n".join([
+    "tank\tfilesystem\t111\t1\t1700000000\t-\t-\toff\t-\t-\t-",
+    "tank/with space\tfilesystem\t222\t5\t1700000100\t-\t-\toff\t-\t-\ton",
+    "tank/with space@b\tsnapshot\t333\t9\t1700000200\t0\t-\toff\t-\t-\t-",
+    "tank/with space@a\tsnapshot\t444\t12\t1700000300\t2\t-\toff\t-\t-\t-",
+    "tank/with space#zrepl_CURSOR_G_00000000000001bd_J_push\tbookmark\t445\t12\t1700000300\t-\t-\t-\t-\t-\t-",
+    "tank/vol\tvolume\t555\t20\t1700000400\t-\t1-abc-def\taes-256-gcm\ttank/vol\tavailable\t-",
+])
+
+
+def test_parse_zfs_list_orders_by_createtxg_and_keeps_props():
+    ds = zrepl.parse_zfs_list(LISTING)
+    assert set(ds) == {"tank", "tank/with space", "tank/vol"}
+    fs = ds["tank/with space"]
+    assert [v.name for v in fs.snapshots()] == ["b", "a"]  # createtxg order, not name order
+    assert fs.snapshots()[1].userrefs == 2
+    assert fs.props["zrepl:placeholder"] == "on"
+    assert fs.bookmarks()[0].full_name == "tank/with space#zrepl_CURSOR_G_00000000000001bd_J_push"
+    vol = ds["tank/vol"]
+    assert vol.type == "volume" and vol.props["receive_resume_token"] == "1-abc-def"
+    assert "zrepl:placeholder" not in ds["tank"].props  # "-" means unset
+
+
+def test_parse_zfs_list_rejects_wrong_column_count():
+    with pytest.raises(ValueError):
+        zrepl.parse_zfs_list("tank\tfilesystem\n")
+
+
+@pytest.mark.parametrize("stderr,kind", [
+    ("cannot open 'tank/x': dataset does not exist", "not-exist"),
+    ("cannot destroy snapshot tank/x@a: dataset is busy", "busy"),
+    ("cannot destroy snapshot tank/x@a: it's being held. Run 'zfs holds -r tank/x@a' to see holders.", "busy"),
+    ("cannot create snapshot 'tank/x@a': out of space", "no-space"),
+    ("cannot create 'tank/x': permission denied", "permission"),
+    ("cannot create snapshot 'tank/x@a': dataset already exists", "exists"),
+    ("something else entirely", "other"),
+])
+def test_classify_zfs_error(stderr, kind):
+    assert zrepl.classify_zfs_error(stderr) == kind
+    err = zrepl.ZfsError(["zfs", "destroy", "tank/x@a"], 1, stderr)
+    assert err.kind == kind and "zfs destroy tank/x@a" in str(err) and stderr in str(err)
+
+
+def test_list_roots_cover_filter_with_one_root_per_pool():
+    f = zrepl.DatasetFilter({"tank/a<": True, "tank/b/c": True, "tank/a/x<": False, "zroot/home<": True})
+    assert zrepl.list_roots_for_filter(f) == ["tank", "zroot"]
+    assert zrepl.list_roots_for_filter(zrepl.DatasetFilter({"<": True, "tank/x<": False})) == []
+
+
+def test_argv_builders_are_lists_with_exact_names():
+    assert zrepl.destroy_snapshots_argv("tank/with space", ["a", "b c"]) == ["zfs", "destroy", "tank/with space@a,b c"]
+    assert zrepl.snapshot_argv(["p/a@s", "p/b@s"]) == ["zfs", "snapshot", "p/a@s", "p/b@s"]
+    assert zrepl.zfs_list_argv(["tank"])[:4] == ["zfs", "list", "-H", "-p"]
+
+
+def test_zfs_layer_validates_names_before_spawning():
+    z = zrepl.Zfs(zfs_bin="/nonexistent/zfs")
+    with pytest.raises(ValueError):
+        z.destroy_snapshots("tank/../etc", ["a"])
+    with pytest.raises(ValueError):
+        z.destroy_snapshots("tank/x", ["a,b"])  # a comma would smuggle a second snapshot into the batch
+    assert z.counters.total == 0
+
+
+def test_ring_buffer_keeps_tail():
+    rb = zrepl.RingBuffer(10)
+    rb.write(b"0123456789")
+    rb.write(b"abc")
+    assert rb.getvalue() == b"3456789abc"
+    assert rb.dropped == 3 and "3 bytes dropped" in rb.text()
