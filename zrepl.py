@@ -2890,11 +2890,15 @@ def _parse_replication(t: _Table) -> ReplicationConfig:
 
 
 def _filter_reaches(filt: DatasetFilter, root: str) -> bool:
-    """Whether a filesystems filter accepts `root` or could accept something below it: a child no
-    pattern names (decided by the longest subtree pattern above it, so `"<" = true` with
-    `"root<" = false` does not reach), or a dataset an accepting pattern names below root."""
-    if filt.accepts(root) or filt.accepts(f"{root}/\x00"):  # NUL: a child no pattern can name
-        return True
+    """Whether a filesystems filter accepts `root` or could accept something below it that no
+    pattern names: a child decided by the longest subtree pattern above it (so `"<" = true` with
+    `"root<" = false` does not reach). Datasets an accepting pattern names below root are a
+    deliberate relay, see _filter_names_below."""
+    return filt.accepts(root) or filt.accepts(f"{root}/\x00")  # NUL: a child no pattern can name
+
+
+def _filter_names_below(filt: DatasetFilter, root: str) -> bool:
+    """Whether an accepting pattern names a dataset below `root` (a relay of received replicas)."""
     return any(accept and is_descendant(pattern.rstrip("<"), root) for pattern, accept in filt.patterns.items())
 
 
@@ -2920,6 +2924,15 @@ def _check_replication_layout(jobs: list[JobConfig], file: str) -> list[ConfigEr
                     f"{shorten(receiver.name)}: this job would snapshot, send or prune its replicas; add "
                     f"\"{root}<\" = false", f"{job.path}.filesystems", file))
                 break
+            # Naming replicas explicitly relays them onward (A -> B -> C); a snapshot taken on a
+            # replica would make its next incremental receive fail, so a relay must not snapshot.
+            if _filter_names_below(job.filesystems, root) and job.snapshotting.type != "manual":
+                errors.append(ConfigError(
+                    f"the filter names datasets below {shorten(root)}, the root_fs of {receiver.type} job "
+                    f"{shorten(receiver.name)}, and snapshotting is {shorten(job.snapshotting.type)}: a snapshot "
+                    f"taken on a replica breaks its next receive; relay replicas with snapshotting type = \"manual\"",
+                    f"{job.path}.snapshotting.type", file))
+                break
     served: dict[str, JobConfig] = {}
     connected: dict[str, JobConfig] = {}
     for job in jobs:
@@ -2930,13 +2943,15 @@ def _check_replication_layout(jobs: list[JobConfig], file: str) -> list[ConfigEr
                                           f"{shorten(served[name].name)}", f"{job.path}.serve.listener_name", file))
             served.setdefault(name, job)
         if job.connect is not None and job.connect.type == "local":
-            name = job.connect.listener_name
-            if name in connected:
-                errors.append(ConfigError(f"job {shorten(connected[name].name)} already connects to local listener "
-                                          f"{shorten(name)}: two jobs on one listener would share one replication "
-                                          f"cursor and subtree; give each its own sink or source",
-                                          f"{job.path}.connect.listener_name", file))
-            connected.setdefault(name, job)
+            # The served side keys a client's subtree (sink) or holds (source) by its identity.
+            key = f"{job.connect.listener_name}\x00{job.connect.client_identity}"
+            if key in connected:
+                errors.append(ConfigError(f"job {shorten(connected[key].name)} already connects to local listener "
+                                          f"{shorten(job.connect.listener_name)} as client "
+                                          f"{shorten(job.connect.client_identity)}: two jobs with one identity would "
+                                          f"share one subtree and set of holds; give each its own client_identity",
+                                          f"{job.path}.connect.client_identity", file))
+            connected.setdefault(key, job)
     names = {j.name: j for j in jobs}
     for job in jobs:
         if job.type == "source" and job.serve is not None and job.serve.type == "stdinserver":

@@ -2,6 +2,8 @@
 exactly one more pass (no wakeup is lost)."""
 import os
 
+import pytest
+
 import zrepl
 
 
@@ -70,3 +72,40 @@ def test_busy_run_returns_none(tmp_path):
     runner = CountingRunner(cfg, job)
     assert runner.run() is None and runner.passes == 0
     lock.release()
+
+
+# ---- lock name spaces and the runtime dir (issue 8 items 5 and 13) ----
+
+def test_job_client_and_status_locks_live_in_disjoint_name_spaces(tmp_path):
+    rt = str(tmp_path / "rt")
+    paths = {zrepl.JobLock(rt, "status").path, zrepl.JobLock(rt, "a.client.b").path,
+             zrepl.JobLock.for_client(rt, "a", "b").path, os.path.join(rt, "status.lock"),
+             zrepl.WakeupRequest(rt, "a.client.b").path}
+    assert len(paths) == 5
+    status_job = zrepl.JobLock(rt, "status")
+    assert status_job.try_acquire()  # a job named "status" no longer takes the status writer's lock
+    store = zrepl.StatusStore(str(tmp_path / "status.json"), rt)
+    store.publish("status", {"type": "snap", "state": "idle"})
+    assert store.read()["jobs"]["status"]["state"] == "idle"
+    status_job.release()
+
+
+def test_an_unusable_runtime_dir_is_a_setup_error_naming_the_path(tmp_path):
+    plain_file = tmp_path / "file"
+    plain_file.write_text("")
+    with pytest.raises(zrepl.SetupError, match="is not a directory"):
+        zrepl.JobLock(str(plain_file), "j").try_acquire()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(zrepl.SetupError, match="chmod 700"):
+        zrepl.JobLock(str(shared), "j").try_acquire()
+    rt = tmp_path / "rt"
+    (rt / "jobs").mkdir(parents=True, mode=0o700)
+    (rt / "jobs" / "j.lock").symlink_to(tmp_path / "victim")
+    with pytest.raises(zrepl.SetupError, match="is a symlink"):
+        zrepl.JobLock(str(rt), "j").try_acquire()
+    assert not (tmp_path / "victim").exists()
+    (rt / "jobs" / "k.lock").mkdir()
+    with pytest.raises(zrepl.SetupError, match="is a directory"):
+        zrepl.JobLock(str(rt), "k").try_acquire()

@@ -107,9 +107,6 @@ def test_a_pull_with_nothing_to_do_lists_each_side_once(fake_zfs, world, tmp_pat
     assert [c[1] for c in fake_zfs.calls] == ["list", "list"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 item 8: a no-op pull prunes the source through a fresh RemoteSender "
-                                       "whose job name is '', so no cursor is found and not_replicated keeps "
-                                       "everything (the lead's PullMode fix makes this pass)")
 def test_a_pull_with_nothing_to_replicate_still_prunes_the_source(fake_zfs, world, tmp_path):
     assert pull(fake_zfs, config(tmp_path, keep_sender=[not_replicated(), last_n(3)])).code == 0
     world.tree("prod", "data @c")

@@ -15,6 +15,8 @@ from support import (changes, fs_status, job_status, last_n, not_replicated, pus
                      write_config)
 
 SRC, TARGET = "src/data", "dst/sink/client1/src/data"
+# what every new replica is received with (recv.properties.safe): see zrepl.receive_property_args
+SAFE_RECEIVE = ["-x", "mountpoint", "-x", "sharenfs", "-x", "sharesmb", "-o", "canmount=noauto", "-o", "readonly=on"]
 LISTED = ["-H", "-p", "-t", "filesystem,volume,snapshot,bookmark", "-o", ",".join(zrepl.LIST_PROPERTIES)]
 
 
@@ -51,7 +53,8 @@ def test_initial_push_sends_the_newest_snapshot_full_and_leaves_cursor_and_holds
         ["hold", "zrepl_STEP_J_push", b],  # guarantee_resumability: the step's snapshot first
         ["create", "-o", "zrepl:placeholder=on", "-o", "mountpoint=none", "dst/sink/client1"],
         ["create", "-o", "zrepl:placeholder=on", "-o", "mountpoint=none", "dst/sink/client1/src"],
-        ["recv", "-u", "-s", "-o", "zrepl:placeholder=off", TARGET],
+        # a new replica: the stream may not mount or share it (recv.properties.safe)
+        ["recv", "-u", "-s", *SAFE_RECEIVE, "-o", "zrepl:placeholder=off", TARGET],
         ["hold", "zrepl_last_received_J_sink", f"{TARGET}@b"],
         ["bookmark", b, f"src/data#{cursor(world, b)}"],
         ["release", "zrepl_STEP_J_push", b],
@@ -117,7 +120,8 @@ def test_a_cut_stream_resumes_from_the_receivers_token_on_the_next_run(fake_zfs,
     fake_zfs.calls.clear()
     result = push(fake_zfs, cfg)
     assert result.code == 0, result
-    assert ["zfs", "send", "-n", "-v", "-t", token] in fake_zfs.calls  # the receiver decoded its token
+    # the token is decoded by zrepl.py itself, never by running zfs on what a peer sent
+    assert ["zfs", "send", "-n", "-v", "-t", token] not in fake_zfs.calls
     assert real_sends(fake_zfs.calls) == [["send", "-v", "-P", "-t", token]]
     assert world.snapshots(TARGET) == ["b", "c"] and world.resume_token(TARGET) is None
     assert world.guid(f"{TARGET}@c") == world.guid("src/data@c") and world.holds("src/data@c") == set()
@@ -141,7 +145,7 @@ def test_placeholders_stand_in_for_unreplicated_parents_and_a_full_receive_repla
     fake_zfs.calls.clear()
     result = push(fake_zfs, cfg)
     assert result.code == 0, result
-    assert ["recv", "-u", "-s", "-F", "-o", "zrepl:placeholder=off", TARGET] in changes(fake_zfs.calls)
+    assert ["recv", "-u", "-s", "-F", *SAFE_RECEIVE, "-o", "zrepl:placeholder=off", TARGET] in changes(fake_zfs.calls)
     assert world.snapshots(TARGET) == ["b"] and world.get(TARGET, "zrepl:placeholder") == "off"
     assert world.snapshots(f"{TARGET}/child") == ["x"]  # the child below the placeholder is untouched
 
@@ -177,7 +181,8 @@ def test_a_push_with_nothing_to_do_lists_each_side_once(fake_zfs, world, tmp_pat
     fake_zfs.calls.clear()
     result = push(fake_zfs, cfg)
     assert result.code == 0, result
-    assert fake_zfs.calls == [list_r("src"), list_r("dst/sink")]  # pruning reused both listings
+    # pruning reused both listings; the sink lists only this client's subtree
+    assert fake_zfs.calls == [list_r("src"), list_r("dst/sink/client1")]
 
 
 @pytest.mark.parametrize("level,during,after", [

@@ -194,11 +194,23 @@ def test_configcheck_refuses_a_filter_that_reaches_a_receive_root():
         parse(text)
 
 
+def test_configcheck_allows_a_relay_that_names_replicas_but_not_one_that_snapshots_them():
+    relay = (PULL.format(name="p1", root="tank/backup", listener="l1")
+             + SOURCE.format(name="s1", fs="tank/backup/me", listener="l1"))
+    assert [j.name for j in parse(relay).jobs] == ["p1", "s1"]  # A -> B -> C: B serves what it received
+    snapshotting = relay.replace('type = "manual"', 'type = "periodic"\nprefix = "zrepl_"\ninterval = "10m"')
+    with pytest.raises(zrepl.ConfigError, match=r"jobs\[1\].snapshotting.type.*breaks its next receive"):
+        parse(snapshotting)
+
+
 def test_configcheck_refuses_two_jobs_on_one_local_listener_and_duplicate_listeners():
     text = (PULL.format(name="p1", root="b1", listener="l1") + PULL.format(name="p2", root="b2", listener="l1")
             + SOURCE.format(name="s1", fs="tank", listener="l1"))
-    with pytest.raises(zrepl.ConfigError, match="already connects to local listener"):
+    with pytest.raises(zrepl.ConfigError, match="already connects to local listener 'l1' as client 'me'"):
         parse(text)
+    # distinct identities get distinct holds on the source (and subtrees on a sink): allowed
+    other = PULL.format(name="p2", root="b2", listener="l1").replace('"me"', '"you"')
+    parse(PULL.format(name="p1", root="b1", listener="l1") + other + SOURCE.format(name="s1", fs="tank", listener="l1"))
     text = PULL.format(name="p1", root="b1", listener="l1") + SOURCE.format(name="s1", fs="tank/a", listener="l1") \
         + SOURCE.format(name="s2", fs="tank/b", listener="l1")
     with pytest.raises(zrepl.ConfigError, match="already served by job 's1'"):

@@ -74,3 +74,14 @@ def test_render_status_problems_first():
     assert worst == 1 and lines[0].startswith("WARNING")
     assert lines[1].split()[:2] == ["WARNING", "b"]
     assert "tank/x: boom" in text
+
+
+def test_a_run_holding_its_job_far_too_long_is_critical():
+    # a stalled peer (heartbeats only) must not keep a job "running" and green for ever (issue 8 item 12)
+    doc = {"state": "running", "pid": os.getpid(), "activity": {"step": "pruning receiver"},
+           "last_run": {"start": zrepl.iso_time(NOW - 7 * 3600), "end": None, "result": "running"},
+           "last_success": zrepl.iso_time(NOW - 3600)}
+    health = zrepl.evaluate_job("j", "push", doc, NOW, MON)
+    assert health.level == zrepl.NAGIOS_CRITICAL and "still holds the job" in health.line
+    doc["last_run"]["start"] = zrepl.iso_time(NOW - 60)
+    assert zrepl.evaluate_job("j", "push", doc, NOW, MON).level == zrepl.NAGIOS_OK

@@ -5,12 +5,12 @@ import pytest
 import zrepl
 
 LISTING = "\n".join([
-    "tank\tfilesystem\t111\t1\t1700000000\t-\t-\toff\t-\t-\t-",
-    "tank/with space\tfilesystem\t222\t5\t1700000100\t-\t-\toff\t-\t-\ton",
-    "tank/with space@b\tsnapshot\t333\t9\t1700000200\t0\t-\toff\t-\t-\t-",
-    "tank/with space@a\tsnapshot\t444\t12\t1700000300\t2\t-\toff\t-\t-\t-",
-    "tank/with space#zrepl_CURSOR_G_00000000000001bd_J_push\tbookmark\t445\t12\t1700000300\t-\t-\t-\t-\t-\t-",
-    "tank/vol\tvolume\t555\t20\t1700000400\t-\t1-abc-def\taes-256-gcm\ttank/vol\tavailable\t-",
+    "tank\tfilesystem\t111\t1\t1700000000\t-\t-\toff\t-\t-",
+    "tank/with space\tfilesystem\t222\t5\t1700000100\t-\t-\toff\t-\t-",
+    "tank/with space@b\tsnapshot\t333\t9\t1700000200\t0\t-\toff\t-\t-",
+    "tank/with space@a\tsnapshot\t444\t12\t1700000300\t2\t-\toff\t-\t-",
+    "tank/with space#zrepl_CURSOR_G_00000000000001bd_J_push\tbookmark\t445\t12\t1700000300\t-\t-\t-\t-\t-",
+    "tank/vol\tvolume\t555\t20\t1700000400\t-\t1-abc-def\taes-256-gcm\ttank/vol\tavailable",
 ])
 
 
@@ -20,11 +20,48 @@ def test_parse_zfs_list_orders_by_createtxg_and_keeps_props():
     fs = ds["tank/with space"]
     assert [v.name for v in fs.snapshots()] == ["b", "a"]  # createtxg order, not name order
     assert fs.snapshots()[1].userrefs == 2
-    assert fs.props["zrepl:placeholder"] == "on"
     assert fs.bookmarks()[0].full_name == "tank/with space#zrepl_CURSOR_G_00000000000001bd_J_push"
     vol = ds["tank/vol"]
     assert vol.type == "volume" and vol.props["receive_resume_token"] == "1-abc-def"
-    assert "zrepl:placeholder" not in ds["tank"].props  # "-" means unset
+    assert "encryptionroot" not in ds["tank"].props  # "-" means unset
+    # no user property is listed: a value with a TAB or NEWLINE cannot shift or forge rows
+    assert not any(":" in p for p in zrepl.LIST_PROPERTIES)
+
+
+def test_parse_zfs_list_skips_rows_zfs_cannot_print():
+    forged = LISTING + "\ntank/with space@fake\tsnapshot\tnot-a-number\t99\t1700000900\t0\t-\toff\t-\t-"
+    ds = zrepl.parse_zfs_list(forged)
+    assert [v.name for v in ds["tank/with space"].snapshots()] == ["b", "a"]
+
+
+class ScriptedZfs(zrepl.Zfs):
+    """Answers `zfs get` with canned output per argv; records the calls."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers, self.calls = answers, []
+
+    def run(self, argv, *, check=True, timeout=None, input=None):
+        import subprocess
+        self.calls.append(list(argv))
+        out = self.answers[tuple(argv[7:])]
+        return subprocess.CompletedProcess(argv, 0, out, b"")
+
+
+
+def test_local_placeholders_counts_only_a_locally_set_on():
+    zfs = ScriptedZfs({("r/a", "r/b", "r/c"): b"r/a\tlocal\ton\nr/b\tinherited from r/a\ton\nr/c\tlocal\toff\n"})
+    assert zfs.local_placeholders(["r/a", "r/b", "r/c"]) == {"r/a"}
+    assert len(zfs.calls) == 1
+
+
+def test_local_placeholders_distrusts_a_forged_line_and_asks_each_dataset():
+    # r/evil's value contains a NEWLINE and forges a line claiming r/victim is a placeholder
+    forged = b"r/evil\tlocal\tx\nr/victim\tlocal\ton\nr/victim\t-\t-\n"
+    zfs = ScriptedZfs({("r/evil", "r/victim"): forged,
+                       ("r/evil",): b"x\nr/victim\tlocal\ton\tlocal\n", ("r/victim",): b"-\t-\n"})
+    assert zfs.local_placeholders(["r/evil", "r/victim"]) == set()
+    assert [c[-1] for c in zfs.calls[1:]] == ["r/evil", "r/victim"]  # one by one after the forgery
 
 
 def test_parse_zfs_list_rejects_wrong_column_count():
@@ -72,5 +109,6 @@ def test_ring_buffer_keeps_tail():
     rb = zrepl.RingBuffer(10)
     rb.write(b"0123456789")
     rb.write(b"abc")
-    assert rb.getvalue() == b"3456789abc"
-    assert rb.dropped == 3 and "3 bytes dropped" in rb.text()
+    # Exactly `capacity` bytes, like zrepl's hook log; the cut shows as "(...)" in place of the first bytes.
+    assert rb.getvalue() == b"(...)89abc" and rb.text() == "(...)89abc"
+    assert rb.dropped == 3

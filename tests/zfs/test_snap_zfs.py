@@ -210,7 +210,9 @@ def test_command_hook_timeout_kills(pool, zfs_tree, run_zrepl, tmp_path):
     started = time.time()
     proc = run_zrepl("--config", cfg, "run", "s")
     assert time.time() - started < 30
-    assert proc.returncode == 0  # err_is_fatal defaults to false: the snapshot is still taken
+    # err_is_fatal defaults to false: the snapshot is still taken, but the run is not OK (the hook
+    # is what makes the snapshot consistent)
+    assert proc.returncode == 1 and "pre-snapshot hook" in proc.stderr, proc.stderr
     assert len(snapshots(ZFS, f"{pool}/fs")) == 1
     hook = status(cfg)["jobs"]["s"]["hooks"][0]
     assert not hook["ok"] and "timed out" in hook["error"]
