@@ -14,6 +14,10 @@ Pumps SIZE bytes of /dev/zero (via `head -c`, standing in for `zfs send`) into `
   local/fd-pass    local transport: the `head` stdout fd itself is passed to `cat` (no copies)
   local/copy       local transport with fd passing off: DATA frames over the socketpair
 
+Besides the rate, each zrepl case prints the CPU seconds zrepl.py itself spent per GiB moved (the
+client process and, over pipes, the stdinserver stand-in; not head, cat or dd): on a shared machine
+the rate swings with the load, the CPU cost much less.
+
 Usage: python3 bench/proto_throughput.py [--size 1G] [--only NAME]
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -46,7 +51,17 @@ def source(body: dict, ctx: zrepl.RequestContext) -> zrepl.Reply:
     return zrepl.Reply({}, zrepl.OutgoingStream.from_process(proc, "head"))
 
 
-HANDLERS = {"sink": sink, "source": source}
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (children such as head and cat not included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu(body: dict, ctx: zrepl.RequestContext) -> dict:
+    return {"cpu": cpu_seconds()}
+
+
+HANDLERS = {"sink": sink, "source": source, "cpu": cpu}
 
 
 def serve_stdio(no_splice: bool) -> None:
@@ -72,17 +87,18 @@ def consume_with_cat(body: dict, stream: zrepl.IncomingStream) -> None:
     proc.wait()
 
 
-def run_shell(pipeline: str) -> float:
+def run_shell(pipeline: str) -> tuple[float, None]:
     start = time.perf_counter()
     subprocess.run(["sh", "-c", pipeline], check=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, None
 
 
 # ssh reads and writes its stdio in small pieces (channel packets of 16-32 KiB); dd stands in for it.
 RELAY = "dd bs=16k status=none"
 
 
-def run_pipes(size: int, *, no_splice: bool = False, pull: bool = False, relay: bool = False) -> float:
+def run_pipes(size: int, *, no_splice: bool = False, pull: bool = False,
+              relay: bool = False) -> tuple[float, float]:
     argv = [sys.executable, __file__, "--serve"] + (["--no-splice"] if no_splice else [])
     if relay:
         argv = ["sh", "-c", f"{RELAY} | {' '.join(argv)} | {RELAY}"]
@@ -92,6 +108,7 @@ def run_pipes(size: int, *, no_splice: bool = False, pull: bool = False, relay: 
     try:
         with zrepl.ssh_connect(argv, name="bench server") as conn:
             conn.handshake_client("bench")
+            server_cpu, client_cpu = conn.request("cpu")["cpu"], cpu_seconds()
             start = time.perf_counter()
             if pull:
                 conn.request("source", {"size": size}, stream_out=consume_with_cat)
@@ -99,25 +116,27 @@ def run_pipes(size: int, *, no_splice: bool = False, pull: bool = False, relay: 
             else:
                 body = conn.request("sink", {}, stream_in=producer(size))
                 assert body == {"rc": 0, "bytes": size}, body
-            return time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            client_cpu = cpu_seconds() - client_cpu
+            return elapsed, client_cpu + conn.request("cpu")["cpu"] - server_cpu
     finally:
         if saved is not None:
             os.splice = saved
 
 
-def run_local(size: int, *, fd_passing: bool) -> float:
+def run_local(size: int, *, fd_passing: bool) -> tuple[float, float]:
     client, server = zrepl.local_pair()
     client.fd_passing = fd_passing
     t = threading.Thread(target=zrepl.serve_connection, args=(server, HANDLERS), daemon=True)
     t.start()
     try:
         client.handshake_client("bench")
-        start = time.perf_counter()
+        start, used = time.perf_counter(), cpu_seconds()  # both sides run in this process
         body = client.request("sink", {}, stream_in=producer(size))
-        elapsed = time.perf_counter() - start
+        elapsed, used = time.perf_counter() - start, cpu_seconds() - used
         assert body["rc"] == 0 and (body["bytes"] == (0 if fd_passing else size)), body
         assert (client.stats.fds_sent == 1) == fd_passing
-        return elapsed
+        return elapsed, used
     finally:
         client.close()
         t.join(5)
@@ -151,8 +170,9 @@ def main() -> None:
     for name, fn in cases.items():
         if args.only and args.only not in name:
             continue
-        elapsed = fn()
-        print(f"  {name:18} {elapsed:7.2f} s  {size / elapsed / 1e6:8.0f} MB/s")
+        elapsed, used = fn()
+        per_gib = "" if used is None else f"  {used / (size / (1 << 30)):6.2f} CPU s/GiB"
+        print(f"  {name:20} {elapsed:7.2f} s  {size / elapsed / 1e6:8.0f} MB/s{per_gib}")
 
 
 if __name__ == "__main__":
