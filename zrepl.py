@@ -4753,8 +4753,8 @@ class Connection:
     handshake_server() and the loop yourself). Attributes you may set before the handshake:
     `send_limit` / `recv_limit` (TokenBucket, bandwidth limits for streams), `progress` (called
     with the byte count of every stream chunk moved, from whichever thread moves it), `fd_passing`
-    (False forces DATA frames even over AF_UNIX), `timeout` and `heartbeat_interval`. `channel` is
-    the layer below; `name`, `timeout`, `heartbeat_interval` and `stats` are the channel's.
+    (False forces DATA frames even over AF_UNIX). `channel` is the layer below (its `timeout` and
+    `heartbeat_interval` may change any time); `name` and `stats` are the channel's.
     """
 
     def __init__(self, *, sock: socket.socket | None = None, rfd: int | None = None,
@@ -4796,22 +4796,6 @@ class Connection:
     @name.setter
     def name(self, value: str) -> None:
         self.channel.name = value
-
-    @property
-    def timeout(self) -> float:
-        return self.channel.timeout
-
-    @timeout.setter
-    def timeout(self, value: float) -> None:
-        self.channel.timeout = value
-
-    @property
-    def heartbeat_interval(self) -> float:
-        return self.channel.heartbeat_interval
-
-    @heartbeat_interval.setter
-    def heartbeat_interval(self, value: float) -> None:
-        self.channel.heartbeat_interval = value
 
     @property
     def stats(self) -> ConnectionStats:

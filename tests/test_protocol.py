@@ -593,7 +593,7 @@ def test_request_timeout_bounds_the_wait_for_an_answer(local):
 def test_stopped_peer_process_mid_stream_is_detected(stdio_server):
     conn = stdio_server(timeout=30, heartbeat=0.2)
     conn.handshake_client("c")  # a generous timeout: the peer's interpreter may start slowly
-    conn.timeout = 1  # then a stopped peer must be noticed within about a second
+    conn.channel.timeout = 1  # then a stopped peer must be noticed within about a second
     endless = subprocess.Popen(["cat", "/dev/zero"], stdout=subprocess.PIPE)
     timer = threading.Timer(0.5, os.kill, (conn.channel.process.proc.pid, signal.SIGSTOP))
     timer.start()

@@ -19,6 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zrepl  # noqa: E402
+from test_protocol import FakeClock  # noqa: E402
 
 KiB = 1 << 10
 DEEP = b"[" * 100_000 + b"]" * 100_000  # far past the decoder's recursion limit
@@ -216,17 +217,6 @@ def test_cancel_wakes_a_blocked_wait_and_a_second_waiter_meanwhile(channel_pair)
 
 # ---- the copy loop ------------------------------------------------------------------------------
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class PipeSource:
     def __init__(self, fd: int):
         self.fd = fd
@@ -291,8 +281,12 @@ def test_copy_loop_under_a_token_bucket_on_a_fake_clock(pipes, splice):
     bucket = zrepl.TokenBucket(rate=1 << 20, capacity=256 * KiB, clock=clock)
     counted: list[tuple[int, bool]] = []
     sink = PipeSink(dst_w)
+
+    def pause(seconds: float) -> None:
+        clock.now += seconds
+
     copier = zrepl.StreamCopier(PipeSource(src_r), sink, count=lambda n, spliced: counted.append((n, spliced)),
-                                on_splice_error=sink.gone, limit=bucket, pause=clock.advance)
+                                on_splice_error=sink.gone, limit=bucket, pause=pause)
     copier.use_splice = splice
     assert copier.move(len(data), limited=True) == 0
     got = b""
