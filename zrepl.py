@@ -5112,7 +5112,7 @@ class Connection:
                 raise TypeError(f"handler returned {type(reply.body).__name__}, not a dict")
             # encoded here: an unencodable or oversized answer is the handler's error, not a broken connection
             header = {"id": rid, "body": reply.body, "stream": None if reply.stream is None else mode}
-            return FRAME_RESPONSE, encode_control(FRAME_RESPONSE, header, kind=ctx.kind, peer=self.name), reply.stream
+            return FRAME_RESPONSE, encode_control(FRAME_RESPONSE, header, kind=ctx.kind), reply.stream
         except (ProtocolError, Cancelled) as e:
             if not self.channel.usable:
                 raise  # our own connection broke: nothing more can be said on it
