@@ -3332,6 +3332,13 @@ def _proto_pipe() -> tuple[int, int]:
     return r, w
 
 
+def _proto_close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def _proto_cut(text: str, limit: int = _PROTO_ERROR_TEXT) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 
@@ -4026,13 +4033,6 @@ class FrameChannel:
             return False
         finally:
             self.send_lock.release()
-
-
-def _proto_close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 class Heartbeat:
