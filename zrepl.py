@@ -3380,8 +3380,12 @@ class _StreamPacer:
             rate = n / elapsed
             self.rate = rate if not self.rate else 0.75 * self.rate + 0.25 * rate
 
-    def pace(self, want: int) -> None:
-        """`want` bytes are to move: sleep first if waiting for a bigger batch pays off."""
+    def pace(self, want: int, *, first: bool) -> None:
+        """`want` bytes are to move: sleep first if waiting for a bigger batch pays off. Into a pipe
+        the `first` move of a frame goes at once: only after a move that filled it is waiting known
+        to pay off."""
+        if first and not self.reading:
+            return
         pending = _proto_fionread(self.fd) or 0
         self.pause(pending if self.reading else self.size - pending, want)
 
@@ -4148,16 +4152,16 @@ class StreamCopier:
             step = self.grant(left) if limited else left
             if not step:
                 continue
-            k = self._splice(step) if self.use_splice else self._read_write(step)
+            k = self._splice(step, first=left == n) if self.use_splice else self._read_write(step)
             if limited:
                 self.give_back(step - k)
             left -= k
         return left
 
-    def _splice(self, n: int) -> int:
+    def _splice(self, n: int, *, first: bool) -> int:
         """One splice of up to n bytes; returns the bytes moved (0 after waiting)."""
         if self.pacer is not None:
-            self.pacer.pace(n)
+            self.pacer.pace(n, first=first)
         try:
             k = os.splice(self.source.fd, self.sink.fd, n, flags=_SPLICE_FLAGS)
         except BlockingIOError:

@@ -809,6 +809,12 @@ def test_stream_pacer_waits_for_a_batch_only_when_the_rate_says_it_is_worth_it()
         pacer.rate = 2 << 30  # 2 GiB/s: the batch is 0.1 ms away, not worth a sleep
         pacer.pause(0, 1 << 20)
         assert slept == [zrepl.MAX_PACE_DELAY]
+        pacer.rate = 16 << 20
+        os.write(w, b"x" * pacer.size)  # the pipe we write to is full
+        pacer.pace(1 << 20, first=True)  # a frame's first splice goes at once
+        assert slept == [zrepl.MAX_PACE_DELAY]
+        pacer.pace(1 << 20, first=False)  # after one that filled the pipe, waiting pays off
+        assert slept == [zrepl.MAX_PACE_DELAY] * 2
     finally:
         os.close(r)
         os.close(w)
