@@ -4295,7 +4295,8 @@ def replica_protection(sender: DatasetInfo | None, receiver: DatasetInfo) -> dic
 # One framed protocol for every transport. Design in short:
 #
 # * Every frame is `FRAME_HEADER` (magic, type, payload length) + payload. Control frames carry a JSON
-#   object (at most MAX_HEADER_SIZE bytes); DATA frames carry raw stream bytes; HEARTBEAT is empty.
+#   object (at most MAX_HEADER_SIZE bytes, nested at most MAX_JSON_DEPTH levels); DATA frames carry
+#   raw stream bytes; HEARTBEAT is empty.
 # * A connection starts with a HELLO exchange (protocol name, version, identity, fd acceptance).
 #   Then the active side sends REQUESTs and the passive side answers each with RESPONSE or ERROR,
 #   one request at a time.
@@ -4312,24 +4313,37 @@ def replica_protection(sender: DatasetInfo | None, receiver: DatasetInfo) -> dic
 # * Each side sends HEARTBEAT frames when it has written nothing for `heartbeat_interval`, from a
 #   thread, so a busy handler or a slow `zfs recv` still shows life. Whoever waits for the peer
 #   gives up after `timeout` seconds without receiving a single byte (PeerTimeout).
-# * Everything that waits goes through selectors with a wake-up pipe, so Connection.cancel() from
-#   another thread makes the blocked call raise Cancelled promptly.
+# * Everything that waits goes through the channel's one long-lived selector, which also watches a
+#   wake-up pipe, so cancel() from another thread makes the blocked call raise Cancelled promptly.
 # * bandwidth limits (TokenBucket) apply to copying. A limited sender never passes its fd (it
 #   copies DATA frames even over AF_UNIX) and a side with a receive limit announces in its HELLO /
 #   REQUEST that it does not accept fds: forcing the copying path keeps one code path for limiting
 #   instead of a limiter thread interposed between two pipes.
+#
+# Layers, bottom up; each uses only the public API of the ones below it (zrepl's
+# internal/rpc/dataconn splits frameconn, heartbeatconn and stream the same way):
+#
+#   FrameChannel     the fds (a socket, or a pipe pair with a TransportProcess behind it), waiting,
+#                    cancel, the frame codec, errors that name the peer; Heartbeat keeps it alive
+#   StreamCopier     the one copy loop of both stream directions: splice or read/write, token
+#                    bucket, pacer, byte counting
+#   StreamSender     an outgoing stream (FDPASS or DATA frames, then END), serving ABORT meanwhile
+#   IncomingStream   an arriving stream: the passed fd, or DATA frames pumped into a consumer
+#   Connection       the session: handshake, request(), serve(); serve_connection, ProtocolServer
 
 PROTOCOL_NAME = "zrepl.py"
 PROTOCOL_VERSION = 1
 FRAME_MAGIC = b"ZRPL"
 FRAME_HEADER = struct.Struct(">4sBI")  # magic, frame type, payload length
-MAX_HEADER_SIZE = 1 << 20  # JSON payload limit of control frames
+MAX_HEADER_SIZE = 1 << 20  # JSON payload limit of control frames, both ways (FrameTooLarge)
+MAX_JSON_DEPTH = 32  # nesting limit of a control frame's JSON (our frames need 5)
 MAX_DATA_SIZE = 4 << 20  # payload limit of DATA frames (we send at most STREAM_CHUNK)
 STREAM_CHUNK = 1 << 20  # bytes moved per DATA frame at most
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_PEER_TIMEOUT = 60.0
 _PROTO_LIMIT_GRANULE = 128 << 10  # smallest grant worth waiting for under a bandwidth limit
 _PROTO_MAX_FDS = 4  # ancillary space per read; a peer sending more is garbage
+_PROTO_ERROR_TEXT = 16 << 10  # an error message we put in an ERROR frame is cut to this
 
 FRAME_HELLO = 1
 FRAME_REQUEST = 2
@@ -4345,6 +4359,7 @@ FRAME_NAMES = {
     FRAME_DATA: "DATA", FRAME_END: "END", FRAME_HEARTBEAT: "HEARTBEAT", FRAME_FDPASS: "FDPASS",
     FRAME_ABORT: "ABORT",
 }
+_HEARTBEAT_FRAME = FRAME_HEADER.pack(FRAME_MAGIC, FRAME_HEARTBEAT, 0)
 
 # ssh stderr lines that mean "retrying will not help" (the rest of connection losses are temporary)
 _PROTO_PERMANENT_MARKERS = (
@@ -4356,17 +4371,15 @@ _PROTO_PERMANENT_MARKERS = (
 class ProtocolError(ZreplError):
     """The conversation with the peer broke: garbage, version mismatch, or a lost connection.
 
-    The connection is unusable afterwards. `temporary` tells the replication runner whether waiting
-    for the network and reconnecting may help; `kind` is the request in progress (if any) and
-    `peer` names the other side.
+    The connection is unusable afterwards. `kind` is the request in progress (if any) and `peer`
+    names the other side. Permanent unless made with temporary=True (a refusal the peer marked
+    temporary); ConnectionLost is temporary by default.
     """
-
-    temporary: bool = False
 
     def __init__(self, message: str, *, kind: str | None = None, peer: str | None = None,
                  temporary: bool | None = None):
         self.message, self.kind, self.peer = message, kind, peer
-        if temporary is not None:
+        if temporary is not None:  # else the class default
             self.temporary = temporary
         super().__init__(str(self))
 
@@ -4388,9 +4401,8 @@ class PeerTimeout(ConnectionLost):
 
 
 class Cancelled(ZreplError):
-    """Connection.cancel() was called (watchdog, `signal reset`, shutdown) while a call was blocked."""
-
-    temporary = False
+    """Connection.cancel() was called (watchdog, `signal reset`, shutdown) while a call was blocked.
+    Permanent: cancel means stop."""
 
 
 class RemoteError(ZreplError):
@@ -4411,16 +4423,29 @@ class RemoteError(ZreplError):
 
 class StreamError(ZreplError):
     """A replication stream did not arrive whole: the producer on the other side failed (its END
-    said so) or the local consumer stopped reading. The connection stays usable."""
+    said so) or the local consumer stopped reading. The connection stays usable. Whoever raises it
+    says whether a retry may help."""
 
-    def __init__(self, message: str, *, kind: str | None = None, temporary: bool = False):
+    def __init__(self, message: str, *, kind: str | None = None, temporary: bool):
         self.message, self.kind, self.temporary = message, kind, temporary
         super().__init__(f"request {kind!r}: {message}" if kind else message)
 
 
+class FrameTooLarge(ZreplError):
+    """A control frame we were about to send is over MAX_HEADER_SIZE. Nothing was sent, so the
+    connection stays usable; the same request would fail again (permanent)."""
+
+    def __init__(self, frame: str, size: int, *, kind: str | None = None, peer: str | None = None):
+        self.frame, self.size, self.limit = frame, size, MAX_HEADER_SIZE
+        where = f"{peer}: " if peer else ""
+        what = f" for request {kind!r}" if kind else ""
+        super().__init__(f"{where}refusing to send a {frame} frame of {size} bytes{what}: a control frame "
+                         f"may have at most {MAX_HEADER_SIZE} bytes (MAX_HEADER_SIZE)")
+
+
 @dataclass
 class WireFrame:
-    """One decoded frame. DATA frames leave their payload (`length` bytes) unread in the socket."""
+    """One decoded frame. DATA frames leave their payload (`length` bytes) unread in the channel."""
 
     type: int
     body: dict[str, Any] | None
@@ -4549,6 +4574,57 @@ class RequestContext:
 Handler = Callable[[dict, RequestContext], "dict | Reply | None"]
 
 
+def encode_control(ftype: int, body: dict[str, Any], *, kind: str | None = None,
+                   peer: str | None = None) -> bytes:
+    """The JSON payload of a control frame.
+
+    Raises:
+    FrameTooLarge if it is over MAX_HEADER_SIZE
+    TypeError, ValueError if body is not JSON-encodable (ValueError also for cycles and nesting
+      too deep for the encoder)
+    """
+    try:
+        payload = json.dumps(body, separators=(",", ":")).encode()
+    except RecursionError:
+        raise ValueError("the frame's JSON is nested too deeply to encode") from None
+    if len(payload) > MAX_HEADER_SIZE:
+        raise FrameTooLarge(FRAME_NAMES.get(ftype, str(ftype)), len(payload), kind=kind, peer=peer)
+    return payload
+
+
+def decode_control(payload: bytes) -> dict[str, Any]:
+    """A control frame's JSON object, the nesting bounded by MAX_JSON_DEPTH (a hostile peer's
+    100,000 brackets must not reach the decoder's recursion limit, nor our code).
+
+    Raises:
+    ValueError saying why: invalid JSON, too deeply nested, or not a JSON object
+    """
+    too_deep = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    try:
+        body = json.loads(payload)
+    except RecursionError:
+        raise ValueError(too_deep) from None
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ValueError(f"invalid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"header is not a JSON object but {type(body).__name__}")
+    if payload.count(b"[") + payload.count(b"{") > MAX_JSON_DEPTH and not _json_depth_within(body, MAX_JSON_DEPTH):
+        raise ValueError(too_deep)
+    return body
+
+
+def _json_depth_within(value: dict[str, Any] | list[Any], limit: int) -> bool:
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return False
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return True
+
+
 def _proto_fionread(fd: int) -> int | None:
     """Bytes readable without blocking (pipes, sockets, files), None where the kernel can't tell."""
     buf = array.array("i", [0])
@@ -4567,6 +4643,24 @@ def _proto_grow_pipe(fd: int, size: int = STREAM_CHUNK) -> None:
         pass
 
 
+def _proto_pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    for fd in (r, w):
+        os.set_inheritable(fd, False)
+    return r, w
+
+
+def _proto_close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _proto_cut(text: str, limit: int = _PROTO_ERROR_TEXT) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
 MAX_PACE_DELAY = 0.005  # seconds a stream copy loop may wait for a bigger batch
 
 
@@ -4574,26 +4668,44 @@ class _StreamPacer:
     """Lets a stream copy loop wake up less often on a pipe.
 
     ssh reads and writes its stdio in 16-32 KiB pieces. A loop that wakes for each piece spends more
-    CPU on wake-ups than on moving bytes, CPU that the ssh next to it needs for encryption. After a
-    short move, pause() sleeps about as long as the other end needs to make a quarter of the pipe
-    ready, judged from the rate seen so far and never longer than MAX_PACE_DELAY; the pipe (1 MiB)
-    holds far more than that, so the other end never waits for us."""
+    CPU on wake-ups than on moving bytes, CPU that the ssh next to it needs for encryption. Before a
+    move, pace() sleeps about as long as the other end needs to make a quarter of the pipe ready
+    (bytes to read in it, or room to write), judged from the rate seen so far and never longer than
+    MAX_PACE_DELAY; the pipe (1 MiB) holds far more than that, so the other end never waits for us."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, *, size: int, reading: bool, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.fd, self.size, self.reading = fd, size, reading
+        self.batch = max(size // 4, 16 << 10)
+        self.rate = 0.0  # bytes/s, smoothed
+        self._clock, self._sleep = clock, sleep
+        self._last = clock()
+
+    @classmethod
+    def for_pipe(cls, fd: int, *, reading: bool, **kwargs: Any) -> _StreamPacer | None:
+        """A pacer for the pipe we read from (`reading`) or write to; None if fd is no pipe (a
+        socket wakes us per segment, and a stdio file needs no pacing)."""
         try:
             size = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
         except (OSError, AttributeError):
-            size = 64 << 10
-        self.batch = max(size // 4, 16 << 10)
-        self.rate = 0.0  # bytes/s, smoothed
-        self._last = time.monotonic()
+            return None
+        return cls(fd, size=size, reading=reading, **kwargs)
 
     def moved(self, n: int) -> None:
-        now = time.monotonic()
+        now = self._clock()
         elapsed, self._last = now - self._last, now
         if n > 0 and elapsed > 0:
             rate = n / elapsed
             self.rate = rate if not self.rate else 0.75 * self.rate + 0.25 * rate
+
+    def pace(self, want: int, *, first: bool) -> None:
+        """`want` bytes are to move: sleep first if waiting for a bigger batch pays off. Into a pipe
+        the `first` move of a frame goes at once: only after a move that filled it is waiting known
+        to pay off."""
+        if first and not self.reading:
+            return
+        pending = _proto_fionread(self.fd) or 0
+        self.pause(pending if self.reading else self.size - pending, want)
 
     def pause(self, ready: int, want: int) -> None:
         """`ready` bytes can move now and `want` are wanted: sleep if waiting pays off."""
@@ -4602,14 +4714,7 @@ class _StreamPacer:
             return
         delay = min(MAX_PACE_DELAY, (goal - ready) / self.rate)
         if delay >= 0.0005:
-            time.sleep(delay)
-
-
-def _proto_pipe() -> tuple[int, int]:
-    r, w = os.pipe()
-    for fd in (r, w):
-        os.set_inheritable(fd, False)
-    return r, w
+            self._sleep(delay)
 
 
 class _OwnedLock:
@@ -4642,118 +4747,175 @@ _SPLICE_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
 
-class Connection:
-    """One protocol connection over a connected AF_UNIX socket (fds can be passed) or a pair of
-    pipe fds (stdio, ssh). Create with local_pair(), Connection.from_stdio() or ssh_connect().
+# ---- the frame channel --------------------------------------------------------------------------
 
-    Client side: handshake_client(), then request(). Server side: serve_connection() (or
-    handshake_server() and the loop yourself). Attributes you may set before the handshake:
-    `send_limit` / `recv_limit` (TokenBucket, bandwidth limits for streams), `progress` (called
-    with the byte count of every stream chunk moved, from whichever thread moves it), `fd_passing`
-    (False forces DATA frames even over AF_UNIX), `timeout` and `heartbeat_interval`.
+@dataclass
+class TransportProcess:
+    """The process behind a pipe channel (ssh): its stderr is kept and quoted in errors, and
+    closing the channel stops it."""
+
+    proc: subprocess.Popen
+    stderr: RingBuffer | None = None
+    stderr_thread: threading.Thread | None = None
+
+    def report(self) -> tuple[str, bool]:
+        """What the process said, to append to an error, and whether that looks permanent."""
+        try:
+            rc = self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            rc = None
+        if self.stderr_thread is not None:
+            self.stderr_thread.join(timeout=1)
+        tail = self.stderr.text().strip()[-2000:] if self.stderr is not None else ""
+        args = self.proc.args
+        what = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args))
+        state = "is still running" if rc is None else f"exited with status {rc}"
+        permanent = any(m in tail for m in _PROTO_PERMANENT_MARKERS)
+        return f"; {what} {state}" + (f": {tail}" if tail else ""), permanent
+
+    def close_pipes(self) -> None:
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()
+
+    def stop(self) -> None:
+        """Wait for the process (ssh exits by itself once its stdin is closed), else end it."""
+        try:
+            self.proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.stderr_thread is not None:
+            self.stderr_thread.join(timeout=2)
+
+
+class _ChannelSelector:
+    """One PollSelector for a channel's life. A wait changes only the registrations that differ
+    from the previous wait: no poll object per wait, and poll(2) itself takes the fd set each time,
+    so changing it costs no system call."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.PollSelector()
+        self._masks: dict[int, int] = {}
+        self.lock = threading.Lock()  # held by the one thread that waits with it
+
+    def select(self, masks: dict[int, int], timeout: float | None) -> list[tuple[int, int]]:
+        for fd in self._masks.keys() - masks.keys():
+            self._selector.unregister(fd)
+        for fd, mask in masks.items():
+            old = self._masks.get(fd)
+            if old is None:
+                self._selector.register(fd, mask)
+            elif old != mask:
+                self._selector.modify(fd, mask)
+        self._masks = masks
+        return [(key.fd, events) for key, events in self._selector.select(timeout)]
+
+    def close(self) -> None:
+        self._selector.close()
+        self._masks = {}
+
+
+class FrameChannel:
+    """The bottom layer of a connection: a connected AF_UNIX socket (fds can be passed) or a pair
+    of pipe fds (stdio, ssh) with the TransportProcess behind them.
+
+    It waits (one long-lived selector, woken by cancel()), reads and writes frames, keeps the peer's
+    liveness (the last byte received; a Heartbeat when we were idle) and makes the errors, which
+    name the peer (`name`) and the request in progress (`kind`, set by the session).
+
+    Threads: one thread reads at a time (the session, or an IncomingStream's pump); writers
+    serialise on `send_lock`, which send_frame takes and which a caller writing a frame in pieces
+    (send_data_frame, write_all) holds itself. cancel() may come from any thread.
+
+    Public attributes: `name`, `timeout` (seconds of silence after which the peer counts as gone),
+    `heartbeat_interval`, `stats`, `kind`; read-only: `sock`, `rfd`, `wfd`, `process`, `send_lock`.
     """
 
     def __init__(self, *, sock: socket.socket | None = None, rfd: int | None = None,
                  wfd: int | None = None, name: str = "peer", timeout: float = DEFAULT_PEER_TIMEOUT,
                  heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
-                 child: subprocess.Popen | None = None, child_stderr: RingBuffer | None = None,
-                 child_stderr_thread: threading.Thread | None = None, restore_blocking: bool = False):
-        self._sock = sock
+                 process: TransportProcess | None = None, restore_blocking: bool = False):
+        self.sock = sock
         if sock is not None:
             sock.setblocking(False)
-            self._rfd = self._wfd = sock.fileno()
+            self.rfd = self.wfd = sock.fileno()
+        elif rfd is None or wfd is None:
+            raise ValueError("a channel needs a socket or both rfd and wfd")
         else:
-            if rfd is None or wfd is None:
-                raise ValueError("Connection needs a socket or both rfd and wfd")
-            self._rfd, self._wfd = rfd, wfd
-        self._restore = ([(fd, os.get_blocking(fd)) for fd in {self._rfd, self._wfd}]
-                         if restore_blocking else [])
-        for fd in {self._rfd, self._wfd}:
+            self.rfd, self.wfd = rfd, wfd
+        fds = {self.rfd, self.wfd}
+        self._restore = [(fd, os.get_blocking(fd)) for fd in fds] if restore_blocking else []
+        for fd in fds:
             os.set_blocking(fd, False)
             if sock is None:
                 # ssh's stdio pipes default to 64 KiB: at 1 MiB a DATA frame moves in one splice
                 # and the copy loop wakes far less often (measured: 82% -> 97% of raw ssh).
                 _proto_grow_pipe(fd)
-        self._pipe_size = 0  # of the outgoing pipe; 0 for sockets (no pacing there)
-        if sock is None:
-            try:
-                self._pipe_size = fcntl.fcntl(self._wfd, fcntl.F_GETPIPE_SZ)
-            except (OSError, AttributeError):
-                pass
-        self._out_pacer = _StreamPacer(self._wfd) if self._pipe_size else None
-        self.name = name
-        self.timeout = timeout
-        self.heartbeat_interval = heartbeat_interval
-        self.send_limit: TokenBucket | None = None
-        self.recv_limit: TokenBucket | None = None
-        self.progress: Callable[[int], None] | None = None
-        self.fd_passing = sock is not None and sock.family == socket.AF_UNIX
+        self.name, self.timeout, self.heartbeat_interval = name, timeout, heartbeat_interval
+        self.process = process
         self.stats = ConnectionStats()
-        self.peer_hello: dict[str, Any] = {}
-        self.identity: str | None = None
-        self._child, self._child_stderr, self._child_stderr_thread = child, child_stderr, child_stderr_thread
+        self.kind: str | None = None
+        self.send_lock = _OwnedLock()
         self._wake_r, self._wake_w = _proto_pipe()
         os.set_blocking(self._wake_w, False)
-        self._send_lock = _OwnedLock()
-        self._request_lock = threading.Lock()
-        self._fd_queue: list[int] = []
+        self._selector = _ChannelSelector()
+        self._fd_queue: list[int] = []  # received with SCM_RIGHTS, waiting for their FDPASS frames
         self._last_recv = self._last_write = time.monotonic()
         self._cancel_reason: str | None = None
-        self._broken: BaseException | None = None
+        self._broken: ZreplError | None = None
         self._closed = False
-        self._hb_stop = threading.Event()
-        self._hb_thread: threading.Thread | None = None
-        self._next_id = 1
-        self._is_client = False
-        self._current_kind: str | None = None
-        self._stream_stop = False  # peer asked us to stop the stream we are sending
-        self._stream_id: int | None = None  # request id of that stream (a late ABORT names an older one)
-        self._early: WireFrame | None = None  # answer that arrived while we were still sending
-
-    # ---- construction helpers -----------------------------------------------------------------
-
-    @classmethod
-    def from_stdio(cls, *, name: str = "stdio client", timeout: float = DEFAULT_PEER_TIMEOUT,
-                   heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL) -> Connection:
-        """Server side of `stdinserver`: take over stdin/stdout. Stray prints can't corrupt the
-        protocol afterwards: fd 0 becomes /dev/null and fd 1 a copy of stderr."""
-        rfd, wfd = os.dup(0), os.dup(1)
-        for fd in (rfd, wfd):
-            os.set_inheritable(fd, False)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        os.dup2(2, 1)
-        return cls(rfd=rfd, wfd=wfd, name=name, timeout=timeout,
-                   heartbeat_interval=heartbeat_interval, restore_blocking=True)
+        self._heartbeat: Heartbeat | None = None
 
     @property
     def is_socket(self) -> bool:
         """True when fds can travel (a connected AF_UNIX socket)."""
-        return self._sock is not None and self._sock.family == socket.AF_UNIX
+        return self.sock is not None and self.sock.family == socket.AF_UNIX
 
-    def _accepts_fds(self) -> bool:
-        return self.is_socket and self.fd_passing and self.recv_limit is None
+    # ---- lifecycle and state ------------------------------------------------------------------
 
-    def _may_pass_fd(self, peer_accepts: bool) -> bool:
-        return peer_accepts and self.is_socket and self.fd_passing and self.send_limit is None
+    @property
+    def usable(self) -> bool:
+        """Neither cancelled, closed nor broken."""
+        return self._cancel_reason is None and not self._closed and self._broken is None
 
-    # ---- lifecycle ----------------------------------------------------------------------------
+    def check_usable(self) -> None:
+        """Raises:
+        Cancelled if cancel() was called
+        ProtocolError if the channel is closed or broke earlier (temporary as that error was)
+        """
+        if self._cancel_reason is not None:
+            raise self.cancelled_error()
+        if self._closed:
+            raise ProtocolError("connection is closed", peer=self.name)
+        if self._broken is not None:
+            raise ProtocolError(f"connection unusable after an earlier error: {self._broken}",
+                                peer=self.name, temporary=self._broken.temporary)
+
+    def mark_broken(self, err: ZreplError) -> None:
+        """Remember why the channel became unusable (the first reason wins)."""
+        if self._broken is None:
+            self._broken = err
 
     def cancel(self, reason: str = "cancelled") -> None:
-        """Abort whatever this connection is doing, from any thread: every blocked call raises
-        Cancelled promptly (the wake-up pipe stays readable). The connection is unusable after."""
+        """Abort whatever the channel is doing, from any thread: every blocked call raises
+        Cancelled promptly (the wake-up pipe stays readable). The channel is unusable after."""
         if self._cancel_reason is None:
             self._cancel_reason = reason
-        self._hb_stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         try:
             os.write(self._wake_w, b"!")
         except OSError:
             pass
 
     def close(self) -> None:
-        """Cancel, close the fds and stop the transport process (ssh) if there is one. Call it from
-        the owning thread once nothing uses the connection; other threads use cancel()."""
+        """Cancel, close the fds and stop the transport process if there is one. Call it from the
+        owning thread once nothing uses the channel; other threads use cancel()."""
         if self._closed:
             return
         self.cancel("connection closed")
@@ -4763,172 +4925,189 @@ class Connection:
             log.debug("%s: closed; stream bytes sent %d, received %d, spliced %d; DATA frames sent %d, received %d",
                       self.name, st.stream_bytes_sent, st.stream_bytes_received, st.spliced_bytes,
                       st.frames_sent.get("DATA", 0), st.frames_received.get("DATA", 0))
-        if self._hb_thread is not None and self._hb_thread is not threading.current_thread():
-            self._hb_thread.join(timeout=2)
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=2)
         for fd in self._fd_queue:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            _proto_close(fd)
         self._fd_queue.clear()
         for fd, blocking in self._restore:
             try:
                 os.set_blocking(fd, blocking)
             except OSError:
                 pass
-        if self._sock is not None:
-            self._sock.close()
-        elif self._child is not None:
-            for f in (self._child.stdin, self._child.stdout):
-                if f is not None:
-                    f.close()
+        if self.sock is not None:
+            self.sock.close()
+        elif self.process is not None:
+            self.process.close_pipes()
         else:
-            for fd in {self._rfd, self._wfd}:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        if self._child is not None:
-            self._stop_child()
+            for fd in {self.rfd, self.wfd}:
+                _proto_close(fd)
+        if self.process is not None:
+            self.process.stop()
         for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            _proto_close(fd)
+        self._selector.close()
 
-    def _stop_child(self) -> None:
-        proc = self._child
-        assert proc is not None
-        try:
-            proc.wait(timeout=1)  # ssh exits by itself once its stdin is closed
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._child_stderr_thread is not None:
-            self._child_stderr_thread.join(timeout=2)
-
-    def __enter__(self) -> Connection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def start_heartbeat(self) -> None:
+        """Start the Heartbeat thread (once; not at all with heartbeat_interval 0)."""
+        if self._heartbeat is None and self.heartbeat_interval > 0:
+            self._heartbeat = Heartbeat(self)
+            self._heartbeat.start()
 
     # ---- errors -------------------------------------------------------------------------------
 
-    def _check_usable(self) -> None:
-        if self._cancel_reason is not None:
-            raise Cancelled(f"{self.name}: {self._cancel_reason}")
-        if self._closed:
-            raise ProtocolError("connection is closed", peer=self.name)
-        if self._broken is not None:
-            raise ProtocolError(f"connection unusable after an earlier error: {self._broken}",
-                                peer=self.name, temporary=getattr(self._broken, "temporary", False))
-
-    def _cancelled(self) -> Cancelled:
+    def cancelled_error(self) -> Cancelled:
         return Cancelled(f"{self.name}: {self._cancel_reason or 'cancelled'}")
 
-    def _child_report(self) -> tuple[str, bool | None]:
-        """What the transport process (ssh) said and whether it looks permanent."""
-        proc = self._child
-        if proc is None:
-            return "", None
-        try:
-            rc = proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            rc = None
-        if self._child_stderr_thread is not None:
-            self._child_stderr_thread.join(timeout=1)
-        tail = self._child_stderr.text().strip()[-2000:] if self._child_stderr is not None else ""
-        what = os.path.basename(str(proc.args[0] if isinstance(proc.args, (list, tuple)) else proc.args))
-        state = "is still running" if rc is None else f"exited with status {rc}"
-        permanent = any(m in tail for m in _PROTO_PERMANENT_MARKERS)
-        return f"; {what} {state}" + (f": {tail}" if tail else ""), (False if permanent else None)
+    def lost(self, message: str, cls: type[ConnectionLost] = ConnectionLost) -> ConnectionLost:
+        """The error for a peer that went away, with what the transport process said (permanent if
+        that looks permanent); marks the channel broken.
 
-    def _lost(self, message: str, cls: type[ConnectionLost] = ConnectionLost) -> ConnectionLost:
+        Raises:
+        Cancelled instead, when cancel() was called (a cancelled channel's fds fail too)
+        """
         if self._cancel_reason is not None:
-            raise self._cancelled()
-        extra, temporary = self._child_report()
-        err = cls(message + extra, kind=self._current_kind, peer=self.name, temporary=temporary)
-        self._broken = self._broken or err
+            raise self.cancelled_error()
+        extra, permanent = self.process.report() if self.process is not None else ("", False)
+        err = cls(message + extra, kind=self.kind, peer=self.name, temporary=False if permanent else None)
+        self.mark_broken(err)
         return err
 
-    def _fail_protocol(self, message: str) -> ProtocolError:
-        """Tell the peer (best effort), mark the connection broken and return the error to raise."""
-        err = ProtocolError(message, kind=self._current_kind, peer=self.name)
+    def fail(self, message: str) -> ProtocolError:
+        """The peer broke the protocol: tell it (a fatal ERROR frame, best effort), mark the channel
+        broken and return the (permanent) error to raise."""
+        message = _proto_cut(message)
+        err = ProtocolError(message, kind=self.kind, peer=self.name)
         if self._broken is None:
             self._broken = err
             self._send_error_best_effort({"error": message, "type": "ProtocolError", "fatal": True,
-                                          "temporary": False, "kind": self._current_kind})
+                                          "temporary": False, "kind": self.kind and self.kind[:200]})
         return err
 
+    def timeout_error(self, deadline_hit: bool = False) -> ConnectionLost:
+        """The PeerTimeout for a silent peer (or, `deadline_hit`, a request deadline); as lost().
+
+        Raises:
+        Cancelled instead, when cancel() was called
+        """
+        if deadline_hit:
+            return self.lost("no answer within the request timeout", PeerTimeout)
+        return self.lost(f"nothing (not even a heartbeat) received from the peer for {self.timeout:g}s; "
+                         "the peer or the network is gone", PeerTimeout)
+
     def _send_error_best_effort(self, body: dict[str, Any]) -> None:
-        if self._send_lock.owner == threading.get_ident() or not self._send_lock.acquire(timeout=1):
-            return
+        if self.send_lock.owner == threading.get_ident() or not self.send_lock.acquire(timeout=1):
+            return  # never into the middle of our own half-written frame
         try:
-            self._write_all(self._pack(FRAME_ERROR, body), deadline=time.monotonic() + 1)
+            frame = self._pack(FRAME_ERROR, encode_control(FRAME_ERROR, body))
+            self.write_all(frame, deadline=time.monotonic() + 1)
             self.stats.count(self.stats.frames_sent, "ERROR")
         except ZreplError:
             pass
         finally:
-            self._send_lock.release()
+            self.send_lock.release()
 
-    def _timeout_error(self, deadline_hit: bool = False) -> ConnectionLost:
-        if deadline_hit:
-            return self._lost("no answer within the request timeout", PeerTimeout)
-        return self._lost(f"nothing (not even a heartbeat) received from the peer for {self.timeout:g}s; "
-                          "the peer or the network is gone", PeerTimeout)
+    # ---- waiting and liveness -----------------------------------------------------------------
 
-    # ---- waiting ------------------------------------------------------------------------------
+    def wait(self, reads: Iterable[int], writes: Iterable[int], timeout: float | None, *,
+             wake: int | None = None) -> tuple[set[int], set[int]]:
+        """Block until one of the fds is ready, `timeout` seconds pass (None: no limit) or cancel()
+        is called. `wake`: one more fd whose readability ends the wait (a stream's abandon()).
 
-    def _wait(self, reads: Iterable[int], writes: Iterable[int], timeout: float | None,
-              extra_wake: int | None = None) -> tuple[set[int], set[int]]:
-        """Poll until one of the fds is ready, the timeout passes or cancel() is called."""
+        Returns:
+        (readable, writable): the ready ones of reads and writes; both empty after the timeout
+
+        Raises:
+        Cancelled if cancel() was called before or during the wait
+        """
         if self._cancel_reason is not None:
-            raise self._cancelled()
-        masks: dict[int, int] = {}
+            raise self.cancelled_error()
+        masks = {self._wake_r: selectors.EVENT_READ}
         for fd in reads:
             masks[fd] = masks.get(fd, 0) | selectors.EVENT_READ
         for fd in writes:
             masks[fd] = masks.get(fd, 0) | selectors.EVENT_WRITE
-        for wake in (self._wake_r, extra_wake):
-            if wake is not None:
-                masks[wake] = masks.get(wake, 0) | selectors.EVENT_READ
-        sel = selectors.PollSelector()
-        try:
-            for fd, mask in masks.items():
-                sel.register(fd, mask)
-            ready = sel.select(None if timeout is None else max(0.0, timeout))
-        finally:
-            sel.close()
+        if wake is not None:
+            masks[wake] = masks.get(wake, 0) | selectors.EVENT_READ
+        timeout = None if timeout is None else max(0.0, timeout)
+        if self._selector.lock.acquire(blocking=False):
+            try:
+                ready = self._selector.select(masks, timeout)
+            finally:
+                self._selector.lock.release()
+        else:
+            # a second thread waits meanwhile (a heartbeat finishing its frame while the reader
+            # waits): it gets a selector for this one wait
+            spare = _ChannelSelector()
+            try:
+                ready = spare.select(masks, timeout)
+            finally:
+                spare.close()
         if self._cancel_reason is not None:
-            raise self._cancelled()
-        readable = {key.fd for key, ev in ready if ev & selectors.EVENT_READ}
-        writable = {key.fd for key, ev in ready if ev & selectors.EVENT_WRITE}
-        return readable, writable
+            raise self.cancelled_error()
+        return ({fd for fd, ev in ready if ev & selectors.EVENT_READ},
+                {fd for fd, ev in ready if ev & selectors.EVENT_WRITE})
 
-    def _credit_peer(self) -> None:
-        """We were not listening (a handler or consumer ran): don't blame the peer for that time."""
-        self._last_recv = max(self._last_recv, time.monotonic())
+    def wait_readable(self, deadline: float | None = None) -> None:
+        """Wait until bytes from the peer are readable.
 
-    def _wait_readable(self, deadline: float | None) -> None:
+        Raises:
+        PeerTimeout if the peer stays silent for `timeout` seconds, or at `deadline`
+        Cancelled if cancel() was called
+        """
         now = time.monotonic()
         alive_until = self._last_recv + self.timeout
         limit = alive_until if deadline is None else min(alive_until, deadline)
         if limit <= now:
-            raise self._timeout_error(deadline_hit=deadline is not None and deadline <= alive_until)
-        self._wait([self._rfd], [], limit - now)
+            raise self.timeout_error(deadline_hit=deadline is not None and deadline <= alive_until)
+        self.wait([self.rfd], [], limit - now)
+
+    def time_left(self) -> float:
+        """Seconds until the peer, silent since its last byte, counts as gone."""
+        return self._last_recv + self.timeout - time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds since we last wrote anything."""
+        return time.monotonic() - self._last_write
+
+    def credit_peer(self) -> None:
+        """We were not listening (a handler or consumer ran): don't blame the peer for that time."""
+        self._last_recv = max(self._last_recv, time.monotonic())
+
+    def pending(self) -> int | None:
+        """Bytes from the peer readable now (None where the kernel can't tell)."""
+        return _proto_fionread(self.rfd)
+
+    def record_sent(self, n: int, *, spliced: bool) -> None:
+        """n stream bytes went out past the channel (spliced into `wfd` or written by write_all)."""
+        self._last_write = time.monotonic()
+        self.stats.stream_bytes_sent += n
+        if spliced:
+            self.stats.spliced_bytes += n
+
+    def record_received(self, n: int, *, spliced: bool) -> None:
+        """n stream bytes came in past the channel (spliced from `rfd` or read with read_some)."""
+        self._last_recv = time.monotonic()
+        self.stats.stream_bytes_received += n
+        if spliced:
+            self.stats.spliced_bytes += n
 
     # ---- reading ------------------------------------------------------------------------------
 
-    def _read_some(self, n: int) -> bytes | None:
-        """One non-blocking read of up to n bytes: b'' at EOF, None if nothing is there yet."""
+    def read_some(self, n: int) -> bytes | None:
+        """One non-blocking read of up to n bytes; fds passed along are kept for FDPASS frames.
+
+        Returns:
+        the bytes; b'' at EOF; None if nothing is there yet
+
+        Raises:
+        ConnectionLost if the peer reset the connection or reading failed
+        ProtocolError if the peer passed more fds than fit in one message
+        Cancelled if cancel() was called
+        """
         try:
-            if self._sock is not None:
-                data, anc, flags, _ = self._sock.recvmsg(
+            if self.sock is not None:
+                data, anc, flags, _ = self.sock.recvmsg(
                     n, socket.CMSG_SPACE(_PROTO_MAX_FDS * 4), getattr(socket, "MSG_CMSG_CLOEXEC", 0))
                 for level, ctype, cdata in anc:
                     if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
@@ -4937,40 +5116,55 @@ class Connection:
                         self._fd_queue.extend(fds)
                         self.stats.fds_received += len(fds)
                 if flags & socket.MSG_CTRUNC:
-                    raise self._fail_protocol("peer sent more file descriptors than fit in one message")
+                    raise self.fail("peer sent more file descriptors than fit in one message")
             else:
-                data = os.read(self._rfd, n)
+                data = os.read(self.rfd, n)
         except BlockingIOError:
             return None
         except (ConnectionResetError, BrokenPipeError):
-            raise self._lost("connection reset by peer") from None
+            raise self.lost("connection reset by peer") from None
         except OSError as e:
             if self._cancel_reason is not None:
-                raise self._cancelled() from None
-            raise self._lost(f"reading from the peer failed: {e.strerror}") from None
+                raise self.cancelled_error() from None
+            raise self.lost(f"reading from the peer failed: {e.strerror}") from None
         if data:
             self._last_recv = time.monotonic()
         return data
 
-    def _read_exact(self, n: int, *, deadline: float | None = None, allow_eof: bool = False,
+    def skip(self, n: int) -> None:
+        """Read and drop n bytes (the rest of a DATA payload nobody consumes).
+
+        Raises:
+        ConnectionLost at EOF; PeerTimeout, Cancelled as wait_readable
+        """
+        while n:
+            data = self.read_some(min(n, STREAM_CHUNK))
+            if data is None:
+                self.wait_readable()
+                continue
+            if not data:
+                raise self.lost("connection closed by the peer in the middle of a stream")
+            n -= len(data)
+
+    def _read_exact(self, n: int, *, deadline: float | None, allow_eof: bool = False,
                     what: str = "frame") -> bytes | None:
         buf = bytearray()
         while len(buf) < n:
-            data = self._read_some(n - len(buf))
+            data = self.read_some(n - len(buf))
             if data is None:
-                self._wait_readable(deadline)
+                self.wait_readable(deadline)
                 continue
             if not data:
                 if not buf and allow_eof:
                     return None
-                raise self._lost("connection closed by the peer"
-                                 + (f" in the middle of a {what} (truncated frame)" if buf or what != "frame" else ""))
+                raise self.lost("connection closed by the peer"
+                                + (f" in the middle of a {what} (truncated frame)" if buf or what != "frame" else ""))
             buf += data
         return bytes(buf)
 
     def _garbage_hint(self, head: bytes) -> str:
         try:
-            more = self._read_some(72) or b""
+            more = self.read_some(72) or b""
         except ZreplError:
             more = b""
         sample = (head + more).decode("utf-8", "replace")
@@ -4978,354 +5172,552 @@ class Connection:
                 "file, a motd) prints to stdout before the forced command runs")
         return f"bad frame magic: expected {FRAME_MAGIC!r}, got {head[:4]!r} (data starts with {sample!r}): {hint}"
 
-    def _read_frame(self, *, deadline: float | None = None, allow_eof: bool = False) -> WireFrame | None:
-        """Read one frame; DATA payloads stay unread for the caller. Garbage -> ProtocolError."""
+    def read_frame(self, *, deadline: float | None = None, skip_heartbeats: bool = True) -> WireFrame:
+        """The next frame. A DATA frame's payload stays unread: the caller moves exactly `length`
+        bytes (read_some, skip, or splice from `rfd`) before reading the next frame.
+
+        Raises:
+        ProtocolError for garbage (bad magic, unknown type, a frame over its size limit, invalid
+          JSON or JSON nested deeper than MAX_JSON_DEPTH, an FDPASS without fd): the peer gets a
+          fatal ERROR frame, the channel is broken, the error is permanent
+        ConnectionLost at EOF or a reset ("truncated frame" in the middle of one)
+        PeerTimeout if the peer is silent for `timeout` seconds, or at `deadline`
+        Cancelled if cancel() was called
+        """
+        frame = self.read_frame_or_eof(deadline=deadline, skip_heartbeats=skip_heartbeats)
+        if frame is None:
+            raise self.lost("connection closed by the peer")
+        return frame
+
+    def read_frame_or_eof(self, *, deadline: float | None = None,
+                          skip_heartbeats: bool = True) -> WireFrame | None:
+        """As read_frame, but None when the peer closed the connection between two frames.
+
+        Raises: as read_frame (ConnectionLost only for an EOF inside a frame)
+        """
+        while True:
+            frame = self._read_frame(deadline)
+            if frame is None or frame.type != FRAME_HEARTBEAT or not skip_heartbeats:
+                return frame
+
+    def _read_frame(self, deadline: float | None) -> WireFrame | None:
         if self._cancel_reason is not None:
-            raise self._cancelled()
-        head = self._read_exact(FRAME_HEADER.size, deadline=deadline, allow_eof=allow_eof)
+            raise self.cancelled_error()
+        head = self._read_exact(FRAME_HEADER.size, deadline=deadline, allow_eof=True)
         if head is None:
             return None
         magic, ftype, length = FRAME_HEADER.unpack(head)
         if magic != FRAME_MAGIC:
-            raise self._fail_protocol(self._garbage_hint(head))
+            raise self.fail(self._garbage_hint(head))
         name = FRAME_NAMES.get(ftype)
         if name is None:
-            raise self._fail_protocol(f"unknown frame type {ftype}")
+            raise self.fail(f"unknown frame type {ftype}")
         self.stats.count(self.stats.frames_received, name)
         if ftype == FRAME_DATA:
             if not 0 < length <= MAX_DATA_SIZE:
-                raise self._fail_protocol(f"DATA frame of {length} bytes (allowed 1..{MAX_DATA_SIZE})")
+                raise self.fail(f"DATA frame of {length} bytes (allowed 1..{MAX_DATA_SIZE})")
             return WireFrame(ftype, None, length)
         if length > MAX_HEADER_SIZE:
-            raise self._fail_protocol(f"oversized {name} frame: {length} bytes, the limit is {MAX_HEADER_SIZE}")
+            raise self.fail(f"oversized {name} frame: {length} bytes, over the limit of {MAX_HEADER_SIZE} "
+                            "bytes for one control frame (MAX_HEADER_SIZE)")
         if ftype == FRAME_HEARTBEAT:
             if length:
-                raise self._fail_protocol(f"HEARTBEAT frame with a {length} byte payload")
+                raise self.fail(f"HEARTBEAT frame with a {length} byte payload")
             return WireFrame(ftype, None, 0)
         payload = self._read_exact(length, deadline=deadline, what=f"{name} frame") if length else b""
         assert payload is not None  # allow_eof is off: EOF raised ConnectionLost
         try:
-            body = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise self._fail_protocol(f"invalid JSON in {name} frame: {e}") from None
-        if not isinstance(body, dict):
-            raise self._fail_protocol(f"{name} frame header is not a JSON object but {type(body).__name__}")
+            body = decode_control(payload)
+        except ValueError as e:
+            raise self.fail(f"{name} frame: {e}") from None
         frame = WireFrame(ftype, body, length)
         if ftype == FRAME_FDPASS:
             if not self._fd_queue:
-                raise self._fail_protocol("FDPASS frame arrived without a file descriptor")
+                raise self.fail("FDPASS frame arrived without a file descriptor")
             frame.fd = self._fd_queue.pop(0)
         return frame
 
     # ---- writing ------------------------------------------------------------------------------
 
     @staticmethod
-    def _pack(ftype: int, body: dict[str, Any] | bytes | None) -> bytes:
-        if isinstance(body, dict):
-            payload = json.dumps(body, separators=(",", ":")).encode()
-        else:
-            payload = body or b""
+    def _pack(ftype: int, payload: bytes) -> bytes:
         return FRAME_HEADER.pack(FRAME_MAGIC, ftype, len(payload)) + payload
 
-    def _send_frame(self, ftype: int, body: dict[str, Any] | None = None, *, fds: list[int] | None = None,
-                    service: bool = False) -> None:
-        data = self._pack(ftype, body)
-        if len(data) - FRAME_HEADER.size > MAX_HEADER_SIZE:
-            raise ZreplError(f"{self.name}: refusing to send a {FRAME_NAMES[ftype]} header of "
-                             f"{len(data)} bytes (limit {MAX_HEADER_SIZE})")
-        with self._send_lock:
-            self._write_all(data, fds=fds, service=service)
-        self.stats.count(self.stats.frames_sent, FRAME_NAMES[ftype])
+    def send_frame(self, ftype: int, body: dict[str, Any] | bytes, *, fds: list[int] | None = None,
+                   on_blocked: Callable[[], bool] | None = None) -> None:
+        """Write one whole frame under send_lock. `body`: a control frame's JSON object, or its
+        payload already encoded (encode_control), or a DATA payload. `fds` travel with the first
+        byte (AF_UNIX only). `on_blocked`: as write_all.
 
-    def _write_all(self, data: bytes | memoryview, *, fds: list[int] | None = None, service: bool = False,
-                   deadline: float | None = None) -> None:
-        """Write everything (caller holds the send lock). With `service`, control frames from the
-        peer are handled while we wait (stream sending); otherwise the peer must drain our data
-        or show life (its unread bytes grow) within the timeout."""
+        Raises:
+        FrameTooLarge if a control frame is over MAX_HEADER_SIZE (nothing was sent)
+        ConnectionLost, PeerTimeout, Cancelled as write_all
+        """
+        name = FRAME_NAMES[ftype]
+        payload = body if isinstance(body, bytes) else encode_control(ftype, body, kind=self.kind, peer=self.name)
+        if len(payload) > (MAX_DATA_SIZE if ftype == FRAME_DATA else MAX_HEADER_SIZE):
+            raise FrameTooLarge(name, len(payload), kind=self.kind, peer=self.name)
+        with self.send_lock:
+            self.write_all(self._pack(ftype, payload), fds=fds, on_blocked=on_blocked)
+        self.stats.count(self.stats.frames_sent, name)
+        if fds:
+            self.stats.fds_sent += len(fds)
+
+    def send_data_frame(self, n: int, move: Callable[[int], object], *,
+                        on_blocked: Callable[[], bool] | None = None) -> None:
+        """A DATA frame of n payload bytes that `move(n)` puts into `wfd` itself (a splice) right
+        after we wrote the header; all under send_lock.
+
+        Raises:
+        ConnectionLost, PeerTimeout, Cancelled as write_all; whatever move() raises
+        """
+        with self.send_lock:
+            self.write_all(FRAME_HEADER.pack(FRAME_MAGIC, FRAME_DATA, n), on_blocked=on_blocked)
+            move(n)
+        self.stats.count(self.stats.frames_sent, "DATA")
+
+    def _write_once(self, data: bytes | memoryview, fds: list[int] | None = None) -> int:
+        if fds:
+            assert self.sock is not None  # only sockets pass fds
+            return self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        if self.sock is not None:
+            return self.sock.send(data)
+        return os.write(self.wfd, data)
+
+    def write_all(self, data: bytes | memoryview, *, fds: list[int] | None = None,
+                  on_blocked: Callable[[], bool] | None = None, deadline: float | None = None) -> None:
+        """Write all of data; the caller holds send_lock. When the peer does not read, `on_blocked()`
+        (if given) waits and returns True (a stream sender serving the peer's control frames
+        meanwhile), or returns False to have us wait ourselves: until the peer reads or shows life
+        (its unread bytes to us change), for up to `timeout` seconds, or until `deadline`.
+
+        Raises:
+        ConnectionLost if the peer closed the connection or writing failed
+        PeerTimeout if the peer read nothing and said nothing for `timeout` seconds (or by `deadline`)
+        Cancelled if cancel() was called
+        """
         view = memoryview(data)
-        alive_mark, probe = time.monotonic(), -1
+        alive_mark, probe = time.monotonic(), None
         probe_unset = True
         while view:
             if self._cancel_reason is not None:
-                raise self._cancelled()
+                raise self.cancelled_error()
             try:
-                if fds:
-                    assert self._sock is not None  # only sockets pass fds (_may_pass_fd)
-                    n = self._sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                     array.array("i", fds))])
-                elif self._sock is not None:
-                    n = self._sock.send(view)
-                else:
-                    n = os.write(self._wfd, view)
+                n = self._write_once(view, fds)
             except BlockingIOError:
                 n = 0
             except (BrokenPipeError, ConnectionResetError):
-                raise self._lost("connection closed by the peer while sending") from None
+                raise self.lost("connection closed by the peer while sending") from None
             except OSError as e:
                 if self._cancel_reason is not None:
-                    raise self._cancelled() from None
-                raise self._lost(f"writing to the peer failed: {e.strerror}") from None
+                    raise self.cancelled_error() from None
+                raise self.lost(f"writing to the peer failed: {e.strerror}") from None
             if n:
                 view = view[n:]
                 fds = None  # the descriptors travel with the first byte
                 self._last_write = alive_mark = time.monotonic()
                 continue
-            if service and self._early is None:
-                self._stream_wait(write_fd=self._wfd)
+            if on_blocked is not None and on_blocked():
                 continue
             now = time.monotonic()
-            pending = _proto_fionread(self._rfd)
+            pending = self.pending()
             if probe_unset:
-                probe, probe_unset = pending if pending is not None else -1, False
+                probe, probe_unset = pending, False
             elif pending is not None and pending != probe:
                 probe, alive_mark = pending, now  # the peer keeps talking: alive, just not reading yet
             limit = alive_mark + self.timeout if deadline is None else deadline
             if now >= limit:
-                raise self._lost(f"the peer has not read anything for {limit - alive_mark:g}s", PeerTimeout)
-            self._wait([], [self._wfd], limit - now)
+                raise self.lost(f"the peer has not read anything for {limit - alive_mark:g}s", PeerTimeout)
+            self.wait([], [self.wfd], limit - now)
 
-    def _start_heartbeat(self) -> None:
-        if self._hb_thread is None and self.heartbeat_interval > 0:
-            self._hb_thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
-                                               name=f"heartbeat {self.name}")
-            self._hb_thread.start()
+    def send_heartbeat(self) -> bool:
+        """Write one HEARTBEAT frame, unless another thread is writing (a sign of life already) or
+        the peer is not reading (then it is not waiting for us either).
 
-    def _heartbeat_loop(self) -> None:
-        frame = FRAME_HEADER.pack(FRAME_MAGIC, FRAME_HEARTBEAT, 0)
-        while not self._hb_stop.wait(min(1.0, self.heartbeat_interval / 2)):
-            if self._broken is not None or self._closed:
-                return
-            if time.monotonic() - self._last_write < self.heartbeat_interval:
-                continue
-            if not self._send_lock.acquire(blocking=False):
-                continue  # someone is writing: that is a sign of life already
-            try:
-                try:
-                    n = self._sock.send(frame) if self._sock is not None else os.write(self._wfd, frame)
-                except BlockingIOError:
-                    continue  # the peer isn't reading, so it isn't waiting for us either
-                except OSError:
-                    return  # the owner notices the broken connection itself
-                if n < len(frame):
-                    self._write_all(frame[n:], deadline=time.monotonic() + self.timeout)
-                self._last_write = time.monotonic()
-                self.stats.count(self.stats.frames_sent, "HEARTBEAT")
-            except ZreplError:
-                return
-            finally:
-                self._send_lock.release()
-
-    # ---- handshake ----------------------------------------------------------------------------
-
-    def _hello(self, identity: str | None) -> dict[str, Any]:
-        hello: dict[str, Any] = {"protocol": PROTOCOL_NAME, "version": PROTOCOL_VERSION,
-                                 "software": __version__, "accept_fds": self._accepts_fds()}
-        if identity is not None:
-            hello["identity"] = identity
-        return hello
-
-    def _check_hello(self, body: dict[str, Any]) -> None:
-        if body.get("protocol") != PROTOCOL_NAME:
-            raise self._fail_protocol(f"peer is not a zrepl.py endpoint (protocol {body.get('protocol')!r})")
-        version = body.get("version")
-        if version != PROTOCOL_VERSION:
-            peer, me = ("server", "client") if self._is_client else ("client", "server")
-            raise self._fail_protocol(
-                f"protocol version mismatch: the {peer} (zrepl.py {body.get('software', '?')}) speaks "
-                f"version {version!r}, the {me} (zrepl.py {__version__}) speaks version {PROTOCOL_VERSION}; "
-                "install the same zrepl.py on both hosts")
-
-    def handshake_client(self, identity: str) -> dict[str, Any]:
-        """Active side: introduce ourselves as `identity`; returns the server's HELLO body.
-        Raises ProtocolError with the server's message when it refuses (e.g. version mismatch)."""
-        self._check_usable()
-        self._is_client = True
-        try:
-            self._send_frame(FRAME_HELLO, self._hello(identity))
-            deadline = time.monotonic() + self.timeout
-            while True:
-                frame = self._read_frame(deadline=deadline)
-                assert frame is not None
-                if frame.type != FRAME_HEARTBEAT:
-                    break
-            if frame.type == FRAME_ERROR:
-                body = frame.body or {}
-                msg = str(body.get("error", "no reason given"))
-                # temporary: e.g. the server is still serving this identity's previous connection
-                self._broken = ProtocolError(f"handshake refused: {msg}", peer=self.name,
-                                             temporary=body.get("temporary") is True)
-                raise self._broken
-            if frame.type != FRAME_HELLO:
-                raise self._fail_protocol(f"expected HELLO from the server, got {frame.name}")
-            assert frame.body is not None
-            self._check_hello(frame.body)
-        except ConnectionLost as e:
-            e.message = f"handshake failed: {e.message}"
-            raise
-        self.peer_hello, self.identity = frame.body, identity
-        self._start_heartbeat()
-        return frame.body
-
-    def handshake_server(self, identity: str | None = None) -> str:
-        """Passive side: read the client's HELLO, check the version, answer with ours. Returns the
-        client identity: `identity` if given (stdinserver: it comes from the forced command and
-        the client's claim is ignored), else the one the client sent (local transport)."""
-        self._check_usable()
-        frame = self._read_frame(deadline=time.monotonic() + self.timeout, allow_eof=True)
-        if frame is None:
-            raise self._lost("peer closed the connection before the handshake")
-        if frame.type != FRAME_HELLO:
-            raise self._fail_protocol(f"expected HELLO as the first frame, got {frame.name}")
-        assert frame.body is not None
-        self._check_hello(frame.body)
-        if identity is None:
-            claimed = frame.body.get("identity")
-            if (not isinstance(claimed, str) or not 0 < len(claimed) <= 255
-                    or any(ord(c) < 32 or c in "/@#" for c in claimed)):
-                raise self._fail_protocol(f"invalid client identity {claimed!r}")
-            identity = claimed
-        self._send_frame(FRAME_HELLO, self._hello(None))
-        self.peer_hello, self.identity = frame.body, identity
-        self._start_heartbeat()
-        return identity
-
-    # ---- client requests ----------------------------------------------------------------------
-
-    def request(self, kind: str, body: dict[str, Any] | None = None, *,
-                stream_in: OutgoingStream | int | None = None,
-                stream_out: Callable[[dict[str, Any], IncomingStream], Any] | None = None,
-                timeout: float | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Send one request and return the response body.
-
-        `stream_in`: a stream to send with the request (push: `zfs send` stdout; fd ownership passes
-        to us). `stream_out(body, stream)`: called when the response carries a stream (pull); hand
-        `stream.open_fd()` to `zfs recv`. When it returns we wait for the stream's END and raise
-        StreamError if the producer failed; if it raises, the rest of the stream is dropped and the
-        error propagates. `timeout`: how long to wait for the answer after our part was sent (None:
-        as long as the peer shows life). `progress`: overrides the connection's progress callback.
-
-        Raises RemoteError (the handler failed; connection still usable), StreamError,
-        ProtocolError / ConnectionLost / PeerTimeout (connection unusable) or Cancelled.
+        Returns:
+        False once the channel is unusable (the owner notices that itself), else True
         """
-        with self._request_lock:
-            try:
-                self._check_usable()
-                if not self.peer_hello:
-                    raise ProtocolError("request before handshake", kind=kind, peer=self.name)
-            except ZreplError:
-                if stream_in is not None:  # ownership passed to us: don't leak it
-                    os.close(stream_in if isinstance(stream_in, int) else stream_in.fd)
-                raise
-            self._current_kind = kind
-            try:
-                return self._request(kind, body or {}, stream_in, stream_out, timeout,
-                                     progress or self.progress)
-            except (ProtocolError, Cancelled) as e:
-                self._broken = self._broken or e
-                raise
-            finally:
-                self._current_kind = None
-
-    def _request(self, kind: str, body: dict[str, Any], stream_in: OutgoingStream | int | None,
-                 stream_out: Callable[[dict[str, Any], IncomingStream], Any] | None,
-                 timeout: float | None, progress: Callable[[int], None] | None) -> dict[str, Any]:
-        out = OutgoingStream(stream_in) if isinstance(stream_in, int) else stream_in
-        mode = None
-        if out is not None:
-            mode = "fd" if self._may_pass_fd(bool(self.peer_hello.get("accept_fds"))) else "data"
-        accept_fd = stream_out is not None and self._accepts_fds()
-        rid, self._next_id = self._next_id, self._next_id + 1
-        self._credit_peer()
+        if not self.send_lock.acquire(blocking=False):
+            return True
         try:
-            self._send_frame(FRAME_REQUEST, {"id": rid, "kind": kind, "body": body, "stream": mode,
-                                             "accept_fd": accept_fd})
-        except BaseException:
-            if out is not None:
-                os.close(out.fd)
-            raise
-        early = self._send_stream(out, mode, progress, rid) if out is not None and mode else None
-        reply = early or self._read_reply(rid, None if timeout is None else time.monotonic() + timeout)
-        assert reply.body is not None
-        if reply.type == FRAME_ERROR:
-            raise self._remote_error(reply.body, kind)
-        resp_body = reply.body.get("body", {})
-        smode = reply.body.get("stream")
-        if reply.body.get("id") != rid or not isinstance(resp_body, dict) or smode not in (None, "fd", "data"):
-            raise self._fail_protocol(f"malformed RESPONSE header {reply.body!r:.200}")
-        if smode == "fd" and not accept_fd:
-            raise self._fail_protocol("peer passed a file descriptor we did not accept")
-        if smode is not None:
-            stream = IncomingStream(self, smode, kind, progress, rid)
-            if stream_out is None:
-                stream.discard()
-                raise self._fail_protocol("peer answered with a stream to a request that expects none")
             try:
-                stream_out(resp_body, stream)
-            except BaseException:
-                stream.discard()
-                raise
-            stream.finish()
-        return resp_body
+                n = self._write_once(_HEARTBEAT_FRAME)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if n < len(_HEARTBEAT_FRAME):
+                self.write_all(_HEARTBEAT_FRAME[n:], deadline=time.monotonic() + self.timeout)
+            self._last_write = time.monotonic()
+            self.stats.count(self.stats.frames_sent, "HEARTBEAT")
+            return True
+        except ZreplError:
+            return False
+        finally:
+            self.send_lock.release()
 
-    def _read_reply(self, rid: int, deadline: float | None) -> WireFrame:
-        while True:
-            frame = self._read_frame(deadline=deadline)
-            assert frame is not None
-            if frame.type in (FRAME_HEARTBEAT, FRAME_ABORT):
-                continue  # a late ABORT refers to a stream that has ended already
-            if frame.type in (FRAME_RESPONSE, FRAME_ERROR):
-                return frame
-            raise self._fail_protocol(f"unexpected {frame.name} frame while waiting for the answer")
 
-    def _remote_error(self, body: dict[str, Any], kind: str) -> ZreplError:
-        msg = str(body.get("error", "no reason given"))
-        if body.get("fatal"):
-            err = ProtocolError(f"the peer rejected the request: {msg}", kind=kind, peer=self.name)
-            self._broken = err
-            return err
-        return RemoteError(msg, kind=kind, peer=self.name, remote_type=str(body.get("type", "")),
-                           temporary=bool(body.get("temporary")))
+class Heartbeat:
+    """Keeps a channel alive: a thread that sends a HEARTBEAT frame whenever the channel has written
+    nothing for its heartbeat_interval, so a busy handler or a slow consumer still shows life."""
 
-    # ---- sending streams ----------------------------------------------------------------------
+    def __init__(self, channel: FrameChannel):
+        self.channel = channel
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat {channel.name}")
 
-    def _stream_wait(self, *, read_fd: int | None = None, write_fd: int | None = None,
-                     timeout: float | None = None) -> tuple[set[int], set[int]]:
-        """Wait for read_fd / write_fd while handling the peer's control frames (heartbeats,
-        ABORT, an early answer). Returns the ready subsets; empty after a frame or a timeout."""
-        now = time.monotonic()
-        listen = self._early is None
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        ch = self.channel
+        while not self._stop.wait(min(1.0, ch.heartbeat_interval / 2)):
+            if not ch.usable:
+                return
+            if ch.idle_for() >= ch.heartbeat_interval and not ch.send_heartbeat():
+                return
+
+
+# ---- the copy loop ------------------------------------------------------------------------------
+
+class CopySource(Protocol):
+    """Where a StreamCopier reads: the peer's channel, or a producer's pipe."""
+
+    fd: int
+
+    def read(self, n: int) -> bytes | None:
+        """Up to n bytes without blocking: b'' at EOF, None if nothing is there yet."""
+
+    def wait(self) -> None:
+        """Until the source is readable."""
+
+    def ended(self) -> ZreplError:
+        """The error for an EOF before the bytes the copy was promised."""
+
+
+class CopySink(Protocol):
+    """Where a StreamCopier writes: the peer's channel, or a consumer's pipe."""
+
+    fd: int
+
+    @property
+    def open(self) -> bool:
+        """False once the sink is gone or abandoned: the copy stops."""
+
+    def write(self, data: bytes) -> None:
+        """All of data (waiting as needed), unless the sink goes away meanwhile."""
+
+    def wait(self) -> None:
+        """Until the sink can take bytes."""
+
+
+class StreamCopier:
+    """The one copy loop of both stream directions (producer pipe -> channel, channel -> consumer
+    pipe): os.splice moves the bytes kernel-side, read/write takes over where splice refuses (e.g.
+    socket -> regular file) or is missing; an optional token bucket limits the rate, a pacer
+    batches wake-ups on pipes, `count(n, spliced)` sees every byte. The ends say how to wait and
+    what an early end means; `on_splice_error` decides about a splice error other than "unsupported"
+    (it raises, or notes that the sink is gone); `pause(seconds)` waits for tokens."""
+
+    def __init__(self, source: CopySource, sink: CopySink, *, count: Callable[[int, bool], None],
+                 on_splice_error: Callable[[OSError], None], limit: TokenBucket | None = None,
+                 pause: Callable[[float], None] = time.sleep, pacer: _StreamPacer | None = None):
+        self.source, self.sink, self.limit, self.pacer = source, sink, limit, pacer
+        self._count, self._on_splice_error, self._pause = count, on_splice_error, pause
+        self.use_splice = hasattr(os, "splice")
+
+    def grant(self, want: int) -> int:
+        """How many of `want` bytes the bandwidth limit lets move now (all without a limit; under a
+        limit at least min(want, 128 KiB)).
+
+        Returns:
+        the grant; 0 after pausing until enough tokens should be there (ask again)
+
+        Raises:
+        whatever `pause` raises (Cancelled)
+        """
+        if self.limit is None:
+            return want
+        granted, delay = self.limit.take(want, min(want, _PROTO_LIMIT_GRANULE))
+        if not granted:
+            self._pause(delay)
+        return granted
+
+    def give_back(self, n: int) -> None:
+        """Return n granted bytes that did not move."""
+        if self.limit is not None:
+            self.limit.give_back(n)
+
+    def move(self, n: int, *, limited: bool = False) -> int:
+        """Move n bytes from source to sink; with `limited`, each step takes its grant first.
+
+        Returns:
+        the bytes left unmoved because the sink went away (0: all arrived)
+
+        Raises:
+        source.ended() if the source ends first; whatever the ends' waits, `pause` and
+        `on_splice_error` raise
+        """
+        left = n
+        while left and self.sink.open:
+            step = self.grant(left) if limited else left
+            if not step:
+                continue
+            k = self._splice(step, first=left == n) if self.use_splice else self._read_write(step)
+            if limited:
+                self.give_back(step - k)
+            left -= k
+        return left
+
+    def _splice(self, n: int, *, first: bool) -> int:
+        """One splice of up to n bytes; returns the bytes moved (0 after waiting)."""
+        if self.pacer is not None:
+            self.pacer.pace(n, first=first)
+        try:
+            k = os.splice(self.source.fd, self.sink.fd, n, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            if (_proto_fionread(self.source.fd) or 0) > 0:
+                self.sink.wait()
+            else:
+                self.source.wait()
+            return 0
+        except OSError as e:
+            if e.errno in _SPLICE_UNSUPPORTED or e.errno is None:
+                self.use_splice = False
+            else:
+                self._on_splice_error(e)
+            return 0
+        if k == 0:
+            raise self.source.ended()
+        if self.pacer is not None:
+            self.pacer.moved(k)
+        self._count(k, True)
+        return k
+
+    def _read_write(self, n: int) -> int:
+        """One read of up to n bytes, written whole; returns the bytes taken (0 after waiting)."""
+        data = self.source.read(n)
+        if data is None:
+            self.source.wait()
+            return 0
+        if not data:
+            raise self.source.ended()
+        self.sink.write(data)
+        self._count(len(data), False)
+        return len(data)
+
+
+# ---- outgoing streams ---------------------------------------------------------------------------
+
+class _ProducerSource:
+    """The producer's pipe (`zfs send` stdout) of a stream we send in DATA frames."""
+
+    def __init__(self, fd: int, sender: StreamSender):
+        self.fd, self._sender = fd, sender
+
+    def read(self, n: int) -> bytes | None:
+        try:
+            return os.read(self.fd, n)
+        except BlockingIOError:
+            return None
+        except OSError as e:  # in the middle of a frame: its header promised these bytes
+            raise self._sender.channel.fail(f"reading the stream source failed: {e.strerror}") from None
+
+    def wait(self) -> None:
+        self._sender.wait(read_fd=self.fd)
+
+    def ended(self) -> ZreplError:
+        # the frame header promised the bytes FIONREAD showed; the framing can't be repaired
+        return self._sender.channel.fail("the stream source shrank while being sent")
+
+
+class _ChannelSink:
+    """The channel as the sink of a stream we send: writes wait while serving the peer."""
+
+    open = True
+
+    def __init__(self, sender: StreamSender):
+        self.fd, self._sender = sender.channel.wfd, sender
+
+    def write(self, data: bytes) -> None:
+        self._sender.channel.write_all(data, on_blocked=self._sender.serve_while_blocked)
+
+    def wait(self) -> None:
+        self._sender.wait(write_fd=self.fd)
+
+
+class StreamSender:
+    """Sends the stream of one request or response: the fd itself in an FDPASS frame (zero
+    copies) or its bytes in DATA frames, then END with the producer's verdict. Meanwhile it serves
+    the peer's control frames: heartbeats, ABORT of this stream (we stop, END says "aborted") and,
+    on the client side (`answer_may_come`), an answer that comes before the stream ended (we stop
+    too and hand it to the session)."""
+
+    def __init__(self, channel: FrameChannel, rid: int, *, answer_may_come: bool,
+                 limit: TokenBucket | None = None, progress: Callable[[int], None] | None = None):
+        self.channel, self.rid, self.answer_may_come = channel, rid, answer_may_come
+        self.limit, self.progress = limit, progress
+        self.stopped = False  # the peer asked us to stop (ABORT), or answered already
+        self.early: WireFrame | None = None  # that answer
+
+    def send(self, out: OutgoingStream, mode: str) -> WireFrame | None:
+        """Send out's stream ("fd": pass it; "data": DATA frames) and its END; out.fd is closed.
+
+        Returns:
+        the answer (RESPONSE or ERROR) that arrived while sending, else None
+
+        Raises:
+        ProtocolError, ConnectionLost, PeerTimeout if the connection broke
+        Cancelled if cancel() was called
+        """
+        fd_open = True
+        try:
+            total: int | None = None
+            src_error: str | None = None
+            if mode == "fd":
+                self.channel.send_frame(FRAME_FDPASS, {}, fds=[out.fd], on_blocked=self.serve_while_blocked)
+                os.close(out.fd)  # the peer holds its own reference now
+                fd_open = False
+            else:
+                total, src_error = self._copy(out.fd)
+            status, error = self._verdict(out, src_error)
+            self.channel.send_frame(FRAME_END, {"status": status, "error": error, "bytes": total},
+                                    on_blocked=self.serve_while_blocked)
+            return self.early
+        finally:
+            if fd_open:
+                os.close(out.fd)
+
+    def _verdict(self, out: OutgoingStream, src_error: str | None) -> tuple[str, str | None]:
+        if self.stopped:
+            return "aborted", "the receiving side stopped the stream"
+        if src_error is not None:
+            return "error", src_error
+        if out.finish is None:
+            return "ok", None
+        done, error = self._call_serving(out.finish)
+        if not done:
+            return "aborted", None
+        return ("error" if error else "ok"), error
+
+    def _copy(self, src: int) -> tuple[int, str | None]:
+        """DATA frames from src until EOF or until the peer stops us. Returns (bytes sent, the
+        error reading the source or None)."""
+        ch = self.channel
+        os.set_blocking(src, False)
+        _proto_grow_pipe(src)
+        counted = _proto_fionread(src) is not None  # know the frame size before moving the bytes
+        copier = StreamCopier(_ProducerSource(src, self), _ChannelSink(self), count=self._count,
+                              on_splice_error=self._splice_failed, limit=self.limit, pause=self._pause,
+                              pacer=_StreamPacer.for_pipe(ch.wfd, reading=False))
+        total = 0
+        while not self.stopped:
+            readable, _ = self.wait(read_fd=src)
+            if not readable:
+                continue
+            want = min(_proto_fionread(src) or 0, STREAM_CHUNK) if counted else STREAM_CHUNK
+            if want == 0:
+                break  # readable with nothing in it: EOF
+            want = copier.grant(want)
+            if not want:
+                continue
+            if counted:
+                ch.send_data_frame(want, copier.move, on_blocked=self.serve_while_blocked)
+                total += want
+                continue
+            try:  # a source the kernel can't measure: read first, then frame what came
+                data = os.read(src, want)
+            except BlockingIOError:
+                data = None
+            except OSError as e:
+                return total, f"reading the stream source failed: {e.strerror}"
+            copier.give_back(want - len(data or b""))
+            if data == b"":
+                break
+            if data:
+                ch.send_frame(FRAME_DATA, data, on_blocked=self.serve_while_blocked)
+                self._count(len(data), False)
+                total += len(data)
+        return total, None
+
+    def _count(self, n: int, spliced: bool) -> None:
+        self.channel.record_sent(n, spliced=spliced)
+        if self.progress is not None:
+            self.progress(n)
+
+    def _pause(self, delay: float) -> None:
+        self.wait(timeout=delay)
+
+    def _splice_failed(self, err: OSError) -> None:
+        if isinstance(err, (BrokenPipeError, ConnectionResetError)):
+            raise self.channel.lost("connection closed by the peer while sending a stream")
+        raise self.channel.lost(f"sending the stream failed: {err.strerror}")
+
+    def wait(self, *, read_fd: int | None = None, write_fd: int | None = None,
+             timeout: float | None = None) -> tuple[set[int], set[int]]:
+        """Wait for read_fd / write_fd (or `timeout` seconds) while serving the peer's control
+        frames (after an early answer there is nothing more to serve).
+
+        Returns:
+        the ready ones of {read_fd} and {write_fd}; empty after a control frame or the timeout
+
+        Raises:
+        PeerTimeout if nothing came from the peer for the channel's timeout
+        ProtocolError for an unexpected frame or the peer's fatal ERROR
+        ConnectionLost, Cancelled as FrameChannel.read_frame
+        """
+        ch = self.channel
+        listen = self.early is None
         if listen:
-            alive_left = self._last_recv + self.timeout - now
+            alive_left = ch.time_left()
             if alive_left <= 0:
-                raise self._timeout_error()
+                raise ch.timeout_error()
             timeout = alive_left if timeout is None else min(timeout, alive_left)
-        reads = ([self._rfd] if listen else []) + ([read_fd] if read_fd is not None else [])
-        readable, writable = self._wait(reads, [write_fd] if write_fd is not None else [], timeout)
-        if listen and self._rfd in readable:
-            frame = self._read_frame()
-            assert frame is not None
-            self._handle_stream_control(frame)
+        reads = ([ch.rfd] if listen else []) + ([read_fd] if read_fd is not None else [])
+        readable, writable = ch.wait(reads, [write_fd] if write_fd is not None else [], timeout)
+        if listen and ch.rfd in readable:
+            self._control(ch.read_frame(skip_heartbeats=False))
         return ({read_fd} & readable if read_fd is not None else set(),
                 {write_fd} & writable if write_fd is not None else set())
 
-    def _handle_stream_control(self, frame: WireFrame) -> None:
+    def serve_while_blocked(self) -> bool:
+        """write_all's on_blocked: wait for the channel to take bytes while serving the peer.
+        False after an early answer: write_all then waits by itself (the peer owes us reading).
+
+        Raises: as wait()
+        """
+        if self.early is not None:
+            return False
+        self.wait(write_fd=self.channel.wfd)
+        return True
+
+    def _control(self, frame: WireFrame) -> None:
+        ch = self.channel
         if frame.type == FRAME_HEARTBEAT:
             return
         body = frame.body or {}
         if frame.type == FRAME_ABORT:
-            if body.get("id") == self._stream_id:
-                self._stream_stop = True
+            if body.get("id") == self.rid:
+                self.stopped = True
             return
         if frame.type == FRAME_ERROR and body.get("fatal"):
-            self._broken = ProtocolError(f"the peer reported a protocol error: {body.get('error')}",
-                                         kind=self._current_kind, peer=self.name)
-            raise self._broken
-        if self._is_client and frame.type in (FRAME_RESPONSE, FRAME_ERROR):
-            self._early, self._stream_stop = frame, True
+            err = ProtocolError(f"the peer reported a protocol error: {body.get('error')}",
+                                kind=ch.kind, peer=ch.name)
+            ch.mark_broken(err)
+            raise err
+        if self.answer_may_come and frame.type in (FRAME_RESPONSE, FRAME_ERROR):
+            self.early, self.stopped = frame, True
             return
-        raise self._fail_protocol(f"unexpected {frame.name} frame while sending a stream")
+        raise ch.fail(f"unexpected {frame.name} frame while sending a stream")
 
-    def _call_servicing(self, fn: Callable[[], str | None]) -> tuple[bool, str | None]:
+    def _call_serving(self, fn: Callable[[], str | None]) -> tuple[bool, str | None]:
         """Run fn (waiting for the producer) in a helper thread while still serving control frames
         and cancel(). Returns (finished, result); finished is False if the peer stopped us first."""
         r, w = _proto_pipe()
@@ -5345,189 +5737,108 @@ class Connection:
                     pass
                 os.close(w)
 
-        threading.Thread(target=run, daemon=True, name=f"stream finish {self.name}").start()
+        threading.Thread(target=run, daemon=True, name=f"stream finish {self.channel.name}").start()
         try:
-            while not self._stream_stop:
-                readable, _ = self._stream_wait(read_fd=r)
+            while not self.stopped:
+                readable, _ = self.wait(read_fd=r)
                 if readable:
                     return True, box.get("result")
             return False, None
         finally:
             os.close(r)
 
-    def _send_stream(self, out: OutgoingStream, mode: str, progress: Callable[[int], None] | None,
-                     rid: int) -> WireFrame | None:
-        """Send the stream of request `rid` (FDPASS or DATA frames) and its END. Returns an answer
-        that arrived early."""
-        self._stream_stop, self._early, self._stream_id = False, None, rid
-        fd_open = True
-        try:
-            if mode == "fd":
-                with self._send_lock:
-                    self._write_all(self._pack(FRAME_FDPASS, {}), fds=[out.fd], service=True)
-                self.stats.count(self.stats.frames_sent, "FDPASS")
-                self.stats.fds_sent += 1
-                os.close(out.fd)  # the peer holds its own reference now
-                fd_open = False
-                total: int | None = None
-                src_error = None
-            else:
-                total, src_error = self._copy_out(out.fd, progress)
-            error: str | None
-            if self._stream_stop:
-                status, error = "aborted", "the receiving side stopped the stream"
-            elif src_error is not None:
-                status, error = "error", src_error
-            else:
-                done, error = self._call_servicing(out.finish) if out.finish else (True, None)
-                status = "aborted" if not done else ("error" if error else "ok")
-            self._send_frame(FRAME_END, {"status": status, "error": error, "bytes": total}, service=True)
-            return self._early
-        finally:
-            if fd_open:
-                os.close(out.fd)
-            self._stream_stop = False
 
-    def _copy_out(self, src: int, progress: Callable[[int], None] | None) -> tuple[int, str | None]:
-        """DATA frames from src until EOF or until the peer stops us. Returns (bytes sent, error
-        reading the source or None)."""
-        os.set_blocking(src, False)
-        _proto_grow_pipe(src)
-        counted = _proto_fionread(src) is not None  # know the frame size before moving the bytes
-        use_splice = counted and hasattr(os, "splice")
-        limit = self.send_limit
-        total = 0
-        while not self._stream_stop:
-            readable, _ = self._stream_wait(read_fd=src)
-            if not readable:
-                continue
-            if counted:
-                want = min(_proto_fionread(src) or 0, STREAM_CHUNK)
-                if want == 0:
-                    break  # readable with nothing in it: EOF
-            else:
-                want = STREAM_CHUNK
-            if limit is not None:
-                granted, delay = limit.take(want, min(want, _PROTO_LIMIT_GRANULE))
-                if not granted:
-                    self._stream_wait(timeout=delay)
-                    continue
-                want = granted
-            if counted:
-                use_splice = self._send_counted_frame(src, want, progress, use_splice)
-                moved = want
-            else:
-                try:
-                    data = os.read(src, want)
-                except BlockingIOError:
-                    data = None
-                except OSError as e:
-                    return total, f"reading the stream source failed: {e.strerror}"
-                moved = len(data) if data else 0
-                if data:
-                    with self._send_lock:
-                        self._write_all(self._pack(FRAME_DATA, data), service=True)
-                    self._count_data_sent(moved, progress)
-                if limit is not None:
-                    limit.give_back(want - moved)
-                if data == b"":
-                    break
-            total += moved
-        return total, None
+# ---- incoming streams ---------------------------------------------------------------------------
 
-    def _count_data_sent(self, n: int, progress: Callable[[int], None] | None) -> None:
-        self.stats.count(self.stats.frames_sent, "DATA")
-        self.stats.stream_bytes_sent += n
-        if progress is not None:
-            progress(n)
+class _ChannelSource:
+    """The channel as the source of a stream we receive (a DATA frame's payload)."""
 
-    def _send_counted_frame(self, src: int, n: int, progress: Callable[[int], None] | None,
-                            use_splice: bool) -> bool:
-        """One DATA frame of exactly n bytes that are already readable from src: the header first,
-        then the payload spliced kernel-side (read/write where splice can't). Returns use_splice."""
-        with self._send_lock:
-            self._write_all(FRAME_HEADER.pack(FRAME_MAGIC, FRAME_DATA, n), service=True)
-            left = n
-            pacer = self._out_pacer
-            while left:
-                if use_splice:
-                    try:
-                        if pacer is not None and left < n:  # the last splice filled the pipe
-                            pacer.pause(self._pipe_size - (_proto_fionread(self._wfd) or 0), left)
-                        k = os.splice(src, self._wfd, left, flags=_SPLICE_FLAGS)
-                        self.stats.spliced_bytes += k
-                        if pacer is not None:
-                            pacer.moved(k)
-                    except BlockingIOError:
-                        self._stream_wait(write_fd=self._wfd)
-                        continue
-                    except (BrokenPipeError, ConnectionResetError):
-                        raise self._lost("connection closed by the peer while sending a stream") from None
-                    except OSError as e:
-                        if e.errno in _SPLICE_UNSUPPORTED or e.errno is None:
-                            use_splice = False
-                            continue
-                        raise self._lost(f"sending the stream failed: {e.strerror}") from None
-                else:
-                    try:
-                        data = os.read(src, left)
-                    except BlockingIOError:
-                        self._stream_wait(read_fd=src)
-                        continue
-                    if data:
-                        self._write_all(data, service=True)
-                    k = len(data)
-                if k == 0:
-                    # the frame header promised n bytes; the framing can't be repaired
-                    raise self._fail_protocol("the stream source shrank while being sent")
-                left -= k
-                self._last_write = time.monotonic()
-                self.stats.stream_bytes_sent += k
-                if progress is not None:
-                    progress(k)
-        self.stats.count(self.stats.frames_sent, "DATA")
-        return use_splice
+    def __init__(self, channel: FrameChannel):
+        self.fd, self._channel = channel.rfd, channel
+
+    def read(self, n: int) -> bytes | None:
+        return self._channel.read_some(min(n, STREAM_CHUNK))
+
+    def wait(self) -> None:
+        self._channel.wait_readable()
+
+    def ended(self) -> ZreplError:
+        return self._channel.lost("connection closed by the peer in the middle of a stream")
+
+
+class _ConsumerSink:
+    """The consumer of a stream we receive (`zfs recv` stdin, a file). Its pace is not the peer's
+    fault: waiting for it credits the peer; abandon() (`wake`) ends such a wait."""
+
+    def __init__(self, stream: IncomingStream, fd: int, channel: FrameChannel, wake: int | None):
+        self.fd, self._stream, self._channel, self._wake = fd, stream, channel, wake
+
+    @property
+    def open(self) -> bool:
+        return self._stream.consuming
+
+    def wait(self) -> None:
+        self._channel.wait([], [self.fd], None, wake=self._wake)
+        self._channel.credit_peer()
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and self.open:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                self.wait()
+            except BrokenPipeError:
+                self._stream.consumer_gone = True
+            except OSError as e:
+                self._stream.consumer_error = f"writing the stream failed: {e.strerror}"
+
+    def splice_failed(self, err: OSError) -> None:
+        if isinstance(err, BrokenPipeError):
+            self._stream.consumer_gone = True
+        elif isinstance(err, ConnectionResetError):
+            raise self._channel.lost("connection reset by peer in the middle of a stream")
+        else:
+            self._stream.consumer_error = f"writing the stream failed: {err.strerror}"
 
 
 class IncomingStream:
-    """A stream arriving over a connection (the request's for a server handler, the response's in
-    a client's stream_out callback).
+    """A stream arriving over a channel (the request's for a server handler, the response's in a
+    client's stream_out callback).
 
     Use exactly one of: `open_fd()` -> an fd to give a subprocess as stdin (then close your copy);
     over AF_UNIX this is the passed pipe itself, otherwise a pipe fed by a pump thread;
     `copy_to(fd)` -> copy it into fd in the calling thread; `discard()`. Then `finish()` waits for
-    the END and raises StreamError if the producer failed or the consumer stopped early.
+    the END and raises StreamError if the producer failed or the consumer stopped early. abandon()
+    may come from another thread.
     """
 
-    def __init__(self, conn: Connection, mode: str, kind: str | None,
-                 progress: Callable[[int], None] | None, rid: int):
-        self.mode, self.kind, self.rid = mode, kind, rid
+    def __init__(self, channel: FrameChannel, mode: str, *, kind: str | None, rid: int,
+                 progress: Callable[[int], None] | None = None, limit: TokenBucket | None = None):
+        """Raises: ProtocolError if an announced passed fd does not come (and as read_frame)."""
+        self.channel, self.mode, self.kind, self.rid = channel, mode, kind, rid
         self.nbytes = 0  # bytes copied (stays 0 when the fd was passed: Python never sees them)
         self.discarded = 0  # bytes dropped after abandon(): they arrived, so END's count includes them
         self.sender_status: str | None = None
         self.sender_error: str | None = None
-        self.consumer_gone = False
-        self._conn, self._progress = conn, progress
+        self.consumer_gone = False  # the consumer closed its end
+        self.consumer_error: str | None = None  # writing to the consumer failed
+        self._progress, self._limit = progress, limit
         self._fd: int | None = None
         self._opened = False
         self._done = False
         self._finished = False
         self._abandoned = False
         self._abort_sent = False
-        self._consumer_error: str | None = None
         self._thread: threading.Thread | None = None
         self._pump_error: BaseException | None = None
-        self._wake_r: int | None = None
-        self._wake_w: int | None = None
         if mode == "fd":
-            while True:
-                frame = conn._read_frame()
-                assert frame is not None
-                if frame.type != FRAME_HEARTBEAT:
-                    break
+            frame = channel.read_frame()
             if frame.type != FRAME_FDPASS:
-                raise conn._fail_protocol(f"expected FDPASS after announcing a passed stream, got {frame.name}")
+                raise channel.fail(f"expected FDPASS after announcing a passed stream, got {frame.name}")
             self._fd = frame.fd
+        self._wake_r: int | None
+        self._wake_w: int | None
         self._wake_r, self._wake_w = _proto_pipe()  # abandon() wakes a pump waiting for its consumer
         os.set_blocking(self._wake_w, False)
 
@@ -5536,11 +5847,22 @@ class IncomingStream:
         """END has been received."""
         return self._done
 
+    @property
+    def finished(self) -> bool:
+        """finish() (or discard()) has run."""
+        return self._finished
+
+    @property
+    def consuming(self) -> bool:
+        """Bytes still go to the consumer: not abandoned, the consumer neither gone nor failing."""
+        return not (self._abandoned or self.consumer_gone or self.consumer_error)
+
     def open_fd(self) -> int:
-        """An fd for a consumer's stdin. The caller owns it (close it after handing it over)."""
-        if self._opened or self._abandoned:
-            raise ZreplError("the stream was already opened or discarded")
-        self._opened = True
+        """An fd for a consumer's stdin. The caller owns it (close it after handing it over).
+
+        Raises: ZreplError if the stream was already opened or discarded
+        """
+        self._claim()
         if self.mode == "fd":
             fd, self._fd = self._fd, None
             assert fd is not None
@@ -5549,16 +5871,17 @@ class IncomingStream:
         _proto_grow_pipe(w)
         os.set_blocking(w, False)
         self._thread = threading.Thread(target=self._pump_thread, args=(w,), daemon=True,
-                                        name=f"stream pump {self._conn.name}")
+                                        name=f"stream pump {self.channel.name}")
         self._thread.start()
         return r
 
     def copy_to(self, fd: int) -> int:
-        """Copy the whole stream into fd (a file or pipe; not closed) in this thread; returns the
-        byte count. In fd mode the passed pipe is read and copied."""
-        if self._opened or self._abandoned:
-            raise ZreplError("the stream was already opened or discarded")
-        self._opened = True
+        """Copy the whole stream into fd (a file or pipe; not closed) in this thread, then finish().
+
+        Returns: the byte count
+        Raises: ZreplError if already opened or discarded; as finish()
+        """
+        self._claim()
         if self.mode == "fd":
             src, self._fd = self._fd, None
             assert src is not None
@@ -5569,14 +5892,21 @@ class IncomingStream:
                         self.nbytes += len(chunk)
             finally:
                 os.close(src)
-            self.finish()
-            return self.nbytes
-        self._pump(fd, close_dst=False)
+        else:
+            self._pump(fd, close_dst=False)
         self.finish()
         return self.nbytes
 
+    def _claim(self) -> None:
+        if self._opened or self._abandoned:
+            raise ZreplError("the stream was already opened or discarded")
+        self._opened = True
+
     def abandon(self) -> None:
-        """Stop consuming: the sender is told (ABORT) and the rest is discarded by finish()."""
+        """Stop consuming: the sender is told (ABORT) and the rest is discarded by finish().
+
+        Raises: ConnectionLost, PeerTimeout, Cancelled when telling the sender fails (fd mode)
+        """
         self._abandoned = True
         if self._wake_w is not None:
             try:
@@ -5590,7 +5920,10 @@ class IncomingStream:
             self._send_abort()
 
     def discard(self) -> None:
-        """Abandon and drain to END; only connection errors are raised."""
+        """Abandon and drain to END.
+
+        Raises: only connection errors (ProtocolError, ConnectionLost, PeerTimeout, Cancelled)
+        """
         self.abandon()
         try:
             self.finish()
@@ -5598,24 +5931,21 @@ class IncomingStream:
             pass
 
     def finish(self) -> int:
-        """Wait for END. Returns the bytes copied; raises StreamError (sender failed, or consumer
-        stopped early), ProtocolError/ConnectionLost (connection broke) or Cancelled."""
-        conn = self._conn
+        """Wait for END.
+
+        Returns:
+        the bytes copied (0 when the fd itself was passed)
+
+        Raises:
+        StreamError if the sending side failed or aborted, or the consumer stopped early or failed
+        ProtocolError, ConnectionLost, PeerTimeout if the connection broke
+        Cancelled if cancel() was called
+        """
         if not self._finished:
             self._finished = True
             try:
                 if self.mode == "fd":
-                    if self._fd is not None and not self._opened:
-                        self.abandon()
-                    conn._credit_peer()
-                    while not self._done:
-                        frame = conn._read_frame()
-                        assert frame is not None
-                        if frame.type in (FRAME_HEARTBEAT, FRAME_ABORT):
-                            continue
-                        if frame.type != FRAME_END:
-                            raise conn._fail_protocol(f"unexpected {frame.name} frame after a passed stream")
-                        self._record_end(frame.body or {})
+                    self._await_end_after_fd()
                 elif self._thread is not None:
                     self._thread.join()
                 elif not self._done:
@@ -5628,30 +5958,47 @@ class IncomingStream:
                 self._wake_r = self._wake_w = None
         if self._pump_error is not None:
             raise self._pump_error
+        # the sender's own failure: its zfs send may well succeed on a retry (resuming)
         if self.sender_status == "error":
-            raise StreamError(f"the sending side failed: {self.sender_error}", kind=self.kind)
-        if self._consumer_error is not None:
-            raise StreamError(self._consumer_error, kind=self.kind)
+            raise StreamError(f"the sending side failed: {self.sender_error}", kind=self.kind, temporary=True)
+        # our consumer's: whoever runs it has its error (e.g. zfs recv's) and decides
+        if self.consumer_error is not None:
+            raise StreamError(self.consumer_error, kind=self.kind, temporary=False)
         if self.consumer_gone:
-            raise StreamError(f"the stream's consumer stopped reading after {self.nbytes} bytes", kind=self.kind)
+            raise StreamError(f"the stream's consumer stopped reading after {self.nbytes} bytes",
+                              kind=self.kind, temporary=False)
         if self.sender_status == "aborted" and not self._abandoned:
-            raise StreamError(f"the sending side aborted the stream: {self.sender_error}", kind=self.kind)
+            raise StreamError(f"the sending side aborted the stream: {self.sender_error}", kind=self.kind,
+                              temporary=False)
         return self.nbytes
+
+    def _await_end_after_fd(self) -> None:
+        if self._fd is not None and not self._opened:
+            self.abandon()
+        self.channel.credit_peer()
+        while not self._done:
+            frame = self.channel.read_frame()
+            if frame.type == FRAME_ABORT:
+                continue
+            if frame.type != FRAME_END:
+                raise self.channel.fail(f"unexpected {frame.name} frame after a passed stream")
+            self._record_end(frame.body or {})
 
     def _send_abort(self) -> None:
         if not self._abort_sent and not self._done:
             self._abort_sent = True
-            self._conn._send_frame(FRAME_ABORT, {"id": self.rid,
-                                                 "reason": "the receiving side stopped consuming the stream"})
+            self.channel.send_frame(FRAME_ABORT, {"id": self.rid,
+                                                  "reason": "the receiving side stopped consuming the stream"})
 
     def _record_end(self, body: dict[str, Any]) -> None:
         status, count = body.get("status"), body.get("bytes")
         if status not in ("ok", "error", "aborted") or not (count is None or isinstance(count, int)):
-            raise self._conn._fail_protocol(f"malformed END frame {body!r:.200}")
+            raise self.channel.fail(f"malformed END frame {body!r:.200}")
         if self.mode == "data" and status == "ok" and count != self.nbytes + self.discarded:
-            raise self._conn._fail_protocol(f"stream length mismatch: the peer sent {count} bytes, "
-                                            f"{self.nbytes + self.discarded} arrived")
-        self.sender_status, self.sender_error = status, body.get("error")
+            raise self.channel.fail(f"stream length mismatch: the peer sent {count} bytes, "
+                                    f"{self.nbytes + self.discarded} arrived")
+        error = body.get("error")
+        self.sender_status, self.sender_error = status, None if error is None else _proto_cut(str(error), 2000)
         self._done = True
 
     def _pump_thread(self, dst: int) -> None:
@@ -5660,221 +6007,455 @@ class IncomingStream:
         except BaseException as e:  # re-raised by finish() in the owner's thread
             self._pump_error = e
 
-    def _wait_pump(self, dst: int) -> None:
-        """splice said EAGAIN: wait for the side that is not ready. The consumer's pace is not the
-        peer's fault, so only waiting for the peer counts against the timeout."""
-        conn = self._conn
-        if (_proto_fionread(conn._rfd) or 0) > 0:
-            conn._wait([], [dst], None, extra_wake=self._wake_r)
-            conn._credit_peer()
-        else:
-            conn._wait_readable(None)
-
     def _pump(self, dst: int | None, *, close_dst: bool) -> None:
-        """Read frames until END, moving DATA payloads into dst (discarding once abandoned or the
-        consumer is gone)."""
-        conn = self._conn
-        use_splice = hasattr(os, "splice")
-        limit = conn.recv_limit
-        pacer = _StreamPacer(conn._rfd) if conn._pipe_size else None
+        """Read frames until END, moving DATA payloads into dst; once the consumer is no longer
+        consuming (or dst is None) the rest is discarded and the sender told to stop."""
+        ch = self.channel
+        copier = None
+        if dst is not None:
+            sink = _ConsumerSink(self, dst, ch, self._wake_r)
+            copier = StreamCopier(_ChannelSource(ch), sink, count=self._count, on_splice_error=sink.splice_failed,
+                                  limit=self._limit, pause=self._pause,
+                                  pacer=_StreamPacer.for_pipe(ch.rfd, reading=True))
         try:
             while not self._done:
-                frame = conn._read_frame()
-                assert frame is not None
-                if frame.type in (FRAME_HEARTBEAT, FRAME_ABORT):
-                    continue
-                if frame.type == FRAME_END:
-                    self._record_end(frame.body or {})
-                    break
-                if frame.type == FRAME_ERROR and (frame.body or {}).get("fatal"):
-                    raise ProtocolError(f"the peer reported a protocol error: {(frame.body or {}).get('error')}",
-                                        kind=self.kind, peer=conn.name)
-                if frame.type != FRAME_DATA:
-                    raise conn._fail_protocol(f"unexpected {frame.name} frame inside a stream")
-                left = frame.length
-                while left:
-                    if dst is not None and (self._abandoned or self.consumer_gone or self._consumer_error):
-                        if close_dst:
-                            os.close(dst)
-                        dst = None
-                    if dst is None:
-                        self._send_abort()
-                        n = self._discard_some(left)
-                        self.discarded += n
-                        left -= n
-                        continue
-                    step = left
-                    if limit is not None:
-                        step, delay = limit.take(left, min(left, _PROTO_LIMIT_GRANULE))
-                        if not step:
-                            conn._wait([], [], delay, extra_wake=self._wake_r)
-                            conn._credit_peer()
-                            continue
-                    try:
-                        if pacer is not None and use_splice:
-                            pacer.pause(_proto_fionread(conn._rfd) or 0, step)
-                        k = self._move(dst, step, use_splice)
-                        if pacer is not None and k > 0:
-                            pacer.moved(k)
-                    except BlockingIOError:
-                        k = -1
-                    except OSError as e:
-                        if use_splice and (e.errno in _SPLICE_UNSUPPORTED or e.errno is None):
-                            use_splice = False  # e.g. socket -> regular file
-                            k = -1
-                        else:
-                            raise
-                    if limit is not None:
-                        limit.give_back(step - max(k, 0))
-                    if k < 0:
-                        if dst is not None and not self.consumer_gone and self._consumer_error is None:
-                            self._wait_pump(dst)
-                        continue
-                    if k == 0 and dst is not None and not self.consumer_gone and self._consumer_error is None:
-                        raise conn._lost("connection closed by the peer in the middle of a stream")
-                    left -= k
+                left = self._next_payload()
+                if left and copier is not None and self.consuming:
+                    left = copier.move(left, limited=True)
+                if copier is not None and not self.consuming:
+                    if close_dst:
+                        os.close(copier.sink.fd)
+                    copier = None
+                if left:
+                    self._send_abort()
+                    ch.skip(left)
+                    self.discarded += left
         finally:
-            if close_dst and dst is not None:
-                os.close(dst)
+            if close_dst and copier is not None:
+                os.close(copier.sink.fd)
 
-    def _count(self, k: int) -> None:
-        self.nbytes += k
-        self._conn.stats.stream_bytes_received += k
-        if self._progress is not None:
-            self._progress(k)
-
-    def _move(self, dst: int, n: int, use_splice: bool) -> int:
-        """Move up to n payload bytes from the connection into dst. Returns bytes consumed from the
-        connection (-1 via BlockingIOError when nothing could move). A dead consumer flips
-        consumer_gone and the bytes already taken are dropped."""
-        conn = self._conn
-        if use_splice:
-            try:
-                k = os.splice(conn._rfd, dst, n, flags=_SPLICE_FLAGS)
-            except BrokenPipeError:
-                self.consumer_gone = True
-                return 0
-            if k:
-                conn._last_recv = time.monotonic()
-                conn.stats.spliced_bytes += k
-                self._count(k)
-            return k
-        data = conn._read_some(min(n, STREAM_CHUNK))
-        if data is None:
-            raise BlockingIOError
-        if not data:
+    def _next_payload(self) -> int:
+        """The length of the next DATA frame's payload; 0 after END (recorded) or a late ABORT."""
+        ch = self.channel
+        frame = ch.read_frame()
+        body = frame.body or {}
+        if frame.type == FRAME_ABORT:
             return 0
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(dst, view):]
-            except BlockingIOError:
-                conn._wait([], [dst], None, extra_wake=self._wake_r)
-                conn._credit_peer()
-                if self._abandoned:
-                    break
-            except BrokenPipeError:
-                self.consumer_gone = True
-                break
-            except OSError as e:
-                self._consumer_error = f"writing the stream failed: {e.strerror}"
-                break
-        self._count(len(data))
-        return len(data)
+        if frame.type == FRAME_END:
+            self._record_end(body)
+            return 0
+        if frame.type == FRAME_ERROR and body.get("fatal"):
+            err = ProtocolError(f"the peer reported a protocol error: {body.get('error')}",
+                                kind=self.kind, peer=ch.name)
+            ch.mark_broken(err)
+            raise err
+        if frame.type != FRAME_DATA:
+            raise ch.fail(f"unexpected {frame.name} frame inside a stream")
+        return frame.length
 
-    def _discard_some(self, n: int) -> int:
-        conn = self._conn
-        data = conn._read_some(min(n, STREAM_CHUNK))
-        while data is None:
-            conn._wait_readable(None)
-            data = conn._read_some(min(n, STREAM_CHUNK))
-        if not data:
-            raise conn._lost("connection closed by the peer in the middle of a stream")
-        return len(data)
+    def _count(self, n: int, spliced: bool) -> None:
+        self.nbytes += n
+        self.channel.record_received(n, spliced=spliced)
+        if self._progress is not None:
+            self._progress(n)
+
+    def _pause(self, delay: float) -> None:
+        self.channel.wait([], [], delay, wake=self._wake_r)
+        self.channel.credit_peer()
 
 
-# ---- serving ------------------------------------------------------------------------------------
+# ---- the session --------------------------------------------------------------------------------
 
-def serve_connection(conn: Connection, handlers: dict[str, Handler], *, identity: str | None = None) -> None:
-    """Serve one connection until the client disconnects (returns normally).
+class Connection:
+    """One protocol session over a FrameChannel: the handshake, then requests (client) or serving
+    them (server). Create with local_pair(), Connection.from_stdio() or ssh_connect(); the keyword
+    arguments are FrameChannel's.
 
-    Handshakes first if not done (`identity` as in handshake_server). Each REQUEST goes to
-    handlers[kind](body, ctx); a ZreplError from a handler becomes an ERROR answer (the
-    connection goes on); any other exception too, logged as an internal error. Garbage from the
-    peer (bad magic, unknown frame type, oversized header, truncated frame, invalid JSON, header
-    not an object, unknown request kind) gets an ERROR frame and ends serving with ProtocolError.
-    A dead peer raises ConnectionLost, cancel() raises Cancelled.
+    Client side: handshake_client(), then request(). Server side: serve() / serve_connection() (or
+    handshake_server() and the loop yourself). Attributes you may set before the handshake:
+    `send_limit` / `recv_limit` (TokenBucket, bandwidth limits for streams), `progress` (called
+    with the byte count of every stream chunk moved, from whichever thread moves it), `fd_passing`
+    (False forces DATA frames even over AF_UNIX). `channel` is the layer below (its `timeout` and
+    `heartbeat_interval` may change any time); `name` and `stats` are the channel's.
     """
-    if not conn.peer_hello:
-        conn.handshake_server(identity)
-    while True:
-        conn._credit_peer()
-        frame = conn._read_frame(allow_eof=True)
+
+    def __init__(self, *, sock: socket.socket | None = None, rfd: int | None = None,
+                 wfd: int | None = None, name: str = "peer", timeout: float = DEFAULT_PEER_TIMEOUT,
+                 heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+                 process: TransportProcess | None = None, restore_blocking: bool = False):
+        self.channel = FrameChannel(sock=sock, rfd=rfd, wfd=wfd, name=name, timeout=timeout,
+                                    heartbeat_interval=heartbeat_interval, process=process,
+                                    restore_blocking=restore_blocking)
+        self.send_limit: TokenBucket | None = None
+        self.recv_limit: TokenBucket | None = None
+        self.progress: Callable[[int], None] | None = None
+        self.fd_passing = self.channel.is_socket
+        self.peer_hello: dict[str, Any] = {}
+        self.identity: str | None = None
+        self._request_lock = threading.Lock()
+        self._next_id = 1
+        self._is_client = False
+
+    @classmethod
+    def from_stdio(cls, *, name: str = "stdio client", timeout: float = DEFAULT_PEER_TIMEOUT,
+                   heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL) -> Connection:
+        """Server side of `stdinserver`: take over stdin/stdout. Stray prints can't corrupt the
+        protocol afterwards: fd 0 becomes /dev/null and fd 1 a copy of stderr."""
+        rfd, wfd = os.dup(0), os.dup(1)
+        for fd in (rfd, wfd):
+            os.set_inheritable(fd, False)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.dup2(2, 1)
+        return cls(rfd=rfd, wfd=wfd, name=name, timeout=timeout,
+                   heartbeat_interval=heartbeat_interval, restore_blocking=True)
+
+    @property
+    def name(self) -> str:
+        return self.channel.name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self.channel.name = value
+
+    @property
+    def stats(self) -> ConnectionStats:
+        return self.channel.stats
+
+    @property
+    def is_socket(self) -> bool:
+        """True when fds can travel (a connected AF_UNIX socket)."""
+        return self.channel.is_socket
+
+    # tests/test_stdinserver.py reads these three; new code uses conn.channel
+    @property
+    def _child(self) -> subprocess.Popen | None:
+        return self.channel.process.proc if self.channel.process is not None else None
+
+    @property
+    def _child_stderr(self) -> RingBuffer | None:
+        return self.channel.process.stderr if self.channel.process is not None else None
+
+    @property
+    def _sock(self) -> socket.socket | None:
+        return self.channel.sock
+
+    def _accepts_fds(self) -> bool:
+        return self.is_socket and self.fd_passing and self.recv_limit is None
+
+    def _may_pass_fd(self, peer_accepts: bool) -> bool:
+        return peer_accepts and self.is_socket and self.fd_passing and self.send_limit is None
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Abort whatever this connection is doing, from any thread: every blocked call raises
+        Cancelled promptly. The connection is unusable after."""
+        self.channel.cancel(reason)
+
+    def close(self) -> None:
+        """Cancel, close the fds and stop the transport process (ssh) if there is one. Call it from
+        the owning thread once nothing uses the connection; other threads use cancel()."""
+        self.channel.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- handshake ----------------------------------------------------------------------------
+
+    def _hello(self, identity: str | None) -> dict[str, Any]:
+        hello: dict[str, Any] = {"protocol": PROTOCOL_NAME, "version": PROTOCOL_VERSION,
+                                 "software": __version__, "accept_fds": self._accepts_fds()}
+        if identity is not None:
+            hello["identity"] = identity
+        return hello
+
+    def _check_hello(self, body: dict[str, Any]) -> None:
+        if body.get("protocol") != PROTOCOL_NAME:
+            raise self.channel.fail(f"peer is not a zrepl.py endpoint (protocol {body.get('protocol')!r:.200})")
+        version = body.get("version")
+        if version != PROTOCOL_VERSION:
+            peer, me = ("server", "client") if self._is_client else ("client", "server")
+            raise self.channel.fail(
+                f"protocol version mismatch: the {peer} (zrepl.py {body.get('software', '?')!s:.100}) speaks "
+                f"version {version!r:.100}, the {me} (zrepl.py {__version__}) speaks version {PROTOCOL_VERSION}; "
+                "install the same zrepl.py on both hosts")
+
+    def handshake_client(self, identity: str) -> dict[str, Any]:
+        """Active side: introduce ourselves as `identity`.
+
+        Returns:
+        the server's HELLO body
+
+        Raises:
+        ProtocolError with the server's message when it refuses (temporary as the server says, e.g.
+          while it still serves this identity's previous connection) or answers garbage
+        ConnectionLost ("handshake failed: ..."), PeerTimeout, Cancelled
+        """
+        ch = self.channel
+        ch.check_usable()
+        self._is_client = True
+        try:
+            ch.send_frame(FRAME_HELLO, self._hello(identity))
+            frame = ch.read_frame(deadline=time.monotonic() + ch.timeout)
+            if frame.type == FRAME_ERROR:
+                body = frame.body or {}
+                err = ProtocolError(f"handshake refused: {body.get('error', 'no reason given')!s:.2000}",
+                                    peer=ch.name, temporary=body.get("temporary") is True)
+                ch.mark_broken(err)
+                raise err
+            if frame.type != FRAME_HELLO:
+                raise ch.fail(f"expected HELLO from the server, got {frame.name}")
+            assert frame.body is not None
+            self._check_hello(frame.body)
+        except ConnectionLost as e:
+            e.message = f"handshake failed: {e.message}"
+            raise
+        self.peer_hello, self.identity = frame.body, identity
+        ch.start_heartbeat()
+        return frame.body
+
+    def handshake_server(self, identity: str | None = None) -> str:
+        """Passive side: read the client's HELLO, check the version, answer with ours.
+
+        Returns:
+        the client identity: `identity` if given (stdinserver: it comes from the forced command
+        and the client's claim is ignored), else the one the client sent (local transport)
+
+        Raises:
+        ProtocolError for a wrong first frame, version or identity (the client gets an ERROR frame)
+        ConnectionLost, PeerTimeout, Cancelled
+        """
+        ch = self.channel
+        ch.check_usable()
+        frame = ch.read_frame_or_eof(deadline=time.monotonic() + ch.timeout, skip_heartbeats=False)
         if frame is None:
-            return
-        if frame.type in (FRAME_HEARTBEAT, FRAME_ABORT):
-            continue
-        if frame.type != FRAME_REQUEST:
-            raise conn._fail_protocol(f"expected a REQUEST frame, got {frame.name}")
-        try:
-            _serve_request(conn, frame.body or {}, handlers)
-        finally:
-            conn._current_kind = None
+            raise ch.lost("peer closed the connection before the handshake")
+        if frame.type != FRAME_HELLO:
+            raise ch.fail(f"expected HELLO as the first frame, got {frame.name}")
+        assert frame.body is not None
+        self._check_hello(frame.body)
+        if identity is None:
+            claimed = frame.body.get("identity")
+            if (not isinstance(claimed, str) or not 0 < len(claimed) <= 255
+                    or any(ord(c) < 32 or c in "/@#" for c in claimed)):
+                raise ch.fail(f"invalid client identity {claimed!r:.300}")
+            identity = claimed
+        ch.send_frame(FRAME_HELLO, self._hello(None))
+        self.peer_hello, self.identity = frame.body, identity
+        ch.start_heartbeat()
+        return identity
 
+    # ---- client requests ----------------------------------------------------------------------
 
-def _serve_request(conn: Connection, header: dict[str, Any], handlers: dict[str, Handler]) -> None:
-    rid, kind, body = header.get("id"), header.get("kind"), header.get("body", {})
-    smode, accept_fd = header.get("stream"), header.get("accept_fd", False)
-    if (not isinstance(rid, int) or isinstance(rid, bool) or not isinstance(kind, str)
-            or not isinstance(body, dict) or smode not in (None, "data", "fd")
-            or (smode == "fd" and not conn._accepts_fds()) or not isinstance(accept_fd, bool)):
-        raise conn._fail_protocol(f"malformed REQUEST header {header!r:.200}")
-    conn._current_kind = kind
-    handler = handlers.get(kind)
-    if handler is None:
-        raise conn._fail_protocol(f"unknown request type {kind!r}")
-    incoming = IncomingStream(conn, smode, kind, conn.progress, rid) if smode else None
-    ctx = RequestContext(kind=kind, identity=conn.identity or "", conn=conn, stream=incoming,
-                         accept_fd=accept_fd)
-    reply: Reply | None = None
-    error: dict[str, Any] | None = None
-    try:
-        result = handler(body, ctx)
-        reply = result if isinstance(result, Reply) else Reply({} if result is None else result)
-        if not isinstance(reply.body, dict):
-            raise TypeError(f"handler returned {type(reply.body).__name__}, not a dict")
-        json.dumps(reply.body)  # unencodable answers are the handler's error, not a broken connection
-    except (ProtocolError, Cancelled) as e:
-        if conn._broken is not None or conn._cancel_reason is not None:
-            raise  # our own connection broke: nothing more can be said on it
-        error = {"error": str(e), "type": type(e).__name__, "temporary": bool(getattr(e, "temporary", False))}
-    except ZreplError as e:
-        error = {"error": str(e), "type": type(e).__name__, "temporary": bool(getattr(e, "temporary", False))}
-    except Exception as e:  # a bug in a handler must not kill the server nor print a traceback
-        log.error("internal error while handling %r: %s: %s", kind, type(e).__name__, e,
-                  exc_info=log.isEnabledFor(logging.DEBUG))
-        error = {"error": f"internal error on the serving side: {type(e).__name__}: {e}",
-                 "type": "InternalError", "temporary": False}
-        if reply is not None and reply.stream is not None:
-            os.close(reply.stream.fd)
-            reply = None
-    conn._credit_peer()
-    if error is not None:
-        conn._send_frame(FRAME_ERROR, {"id": rid, "kind": kind, "fatal": False, **error})
-    else:
-        assert reply is not None
-        out = reply.stream
-        mode = None if out is None else ("fd" if conn._may_pass_fd(accept_fd) else "data")
+    def request(self, kind: str, body: dict[str, Any] | None = None, *,
+                stream_in: OutgoingStream | int | None = None,
+                stream_out: Callable[[dict[str, Any], IncomingStream], Any] | None = None,
+                timeout: float | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Send one request and return the response body.
+
+        `stream_in`: a stream to send with the request (push: `zfs send` stdout; fd ownership passes
+        to us). `stream_out(body, stream)`: called when the response carries a stream (pull); hand
+        `stream.open_fd()` to `zfs recv`. When it returns we wait for the stream's END and raise
+        StreamError if the producer failed; if it raises, the rest of the stream is dropped and the
+        error propagates. `timeout`: how long to wait for the answer after our part was sent (None:
+        as long as the peer shows life). `progress`: overrides the connection's progress callback.
+
+        Raises:
+        RemoteError if the handler failed (the connection stays usable)
+        StreamError if the response's stream did not arrive whole (usable too)
+        FrameTooLarge if the request is over MAX_HEADER_SIZE (nothing was sent; usable too)
+        ProtocolError, ConnectionLost, PeerTimeout if the connection broke (unusable afterwards)
+        Cancelled if cancel() was called
+        """
+        out = OutgoingStream(stream_in) if isinstance(stream_in, int) else stream_in
+        with self._request_lock:
+            try:
+                self.channel.check_usable()
+                if not self.peer_hello:
+                    raise ProtocolError("request before handshake", kind=kind, peer=self.name)
+            except ZreplError:
+                if out is not None:  # ownership passed to us: don't leak it
+                    os.close(out.fd)
+                raise
+            self.channel.kind = kind
+            try:
+                return self._request(kind, body or {}, out, stream_out, timeout, progress or self.progress)
+            except (ProtocolError, Cancelled) as e:
+                self.channel.mark_broken(e)
+                raise
+            finally:
+                self.channel.kind = None
+
+    def _request(self, kind: str, body: dict[str, Any], out: OutgoingStream | None,
+                 stream_out: Callable[[dict[str, Any], IncomingStream], Any] | None,
+                 timeout: float | None, progress: Callable[[int], None] | None) -> dict[str, Any]:
+        ch = self.channel
+        mode = None
+        if out is not None:
+            mode = "fd" if self._may_pass_fd(self.peer_hello.get("accept_fds") is True) else "data"
+        accept_fd = stream_out is not None and self._accepts_fds()
+        rid, self._next_id = self._next_id, self._next_id + 1
+        ch.credit_peer()
         try:
-            conn._send_frame(FRAME_RESPONSE, {"id": rid, "body": reply.body, "stream": mode})
+            ch.send_frame(FRAME_REQUEST, {"id": rid, "kind": kind, "body": body, "stream": mode,
+                                          "accept_fd": accept_fd})
         except BaseException:
             if out is not None:
                 os.close(out.fd)
             raise
+        early = None
         if out is not None and mode is not None:
-            conn._send_stream(out, mode, conn.progress, rid)
-    if incoming is not None and not incoming._finished:
-        incoming.discard()  # the handler did not consume all of it; the client stops on our answer
+            early = self._send_stream(out, mode, rid, progress)
+        reply = early or self._read_reply(rid, None if timeout is None else time.monotonic() + timeout)
+        assert reply.body is not None
+        if reply.type == FRAME_ERROR:
+            raise self._remote_error(reply.body, kind)
+        resp_body = reply.body.get("body", {})
+        smode = reply.body.get("stream")
+        if reply.body.get("id") != rid or not isinstance(resp_body, dict) or smode not in (None, "fd", "data"):
+            raise ch.fail(f"malformed RESPONSE header {reply.body!r:.200}")
+        if smode == "fd" and not accept_fd:
+            raise ch.fail("peer passed a file descriptor we did not accept")
+        if smode is None:
+            return resp_body
+        stream = IncomingStream(ch, smode, kind=kind, rid=rid, progress=progress, limit=self.recv_limit)
+        if stream_out is None:
+            stream.discard()
+            raise ch.fail("peer answered with a stream to a request that expects none")
+        try:
+            stream_out(resp_body, stream)
+        except BaseException:
+            stream.discard()
+            raise
+        stream.finish()
+        return resp_body
+
+    def _read_reply(self, rid: int, deadline: float | None) -> WireFrame:
+        while True:
+            frame = self.channel.read_frame(deadline=deadline)
+            if frame.type == FRAME_ABORT:
+                continue  # a late ABORT refers to a stream that has ended already
+            if frame.type in (FRAME_RESPONSE, FRAME_ERROR):
+                return frame
+            raise self.channel.fail(f"unexpected {frame.name} frame while waiting for the answer")
+
+    def _remote_error(self, body: dict[str, Any], kind: str) -> ZreplError:
+        msg = _proto_cut(str(body.get("error", "no reason given")))
+        if body.get("fatal"):
+            err = ProtocolError(f"the peer rejected the request: {msg}", kind=kind, peer=self.name)
+            self.channel.mark_broken(err)
+            return err
+        return RemoteError(msg, kind=kind, peer=self.name, remote_type=str(body.get("type", ""))[:100],
+                           temporary=body.get("temporary") is True)
+
+    def _send_stream(self, out: OutgoingStream, mode: str, rid: int,
+                     progress: Callable[[int], None] | None) -> WireFrame | None:
+        sender = StreamSender(self.channel, rid, answer_may_come=self._is_client, limit=self.send_limit,
+                              progress=progress)
+        return sender.send(out, mode)
+
+    # ---- serving ------------------------------------------------------------------------------
+
+    def serve(self, handlers: dict[str, Handler], *, identity: str | None = None) -> None:
+        """Serve this connection until the client disconnects (then return normally).
+
+        Handshakes first if not done (`identity` as in handshake_server). Each REQUEST goes to
+        handlers[kind](body, ctx); a ZreplError from a handler becomes an ERROR answer (the
+        connection goes on), any other exception too, logged as an internal error, and so does an
+        answer too large for one frame (FrameTooLarge). Garbage from the peer (bad magic, unknown
+        frame type, oversized frame, truncated frame, invalid or too deeply nested JSON, header
+        not an object, unknown request kind) gets an ERROR frame and ends serving.
+
+        Raises:
+        ProtocolError for the peer's garbage (permanent)
+        ConnectionLost, PeerTimeout if the peer went away
+        Cancelled if cancel() was called
+        """
+        if not self.peer_hello:
+            self.handshake_server(identity)
+        ch = self.channel
+        while True:
+            ch.credit_peer()
+            frame = ch.read_frame_or_eof()
+            if frame is None:
+                return
+            if frame.type == FRAME_ABORT:
+                continue
+            if frame.type != FRAME_REQUEST:
+                raise ch.fail(f"expected a REQUEST frame, got {frame.name}")
+            try:
+                self._serve_request(frame.body or {}, handlers)
+            finally:
+                ch.kind = None
+
+    def _serve_request(self, header: dict[str, Any], handlers: dict[str, Handler]) -> None:
+        ch = self.channel
+        rid, kind, body = header.get("id"), header.get("kind"), header.get("body", {})
+        smode, accept_fd = header.get("stream"), header.get("accept_fd", False)
+        if (not isinstance(rid, int) or isinstance(rid, bool) or not isinstance(kind, str)
+                or not isinstance(body, dict) or smode not in (None, "data", "fd")
+                or (smode == "fd" and not self._accepts_fds()) or not isinstance(accept_fd, bool)):
+            raise ch.fail(f"malformed REQUEST header {header!r:.200}")
+        ch.kind = kind
+        handler = handlers.get(kind)
+        if handler is None:
+            raise ch.fail(f"unknown request type {kind!r:.200}")
+        incoming = None
+        if smode is not None:
+            incoming = IncomingStream(ch, smode, kind=kind, rid=rid, progress=self.progress, limit=self.recv_limit)
+        ctx = RequestContext(kind=kind, identity=self.identity or "", conn=self, stream=incoming,
+                             accept_fd=accept_fd)
+        mode = "fd" if self._may_pass_fd(accept_fd) else "data"
+        ftype, payload, out = self._answer(handler, body, ctx, rid, mode)
+        ch.credit_peer()
+        try:
+            ch.send_frame(ftype, payload)
+        except BaseException:
+            if out is not None:
+                os.close(out.fd)
+            raise
+        if out is not None:
+            self._send_stream(out, mode, rid, self.progress)
+        if incoming is not None and not incoming.finished:
+            incoming.discard()  # the handler did not consume all of it; the client stops on our answer
+
+    def _answer(self, handler: Handler, body: dict[str, Any], ctx: RequestContext, rid: int,
+                mode: str) -> tuple[int, bytes, OutgoingStream | None]:
+        """Run the handler. Returns the answer, encoded (RESPONSE, or ERROR when the handler failed
+        or its answer can't be sent), and the stream to send after a RESPONSE."""
+        reply: Reply | None = None
+        try:
+            result = handler(body, ctx)
+            reply = result if isinstance(result, Reply) else Reply({} if result is None else result)
+            if not isinstance(reply.body, dict):
+                raise TypeError(f"handler returned {type(reply.body).__name__}, not a dict")
+            # encoded here: an unencodable or oversized answer is the handler's error, not a broken connection
+            header = {"id": rid, "body": reply.body, "stream": None if reply.stream is None else mode}
+            return FRAME_RESPONSE, encode_control(FRAME_RESPONSE, header, kind=ctx.kind), reply.stream
+        except (ProtocolError, Cancelled) as e:
+            if not self.channel.usable:
+                raise  # our own connection broke: nothing more can be said on it
+            error = {"error": str(e), "type": type(e).__name__, "temporary": e.temporary}
+        except ZreplError as e:
+            error = {"error": str(e), "type": type(e).__name__, "temporary": e.temporary}
+        except Exception as e:  # a bug in a handler must not kill the server nor print a traceback
+            log.error("internal error while handling %r: %s: %s", ctx.kind, type(e).__name__, e,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            error = {"error": f"internal error on the serving side: {type(e).__name__}: {e}",
+                     "type": "InternalError", "temporary": False}
+        if reply is not None and reply.stream is not None:
+            os.close(reply.stream.fd)
+        error["error"] = _proto_cut(str(error["error"]))
+        return FRAME_ERROR, encode_control(FRAME_ERROR, {"id": rid, "kind": ctx.kind[:200], "fatal": False,
+                                                         **error}), None
+
+
+def serve_connection(conn: Connection, handlers: dict[str, Handler], *, identity: str | None = None) -> None:
+    """conn.serve(handlers, identity=identity): see Connection.serve."""
+    conn.serve(handlers, identity=identity)
 
 
 class ProtocolServer:
@@ -5898,7 +6479,7 @@ class ProtocolServer:
 
     def _run(self, conn: Connection, identity: str | None) -> None:
         try:
-            serve_connection(conn, self.handlers, identity=identity)
+            conn.serve(self.handlers, identity=identity)
         except ZreplError as e:
             log.warning("connection %s ended: %s", conn.name, e)
             self.failures.append((conn.name, e))
@@ -5941,7 +6522,10 @@ def ssh_connect(argv: Sequence[str], *, name: str | None = None, timeout: float 
                 env: dict[str, str] | None = None) -> Connection:
     """The `ssh+stdinserver` transport: run argv (e.g. `ssh -T -o BatchMode=yes ... user@host`)
     and talk over its stdin/stdout. Its stderr is kept in a RingBuffer and quoted in errors;
-    closing the connection stops the process."""
+    closing the connection stops the process.
+
+    Raises: ProtocolError (permanent) if argv can't be started
+    """
     argv = list(argv)
     if not argv:
         raise ValueError("ssh_connect needs a command")
@@ -5964,8 +6548,7 @@ def ssh_connect(argv: Sequence[str], *, name: str | None = None, timeout: float 
     thread.start()
     assert proc.stdin is not None and proc.stdout is not None
     return Connection(rfd=proc.stdout.fileno(), wfd=proc.stdin.fileno(), name=label, timeout=timeout,
-                      heartbeat_interval=heartbeat_interval, child=proc, child_stderr=ring,
-                      child_stderr_thread=thread)
+                      heartbeat_interval=heartbeat_interval, process=TransportProcess(proc, ring, thread))
 
 
 # =================================================================================================

@@ -219,8 +219,9 @@ def stdio_server(tmp_path):
 
     yield make
     for c in conns:
-        if c._child is not None and c._child.poll() is None:
-            os.kill(c._child.pid, signal.SIGCONT)
+        proc = c.channel.process.proc
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
         c.close()
 
 
@@ -291,7 +292,7 @@ def test_client_reports_a_server_printing_garbage(tmp_path):
         assert "bad frame magic" in str(ei.value) and "Welcome" in str(ei.value)
     finally:
         conn.close()
-    assert conn._child.poll() is not None
+    assert conn.channel.process.proc.poll() is not None
 
 
 # ---- garbage ------------------------------------------------------------------------------------
@@ -308,6 +309,11 @@ GARBAGE = {
     "data outside a stream": raw_frame(zrepl.FRAME_DATA, b"xyz"),
     "heartbeat with payload": raw_frame(zrepl.FRAME_HEARTBEAT, b"{}"),
     "fd frame without fd": json_frame(zrepl.FRAME_FDPASS, {}),
+    # the decoder's recursion limit must end in a clean ERROR, not an internal error (issue 14.7)
+    "json nested 100000 deep": raw_frame(zrepl.FRAME_REQUEST, b'{"id": 1, "kind": "echo", "body": {"a": '
+                                         + b"[" * 100_000 + b"]" * 100_000 + b"}}"),
+    "json nested 33 deep": raw_frame(zrepl.FRAME_REQUEST, b'{"id": 1, "kind": "echo", "body": '
+                                     + b'{"a": ' * 32 + b"1" + b"}" * 32 + b"}"),
 }
 GARBAGE_MESSAGES = {
     "bad magic": "bad frame magic", "unknown frame type": "unknown frame type 77",
@@ -315,6 +321,8 @@ GARBAGE_MESSAGES = {
     "header not an object": "not a JSON object", "unknown request type": "unknown request type 'rm -rf'",
     "malformed request": "malformed REQUEST", "data outside a stream": "expected a REQUEST frame, got DATA",
     "heartbeat with payload": "HEARTBEAT frame with", "fd frame without fd": "without a file descriptor",
+    "json nested 100000 deep": "JSON nested deeper than 32 levels",
+    "json nested 33 deep": "JSON nested deeper than 32 levels",
 }
 
 
@@ -584,9 +592,9 @@ def test_request_timeout_bounds_the_wait_for_an_answer(local):
 def test_stopped_peer_process_mid_stream_is_detected(stdio_server):
     conn = stdio_server(timeout=30, heartbeat=0.2)
     conn.handshake_client("c")  # a generous timeout: the peer's interpreter may start slowly
-    conn.timeout = 1  # then a stopped peer must be noticed within about a second
+    conn.channel.timeout = 1  # then a stopped peer must be noticed within about a second
     endless = subprocess.Popen(["cat", "/dev/zero"], stdout=subprocess.PIPE)
-    timer = threading.Timer(0.5, os.kill, (conn._child.pid, signal.SIGSTOP))
+    timer = threading.Timer(0.5, os.kill, (conn.channel.process.proc.pid, signal.SIGSTOP))
     timer.start()
     start = time.monotonic()
     with pytest.raises(zrepl.PeerTimeout):
@@ -782,13 +790,13 @@ def test_oversized_request_is_refused_locally_and_connection_survives(local):
     assert client.request("echo", {"small": 1})["echo"] == {"small": 1}
 
 
-def test_stream_pacer_waits_for_a_batch_only_when_the_rate_says_it_is_worth_it(monkeypatch):
+def test_stream_pacer_waits_for_a_batch_only_when_the_rate_says_it_is_worth_it():
     slept: list[float] = []
-    monkeypatch.setattr(zrepl.time, "sleep", slept.append)
     r, w = os.pipe()
     try:
         zrepl._proto_grow_pipe(w, 1 << 20)
-        pacer = zrepl._StreamPacer(w)
+        pacer = zrepl._StreamPacer.for_pipe(w, reading=False, sleep=slept.append)
+        assert pacer is not None
         assert pacer.batch == (1 << 20) // 4
         pacer.pause(0, 1 << 20)
         assert slept == []  # no rate known yet: never wait blind
@@ -800,6 +808,12 @@ def test_stream_pacer_waits_for_a_batch_only_when_the_rate_says_it_is_worth_it(m
         pacer.rate = 2 << 30  # 2 GiB/s: the batch is 0.1 ms away, not worth a sleep
         pacer.pause(0, 1 << 20)
         assert slept == [zrepl.MAX_PACE_DELAY]
+        pacer.rate = 16 << 20
+        os.write(w, b"x" * pacer.size)  # the pipe we write to is full
+        pacer.pace(1 << 20, first=True)  # a frame's first splice goes at once
+        assert slept == [zrepl.MAX_PACE_DELAY]
+        pacer.pace(1 << 20, first=False)  # after one that filled the pipe, waiting pays off
+        assert slept == [zrepl.MAX_PACE_DELAY] * 2
     finally:
         os.close(r)
         os.close(w)
