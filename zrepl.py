@@ -1870,7 +1870,7 @@ class GlobalServeConfig:
 class GlobalConfig:
     """The `[global]` table."""
 
-    status_file: str = "/run/zrepl/status.json"
+    status_file: str = "/var/lib/zrepl/status.json"  # world-readable, outside the 0700 runtime dir (status)
     runtime_dir: str = "/run/zrepl"
     logging: list[LoggingConfig] = field(default_factory=lambda: [LoggingConfig()])
     monitoring: list[MonitoringOutlet] = field(default_factory=list)
@@ -6953,7 +6953,7 @@ class ReceiverEndpoint:
             tags = self.zfs.holds(held)
             older = [name for name, t in tags.items() if tag in t]
             if older:
-                log.info("releasing hold %s on %s", tag, ", ".join(older))
+                log.debug("releasing hold %s on %s", tag, ", ".join(older))
                 self.zfs.release(tag, older)
 
     def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None:
@@ -6984,7 +6984,7 @@ class ReceiverEndpoint:
         tag = last_received_hold_tag(self.job)
         older = [name for name, tags in (self.zfs.holds(held) if held else {}).items() if tag in tags]
         if older:
-            log.info("%s: releasing stale last-received holds on %s", target, ", ".join(older))
+            log.debug("%s: releasing stale last-received holds on %s", target, ", ".join(older))
             destroy_abstractions(self.zfs, [Abstraction(ABSTRACTION_LAST_RECEIVED_HOLD, self.job, target,
                                                         name.partition("@")[2], tag=tag) for name in older])
 
@@ -7856,7 +7856,7 @@ class Replication:
                 if is_temporary(exc) and not self.cancel_reason:
                     retry.add(fs)
                 failed_now.add(fs)
-            log.error("%s: %s: %s", self.settings.job, fs, rep.error)
+            log.error("%s: %s: %s", self.settings.job, fs, rep.error, extra={"job": self.settings.job, "fs": fs})
             self._publish()
             return False
         with self.lock:
@@ -7952,7 +7952,8 @@ class Replication:
             self.current[fs] = (rep, progress, progress.bytes)
         progress.touch()  # signs of life between commands: see plan()
         self._publish()
-        log.info("%s: %s", self.settings.job, step.describe())
+        log.info("%s: %s", self.settings.job, step.describe(),
+                 extra={"job": self.settings.job, "fs": fs, "step": step.describe(), "bytes": expected})
         if level != "guarantee_nothing" and not step.resume_token:
             protect = [(v.name, v.guid) for v in step.received_versions() if v.is_snapshot]
             sender.protect(fs, level, protect, req.from_)
@@ -7969,6 +7970,9 @@ class Replication:
         progress.step_done()
         with self.lock:
             rep.last_replicated = f"{fs}@{step.to_version.name}"
+            # The stream is complete: it moved at least ZFS's estimate of it (`zfs send -P` reports
+            # once a second, so a short send counted less, or nothing).
+            rep.bytes_replicated = max(rep.bytes_replicated, expected or 0)
         sender.complete(fs, step.to_version.name, step.to_version.guid, level)
         progress.touch()
 
@@ -8331,13 +8335,14 @@ def snapshot_batch(zfs: Zfs, pool: str, filesystems: list[str], name: str, hooks
         if active:
             full = [f"{fs}@{name}" for fs in active]
             if dry_run:
-                log.info("dry run: would snapshot %s", ", ".join(full))
+                log.debug("dry run: would snapshot %s", ", ".join(full))
                 result.snapshotted = list(active)
             else:
                 try:
                     zfs.snapshot(full)
                     result.snapshotted = list(active)
-                    log.info("snapshotted %d filesystem(s) of pool %s as @%s", len(active), pool, name)
+                    log.info("snapshotted %d filesystem(s) of pool %s as @%s", len(active), pool, name,
+                             extra={"snapshot": name})
                 except ZfsError as exc:
                     # One bad filesystem must not cost the others their snapshot: retry one by one.
                     log.warning("atomic snapshot of pool %s failed, retrying per filesystem: %s", pool, exc)
@@ -8468,18 +8473,21 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
                 victims.append(v.name)
         for snap, snap_tags in result.held.items():
             level = logging.INFO if all(t.startswith("zrepl_") for t in snap_tags) else logging.WARNING
-            log.log(level, "not destroying %s@%s: held by %s", ds.name, snap, ", ".join(snap_tags))
+            log.log(level, "not destroying %s@%s: held by %s", ds.name, snap, ", ".join(snap_tags),
+                    extra={"fs": ds.name, "snapshot": snap})
         foreign = [n for n in victims if own_prefix and not n.startswith(own_prefix)]
-        if foreign:
-            log.warning("%s %d snapshot(s) of %s that this job did not make (no prefix %r): %s",
-                        "would destroy" if dry_run else "destroying", len(foreign), ds.name, own_prefix,
-                        ", ".join(foreign))
+        if foreign:  # a dry run prints them itself
+            log.log(logging.INFO if dry_run else logging.WARNING,
+                    "%s %d snapshot(s) of %s that this job did not make (no prefix %r): %s",
+                    "would destroy" if dry_run else "destroying", len(foreign), ds.name, own_prefix,
+                    ", ".join(foreign), extra={"fs": ds.name})
         if victims:
             if dry_run:
-                log.info("dry run: would destroy %s@%s", ds.name, ",".join(victims))
+                log.debug("dry run: would destroy %s@%s", ds.name, ",".join(victims), extra={"fs": ds.name})
                 result.destroyed, result.foreign_destroyed = victims, foreign
             else:
-                log.info("destroying %d snapshot(s) of %s: %s", len(victims), ds.name, ", ".join(victims))
+                log.info("destroying %d snapshot(s) of %s: %s", len(victims), ds.name, ", ".join(victims),
+                         extra={"fs": ds.name})
                 done = destroy(ds.name, victims)
                 result.destroyed, result.errors = done.destroyed, dict(done.errors)
                 for name, why in done.kept.items():  # the endpoint knows another job still needs it
@@ -9907,7 +9915,8 @@ def _never_ran(name: str, jtype: str, passive: bool, since: float | None, now: f
     config), then WARNING and CRITICAL like any job without success (is the timer enabled?)."""
     what = "no client has connected yet" if passive else "has not run yet"
     if since is None:  # nobody knows since when: a passive job waits, an active one should have run
-        return JobHealth(name, NAGIOS_OK if passive else NAGIOS_WARNING, f"passive {jtype}, {what}" if passive else what)
+        return JobHealth(name, NAGIOS_OK, f"passive {jtype}, {what}") if passive else \
+            JobHealth(name, NAGIOS_WARNING, what)
     age = now - since
     if age <= monitoring.warn_no_success_after:
         return JobHealth(name, NAGIOS_OK, f"{what} (configured {format_duration(age)} ago)")

@@ -40,7 +40,7 @@ def test_minimal_snap_job_loads_with_defaults():
     assert job.type == "snap"
     assert job.snapshotting.interval == 600
     assert job.filesystems.accepts("tank/x")
-    assert cfg.global_.status_file == "/run/zrepl/status.json"
+    assert cfg.global_.status_file == "/var/lib/zrepl/status.json"
     assert cfg.global_.runtime_dir == "/run/zrepl"
 
 
