@@ -41,10 +41,19 @@ Where things happen:
 
 from __future__ import annotations
 
+import sys
+
+# Before the imports and definitions that need 3.11 (tomllib, enum.StrEnum): one line, not a traceback.
+# (Python 3.7 and older stop earlier, at a syntax error, before any line of this file runs.)
+if sys.version_info < (3, 11):  # noqa: UP036
+    sys.stderr.write(f"zrepl.py needs Python 3.11+ (found {sys.version_info[0]}.{sys.version_info[1]})\n")
+    sys.exit(2)
+
 import argparse
 import array
 import bisect
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import enum
@@ -58,12 +67,12 @@ import os
 import re
 import selectors
 import shlex
+import shutil
 import signal
 import socket
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import termios
 import threading
@@ -73,12 +82,15 @@ import warnings
 import zlib
 import zoneinfo
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, get_type_hints
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 __version__ = "0.1.0"
 
 log = logging.getLogger("zrepl")
+# The job a log line belongs to: set by the command for each job's thread; the threads a job starts
+# run in a copy of its context (copy_context below), so their lines name the job too.
+LOG_JOB: contextvars.ContextVar[str | None] = contextvars.ContextVar("zrepl_log_job", default=None)
 
 
 # =================================================================================================
@@ -321,7 +333,8 @@ class PeriodicThread:
     def __init__(self, interval: float, name: str):
         self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,), name=name,
+                                        daemon=True)
 
     def __enter__(self) -> PeriodicThread:
         self._thread.start()
@@ -1809,7 +1822,7 @@ class LoggingConfig:
     or syslog. `time`, `color` and `retry_interval` are zrepl's keys, accepted for compatibility."""
 
     type: str = "stderr"
-    level: str = "info"
+    level: str = "warn"  # zrepl's default: quiet when all is well (cron mails every line it prints)
     format: str = "human"
     facility: str = "local0"  # zrepl's default
     time: bool = True
@@ -1857,7 +1870,7 @@ class GlobalServeConfig:
 class GlobalConfig:
     """The `[global]` table."""
 
-    status_file: str = "/run/zrepl/status.json"
+    status_file: str = "/var/lib/zrepl/status.json"  # world-readable, outside the 0700 runtime dir (status)
     runtime_dir: str = "/run/zrepl"
     logging: list[LoggingConfig] = field(default_factory=lambda: [LoggingConfig()])
     monitoring: list[MonitoringOutlet] = field(default_factory=list)
@@ -7538,7 +7551,7 @@ class ReceiverEndpoint:
             tags = self.zfs.holds(held)
             older = [name for name, t in tags.items() if tag in t]
             if older:
-                log.info("releasing hold %s on %s", tag, ", ".join(older))
+                log.debug("releasing hold %s on %s", tag, ", ".join(older))
                 self.zfs.release(tag, older)
 
     def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None:
@@ -7569,7 +7582,7 @@ class ReceiverEndpoint:
         tag = last_received_hold_tag(self.job)
         older = [name for name, tags in (self.zfs.holds(held) if held else {}).items() if tag in tags]
         if older:
-            log.info("%s: releasing stale last-received holds on %s", target, ", ".join(older))
+            log.debug("%s: releasing stale last-received holds on %s", target, ", ".join(older))
             destroy_abstractions(self.zfs, [Abstraction(ABSTRACTION_LAST_RECEIVED_HOLD, self.job, target,
                                                         name.partition("@")[2], tag=tag) for name in older])
 
@@ -7924,7 +7937,8 @@ def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRe
         finally:
             server.close()
 
-    thread = threading.Thread(target=serve, name=f"serve {passive.name}", daemon=True)
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(serve,), name=f"serve {passive.name}",
+                              daemon=True)
     thread.start()
     client.handshake_client(identity)
 
@@ -8440,7 +8454,7 @@ class Replication:
                 if is_temporary(exc) and not self.cancel_reason:
                     retry.add(fs)
                 failed_now.add(fs)
-            log.error("%s: %s: %s", self.settings.job, fs, rep.error)
+            log.error("%s: %s: %s", self.settings.job, fs, rep.error, extra={"job": self.settings.job, "fs": fs})
             self._publish()
             return False
         with self.lock:
@@ -8511,7 +8525,8 @@ class Replication:
                 log.warning("%s: replicating with %d lane(s) only: another connection failed: %s",
                             self.settings.job, len(lanes), exc)
                 break
-        workers = [threading.Thread(target=work, args=(lane,), name=f"lane {i}", daemon=True)
+        workers = [threading.Thread(target=contextvars.copy_context().run, args=(work, lane), name=f"lane {i}",
+                                    daemon=True)
                    for i, lane in enumerate(lanes)]
         for worker in workers:
             worker.start()
@@ -8535,7 +8550,8 @@ class Replication:
             self.current[fs] = (rep, progress, progress.bytes)
         progress.touch()  # signs of life between commands: see plan()
         self._publish()
-        log.info("%s: %s", self.settings.job, step.describe())
+        log.info("%s: %s", self.settings.job, step.describe(),
+                 extra={"job": self.settings.job, "fs": fs, "step": step.describe(), "bytes": expected})
         if level != "guarantee_nothing" and not step.resume_token:
             protect = [(v.name, v.guid) for v in step.received_versions() if v.is_snapshot]
             sender.protect(fs, level, protect, req.from_)
@@ -8552,6 +8568,9 @@ class Replication:
         progress.step_done()
         with self.lock:
             rep.last_replicated = f"{fs}@{step.to_version.name}"
+            # The stream is complete: it moved at least ZFS's estimate of it (`zfs send -P` reports
+            # once a second, so a short send counted less, or nothing).
+            rep.bytes_replicated = max(rep.bytes_replicated, expected or 0)
         sender.complete(fs, step.to_version.name, step.to_version.guid, level)
         progress.touch()
 
@@ -8674,8 +8693,10 @@ def _run_captured(argv: list[str], env: dict[str, str] | None, timeout: float,
             log.log(level, "hook %s: %s", os.path.basename(argv[0]), line.decode("utf-8", "replace").rstrip())
         stream.close()
 
-    threads = [threading.Thread(target=pump, args=(proc.stdout, logging.INFO), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, logging.WARNING), daemon=True)]
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(pump, proc.stdout, logging.INFO),
+                                daemon=True),
+               threading.Thread(target=contextvars.copy_context().run, args=(pump, proc.stderr, logging.WARNING),
+                                daemon=True)]
     for t in threads:
         t.start()
     if stdin_data is not None:
@@ -8912,13 +8933,14 @@ def snapshot_batch(zfs: Zfs, pool: str, filesystems: list[str], name: str, hooks
         if active:
             full = [f"{fs}@{name}" for fs in active]
             if dry_run:
-                log.info("dry run: would snapshot %s", ", ".join(full))
+                log.debug("dry run: would snapshot %s", ", ".join(full))
                 result.snapshotted = list(active)
             else:
                 try:
                     zfs.snapshot(full)
                     result.snapshotted = list(active)
-                    log.info("snapshotted %d filesystem(s) of pool %s as @%s", len(active), pool, name)
+                    log.info("snapshotted %d filesystem(s) of pool %s as @%s", len(active), pool, name,
+                             extra={"snapshot": name})
                 except ZfsError as exc:
                     # One bad filesystem must not cost the others their snapshot: retry one by one.
                     log.warning("atomic snapshot of pool %s failed, retrying per filesystem: %s", pool, exc)
@@ -9049,18 +9071,21 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
                 victims.append(v.name)
         for snap, snap_tags in result.held.items():
             level = logging.INFO if all(t.startswith("zrepl_") for t in snap_tags) else logging.WARNING
-            log.log(level, "not destroying %s@%s: held by %s", ds.name, snap, ", ".join(snap_tags))
+            log.log(level, "not destroying %s@%s: held by %s", ds.name, snap, ", ".join(snap_tags),
+                    extra={"fs": ds.name, "snapshot": snap})
         foreign = [n for n in victims if own_prefix and not n.startswith(own_prefix)]
-        if foreign:
-            log.warning("%s %d snapshot(s) of %s that this job did not make (no prefix %r): %s",
-                        "would destroy" if dry_run else "destroying", len(foreign), ds.name, own_prefix,
-                        ", ".join(foreign))
+        if foreign:  # a dry run prints them itself
+            log.log(logging.INFO if dry_run else logging.WARNING,
+                    "%s %d snapshot(s) of %s that this job did not make (no prefix %r): %s",
+                    "would destroy" if dry_run else "destroying", len(foreign), ds.name, own_prefix,
+                    ", ".join(foreign), extra={"fs": ds.name})
         if victims:
             if dry_run:
-                log.info("dry run: would destroy %s@%s", ds.name, ",".join(victims))
+                log.debug("dry run: would destroy %s@%s", ds.name, ",".join(victims), extra={"fs": ds.name})
                 result.destroyed, result.foreign_destroyed = victims, foreign
             else:
-                log.info("destroying %d snapshot(s) of %s: %s", len(victims), ds.name, ", ".join(victims))
+                log.info("destroying %d snapshot(s) of %s: %s", len(victims), ds.name, ", ".join(victims),
+                         extra={"fs": ds.name})
                 done = destroy(ds.name, victims)
                 result.destroyed, result.errors = done.destroyed, dict(done.errors)
                 for name, why in done.kept.items():  # the endpoint knows another job still needs it
@@ -9883,46 +9908,387 @@ class ClientRecorder:
 
 NAGIOS_OK, NAGIOS_WARNING, NAGIOS_CRITICAL, NAGIOS_UNKNOWN = 0, 1, 2, 3
 NAGIOS_NAMES = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
+# Which level wins when several are combined: UNKNOWN ("cannot tell") must not hide a CRITICAL job.
+_SEVERITY = {NAGIOS_OK: 0, NAGIOS_UNKNOWN: 1, NAGIOS_WARNING: 2, NAGIOS_CRITICAL: 3}
 STATUS_VERSION = 1
+
+
+def worst_level(levels: Iterable[int]) -> int:
+    """The most severe of Nagios levels (CRITICAL > WARNING > UNKNOWN > OK); OK for none."""
+    return max(levels, key=_SEVERITY.__getitem__, default=NAGIOS_OK)
+
+
+# ---- the status document: dataclasses read back defensively ----------------------------------------
+#
+# Writers (JobRunner, ClientRecorder) produce the JSON forms of these; readers (`status`, a run's
+# previous state, the store's merges) go through `from_json`, which keeps every well-formed value
+# and drops the rest with its path noted: a corrupted or hand-edited file never breaks a run, and
+# `status` says it could not read what it dropped instead of guessing.
+
+_JSON_INT_LIMIT = 2 ** 63  # no counter, pid or size of ours comes near; 10**30 is garbage
+
+
+def _json_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("json", f.name)
+
+
+class _JsonReader:
+    """Validates parsed JSON against the document's dataclasses, collecting problems."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def note(self, path: str, what: str) -> None:
+        if len(self.problems) < 50:
+            self.problems.append(f"{path}: {what}")
+
+    def read(self, hint: Any, raw: Any, path: str) -> tuple[bool, Any]:
+        """(ok, value) for raw as the type `hint`; not ok means: drop it (noted)."""
+        origin, args = getattr(hint, "__origin__", None), tuple(getattr(hint, "__args__", ()))
+        if hint is Any:
+            return True, raw
+        if origin is None and args:  # X | None
+            if raw is None and type(None) in args:
+                return True, None
+            inner = [a for a in args if a is not type(None)]
+            return self.read(inner[0], raw, path) if len(inner) == 1 else (False, None)
+        if origin is list:
+            if not isinstance(raw, list):
+                return self._bad(path, "expected an array", raw)
+            out = []
+            for i, item in enumerate(raw):
+                ok, value = self.read(args[-1], item, f"{path}[{i}]")
+                if ok:
+                    out.append(value)
+            return True, out
+        if origin is dict:
+            if not isinstance(raw, dict):
+                return self._bad(path, "expected an object", raw)
+            result = {}
+            for key, item in raw.items():
+                ok, value = self.read(args[-1], item, f"{path}.{key}")
+                if ok:
+                    result[key] = value
+            return True, result
+        if dataclasses.is_dataclass(hint):
+            return self.object(hint, raw, path)
+        if isinstance(hint, type) and issubclass(hint, enum.Enum):
+            try:
+                return True, hint(raw)
+            except (ValueError, TypeError):
+                return self._bad(path, f"not one of {', '.join(str(m.value) for m in hint)}", raw)
+        if hint is bool:
+            return (True, raw) if isinstance(raw, bool) else self._bad(path, "expected true or false", raw)
+        if hint is int:
+            if isinstance(raw, int) and not isinstance(raw, bool) and -_JSON_INT_LIMIT < raw < _JSON_INT_LIMIT:
+                return True, raw
+            return self._bad(path, "expected an integer", raw)
+        if hint is float:
+            if isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw) \
+                    and abs(raw) < _JSON_INT_LIMIT:
+                return True, float(raw)
+            return self._bad(path, "expected a finite number", raw)
+        if hint is str:
+            return (True, raw) if isinstance(raw, str) else self._bad(path, "expected a string", raw)
+        return self._bad(path, f"unexpected type {hint!r}", raw)
+
+    def _bad(self, path: str, what: str, raw: Any) -> tuple[bool, Any]:
+        self.note(path, f"{what}, got {shorten(raw, 40)}")
+        return False, None
+
+    def object(self, cls: Any, raw: Any, path: str) -> tuple[bool, Any]:
+        if not isinstance(raw, dict):
+            return self._bad(path, "expected an object", raw)
+        hints = _type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = _json_name(f)
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if key in raw:
+                ok, value = self.read(hints[f.name], raw[key], f"{path}.{key}" if path else key)
+                if ok:
+                    values[f.name] = value
+                    continue
+            if required:
+                if key not in raw:
+                    self.note(path, f"{key} is missing")
+                return False, None
+        return True, cls(**values)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def document_from_json(cls: type, raw: Any) -> tuple[Any, list[str]]:
+    """An instance of the dataclass `cls` from parsed JSON and the problems found (each with its
+    path). Malformed parts are left out; a malformed whole (or a missing required field) is None."""
+    reader = _JsonReader()
+    ok, value = reader.object(cls, raw, "")
+    return (value if ok else None), reader.problems
+
+
+def document_to_json(obj: Any) -> Any:
+    """The JSON form of a status dataclass (enums as their values; None fields left out)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if value is not None:
+                out[_json_name(f)] = document_to_json(value)
+        return out
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: document_to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [document_to_json(v) for v in obj]
+    return obj
+
+
+@dataclass
+class Activity:
+    """What a running job is doing now."""
+
+    step: str = ""
+    progress: str = ""
+    since: str | None = None
+
+
+@dataclass
+class RunRecord:
+    """One pass of a job: `result` is running, ok, failed (some filesystem) or error (the pass)."""
+
+    start: str | None = None
+    end: str | None = None
+    result: str = ""
+    error: str | None = None
+    failures: dict[str, str] = field(default_factory=dict)
+    dry_run: bool = False
+
+
+@dataclass
+class PruneSummary:
+    """What pruning did: a job's `pruning*` totals, or one dataset's (`dataset` set)."""
+
+    dataset: str | None = None
+    destroyed: list[str] = field(default_factory=list)
+    kept: int = 0
+    held: dict[str, list[str]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    foreign_destroyed: list[str] = field(default_factory=list)
+    foreign_at_risk: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SnapshotRecord:
+    """A filesystem's snapshotting and pruning record (snap, push and source jobs)."""
+
+    last_snapshot: str | None = None
+    last_snapshot_time: str | None = None
+    snapshot_error: str | None = None
+    pruning: PruneSummary | None = None
+
+
+@dataclass
+class ReplicationRecord:
+    """The last (or running) replication of an active job; filesystems as FilesystemReport."""
+
+    started: str | None = None
+    cancelled: str | None = None
+    filesystems: dict[str, FilesystemReport] = field(default_factory=dict)
+
+
+@dataclass
+class ClientConnection:
+    start: str | None = None
+    end: str | None = None
+    result: str = ""
+    error: str | None = None
+    pid: int | None = None
+    requests: int = 0
+    transfers: int = 0
+    bytes: int = 0
+    destroyed: int = 0
+    failed_requests: int = 0
+
+
+@dataclass
+class ClientTransfer:
+    time: str | None = None
+    received: str | None = None
+    sent: str | None = None
+    from_: str | None = field(default=None, metadata={"json": "from"})
+    resumed: bool = False
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class ClientError:
+    time: str | None = None
+    request: str = ""
+    error: str = ""
+
+
+@dataclass
+class ClientRecord:
+    """What a passive job's stdinserver processes recorded about one client identity."""
+
+    last_connection: ClientConnection | None = None
+    last_success: str | None = None
+    transfers: list[ClientTransfer] = field(default_factory=list)
+    last_transfer: ClientTransfer | None = None
+    errors: list[ClientError] = field(default_factory=list)
+
+
+@dataclass
+class JobStatus:
+    """One job's entry in the status document (README: Status file)."""
+
+    type: str = ""
+    state: str = "idle"
+    pid: int | None = None
+    boot_id: str | None = None  # the boot its pid belongs to: after a reboot the pid is someone else's
+    activity: Activity | None = None
+    last_run: RunRecord | None = None
+    last_success: str | None = None
+    next_snapshot_due: str | None = None
+    snapshots: list[SnapshotBatchResult] = field(default_factory=list)
+    hooks: list[HookResult] = field(default_factory=list)
+    filesystems: dict[str, SnapshotRecord] = field(default_factory=dict)
+    pruning: PruneSummary | None = None
+    pruning_sender: PruneSummary | None = None
+    pruning_receiver: PruneSummary | None = None
+    replication: ReplicationRecord | None = None
+    clients: dict[str, ClientRecord] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> tuple[JobStatus, list[str]]:
+        doc, problems = document_from_json(cls, raw)
+        return doc or cls(), problems
+
+    def to_json(self) -> dict[str, Any]:
+        return document_to_json(self)
+
+
+@dataclass
+class ConfiguredJob:
+    """A job of the config that last wrote the document, so `status --status-file` (which reads
+    no config) knows every job, also those that never ran, and how to judge it."""
+
+    type: str = ""
+    passive: bool = False  # judged by its clients alone (a sink; a source with manual snapshotting)
+    since: str | None = None  # when the document first saw this job configured
+    snapshot_interval: float | None = None  # how late a due snapshot may be before it is overdue
+    local_clients: dict[str, str] = field(default_factory=dict)  # a sink's local pushes: identity -> job
+
+
+@dataclass
+class ConfiguredJobs:
+    jobs: dict[str, ConfiguredJob] = field(default_factory=dict)
+    warn_no_success_after: float = StatusThresholds.warn_no_success_after
+    crit_no_success_after: float = StatusThresholds.crit_no_success_after
+
+
+@dataclass
+class StatusDocument:
+    """The whole status file: `{"version": 1, "updated": ..., "jobs": {...}, "configured": {...}}`."""
+
+    version: int = STATUS_VERSION
+    updated: str | None = None
+    jobs: dict[str, Any] = field(default_factory=dict)  # raw entries: read each with JobStatus.from_json
+    configured: ConfiguredJobs | None = None
+
+    def job(self, name: str) -> tuple[JobStatus | None, list[str]]:
+        if name not in self.jobs:
+            return None, []
+        doc, problems = JobStatus.from_json(self.jobs[name])
+        return doc, [f"jobs.{name}.{p}" for p in problems]
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read(64).strip() or None
+    except OSError:
+        return None
+
+
+BOOT_ID = _boot_id()
 
 
 class StatusStore:
     """The JSON status file: read-merge-write under a lock, replaced atomically (temp file + rename).
 
-    Several processes (one per job run) share the file; each replaces only its own jobs' entries.
+    Several processes (one per job run) and the threads of one run share the file; each write
+    replaces only its own job's entry. The file is world-readable (0644) and its directory is
+    created 0755, so a monitoring user can run `status` without the root-only config or runtime
+    dir (restrict the directory yourself if the document must stay private). `configured` (the
+    config's jobs, see ConfiguredJobs) is written into the document with every update.
     """
 
-    def __init__(self, path: str, runtime_dir: str):
-        self.path, self.runtime_dir = path, runtime_dir
+    def __init__(self, path: str, runtime_dir: str, configured: ConfiguredJobs | None = None):
+        self.path, self.runtime_dir, self.configured = path, runtime_dir, configured
         self._lock = threading.Lock()
+        self.closed: str | None = None  # set by close(): later writes are dropped
 
     def read(self) -> dict[str, Any]:
         """The current document; raises ZreplError if it exists but is unreadable."""
         try:
-            with open(self.path) as f:
-                doc = json.load(f)
+            with open(self.path, "rb") as f:
+                data = f.read(64 * 1024 * 1024)
+            doc = json.loads(data, parse_constant=_refuse_json_constant)
         except FileNotFoundError:
             return {"version": STATUS_VERSION, "jobs": {}}
-        except (OSError, ValueError) as exc:
-            raise ZreplError(f"cannot read status file {self.path}: {exc}") from None
+        except (OSError, ValueError, RecursionError, UnicodeDecodeError) as exc:
+            what = "nested too deeply" if isinstance(exc, RecursionError) else getattr(exc, "strerror", None) or exc
+            raise ZreplError(f"cannot read status file {self.path}: {what}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), dict):
             raise ZreplError(f"status file {self.path} is not a zrepl.py status document")
         return doc
 
+    def document(self) -> StatusDocument:
+        """The current document as a StatusDocument (raises ZreplError if unreadable)."""
+        raw = self.read()
+        doc = document_from_json(StatusDocument, {**raw, "jobs": {}})[0] or StatusDocument()
+        doc.jobs = raw["jobs"]
+        return doc
+
     def job(self, name: str) -> dict[str, Any] | None:
+        """A job's previous entry, well-formed parts only (a broken document never breaks a run)."""
         try:
-            return self.read()["jobs"].get(name)
+            raw = self.read()["jobs"].get(name)
         except ZreplError:
             return None
+        if raw is None:
+            return None
+        doc, problems = JobStatus.from_json(raw)
+        if problems:
+            log.warning("status file %s: ignoring malformed parts of job %s's entry: %s", self.path, name,
+                        "; ".join(problems[:3]))
+        return doc.to_json()
 
     def publish(self, job: str, job_doc: dict[str, Any]) -> None:
         """Replace one job's entry, keeping its `clients` (written by stdinserver processes). Status
         problems are logged, never fatal to the job."""
+        doc = dict(job_doc)
+        if doc.get("state") == "running" and isinstance(doc.get("activity"), dict) \
+            and doc["activity"].get("step") == "replicating":
+            doc["activity"] = {**doc["activity"], "progress": doc["activity"].get("progress")
+                               or _replication_progress(doc.get("replication"))}
+
         def replace(entry: dict[str, Any]) -> None:
             clients = entry.get("clients")
             entry.clear()
-            entry.update(job_doc)
-            if clients is not None and "clients" not in job_doc:
+            entry.update(doc)
+            if clients is not None and "clients" not in doc:
                 entry["clients"] = clients
         self.update(job, replace)
 
@@ -9930,13 +10296,32 @@ class StatusStore:
         """Change one job's entry in place under the lock (mutate gets the entry, {} if none)."""
         try:
             with self._lock:
+                if self.closed:
+                    return
                 self._update(job, mutate)
         except (OSError, ZreplError) as exc:
             log.warning("cannot write status file %s: %s", self.path, exc)
 
+    def close(self, reason: str, final: Callable[[], None] = lambda: None) -> None:
+        """Run `final` (the last writes, through _final_update) and drop every later write: a run
+        stopped by a signal records why, and no thread of it overwrites that afterwards."""
+        with self._lock:
+            self.closed = reason
+            try:
+                final()
+            except (OSError, ZreplError) as exc:
+                log.warning("cannot write status file %s: %s", self.path, exc)
+
+    def final_update(self, job: str, mutate: Callable[[dict[str, Any]], None]) -> None:
+        """update() for close()'s `final` (the lock is already held)."""
+        self._update(job, mutate)
+
     def _update(self, job: str, mutate: Callable[[dict[str, Any]], None]) -> None:
         directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, mode=0o755, exist_ok=True)
+        try:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise ZreplError(f"cannot create {directory}: {exc.strerror or exc} (global.status_file)") from None
         ensure_private_dir(self.runtime_dir)
         lock_fd = _open_private_file(os.path.join(self.runtime_dir, "status.lock"), os.O_RDWR | os.O_CREAT)
         try:
@@ -9949,9 +10334,16 @@ class StatusStore:
             doc["version"] = STATUS_VERSION
             doc["updated"] = iso_time(utcnow())
             entry = doc["jobs"].get(job)
-            entry = dict(entry) if isinstance(entry, dict) else {}
+            if entry is not None:
+                parsed, problems = JobStatus.from_json(entry)
+                entry = parsed.to_json() if problems else dict(entry)  # only a broken entry is rewritten
+            entry = entry or {}
             mutate(entry)
+            if BOOT_ID:
+                entry["boot_id"] = BOOT_ID
             doc["jobs"][job] = entry
+            if self.configured is not None:
+                doc["configured"] = self._configured(doc.get("configured"))
             fd, tmp = tempfile.mkstemp(prefix=".status.", dir=directory)
             try:
                 with os.fdopen(fd, "w") as f:
@@ -9967,20 +10359,53 @@ class StatusStore:
         finally:
             os.close(lock_fd)
 
+    def _configured(self, previous: Any) -> dict[str, Any]:
+        """This config's jobs, each keeping the time the document first saw it (same type)."""
+        assert self.configured is not None
+        old = document_from_json(ConfiguredJobs, previous if isinstance(previous, dict) else {})[0] or ConfiguredJobs()
+        now = iso_time(utcnow())
+        jobs = {}
+        for name, cj in self.configured.jobs.items():
+            seen = old.jobs.get(name)
+            jobs[name] = dataclasses.replace(cj, since=seen.since if seen and seen.type == cj.type and seen.since
+                                             else cj.since or now)
+        return document_to_json(dataclasses.replace(self.configured, jobs=jobs))
+
+
+def _refuse_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _replication_progress(raw: Any) -> str:
+    """activity.progress while replicating: filesystems done of all, bytes moved of expected."""
+    rep = document_from_json(ReplicationRecord, raw if isinstance(raw, dict) else {})[0] or ReplicationRecord()
+    reports = list(rep.filesystems.values())
+    if not reports:
+        return ""
+    done = sum(1 for r in reports if r.state == FilesystemState.DONE)
+    moved = sum(r.bytes_replicated for r in reports)
+    expected = sum(r.bytes_expected or 0 for r in reports if r.state == FilesystemState.STEPPING)
+    text = f"{done}/{len(reports)} filesystems done, {format_size(moved)} moved"
+    running = [r for r in reports if r.state == FilesystemState.STEPPING]
+    if running and expected:
+        text += f" (current step: {format_size(running[0].bytes_replicated)} of {format_size(expected)})"
+    return text
 
 
 def parse_iso(text: str | None) -> float | None:
-    if not text:
+    if not text or not isinstance(text, str):
         return None
     try:
         return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return None
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
+def _pid_alive(pid: int | None, boot_id: str | None = None) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2 ** 31:
         return False
+    if boot_id and BOOT_ID and boot_id != BOOT_ID:
+        return False  # recorded before a reboot: that process is gone, whoever has its pid now
     try:
         os.kill(pid, 0)
         return True
@@ -9999,10 +10424,22 @@ class JobHealth:
     line: str
     details: list[str] = field(default_factory=list)
     clients: list[str] = field(default_factory=list)  # passive jobs: one line per client, always shown
+    success_age: float | None = None  # seconds since the last success (perfdata)
+    table: list[list[str]] = field(default_factory=list)  # status -v: running filesystems
 
 
 def _ago(ts: float | None, now: float) -> str:
     return "never" if ts is None else f"{format_duration(now - ts)} ago"
+
+
+def _client_records(clients: dict[str, Any]) -> dict[str, ClientRecord]:
+    out = {}
+    for identity, raw in clients.items():
+        if isinstance(raw, ClientRecord):
+            out[identity] = raw
+        elif isinstance(raw, dict):
+            out[identity] = document_from_json(ClientRecord, raw)[0] or ClientRecord()
+    return out
 
 
 def evaluate_clients(jtype: str, clients: dict[str, Any], now: float,
@@ -10010,183 +10447,345 @@ def evaluate_clients(jtype: str, clients: dict[str, Any], now: float,
     """Health of a passive job's clients (recorded by stdinserver): the worst level and one line
     per client saying when it last connected, whether that worked and what it moved."""
     verb = "pushed" if jtype == "sink" else "pulled"
-    level, lines = NAGIOS_OK, []
-    for identity, c in sorted(clients.items()):
-        if not isinstance(c, dict):
-            continue
-        conn = c.get("last_connection") or {}
-        success = parse_iso(c.get("last_success"))
-        when = _ago(parse_iso(conn.get("end") or conn.get("start")), now)
-        result = conn.get("result")
-        if result == "running" and not _pid_alive(conn.get("pid")):
+    levels, lines = [NAGIOS_OK], []
+    for identity, c in sorted(_client_records(clients).items()):
+        conn = c.last_connection or ClientConnection()
+        success = parse_iso(c.last_success)
+        when = _ago(parse_iso(conn.end or conn.start), now)
+        result = conn.result
+        if result == "running" and not _pid_alive(conn.pid):
             result = "died"
         if result == "ok":
             text = f"client {identity}: last connection {when} ok"
         elif result == "running":
-            text = f"client {identity}: connected since {_ago(parse_iso(conn.get('start')), now)}"
+            text = f"client {identity}: connected since {_ago(parse_iso(conn.start), now)}"
         else:
-            level = max(level, NAGIOS_WARNING)
-            why = conn.get("error") or ("the server process died" if result == "died" else "?")
+            levels.append(NAGIOS_WARNING)
+            why = conn.error or ("the server process died" if result == "died" else "?")
             text = f"client {identity}: last connection {when} FAILED: {why}"
-        last = c.get("last_transfer") or {}
-        moved = last.get("received") or last.get("sent")
+        last = c.last_transfer or ClientTransfer()
+        moved = last.received or last.sent
         if moved:
-            text += f"; last {verb} {moved} {_ago(parse_iso(last.get('time')), now)}"
-        age = None if success is None else now - success
-        if age is None:
-            level = max(level, NAGIOS_WARNING)
-            text += "; no successful connection ever"
-        elif age > monitoring.crit_no_success_after:
-            level = NAGIOS_CRITICAL
-            text += f"; no successful connection for {format_duration(age)}"
-        elif age > monitoring.warn_no_success_after:
-            level = max(level, NAGIOS_WARNING)
-            text += f"; no successful connection for {format_duration(age)}"
+            text += f"; last {verb} {moved} {_ago(parse_iso(last.time), now)}"
+        level, note = _success_level(success, now, monitoring, "connection")
+        levels.append(level)
+        lines.append(text + note)
+    return worst_level(levels), lines
+
+
+def _success_level(success: float | None, now: float, monitoring: MonitoringConfig, what: str) -> tuple[int, str]:
+    age = None if success is None else now - success
+    if age is None:
+        return NAGIOS_WARNING, f"; no successful {what} ever"
+    if age > monitoring.crit_no_success_after:
+        return NAGIOS_CRITICAL, f"; no successful {what} for {format_duration(age)}"
+    if age > monitoring.warn_no_success_after:
+        return NAGIOS_WARNING, f"; no successful {what} for {format_duration(age)}"
+    return NAGIOS_OK, ""
+
+
+def evaluate_local_clients(clients: dict[str, str], jobs: dict[str, Any], now: float,
+                           monitoring: MonitoringConfig) -> tuple[int, list[str]]:
+    """A sink's clients on the local transport: the push jobs of the same config serve themselves
+    (no stdinserver records them), so their own entries say what the sink received."""
+    levels, lines = [NAGIOS_OK], []
+    for identity, push in sorted(clients.items()):
+        entry, _ = JobStatus.from_json(jobs.get(push)) if isinstance(jobs.get(push), dict) else (None, [])
+        last = entry.last_run if entry and entry.last_run else RunRecord()
+        text = f"client {identity} (local push job {push}): "
+        if not entry or not last.result:
+            text += "has not pushed yet"
+        elif last.result == "running":
+            text += f"pushing since {_ago(parse_iso(last.start), now)}"
+        else:
+            text += f"last push {_ago(parse_iso(last.end), now)} {last.result}"
+        level, note = _success_level(parse_iso(entry.last_success) if entry else None, now, monitoring, "push")
+        if entry and last.result:
+            levels.append(level)
+            text += note
         lines.append(text)
-    return level, lines
+    return worst_level(levels), lines
 
 
-def evaluate_job(name: str, jtype: str, doc: dict[str, Any] | None, now: float,
-                 monitoring: MonitoringConfig, runs: bool | None = None) -> JobHealth:
-    """Turn a job's status document into a Nagios level and a summary line.
+def _never_ran(name: str, jtype: str, passive: bool, since: float | None, now: float,
+               monitoring: MonitoringConfig) -> JobHealth:
+    """A job with no record yet: OK for as long as a job may go without a success (a fresh
+    config), then WARNING and CRITICAL like any job without success (is the timer enabled?)."""
+    what = "no client has connected yet" if passive else "has not run yet"
+    if since is None:  # nobody knows since when: a passive job waits, an active one should have run
+        return JobHealth(name, NAGIOS_OK, f"passive {jtype}, {what}") if passive else \
+            JobHealth(name, NAGIOS_WARNING, what)
+    age = now - since
+    if age <= monitoring.warn_no_success_after:
+        return JobHealth(name, NAGIOS_OK, f"{what} (configured {format_duration(age)} ago)")
+    level = NAGIOS_CRITICAL if age > monitoring.crit_no_success_after else NAGIOS_WARNING
+    hint = "" if passive else ": is the timer or cron job enabled?"
+    return JobHealth(name, level, f"{what}, configured {format_duration(age)} ago{hint}")
+
+
+def evaluate_job(name: str, jtype: str, doc: JobStatus | dict[str, Any] | None, now: float,
+                 monitoring: MonitoringConfig, runs: bool | None = None, *,
+                 spec: ConfiguredJob | None = None, since: float | None = None,
+                 others: dict[str, Any] | None = None) -> JobHealth:
+    """Turn a job's status entry into a Nagios level and a summary line.
 
     `runs` says whether the job has runs of its own to judge (default: every type but sink). A
-    sink, and a source with manual snapshotting, only serve clients: they are judged by those."""
-    clients = (doc or {}).get("clients") or {}
+    sink, and a source with manual snapshotting, only serve clients: they are judged by those
+    (a sink's local pushes by their own entries in `others`). `since`: when the job was
+    configured, for a job without a record (see _never_ran). A malformed entry is UNKNOWN unless
+    what could be read is worse."""
+    problems: list[str] = []
+    if isinstance(doc, dict):
+        doc, problems = JobStatus.from_json(doc)
     passive = not runs if runs is not None else jtype == "sink"
-    if passive and not clients:
-        return JobHealth(name, NAGIOS_OK, f"passive {jtype}, no client has connected yet")
-    if passive:
-        level, lines = evaluate_clients(jtype, clients, now, monitoring)
-        failing = sum(1 for ln in lines if "FAILED" in ln or "no successful" in ln)
-        summary = f"{len(lines)} client(s)" + (f", {failing} need attention" if failing else ", all ok")
-        return JobHealth(name, level, summary, clients=lines)
-    if not doc:
-        return JobHealth(name, NAGIOS_WARNING, "no run recorded yet")
-    level = NAGIOS_OK
+    local = spec.local_clients if spec else {}
+    has_clients = bool(doc and doc.clients) or bool(local)
+    if doc is None or (passive and not (doc.clients or any(p in (others or {}) for p in local.values()))):
+        if not local:
+            return _never_ran(name, jtype, passive, since, now, monitoring)
+    health = (_evaluate_passive(name, jtype, doc or JobStatus(), now, monitoring, local, others or {}) if passive
+              else _evaluate_active(name, jtype, doc or JobStatus(), now, monitoring))
+    if doc is not None and has_clients and not passive:
+        level, lines = evaluate_clients(jtype, doc.clients, now, monitoring)
+        health.level, health.clients = worst_level([health.level, level]), lines
+    if spec and spec.snapshot_interval and doc and not passive:
+        _check_overdue(health, doc, spec.snapshot_interval, now)
+    if problems:
+        health.level = worst_level([health.level, NAGIOS_UNKNOWN])
+        health.line += f"; status entry partly unreadable ({len(problems)} problem(s); the next run rewrites it)"
+        health.details += [f"unreadable: {p}" for p in problems]
+    return health
+
+
+def _evaluate_passive(name: str, jtype: str, doc: JobStatus, now: float, monitoring: MonitoringConfig,
+                      local: dict[str, str], others: dict[str, Any]) -> JobHealth:
+    level, lines = evaluate_clients(jtype, doc.clients, now, monitoring)
+    local_level, local_lines = evaluate_local_clients(local, others, now, monitoring)
+    lines += local_lines
+    level = worst_level([level, local_level])
+    failing = sum(1 for ln in lines if "FAILED" in ln or "no successful" in ln)
+    summary = f"{len(lines)} client(s)" + (f", {failing} need attention" if failing else ", all ok")
+    return JobHealth(name, level, summary, clients=lines)
+
+
+def _evaluate_active(name: str, jtype: str, doc: JobStatus, now: float, monitoring: MonitoringConfig) -> JobHealth:
+    levels = [NAGIOS_OK]
     parts: list[str] = []
     details: list[str] = []
-    last = doc.get("last_run") or {}
-    success = parse_iso(doc.get("last_success"))
-    if doc.get("state") == "running":
-        act = doc.get("activity") or {}
-        if _pid_alive(doc.get("pid")):
-            parts.append(f"running: {act.get('step', '?')} {act.get('progress', '')}".rstrip())
-            started = parse_iso(last.get("start")) if isinstance(last, dict) else None
+    last = doc.last_run or RunRecord()
+    success = parse_iso(doc.last_success)
+    table: list[list[str]] = []
+    running = doc.state == "running"
+    if running:
+        act = doc.activity or Activity()
+        if _pid_alive(doc.pid, doc.boot_id):
+            parts.append(f"running: {act.step or '?'} {act.progress}".rstrip())
+            started = parse_iso(last.start)
             if started is not None and now - started > monitoring.crit_no_success_after:
                 # a run that holds the job's lock this long keeps every later run out ("busy")
-                level = NAGIOS_CRITICAL
+                levels.append(NAGIOS_CRITICAL)
                 parts.append(f"the run started {format_duration(now - started)} ago still holds the job (stuck?)")
         else:
-            level = max(level, NAGIOS_WARNING)
-            parts.append(f"a run (pid {doc.get('pid')}) died during {act.get('step', '?')}")
-    result = last.get("result")
-    if result in ("failed", "error"):
-        level = max(level, NAGIOS_WARNING)
-        failures = last.get("failures") or {}
-        what = last.get("error") or f"{len(failures)} filesystem(s) failed"
-        parts.append(f"last run {_ago(parse_iso(last.get('end')), now)} {result}: {what}")
-        details += [f"{fs}: {why}" for fs, why in sorted(failures.items())]
-    elif result == "ok":
-        parts.append(f"last run {_ago(parse_iso(last.get('end')), now)} ok")
+            running = False
+            levels.append(NAGIOS_WARNING)
+            parts.append(f"a run (pid {doc.pid}) died during {act.step or '?'}")
+    if last.result in ("failed", "error"):
+        levels.append(NAGIOS_WARNING)
+        what = last.error or f"{len(last.failures)} filesystem(s) failed"
+        parts.append(f"last run {_ago(parse_iso(last.end), now)} {last.result}: {what}")
+        details += [f"{fs}: {why}" for fs, why in sorted(last.failures.items())]
+    elif last.result == "ok":
+        parts.append(f"last run {_ago(parse_iso(last.end), now)} ok")
     age = None if success is None else now - success
     if age is None or age > monitoring.crit_no_success_after:
-        level = max(level, NAGIOS_CRITICAL if success is not None or result else NAGIOS_WARNING)
+        levels.append(NAGIOS_CRITICAL if success is not None or last.result else NAGIOS_WARNING)
         parts.append(f"no successful run {'ever' if age is None else 'for ' + format_duration(age)}")
     elif age > monitoring.warn_no_success_after:
-        level = max(level, NAGIOS_WARNING)
+        levels.append(NAGIOS_WARNING)
         parts.append(f"no successful run for {format_duration(age)}")
-    pruning = doc.get("pruning") or {}
-    if pruning.get("held"):
-        details.append(f"held snapshots not pruned: {len(pruning['held'])}")
-        details += [f"  {snap}: held by {', '.join(tags)}" for snap, tags in sorted(pruning["held"].items())]
-    if pruning.get("destroyed"):
-        details.append(f"pruned {len(pruning['destroyed'])} snapshot(s), kept {pruning.get('kept', 0)}")
-    for key in ("pruning", "pruning_sender", "pruning_receiver"):
-        section = doc.get(key) or {}
-        if section.get("foreign_destroyed"):
-            details.append(f"destroyed snapshots this job did not make ({key}): "
-                           f"{', '.join(section['foreign_destroyed'])}")
-        if section.get("foreign_at_risk"):
-            details.append(f"snapshots this job did not make, kept only by last_n ({key}): "
-                           f"{', '.join(section['foreign_at_risk'])}")
-    if doc.get("next_snapshot_due"):
-        details.append(f"next snapshot due {doc['next_snapshot_due']}")
-    for fs, fsdoc in sorted((doc.get("filesystems") or {}).items()):
-        line = f"{fs}: last snapshot {fsdoc.get('last_snapshot') or '-'}"
-        if fsdoc.get("snapshot_error"):
-            line += f"; snapshot error: {fsdoc['snapshot_error']}"
+    details += _pruning_details(doc)
+    if doc.next_snapshot_due:
+        details.append(f"next snapshot due {doc.next_snapshot_due}")
+    for fs, rec in sorted(doc.filesystems.items()):
+        line = f"{fs}: last snapshot {rec.last_snapshot or '-'}"
+        if rec.snapshot_error:
+            line += f"; snapshot error: {rec.snapshot_error}"
         details.append(line)
-    replication = doc.get("replication") or {}
-    if replication.get("cancelled"):
-        details.append(f"replication cancelled: {replication['cancelled']}")
-    for fs, rep in sorted((replication.get("filesystems") or {}).items()):
-        details.append(describe_replication(fs, rep, now))
-        if rep.get("state") == "stepping" and doc.get("state") == "running":
+    replication = doc.replication or ReplicationRecord()
+    if replication.cancelled:
+        details.append(f"replication cancelled: {replication.cancelled}")
+    for fs, rep in sorted(replication.filesystems.items()):
+        if running:
+            table.append(replication_row(fs, rep, now))
+        else:
+            details.append(describe_replication(fs, rep, now))
+        if rep.state == FilesystemState.STEPPING and running:
             parts.append(describe_replication(fs, rep, now))
-        for cmd in (rep.get("error_details") or {}).get("recovery_commands", []):
-            details.append(f"    recovery: {cmd}")
-    for key, label in (("pruning_sender", "sender"), ("pruning_receiver", "receiver")):
-        pr = doc.get(key) or {}
-        if pr.get("destroyed") or pr.get("errors"):
-            details.append(f"pruning {label}: destroyed {len(pr.get('destroyed', []))}, kept {pr.get('kept', 0)}, "
-                           f"errors {len(pr.get('errors', {}))}")
-    for hook in doc.get("hooks") or []:
-        state = "ok" if hook.get("ok") else f"FAILED ({hook.get('error')})"
-        details.append(f"hook {hook.get('hook')} {hook.get('edge')} {', '.join(hook.get('filesystems', []))}: {state}")
-        output = (hook.get("output") or "").strip()
-        if output:
-            details += ["    " + ln for ln in output.splitlines()[-5:]]
-    client_lines: list[str] = []
-    if clients:
-        client_level, client_lines = evaluate_clients(jtype, clients, now, monitoring)
-        level = max(level, client_level)
-    return JobHealth(name, level, "; ".join(parts) or "idle", details, clients=client_lines)
+        commands = rep.error_details.get("recovery_commands") if isinstance(rep.error_details, dict) else None
+        for cmd in commands if isinstance(commands, list) else []:
+            details.append(f"    recovery: {shorten(cmd, 300) if not isinstance(cmd, str) else cmd}")
+    for hook in doc.hooks:
+        state = "ok" if hook.ok else f"FAILED ({hook.error})"
+        details.append(f"hook {hook.hook} {hook.edge} {', '.join(hook.filesystems)}: {state}")
+        details += ["    " + ln for ln in hook.output.strip().splitlines()[-5:]]
+    return JobHealth(name, worst_level(levels), "; ".join(parts) or "idle", details, success_age=age, table=table)
 
 
-def describe_replication(fs: str, rep: dict[str, Any], now: float) -> str:
+def _pruning_details(doc: JobStatus) -> list[str]:
+    details = []
+    pruning = doc.pruning or PruneSummary()
+    if pruning.held:
+        details.append(f"held snapshots not pruned: {len(pruning.held)}")
+        details += [f"  {snap}: held by {', '.join(tags)}" for snap, tags in sorted(pruning.held.items())]
+    if pruning.destroyed:
+        details.append(f"pruned {len(pruning.destroyed)} snapshot(s), kept {pruning.kept}")
+    sides = (("pruning", doc.pruning), ("pruning_sender", doc.pruning_sender),
+             ("pruning_receiver", doc.pruning_receiver))
+    for key, section in sides:
+        if section and section.foreign_destroyed:
+            details.append(f"destroyed snapshots this job did not make ({key}): {', '.join(section.foreign_destroyed)}")
+        if section and section.foreign_at_risk:
+            details.append(f"snapshots this job did not make, kept only by last_n ({key}): "
+                           f"{', '.join(section.foreign_at_risk)}")
+    for label, pr in (("sender", doc.pruning_sender), ("receiver", doc.pruning_receiver)):
+        if pr and (pr.destroyed or pr.errors):
+            details.append(f"pruning {label}: destroyed {len(pr.destroyed)}, kept {pr.kept}, errors {len(pr.errors)}")
+    return details
+
+
+def _check_overdue(health: JobHealth, doc: JobStatus, interval: float, now: float) -> None:
+    """A snapshot due longer ago than its interval is overdue (the timer stopped, or a long run
+    holds the job): WARNING, whatever the last run said."""
+    due = parse_iso(doc.next_snapshot_due)
+    if due is not None and now - due > interval:
+        health.level = worst_level([health.level, NAGIOS_WARNING])
+        health.line += f"; snapshot overdue by {format_duration(now - due)} (due {doc.next_snapshot_due})"
+
+
+def _report(rep: FilesystemReport | dict[str, Any]) -> FilesystemReport:
+    if isinstance(rep, FilesystemReport):
+        return rep
+    parsed, _ = document_from_json(FilesystemReport, {"sender_fs": "", **rep} if isinstance(rep, dict) else {})
+    return parsed if isinstance(parsed, FilesystemReport) else FilesystemReport("")
+
+
+def _rate_eta(rep: FilesystemReport, now: float) -> tuple[float | None, float | None]:
+    started = parse_iso(rep.step_started)
+    if not started or rep.bytes_replicated <= 0 or now <= started:
+        return None, None
+    rate = rep.bytes_replicated / (now - started)
+    eta = max((rep.bytes_expected or 0) - rep.bytes_replicated, 0) / rate if rep.bytes_expected else None
+    return rate, eta
+
+
+def describe_replication(fs: str, rep: FilesystemReport | dict[str, Any], now: float) -> str:
     """One filesystem's replication line: state, progress with ETA, last replicated, error."""
-    state = rep.get("state", "?")
+    rep = _report(rep)
+    state = str(rep.state)
     line = f"{fs}: {state}"
-    if state == "stepping":
-        done, expected = rep.get("bytes_replicated") or 0, rep.get("bytes_expected")
-        line += f" {rep.get('step', '')}: {format_size(done)}"
-        started = parse_iso(rep.get("step_started"))
+    if rep.state == FilesystemState.STEPPING:
+        done, expected = rep.bytes_replicated, rep.bytes_expected
+        line += f" {rep.step}: {format_size(done)}"
         if expected:
             line += f" of {format_size(expected)} ({min(100, 100 * done // max(expected, 1))}%)"
-            if started and done > 0 and now > started:
-                rate = done / (now - started)
-                line += f", ETA {format_duration(max(expected - done, 0) / rate)}"
-        line += f" (step {rep.get('steps_done', 0) + 1}/{rep.get('steps_total', 0)})"
-    if rep.get("last_replicated"):
-        line += f"; last replicated {rep['last_replicated']}"
-    if rep.get("error"):
-        line += f"; error ({rep.get('error_count', 0)} in a row): {rep['error']}"
+            _, eta = _rate_eta(rep, now)
+            if eta is not None:
+                line += f", ETA {format_duration(eta)}"
+        line += f" (step {rep.steps_done + 1}/{rep.steps_total})"
+    if rep.last_replicated:
+        line += f"; last replicated {rep.last_replicated}"
+    if rep.error:
+        line += f"; error ({rep.error_count} in a row): {rep.error}"
     return line
 
 
-def evaluate_status(doc: dict[str, Any], jobs: Sequence[tuple[str, str]], now: float,
-                    monitoring: MonitoringConfig, passive: Iterable[str] = ()) -> list[JobHealth]:
+def progress_bar(fraction: float, width: int = 20) -> str:
+    filled = int(round(max(0.0, min(1.0, fraction)) * width))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+TABLE_HEADER = ["filesystem", "state", "step", "progress", "rate", "ETA"]
+
+
+def replication_row(fs: str, rep: FilesystemReport | dict[str, Any], now: float) -> list[str]:
+    """A row of `status -v`'s table of a running job's filesystems."""
+    rep = _report(rep)
+    if rep.state == FilesystemState.STEPPING:
+        rate, eta = _rate_eta(rep, now)
+        done, expected = rep.bytes_replicated, rep.bytes_expected
+        progress = format_size(done)
+        if expected:
+            progress = f"{progress_bar(done / expected)} {min(100, 100 * done // expected):3d}% {progress}"
+            progress += f" of {format_size(expected)}"
+        step = f"{rep.steps_done + 1}/{rep.steps_total} {rep.step}"
+        return [fs, "stepping", step, progress, f"{format_size(rate)}/s" if rate else "-",
+                format_duration(eta) if eta is not None else "-"]
+    if rep.state == FilesystemState.PLANNING:
+        return [fs, "waiting", "", "", "", ""]
+    if rep.state == FilesystemState.DONE:
+        note = f"{rep.last_replicated}" if rep.last_replicated else "up to date"
+        if rep.steps_total and rep.steps_done >= rep.steps_total:
+            note = f"{rep.steps_done} step(s), {format_size(rep.bytes_replicated)}: {note}"
+        return [fs, "done", "", note, "", ""]
+    return [fs, str(rep.state), rep.step, shorten(rep.error, 120).strip("'\"") if rep.error else "", "", ""]
+
+
+def format_table(rows: list[list[str]], indent: str = "    ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def evaluate_status(doc: dict[str, Any] | StatusDocument, jobs: Sequence[tuple[str, str]], now: float,
+                    monitoring: MonitoringConfig, passive: Iterable[str] = (), *,
+                    specs: dict[str, ConfiguredJob] | None = None,
+                    since: dict[str, float] | None = None) -> list[JobHealth]:
     """Health of every configured job (name, type), worst first. Jobs named in `passive` have no
-    runs of their own (see evaluate_job)."""
+    runs of their own (see evaluate_job); `specs` add what the config says about a job (overdue
+    snapshots, a sink's local clients), `since` when jobs without a record were configured."""
     passive = set(passive)
-    health = [evaluate_job(name, jtype, doc.get("jobs", {}).get(name), now, monitoring,
-                           runs=None if name not in passive else False)
+    entries = doc.jobs if isinstance(doc, StatusDocument) else (doc.get("jobs") or {})
+    health = [evaluate_job(name, jtype, entries.get(name), now, monitoring,
+                           runs=None if name not in passive else False,
+                           spec=(specs or {}).get(name), since=(since or {}).get(name), others=entries)
               for name, jtype in jobs]
-    return sorted(health, key=lambda h: (-h.level, h.name))
+    return sorted(health, key=lambda h: (-_SEVERITY[h.level], h.name))
 
 
-def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool) -> tuple[str, int]:
-    """Nagios-style text: a first summary line, then a line per job (problems first)."""
-    worst = max((h.level for h in health), default=NAGIOS_OK)
+def _perf_label(name: str) -> str:
+    return re.sub(r"['=\s]", "_", name)
+
+
+def perfdata(health: list[JobHealth], monitoring: MonitoringConfig) -> str:
+    """Nagios performance data: per job the seconds since its last success (warn;crit), and counts."""
+    warn, crit = int(monitoring.warn_no_success_after), int(monitoring.crit_no_success_after)
+    parts = [f"jobs={len(health)}", f"problems={sum(1 for h in health if h.level != NAGIOS_OK)}"]
+    for h in sorted(health, key=lambda h: h.name):
+        if h.success_age is not None:
+            parts.append(f"'{_perf_label(h.name)} age'={int(max(h.success_age, 0))}s;{warn};{crit};0;")
+    return " ".join(parts)
+
+
+def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool,
+                  monitoring: MonitoringConfig | None = None) -> tuple[str, int]:
+    """Nagios-style text: a first summary line (with perfdata when `monitoring` is given), then a
+    line per job (problems first); verbose adds details and a table of running filesystems."""
+    worst = worst_level(h.level for h in health)
+    if not health:
+        worst = NAGIOS_UNKNOWN
     bad = sum(1 for h in health if h.level != NAGIOS_OK)
     head = f"{NAGIOS_NAMES[worst]}: {len(health)} job(s)" + (f", {bad} need attention" if bad else ", all ok")
+    if not health:
+        head = f"{NAGIOS_NAMES[worst]}: no jobs configured"
+    if monitoring is not None:
+        head += " | " + perfdata(health, monitoring)
     lines = [head]
     width = max((len(h.name) for h in health), default=0)
     for h in health:
         lines.append(f"{NAGIOS_NAMES[h.level]:<8} {h.name:<{width}} {types.get(h.name, ''):<6} {h.line}")
         lines += [f"    {c}" for c in h.clients]
         if verbose:
+            if h.table:
+                lines += format_table([TABLE_HEADER, *h.table])
             lines += [f"    {d}" for d in h.details]
     return "\n".join(lines), worst
 
@@ -10195,25 +10794,67 @@ def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool)
 # 15. CLI
 # =================================================================================================
 
+# ---- logging --------------------------------------------------------------------------------------
+#
+# Every line names its job (LOG_JOB, set per job thread; extra={"job": ...} wins). The fields a log
+# call passes with extra= (fs, snapshot, step, bytes) are columns in logfmt and json; the human
+# format keeps them in the message.
+
+LOG_FIELDS = ("job", "fs", "snapshot", "step", "bytes")
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+
+
+def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    job = getattr(record, "job", None) or LOG_JOB.get()
+    fields = {"job": job} if job else {}
+    for key in LOG_FIELDS[1:]:
+        value = getattr(record, key, None)
+        if value is not None:
+            fields[key] = value
+    return fields
+
+
+def _message(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    text = record.getMessage()
+    if record.exc_info:
+        text += "\n" + formatter.formatException(record.exc_info)
+    return text
+
+
+class _HumanFormatter(logging.Formatter):
+    """`2026-11-30T10:15:00+0100 WARNING job backup: ...`: local time with its zone, the job first."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = dt.datetime.fromtimestamp(record.created).astimezone().strftime("%Y-%m-%dT%H:%M:%S%z")
+        text = _message(self, record)
+        job = _record_fields(record).get("job")
+        if job and not (text.startswith((f"job {job}", f"{job}: ")) or f"job {job} " in text[:len(job) + 12]):
+            text = f"job {job}: {text}"
+        return f"{when} {record.levelname:<7} {text}"
+
+
+def _logfmt_value(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if (not text or any(c in text for c in ' ="\\') or not text.isprintable()) else text
+
+
 class _LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = {"time": iso_time(record.created), "level": record.levelname.lower(), "msg": record.getMessage()}
-        return " ".join(f"{k}={json.dumps(v) if (' ' in str(v) or '=' in str(v) or not v) else v}"
-                        for k, v in fields.items())
+        fields = {"time": iso_time(record.created), "level": record.levelname.lower(), **_record_fields(record),
+                  "msg": _message(self, record)}
+        return " ".join(f"{k}={_logfmt_value(v)}" for k, v in fields.items())
 
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps({"time": iso_time(record.created), "level": record.levelname.lower(),
-                           "msg": record.getMessage()})
-
-
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+                           **_record_fields(record), "msg": _message(self, record)})
 
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time of the record (zrepl.main called in-process
-    by tests and tools replaces it), not to the stream it was created with."""
+    by tests and tools replaces it), not to the stream it was created with. Clears a terminal's
+    progress line first (TerminalProgress redraws it)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
@@ -10226,32 +10867,172 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, value: Any) -> None:
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        display = TerminalProgress.active
+        if display is not None:
+            display.clear()
+        super().emit(record)
 
-def setup_logging(outlets: Sequence[LoggingConfig], level_override: str | None = None) -> None:
-    """Configure the `zrepl` logger from `[[global.logging]]` (stderr human|logfmt|json, or syslog)."""
+
+def _syslog_reachable(path: str = "/dev/log") -> str | None:
+    """None when a syslog daemon listens on `path`, else why not. Python 3.11's SysLogHandler
+    connects lazily and then prints a traceback for every record: we ask once, ourselves."""
+    why = "no such socket"
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        sock = socket.socket(socket.AF_UNIX, kind)
+        try:
+            sock.connect(path)
+            return None
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+        finally:
+            sock.close()
+    return f"{path}: {why}"
+
+
+def _syslog_handler(facility: str) -> logging.Handler:
     import logging.handlers
 
+    class SyslogOrStderr(logging.handlers.SysLogHandler):
+        """Syslog that, once it fails (the daemon went away), says so once and writes to stderr."""
+
+        fallback: logging.Handler | None = None
+
+        def handleError(self, record: logging.LogRecord) -> None:
+            if self.fallback is None:
+                self.fallback = _StderrHandler()
+                self.fallback.setFormatter(_HumanFormatter())
+                self.fallback.setLevel(self.level)
+                why = sys.exc_info()[1]
+                print(f"zrepl.py: warning: cannot write to syslog ({why}); logging to stderr instead", file=sys.stderr)
+            self.fallback.handle(record)
+
+    handler = SyslogOrStderr(address="/dev/log", facility=facility)
+    handler.setFormatter(logging.Formatter("zrepl.py[%(process)d]: %(levelname)s %(message)s"))
+    return handler
+
+
+class _JobFields(logging.Filter):
+    """Puts the job (and missing fields) on every record, for formatters and syslog alike."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "job", None) is None:
+            record.job = LOG_JOB.get()
+        return True
+
+
+def setup_logging(outlets: Sequence[LoggingConfig], level_override: str | None = None) -> None:
+    """Configure the `zrepl` logger from `[[global.logging]]` (stderr human|logfmt|json, or syslog).
+    A syslog outlet without a syslog daemon gives one warning and logs to stderr instead."""
     log.handlers.clear()
+    log.filters.clear()
+    log.addFilter(_JobFields())
     log.propagate = False
     lowest = logging.ERROR
     for outlet in outlets:
         level = _LEVELS[level_override or outlet.level]
         lowest = min(lowest, level)
-        if outlet.type == "syslog":
-            try:
-                handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log", facility=outlet.facility)
-            except OSError as exc:
-                print(f"zrepl.py: cannot open syslog: {exc}", file=sys.stderr)
-                continue
-            handler.setFormatter(logging.Formatter("zrepl.py[%(process)d]: %(levelname)s %(message)s"))
+        handler: logging.Handler
+        if outlet.type == "syslog" and (why := _syslog_reachable()) is None:
+            handler = _syslog_handler(outlet.facility)
         else:
+            if outlet.type == "syslog":
+                print(f"zrepl.py: warning: no syslog daemon ({why}); logging to stderr instead", file=sys.stderr)
             handler = _StderrHandler()
-            handler.setFormatter({"human": logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"),
-                                  "logfmt": _LogfmtFormatter(), "json": _JsonFormatter()}[outlet.format])
+            handler.setFormatter({"human": _HumanFormatter(), "logfmt": _LogfmtFormatter(),
+                                  "json": _JsonFormatter()}[outlet.format])
         handler.setLevel(level)
         log.addHandler(handler)
     log.setLevel(lowest)
 
+
+# ---- progress on a terminal -----------------------------------------------------------------------
+
+class TerminalProgress:
+    """An interactive `run` (stderr is a terminal) shows one line that updates while jobs work:
+    per running job its step, or the filesystem being sent with bytes, rate and ETA. Fed by the
+    jobs' status publishes; under cron or a timer (no terminal) there is none."""
+
+    active: TerminalProgress | None = None  # the display log lines clear before they are written
+
+    def __init__(self, stream: Any, clock: Callable[[], float] = time.monotonic, interval: float = 0.5):
+        self.stream, self.clock, self.interval = stream, clock, interval
+        self.lines: dict[str, str] = {}
+        self._shown = False
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def wrap(self, publish: Publish) -> Publish:
+        def publish_and_show(job: str, doc: dict[str, Any]) -> None:
+            publish(job, doc)
+            self.update(job, doc)
+        return publish_and_show
+
+    def update(self, job: str, doc: dict[str, Any]) -> None:
+        line = progress_line(job, doc, utcnow())
+        with self._lock:
+            if line:
+                self.lines[job] = line
+            else:
+                self.lines.pop(job, None)
+            if self.clock() - self._last >= self.interval or not line:
+                self._draw()
+
+    def _draw(self) -> None:
+        self._last = self.clock()
+        text = " | ".join(self.lines.values())
+        width = shutil.get_terminal_size((100, 24)).columns - 1
+        try:
+            self.stream.write("\r\x1b[K" + text[:width])
+            self.stream.flush()
+        except (OSError, ValueError):
+            return
+        self._shown = bool(text)
+
+    def clear(self) -> None:
+        with self._lock:
+            if self._shown:
+                with contextlib.suppress(OSError, ValueError):
+                    self.stream.write("\r\x1b[K")
+                    self.stream.flush()
+                self._shown = False
+
+    def __enter__(self) -> TerminalProgress:
+        TerminalProgress.active = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
+        TerminalProgress.active = None
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def progress_line(job: str, doc: dict[str, Any], now: float) -> str:
+    """A running job's progress in one line ('' when it is idle)."""
+    if doc.get("state") != "running":
+        return ""
+    act = _object(doc.get("activity"))
+    reports = _object(_object(doc.get("replication")).get("filesystems"))
+    for fs, raw in sorted(reports.items()):
+        rep = _report(raw)
+        if rep.state == FilesystemState.STEPPING and act.get("step") == "replicating":
+            rate, eta = _rate_eta(rep, now)
+            text = f"{job}: {fs} {rep.step}: {format_size(rep.bytes_replicated)}"
+            if rep.bytes_expected:
+                text += f" of {format_size(rep.bytes_expected)} " \
+                        f"({min(100, 100 * rep.bytes_replicated // max(rep.bytes_expected, 1))}%)"
+            if rate:
+                text += f", {format_size(rate)}/s"
+            if eta is not None:
+                text += f", ETA {format_duration(eta)}"
+            return text
+    return f"{job}: {act.get('step') or 'working'}"
+
+
+# ---- commands -------------------------------------------------------------------------------------
 
 def _open_config(args: argparse.Namespace) -> Config:
     config = load_config(find_config_file(args.config))
@@ -10259,44 +11040,300 @@ def _open_config(args: argparse.Namespace) -> Config:
     return config
 
 
+def _snapshot_interval(job: JobConfig, now: float) -> float | None:
+    """How long after its due time a job's snapshot counts as overdue: its interval (cron: the gap
+    between its next two fire times)."""
+    snap = job.snapshotting
+    if job.type not in ("snap", "push", "source"):
+        return None
+    if snap.type == "periodic" and snap.interval > 0:
+        return snap.interval
+    if snap.type == "cron" and snap.cron is not None:
+        try:
+            first = snap.cron.next_after(now, snap.timestamp_location)
+            return snap.cron.next_after(first, snap.timestamp_location) - first
+        except (ValueError, OverflowError):
+            return None
+    return None
+
+
+def _local_clients(config: Config, job: JobConfig) -> dict[str, str]:
+    """A sink's or source's clients on the local transport: client identity -> the active job."""
+    if job.serve is None or job.serve.type != "local":
+        return {}
+    return {j.connect.client_identity: j.name for j in config.jobs
+            if j.connect is not None and j.connect.type == "local"
+            and j.connect.listener_name == job.serve.listener_name}
+
+
+def is_passive(job: JobConfig) -> bool:
+    """Judged by its clients alone: a sink, and a source that takes no snapshots (it never runs)."""
+    return job.type == "sink" or (job.type == "source" and job.snapshotting.type == "manual")
+
+
+def configured_jobs(config: Config, now: float | None = None) -> ConfiguredJobs:
+    now = utcnow() if now is None else now
+    t = config.global_.status_thresholds
+    return ConfiguredJobs(
+        jobs={j.name: ConfiguredJob(type=j.type, passive=is_passive(j), snapshot_interval=_snapshot_interval(j, now),
+                                    local_clients=_local_clients(config, j)) for j in config.jobs},
+        warn_no_success_after=t.warn_no_success_after, crit_no_success_after=t.crit_no_success_after)
+
+
 def _status_store(config: Config) -> StatusStore:
-    return StatusStore(config.global_.status_file, config.global_.runtime_dir)
+    return StatusStore(config.global_.status_file, config.global_.runtime_dir, configured_jobs(config))
 
 
 def _select_jobs(config: Config, names: Sequence[str]) -> list[JobConfig]:
     return [config.job(n) for n in names] if names else list(config.jobs)
 
 
+def _need_zfs(args: argparse.Namespace) -> None:
+    """A command that runs zfs fails early and clearly when there is none (cron's PATH is short)."""
+    zfs = args.zfs
+    if getattr(args, "real_zfs", False) and shutil.which(zfs.zfs_bin, path=os.environ.get("PATH")) is None:
+        raise SetupError(f"{zfs.zfs_bin} not found in PATH; is OpenZFS installed? (PATH={os.environ.get('PATH', '')}; "
+                         f"under cron set PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin in the "
+                         f"crontab)")
+
+
 def cmd_configcheck(args: argparse.Namespace) -> int:
-    _open_config(args)
+    config = _open_config(args)
+    if not args.quiet:
+        kinds = ", ".join(f"{j.name} ({j.type})" for j in config.jobs)
+        print(f"config OK: {config.file}: {len(config.jobs)} job(s){': ' + kinds if kinds else ''}")
     return EXIT_OK
+
+
+# ---- running jobs: each in a thread of its own -----------------------------------------------------
+#
+# The jobs of one `run` proceed independently: each under its own lock, in its own thread, so an
+# initial replication of terabytes never delays a snap job's due snapshot. The ZFS layer and the
+# status store are safe for threads (the store serialises writes). A signal (SIGTERM, SIGINT,
+# SIGHUP) records "stopped by SIGTERM" in the log and in every running job's status, stops the zfs
+# streams the run started and exits 128 + the signal's number.
+
+class _TrackedZfs(Zfs):
+    """The real ZFS layer, remembering the streams (zfs send/recv) it started, so a stopped run
+    does not leave them running on their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import weakref
+        self.streams: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
+        self._streams_lock = threading.Lock()
+
+    def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
+        proc = super().spawn(argv, **popen_kwargs)
+        with self._streams_lock:
+            self.streams.add(proc)
+        return proc
+
+    def stop_streams(self) -> None:
+        with self._streams_lock:
+            procs = list(self.streams)
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.terminate()
+
+
+@dataclass
+class _JobThread:
+    """One job of a run: its runner, its thread and what came of it (code None: it was busy)."""
+
+    job: JobConfig
+    runner: JobRunner
+    thread: threading.Thread | None = None
+    code: int | None = None
+    error: BaseException | None = None
+    started: float = 0.0
+    ended: float | None = None
+
+
+class _Stop:
+    """The signals that stop a run, noted by the handler and acted on by the waiting main thread."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._saved[signum] = signal.signal(signum, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+
+
+def _job_thread(item: _JobThread, previous: dict[str, Any] | None) -> None:
+    LOG_JOB.set(item.job.name)
+    item.started = time.monotonic()
+    try:
+        item.code = item.runner.run(previous=previous)
+    except SetupError as exc:
+        item.error = exc
+    except Exception as exc:  # a bug outside a pass (the pass itself records its own): this job only
+        log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        item.error, item.code = exc, EXIT_FAILED
+    finally:
+        item.ended = time.monotonic()
+
+
+def run_jobs(config: Config, jobs: Sequence[JobConfig], zfs: Zfs, store: StatusStore, dry_run: bool = False,
+             progress: TerminalProgress | None = None) -> list[_JobThread]:
+    """Run the jobs at once, each in its own thread under its own lock; returns when all are done
+    (or exits the process when a signal stops the run)."""
+    publish: Publish = store.publish if progress is None else progress.wrap(store.publish)
+    items = [_JobThread(job, JobRunner(config, job, zfs, publish, dry_run=dry_run)) for job in jobs]
+    with _Stop() as stop:
+        for item in items:
+            previous = store.job(item.job.name)
+            item.thread = threading.Thread(target=_job_thread, args=(item, previous), name=f"job {item.job.name}",
+                                           daemon=True)
+            item.thread.start()
+        for item in items:
+            assert item.thread is not None
+            while item.thread.is_alive():
+                item.thread.join(0.2)
+                if stop.signum is not None:
+                    _stopped_by_signal(stop.signum, items, zfs, store, dry_run)
+    return items
+
+
+def _stopped_by_signal(signum: int, items: list[_JobThread], zfs: Zfs, store: StatusStore, dry_run: bool) -> None:
+    """Record the stop in the log and in each running job's status, stop the zfs streams, exit."""
+    name = signal.Signals(signum).name
+    reason = f"stopped by {name}"
+    running = [item for item in items if item.thread is not None and item.thread.is_alive()]
+    for item in running:
+        log.warning("%s", reason, extra={"job": item.job.name})
+    now = iso_time(utcnow())
+
+    def mark(entry: dict[str, Any]) -> None:
+        if entry.get("state") != "running" or entry.get("pid") != os.getpid():
+            return
+        last = _object(entry.get("last_run"))
+        entry["last_run"] = {**last, "end": now, "result": "error", "error": reason}
+        entry["state"] = "idle"
+        entry.pop("activity", None)
+        entry.pop("pid", None)
+        replication = entry.get("replication")
+        if isinstance(replication, dict) and isinstance(replication.get("filesystems"), dict):
+            for rep in replication["filesystems"].values():
+                if isinstance(rep, dict) and rep.get("state") == FilesystemState.STEPPING:
+                    rep.update(state=str(FilesystemState.STEP_ERROR), error=f"{rep.get('step', '')}: {reason}")
+
+    if not dry_run:
+        def final() -> None:
+            for item in running:
+                store.final_update(item.job.name, mark)
+        store.close(reason, final)
+    if isinstance(zfs, _TrackedZfs):
+        zfs.stop_streams()
+    if TerminalProgress.active is not None:
+        TerminalProgress.active.clear()
+    for handler in log.handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def _worst(items: list[_JobThread]) -> int:
+    """The run's exit code: the worst of its jobs; a setup error of any job makes it 2 (raised)."""
+    for item in items:
+        if isinstance(item.error, SetupError):
+            raise item.error
+    return max((item.code for item in items if item.code is not None), default=EXIT_OK)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _open_config(args)
     jobs = _select_jobs(config, args.jobs)
-    if not args.jobs:
+    if args.jobs:
+        for job in jobs:
+            if job.type == "sink":
+                raise UsageError(f"job {job.name!r} is a sink: it does not run, it serves when a client connects "
+                                 f"(ssh: `zrepl.py stdinserver`; local: the push job's run); run the push job instead")
+    else:
         jobs = [j for j in jobs if j.type != "sink"]  # passive: sinks run when a client connects
+    _need_zfs(args)
     store = _status_store(config)
-    zfs = args.zfs
-    worst = EXIT_OK
-    for job in jobs:
-        runner = JobRunner(config, job, zfs, store.publish, dry_run=args.dry_run)
-        code = runner.run(previous=store.job(job.name))
-        if code is None:
-            pid = JobLock(config.global_.runtime_dir, job.name).holder_pid()
-            log.warning("job %s is busy (another run, pid %s, holds it); skipping", job.name, pid or "?")
-            continue
-        if args.dry_run:
-            print(render_dry_run(job, runner))
-        worst = max(worst, code)
-    return worst
+    interactive = not args.dry_run and _is_terminal(sys.stderr)
+    with contextlib.ExitStack() as stack:
+        display = stack.enter_context(TerminalProgress(sys.stderr)) if interactive else None
+        items = run_jobs(config, jobs, args.zfs, store, args.dry_run, display)
+    for item in items:
+        if item.code is None:
+            pid = JobLock(config.global_.runtime_dir, item.job.name).holder_pid()
+            log.info("busy (another run, pid %s, holds the job); skipping", pid or "?", extra={"job": item.job.name})
+        if args.dry_run and item.code is not None:
+            print(render_dry_run(item.job, item.runner, verbose=args.verbose))
+        elif interactive:
+            print(_run_summary(item), file=sys.stderr)
+    return _worst(items)
 
 
-def render_dry_run(job: JobConfig, runner: JobRunner) -> str:
-    """What a run would snapshot, destroy and keep (and which rule keeps each survivor)."""
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _run_summary(item: _JobThread) -> str:
+    """One line per job after an interactive run."""
+    if item.code is None:
+        return f"{item.job.name}: busy (another run holds it)"
+    took = format_duration((item.ended or item.started) - item.started)
+    last = item.runner.doc.get("last_run") or {}
+    if item.code == EXIT_OK:
+        return f"{item.job.name}: ok ({took})"
+    why = last.get("error") or "; ".join(f"{fs}: {e}" for fs, e in sorted((last.get("failures") or {}).items()))
+    return f"{item.job.name}: FAILED ({took}): {shorten(why, 300).strip(chr(39))}"
+
+
+def _rule_name(reason: str) -> str:
+    return reason.split("(", 1)[0]
+
+
+def _prune_summary_line(label: str, r: PruneResult) -> str:
+    """`tank/data: keep 12 (grid 10, regex 2), destroy 3 (1 foreign), 1 foreign kept only by last_n`"""
+    by_rule: dict[str, int] = {}
+    for reasons in r.kept.values():
+        key = _rule_name(reasons[0]) if reasons else "?"
+        by_rule[key] = by_rule.get(key, 0) + 1
+    rules = ", ".join(f"{k} {n}" for k, n in sorted(by_rule.items()))
+    line = f"  {label}{r.dataset}: keep {len(r.kept)}" + (f" ({rules})" if rules else "")
+    if r.destroyed:
+        line += f", destroy {len(r.destroyed)}"
+        if r.foreign_destroyed:
+            line += f" ({len(r.foreign_destroyed)} foreign: not made by this job)"
+    else:
+        line += ", destroy none"
+    if r.held:
+        line += f", {len(r.held)} held"
+    if r.foreign_at_risk:
+        line += f", {len(r.foreign_at_risk)} foreign kept only by last_n"
+    return line
+
+
+def render_dry_run(job: JobConfig, runner: JobRunner, verbose: bool = False) -> str:
+    """What a run would snapshot, send and destroy: a line per filesystem (keep N by rule, destroy
+    M, foreign K), then, with `verbose`, each snapshot with the rule that keeps it."""
     lines = [f"job {job.name} ({job.type}), dry run:"]
-    if not runner.last_batches:
+    if not runner.last_batches and job.snapshotting.type != "manual":
         lines.append("  no snapshot due")
     for batch in runner.last_batches:
         if batch.snapshotted:
@@ -10309,64 +11346,142 @@ def render_dry_run(job: JobConfig, runner: JobRunner) -> str:
             lines += ["  " + ln for ln in plan.describe().splitlines()]
         for what, size in repl.estimates.items():
             lines.append(f"  estimate {what}: {format_size(size) if size is not None else 'unknown'}")
-    for r in runner.last_prune + runner.last_prune_receiver:
-        for snap in r.destroyed:
-            mark = " (foreign: not made by this job)" if snap in r.foreign_destroyed else ""
-            lines.append(f"  would destroy {r.dataset}@{snap}{mark}")
-        for snap, tags in r.held.items():
-            lines.append(f"  would keep {r.dataset}@{snap}: held by {', '.join(tags)}")
-        at_risk = {f"{r.dataset}@{n}" for n in r.foreign_at_risk}
-        for full, reasons in r.kept.items():
-            mark = " (foreign: not made by this job, kept only by last_n)" if full in at_risk else ""
-            lines.append(f"  keep {full}: {', '.join(reasons)}{mark}")
-        for note in r.notes:
-            lines.append(f"  note ({r.dataset}): {note}")
+    sides = [("", runner.last_prune), ("receiver ", runner.last_prune_receiver)]
+    if runner.last_prune_receiver:
+        sides[0] = ("sender ", runner.last_prune)
+    for label, results in sides:
+        if results:
+            lines.append(f"  pruning{' the ' + label.strip() if label else ''}:")
+        for r in results:
+            lines.append("  " + _prune_summary_line("", r))
+            if verbose:
+                lines += ["      " + ln for ln in _prune_details(r)]
+            else:
+                lines += [f"      would destroy {r.dataset}@{snap}" for snap in r.destroyed]
+    if (runner.last_prune or runner.last_prune_receiver) and not verbose:
+        lines.append("  (-v: the rule that keeps each snapshot)")
     return "\n".join(lines)
+
+
+def _prune_details(r: PruneResult) -> list[str]:
+    out = []
+    for snap in r.destroyed:
+        mark = " (foreign: not made by this job)" if snap in r.foreign_destroyed else ""
+        out.append(f"would destroy {r.dataset}@{snap}{mark}")
+    for snap, tags in r.held.items():
+        out.append(f"keep {r.dataset}@{snap}: held by {', '.join(tags)}")
+    at_risk = {f"{r.dataset}@{n}" for n in r.foreign_at_risk}
+    for full, reasons in r.kept.items():
+        mark = " (foreign: not made by this job, kept only by last_n)" if full in at_risk else ""
+        out.append(f"keep {full}: {', '.join(reasons)}{mark}")
+    out += [f"note: {note}" for note in r.notes]
+    return out
 
 
 def cmd_wakeup(args: argparse.Namespace) -> int:
     config = _open_config(args)
     job = config.job(args.job)
+    if job.type == "sink":
+        raise UsageError(f"job {job.name!r} is a sink: it serves when a client connects; wake up the push job")
+    _need_zfs(args)
     rt = config.global_.runtime_dir
     WakeupRequest(rt, job.name).post()  # first the request, then the lock: see WakeupRequest
-    store = _status_store(config)
-    runner = JobRunner(config, job, args.zfs, store.publish)
-    code = runner.run(previous=store.job(job.name))
-    if code is None:
+    items = run_jobs(config, [job], args.zfs, _status_store(config))
+    if items[0].code is None and items[0].error is None:
         pid = JobLock(rt, job.name).holder_pid()
         print(f"job {job.name} is running (pid {pid or '?'}); it will run once more before it exits")
         return EXIT_OK
-    return code
+    return _worst(items)
+
+
+# ---- status ---------------------------------------------------------------------------------------
+
+def _threshold(value: str | None, option: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def _status_thresholds(args: argparse.Namespace, base: StatusThresholds) -> StatusThresholds:
+    warn, crit = _threshold(args.warn, "--warn"), _threshold(args.crit, "--crit")
+    result = StatusThresholds(warn if warn is not None else base.warn_no_success_after,
+                              crit if crit is not None else base.crit_no_success_after)
+    if result.crit_no_success_after < result.warn_no_success_after:
+        given = " and ".join(o for o, v in (("--warn", warn), ("--crit", crit)) if v is not None)
+        raise UsageError(f"contradictory thresholds ({given}): critical after "
+                         f"{format_duration(result.crit_no_success_after)} comes before warning after "
+                         f"{format_duration(result.warn_no_success_after)}; --crit must not be shorter than --warn")
+    return result
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Nagios plugin conventions: one summary line with perfdata on stdout, the exit code its
+    level; anything that keeps us from judging (usage, config, an unreadable document) is UNKNOWN."""
     try:
-        config = _open_config(args)
-    except ConfigError as exc:
+        text, level = _status_report(args)
+    except (ZreplError, OSError) as exc:
         print(f"UNKNOWN: {exc}")
         return NAGIOS_UNKNOWN
-    store = _status_store(config)
-    try:
-        doc = store.read()
-    except ZreplError as exc:
-        print(f"UNKNOWN: {exc}")
-        return NAGIOS_UNKNOWN
-    if args.json:
-        print(json.dumps(doc, indent=2, sort_keys=True))
-    monitoring = dataclasses.replace(config.global_.status_thresholds)
-    if args.warn:
-        monitoring.warn_no_success_after = parse_duration(args.warn)
-    if args.crit:
-        monitoring.crit_no_success_after = parse_duration(args.crit)
-    jobs = [(j.name, j.type) for j in config.jobs]
-    passive = [j.name for j in config.jobs
-               if j.type == "sink" or (j.type == "source" and j.snapshotting.type == "manual")]
-    health = evaluate_status(doc, jobs, utcnow(), monitoring, passive)
-    text, worst = render_status(health, dict(jobs), args.verbose)
-    if not args.json:
-        print(text)
-    return worst
+    print(text)
+    return level
 
+
+def _status_report(args: argparse.Namespace) -> tuple[str, int]:
+    config: Config | None = None
+    if args.status_file is not None:
+        if not args.status_file:
+            raise UsageError("--status-file: the file name is empty")
+        path = args.status_file
+        if args.config:
+            config = _open_config(args)
+    else:
+        try:
+            config = _open_config(args)
+        except ConfigError as exc:
+            if "Permission denied" in str(exc):
+                raise ConfigError(f"{exc} (a user who may not read the config: `zrepl.py status --status-file "
+                                  f"{GlobalConfig.status_file}`, or the config's global.status_file)") from None
+            raise
+        path = config.global_.status_file
+    store = StatusStore(path, config.global_.runtime_dir if config else "")
+    raw = store.read()
+    doc = store.document()
+    if args.json:
+        return json.dumps(raw, indent=2, sort_keys=True), _status_level(args, config, doc, raw)[1]
+    return _status_level(args, config, doc, raw)
+
+
+def _status_level(args: argparse.Namespace, config: Config | None, doc: StatusDocument,
+                  raw: dict[str, Any]) -> tuple[str, int]:
+    now = utcnow()
+    if config is not None:
+        known = configured_jobs(config, now)
+        mtime = os.stat(config.file).st_mtime if os.path.exists(config.file) else None
+    else:
+        known = doc.configured or ConfiguredJobs(
+            jobs={n: ConfiguredJob(type=t if isinstance(t := _object(e).get("type"), str) else "?")
+                  for n, e in doc.jobs.items()})
+        mtime = None
+    thresholds = _status_thresholds(args, StatusThresholds(known.warn_no_success_after, known.crit_no_success_after))
+    recorded = doc.configured.jobs if doc.configured else {}
+    since: dict[str, float] = {}
+    for name, spec in known.jobs.items():
+        seen = recorded.get(name)
+        when = parse_iso(seen.since) if seen and seen.type == spec.type else None
+        if when is None and mtime is not None:
+            when = mtime
+        if when is not None:
+            since[name] = when
+    jobs = [(name, spec.type) for name, spec in known.jobs.items()]
+    passive = [name for name, spec in known.jobs.items() if spec.passive]
+    health = evaluate_status(doc, jobs, now, thresholds, passive, specs=known.jobs, since=since)
+    return render_status(health, dict(jobs), args.verbose, thresholds)
+
+
+# ---- stdinserver ----------------------------------------------------------------------------------
 
 def _refuse_stdio_client(message: str, temporary: bool = False, wait: float = 5.0) -> None:
     """Tell the ssh client on our stdin/stdout why it is not served: an ERROR frame, which it reports
@@ -10404,6 +11519,8 @@ def cmd_stdinserver(args: argparse.Namespace) -> int:
     try:
         config = _open_config(args)
         job = stdinserver_job(config, identity)
+        LOG_JOB.set(job.name)
+        _need_zfs(args)
         # ZREPL_STDINSERVER_LOCK_WAIT (seconds) shortens the wait for the previous connection (tests)
         wait = float(os.environ.get("ZREPL_STDINSERVER_LOCK_WAIT", STDINSERVER_LOCK_WAIT))
         lock = acquire_client_lock(config.global_.runtime_dir, job.name, identity, wait)
@@ -10457,14 +11574,19 @@ def cmd_test_filesystems(args: argparse.Namespace) -> int:
     job = config.job(args.job)
     if job.filesystems is None:
         raise ConfigError(f"job {job.name!r} ({job.type}) has no filesystems filter")
-    if args.input:
+    if args.input is not None:
+        if not args.input:
+            raise UsageError("--input: the dataset name is empty")
         try:
             names = [validate_dataset_name(args.input)]
         except ValueError as exc:
             raise UsageError(f"--input: {exc}") from None
     else:
+        _need_zfs(args)
         listing = args.zfs.list_datasets(list_roots_for_filter(job.filesystems) if not args.all else [])
         names = sorted(listing)
+    if not names:
+        print("no datasets (the filter's roots do not exist; --all lists every pool)")
     for name in names:
         accepted, pattern = job.filesystems.explain(name)
         why = f"(pattern {pattern!r})" if pattern else "(no pattern matches)"
@@ -10473,8 +11595,10 @@ def cmd_test_filesystems(args: argparse.Namespace) -> int:
 
 
 def cmd_test_placeholder(args: argparse.Namespace) -> int:
-    """Print each dataset's placeholder state (zrepl:placeholder=on marks an empty stand-in parent)."""
-    if args.dataset:
+    """The placeholders (zrepl:placeholder=on set on the dataset itself: an empty stand-in parent);
+    with --all every dataset with its state, with --dataset that one."""
+    _need_zfs(args)
+    if args.dataset is not None:
         try:
             root = validate_dataset_name(args.dataset)
         except ValueError as exc:
@@ -10487,7 +11611,10 @@ def cmd_test_placeholder(args: argparse.Namespace) -> int:
         listing = args.zfs.list_datasets([])
         names = sorted(listing)
     placeholders = args.zfs.local_placeholders(names)
-    for name in names:
+    shown = names if (args.all or args.dataset is not None) else [n for n in names if n in placeholders]
+    if not shown:
+        print("no placeholders (--all lists every dataset)")
+    for name in shown:
         state = "placeholder" if name in placeholders else "not a placeholder"
         print(f"{name}\t{state}")
     return EXIT_OK
@@ -10499,8 +11626,8 @@ def cmd_test_decoderesumetoken(args: argparse.Namespace) -> int:
         raise UsageError("--token: not a resume token (expected the receive_resume_token property's value)")
     try:
         decoded = args.zfs.decode_resume_token(args.token)
-    except ZfsError as exc:
-        raise ZreplError(f"cannot decode the token: {exc.stderr}") from None
+    except ZfsError as exc:  # decoded here, as zfs would: what it cannot decode is not a token
+        raise UsageError(f"--token: not a resume token: {exc.stderr}") from None
     print(json.dumps({**dataclasses.asdict(decoded), "flags": sorted(decoded.flags)}, indent=2))
     return EXIT_OK
 
@@ -10530,6 +11657,7 @@ def cmd_zfs_abstractions(args: argparse.Namespace) -> int:
             roots = [validate_dataset_name(args.fs)]
         except ValueError as exc:
             raise UsageError(f"--fs: {exc}") from None
+    _need_zfs(args)
     zfs = args.zfs
     found = list_abstractions(zfs, roots)
     if args.job:
@@ -10547,6 +11675,8 @@ def cmd_zfs_abstractions(args: argparse.Namespace) -> int:
         chosen = found
     if args.json:
         print(json.dumps([dataclasses.asdict(a) for a in chosen], indent=2))
+    elif not chosen:
+        print("none" + (" to release" if args.action != "list" else ""))
     else:
         for a in chosen:
             what = f"hold {a.tag}" if a.is_hold else "bookmark"
@@ -10595,12 +11725,17 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that exits with 2 and a one-line hint (usage errors are config-class errors)."""
+    """argparse that exits with 2 and a one-line hint (usage errors are config-class errors), or
+    with 3 and an UNKNOWN line on stdout for `status` (a Nagios check's usage error is UNKNOWN)."""
+
+    usage_exit = EXIT_USAGE
 
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+        if self.usage_exit == NAGIOS_UNKNOWN:
+            print(f"UNKNOWN: usage error: {message}")
+        raise SystemExit(self.usage_exit)
 
 
 def _add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
@@ -10610,78 +11745,163 @@ def _add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None
     keep: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
     parser.add_argument("--config", metavar="FILE", help="config file (default: $ZREPL_CONFIG, "
                         "/etc/zrepl/zrepl.toml, /usr/local/etc/zrepl/zrepl.toml)", **keep)
-    parser.add_argument("--log-level", choices=LOG_LEVELS, help="override the configured log level", **keep)
+    parser.add_argument("--log-level", choices=LOG_LEVELS,
+                        help="override the configured log level (default: warn, quiet when all is well; "
+                             "info: a line per step)", **keep)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors", **keep)
 
 
+_EXIT_CODES = "exit codes: 0 all well, 1 some job or filesystem failed, 2 config, usage or setup error"
+_HELP_TEXT = {
+    "run": ("run jobs once: snapshot if due, replicate, prune (jobs run at once, each in its own thread)",
+            f"{_EXIT_CODES}; 128+N stopped by signal N\n"
+            "examples:\n  zrepl.py run --dry-run -v home   what would happen, and why each snapshot stays\n"
+            "  zrepl.py run                      every job but sinks (from cron or a systemd timer)"),
+    "status": ("summarize the status file for people and Nagios (exit code = level)",
+               "exit codes (Nagios): 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also usage errors, an unreadable "
+               "config or status file)\n"
+               "examples:\n  zrepl.py status -v\n"
+               "  zrepl.py status --status-file /var/lib/zrepl/status.json --crit 6h   (as a monitoring user, "
+               "no config needed)"),
+    "wakeup": ("run a job now, or make the running one do one more pass",
+               f"{_EXIT_CODES}; 0 when the running job was asked for one more pass\n"
+               "example:\n  zrepl.py wakeup backup"),
+    "stdinserver": ("serve one ssh client on stdin/stdout (the forced command in authorized_keys of a sink or "
+                    "source host)",
+                    "exit codes: 0 the client was served, 1 refused or failed, 2 config or setup error\n"
+                    "example (authorized_keys):\n"
+                    "  command=\"/usr/local/bin/zrepl.py stdinserver prod1\",restrict ssh-ed25519 AAAA... zrepl prod1"),
+    "configcheck": ("validate the config and say what it holds",
+                    "exit codes: 0 valid, 2 invalid (every problem is listed with its key path)\n"
+                    "example:\n  zrepl.py configcheck --config zrepl.example.toml"),
+    "test": ("inspect what a job would do", "exit codes: 0, 1 zfs failed, 2 usage or config error"),
+    "filesystems": ("print ACCEPT/REJECT per dataset for a job's filter, with the deciding pattern",
+                    "exit codes: 0, 1 zfs failed, 2 usage or config error\n"
+                    "examples:\n  zrepl.py test filesystems --job backup\n"
+                    "  zrepl.py test filesystems --job backup --input tank/data/new"),
+    "placeholder": ("list the placeholders (empty stand-in parents, zrepl:placeholder=on)",
+                    "exit codes: 0, 1 zfs failed or the dataset does not exist, 2 usage error\n"
+                    "examples:\n  zrepl.py test placeholder\n  zrepl.py test placeholder --all"),
+    "decoderesumetoken": ("decode a receive_resume_token (as zfs would, nothing runs)",
+                          "exit codes: 0, 2 not a resume token\nexample:\n"
+                          "  zrepl.py test decoderesumetoken --token \"$(zfs get -Hpo value receive_resume_token "
+                          "backup/sink/host/tank/data)\""),
+    "zfs-abstractions": ("list or release zrepl's holds and bookmarks",
+                         "actions:\n  list           every step hold, last-received hold, replication cursor and "
+                         "tentative cursor\n"
+                         "  release-stale  per job, what no longer protects anything (all but the newest cursor, "
+                         "older step holds, all but the newest last-received hold)\n"
+                         "  release-all    everything of --job or --fs (the next replication may need a full send)\n"
+                         "exit codes: 0, 1 zfs failed or a job is running, 2 usage error\n"
+                         "examples:\n  zrepl.py zfs-abstractions list --job backup\n"
+                         "  zrepl.py zfs-abstractions release-stale --dry-run"),
+    "version": ("print the version", "exit code: 0"),
+}
+
+
+def _subparser(sub: Any, name: str, common: argparse.ArgumentParser, **kwargs: Any) -> argparse.ArgumentParser:
+    text, epilog = _HELP_TEXT[name]
+    return sub.add_parser(name, parents=[common], help=text, description=text, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="zrepl.py", description="ZFS snapshots, replication and pruning (zrepl-compatible).")
+    parser = _ArgumentParser(prog="zrepl.py", description="ZFS snapshots, replication and pruning (zrepl-compatible).",
+                             epilog=f"{_EXIT_CODES} (status: Nagios codes)\nexamples:\n  zrepl.py configcheck\n"
+                                    "  zrepl.py run --dry-run\n  zrepl.py status -v\n"
+                                    "each command has its own --help",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_global_options(parser, defaults=True)
+    parser.add_argument("--version", action="version", version=f"zrepl.py {__version__}")
     common = _ArgumentParser(add_help=False)
     _add_global_options(common, defaults=False)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser, metavar="COMMAND")
 
-    p = sub.add_parser("run", parents=[common], help="run jobs once: snapshot if due, replicate, prune")
-    p.add_argument("jobs", nargs="*", help="job names (default: all active and snap jobs)")
-    p.add_argument("--dry-run", action="store_true", help="show what would be done, change nothing")
+    p = _subparser(sub, "run", common)
+    p.add_argument("jobs", nargs="*", metavar="JOB", help="job names (default: every job but sinks, which serve "
+                   "when a client connects)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be done, change nothing (takes no lock)")
+    p.add_argument("-v", "--verbose", action="store_true", help="dry run: each snapshot with the rule that keeps it")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", parents=[common], help="summarize the status file (Nagios exit codes)")
-    p.add_argument("-v", "--verbose", action="store_true", help="details per job")
-    p.add_argument("--json", action="store_true", help="print the raw status document")
-    p.add_argument("--warn", help="warn when a job had no successful run for this long (e.g. 2h)")
-    p.add_argument("--crit", help="critical when a job had no successful run for this long (e.g. 6h)")
+    p = _subparser(sub, "status", common)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="details per job: filesystems (a table while running), hooks, pruning, recovery commands")
+    p.add_argument("--json", action="store_true", help="print the raw status document (the exit code is the level)")
+    p.add_argument("--warn", metavar="DURATION", help="warn when a job had no successful run for this long "
+                   "(default: [global.status] warn_no_success_after, 2h)")
+    p.add_argument("--crit", metavar="DURATION", help="critical when a job had no successful run for this long "
+                   "(default: [global.status] crit_no_success_after, 6h)")
+    p.add_argument("--status-file", metavar="FILE", help="read this status file and judge the jobs it records; "
+                   "needs no config (for a monitoring user who may not read it)")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("wakeup", parents=[common], help="run a job now, or make the running one do one more pass")
-    p.add_argument("job")
+    p = _subparser(sub, "wakeup", common)
+    p.add_argument("job", metavar="JOB", help="the job to run (not a sink)")
     p.set_defaults(func=cmd_wakeup)
 
-    p = sub.add_parser("stdinserver", parents=[common],
-                       help="serve one ssh client on stdin/stdout (the forced command in authorized_keys of a sink "
-                            "or source host)")
-    p.add_argument("identity", help="the client identity: one of a sink/source job's serve.client_identities")
+    p = _subparser(sub, "stdinserver", common)
+    p.add_argument("identity", metavar="IDENTITY",
+                   help="the client identity: one of a sink/source job's serve.client_identities")
     p.set_defaults(func=cmd_stdinserver)
 
-    p = sub.add_parser("configcheck", parents=[common], help="validate the config; prints nothing when it is valid")
+    p = _subparser(sub, "configcheck", common)
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing when the config is valid")
     p.set_defaults(func=cmd_configcheck)
 
-    p = sub.add_parser("test", parents=[common], help="inspect what a job would do")
-    tsub = p.add_subparsers(dest="test_command", required=True, parser_class=_ArgumentParser)
-    t = tsub.add_parser("filesystems", parents=[common], help="print ACCEPT/REJECT per dataset for a job's filter")
-    t.add_argument("--job", required=True)
+    p = _subparser(sub, "test", common)
+    tsub = p.add_subparsers(dest="test_command", required=True, parser_class=_ArgumentParser, metavar="WHAT")
+    t = _subparser(tsub, "filesystems", common)
+    t.add_argument("--job", required=True, metavar="JOB", help="the job whose filesystems filter to test")
     group = t.add_mutually_exclusive_group()
     group.add_argument("--all", action="store_true", help="every dataset of every pool")
     group.add_argument("--input", metavar="FS", help="one dataset name (need not exist)")
     t.set_defaults(func=cmd_test_filesystems)
 
-    t = tsub.add_parser("placeholder", parents=[common], help="show which datasets are placeholders")
+    t = _subparser(tsub, "placeholder", common)
     group = t.add_mutually_exclusive_group()
-    group.add_argument("--all", action="store_true", help="every dataset (the default)")
+    group.add_argument("--all", action="store_true", help="every dataset, each with its state")
     group.add_argument("--dataset", metavar="DS", help="one dataset")
     t.set_defaults(func=cmd_test_placeholder)
-    t = tsub.add_parser("decoderesumetoken", parents=[common], help="decode a receive_resume_token")
-    t.add_argument("--token", required=True)
+    t = _subparser(tsub, "decoderesumetoken", common)
+    t.add_argument("--token", required=True, metavar="TOKEN", help="the receive_resume_token property's value")
     t.set_defaults(func=cmd_test_decoderesumetoken)
 
-    p = sub.add_parser("zfs-abstractions", parents=[common], help="list or release zrepl's holds and bookmarks")
-    p.add_argument("action", choices=("list", "release-stale", "release-all"))
-    p.add_argument("--job", help="only this job's abstractions")
-    p.add_argument("--fs", help="only this dataset and its descendants")
+    p = _subparser(sub, "zfs-abstractions", common)
+    p.add_argument("action", choices=("list", "release-stale", "release-all"), metavar="ACTION",
+                   help="list, release-stale or release-all (see below)")
+    p.add_argument("--job", metavar="JOB", help="only this job's abstractions (a source's client: JOB:IDENTITY)")
+    p.add_argument("--fs", metavar="FS", help="only this dataset and its descendants")
     p.add_argument("--dry-run", action="store_true", help="show what would be released, change nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_zfs_abstractions)
 
-    p = sub.add_parser("version", parents=[common], help="print the version")
+    p = _subparser(sub, "version", common)
     p.set_defaults(func=cmd_version)
     return parser
 
 
+def _subcommand(argv: Sequence[str]) -> str | None:
+    """The subcommand in argv (before parsing, to choose how usage errors exit)."""
+    it = iter(argv)
+    for token in it:
+        if token in ("--config", "--log-level"):
+            next(it, None)
+        elif not token.startswith("-"):
+            return token
+    return None
+
+
 def main(argv: Sequence[str] | None = None, *, zfs: Zfs | None = None) -> int:
     """The command line. `zfs` replaces the ZFS layer (tests pass an in-process double)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    usage_exit = NAGIOS_UNKNOWN if _subcommand(argv) == "status" else EXIT_USAGE
+    for each in [parser, *_all_subparsers(parser)]:
+        each.usage_exit = usage_exit  # type: ignore[attr-defined]
     args = parser.parse_args(argv)
-    args.zfs = zfs if zfs is not None else Zfs()
+    args.real_zfs = zfs is None
+    args.zfs = zfs if zfs is not None else _TrackedZfs()
     if not log.handlers:
         setup_logging([LoggingConfig()], args.log_level)
     try:
@@ -10707,6 +11927,15 @@ def main(argv: Sequence[str] | None = None, *, zfs: Zfs | None = None) -> int:
         print(f"zrepl.py: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_FAILED
+
+
+def _all_subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_all_subparsers(child)]
+    return found
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_minimal_snap_job_loads_with_defaults():
     assert job.type == "snap"
     assert job.snapshotting.interval == 600
     assert job.filesystems.accepts("tank/x")
-    assert cfg.global_.status_file == "/run/zrepl/status.json"
+    assert cfg.global_.status_file == "/var/lib/zrepl/status.json"
     assert cfg.global_.runtime_dir == "/run/zrepl"
 
 
@@ -193,8 +193,11 @@ def run_cli(*args, config_text=None, tmp_path=None):
     return subprocess.run(cmd + list(args), capture_output=True, text=True)
 
 
-def test_configcheck_cli_silent_on_valid(tmp_path):
+def test_configcheck_cli_says_what_it_checked_unless_quiet(tmp_path):
     proc = run_cli("configcheck", config_text=SNAP_JOB, tmp_path=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("config OK: ") and "1 job(s): snapjob (snap)" in proc.stdout
+    proc = run_cli("configcheck", "-q", config_text=SNAP_JOB, tmp_path=tmp_path)
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
 
 

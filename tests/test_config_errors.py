@@ -279,10 +279,10 @@ def test_global_options_after_the_subcommand(argv, config_file, capsys):
 
 
 def test_status_with_options_after_the_subcommand(config_file, capsys):
-    # no run recorded yet: WARNING (1), but the config was found and read
-    assert zrepl.main(["status", "--config", str(config_file), "--log-level", "debug"]) == 1
+    # no run recorded yet, the config is new: OK (0) "has not run yet", so the config was found and read
+    assert zrepl.main(["status", "--config", str(config_file), "--log-level", "debug"]) == 0
     out = capsys.readouterr().out
-    assert "snapjob" in out and "UNKNOWN" not in out
+    assert "has not run yet" in out and "snapjob" in out and "UNKNOWN" not in out
 
 
 def test_bad_global_option_after_the_subcommand_is_a_usage_error(config_file, capsys):
