@@ -8393,7 +8393,7 @@ class Replication:
             retry = self._run_steps(plans, failed_now)
             if not retry or self.cancel_reason:
                 break
-            log.info("%s: retrying %d filesystem(s) after temporary errors", self.settings.job, len(retry))
+            log.warning("%s: retrying %d filesystem(s) after temporary errors", self.settings.job, len(retry))
             self.clock.sleep(self.settings.retry_delay * attempt)
         for fs, rep in self.reports.items():
             if rep.state in _FAILED_STATES:
