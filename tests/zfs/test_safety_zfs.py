@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from repltest import run, snapshots, sink_job, write_config
-from zfstest import REPO_ROOT, get, guid, zfs
+from repltest import run
+from support import sink_job, snapshots, write_config
+from zfstest import REPO_ROOT, ZFS, get, guid, zfs
 
 
 def test_a_dataset_created_below_a_placeholder_is_never_received_over(make_pool, zfs_tree, tmp_path):
@@ -32,12 +33,12 @@ type = "manual"
 [jobs.pruning]
 keep_sender = []
 keep_receiver = []
-''' + sink_job("sink", f"{dst}/sink"))
+''', sink_job("sink", root_fs=f"{dst}/sink"))
     proc = run(None, cfg, "run", "push")
     assert proc.returncode == 1, proc.stderr
     assert "not a zrepl placeholder" in proc.stderr or "receiver-has-data" in proc.stderr, proc.stderr
     assert Path(f"/tmp/zrepl-admin-{dst}/precious.txt").read_text() == "the admin's data"
-    assert snapshots(f"{dst}/sink/client1/{src}/data") == []
+    assert snapshots(ZFS, f"{dst}/sink/client1/{src}/data") == []
     # the command to inspect placeholders says the same
     listed = run(None, cfg, "test", "placeholder", "--dataset", f"{dst}/sink/client1/{src}/data")
     assert listed.stdout.strip().endswith("not a placeholder"), listed.stdout
@@ -92,14 +93,14 @@ keep_receiver = [{{ type = "last_n", count = 10 }}]
         zfs("snapshot", f"{src}/data@s{i}")
         pull("fast")
     # the fast client's pruning of the source (last_n = 1) kept what the slow client still needs
-    assert snapshots(f"{src}/data") == ["s1", "s2", "s3", "s4", "s5"]
+    assert snapshots(ZFS, f"{src}/data") == ["s1", "s2", "s3", "s4", "s5"]
     bookmarks = zfs("list", "-H", "-t", "bookmark", "-o", "name", f"{src}/data")
     assert f"zrepl_CURSOR_G_{guid(f'{src}/data@s5'):016x}_J_src:fast" in bookmarks
     assert f"zrepl_CURSOR_G_{guid(f'{src}/data@s1'):016x}_J_src:slow" in bookmarks
     pull("slow")  # incremental from s1, not a full send: its base survived
-    assert snapshots(f"{slow_pool}/backup/{src}/data") == ["s1", "s2", "s3", "s4", "s5"]
+    assert snapshots(ZFS, f"{slow_pool}/backup/{src}/data") == ["s1", "s2", "s3", "s4", "s5"]
     pull("fast")  # now both have s5: the source may drop the rest
-    assert snapshots(f"{src}/data") == ["s5"]
+    assert snapshots(ZFS, f"{src}/data") == ["s5"]
 
 
 def test_a_received_stream_cannot_mount_share_or_expose_what_it_carries(make_pool, zfs_tree, tmp_path):
@@ -122,11 +123,11 @@ type = "manual"
 [jobs.pruning]
 keep_sender = []
 keep_receiver = []
-''' + sink_job("sink", f"{dst}/sink"))
+''', sink_job("sink", root_fs=f"{dst}/sink"))
     proc = run(None, cfg, "run", "push")
     assert proc.returncode == 0, proc.stderr
     replica = f"{dst}/sink/client1/{src}/data"
-    assert snapshots(replica) == ["s1", "s2"]
+    assert snapshots(ZFS, replica) == ["s1", "s2"]
     assert get(replica, "canmount") == "noauto" and get(replica, "readonly") == "on"
     assert get(replica, "mountpoint") == "none"  # inherited from the placeholder, not the stream's
     assert get(replica, "sharenfs") == "off"
