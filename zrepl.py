@@ -22,7 +22,9 @@ Map of this file (sections in dependency order; a section only uses those above 
    12. Pruner               keep-rule decisions applied to either side, batched destroys
    13. Jobs                 job runs, push/pull modes, locks, wakeups, the passive side's records
    14. Status               atomic JSON status file, summaries, Nagios codes
-   15. CLI                  argument parsing and commands
+   15. Metrics              Prometheus exposition from the status document and counters; outlets
+   16. Daemon               scheduler, signals, systemd notify, the control socket
+   17. CLI                  argument parsing and commands
 
 Where things happen:
 
@@ -10791,7 +10793,17 @@ def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool,
 
 
 # =================================================================================================
-# 15. CLI
+# 15. Metrics
+# =================================================================================================
+
+
+# =================================================================================================
+# 16. Daemon
+# =================================================================================================
+
+
+# =================================================================================================
+# 17. CLI
 # =================================================================================================
 
 # ---- logging --------------------------------------------------------------------------------------
