@@ -386,6 +386,27 @@ def iso_time(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+@dataclass
+class Histogram:
+    """Observations counted into cumulative buckets (Prometheus' histogram: the count of values
+    <= each upper bound, plus the sum and count of all). Not locked: its owner locks."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+
 # =================================================================================================
 # 2. Filters and naming
 # =================================================================================================
@@ -3479,17 +3500,27 @@ def create_placeholder_argv(dataset: str, encryption_off: bool) -> list[str]:
     return argv + [dataset]
 
 
+ZFSCMD_BUCKETS = (0.01, 0.1, 0.2, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 60.0)  # zrepl's zfscmd histogram buckets
+
+
 @dataclass
 class ZfsCounters:
-    """zfs spawns per verb (benchmarks and tests count them)."""
+    """zfs spawns per verb (benchmarks and tests count them), and how long each short command took
+    by (job, binary, verb): zrepl's zrepl_zfscmd_runtime metric."""
 
     spawns: dict[str, int] = field(default_factory=dict)
+    runtimes: dict[tuple[str, str, str], Histogram] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, argv: Sequence[str]) -> None:
         verb = argv[1] if len(argv) > 1 else argv[0]
         with self.lock:
             self.spawns[verb] = self.spawns.get(verb, 0) + 1
+
+    def observe(self, argv: Sequence[str], seconds: float) -> None:
+        key = (LOG_JOB.get() or "_nojobid", argv[0], argv[1] if len(argv) > 1 else "")
+        with self.lock:
+            self.runtimes.setdefault(key, Histogram(ZFSCMD_BUCKETS)).observe(seconds)
 
     @property
     def total(self) -> int:
@@ -3527,6 +3558,7 @@ class Zfs:
         """Run a short zfs command to completion and capture its output."""
         self.counters.add(argv)
         log.debug("exec %s", shlex.join(argv))
+        started = time.monotonic()
         try:
             proc = subprocess.run(self._resolve(argv), input=input, capture_output=True, timeout=timeout,
                                   env=self.env)
@@ -3534,6 +3566,8 @@ class Zfs:
             raise ZfsError(argv, None, (exc.stderr or b"").decode("utf-8", "replace"), kind="timeout") from None
         except OSError as exc:
             raise ZfsError(argv, 127, f"cannot execute {argv[0]}: {exc.strerror}") from None
+        finally:
+            self.counters.observe(argv, time.monotonic() - started)
         if check and proc.returncode != 0:
             raise ZfsError(argv, proc.returncode, proc.stderr.decode("utf-8", "replace"))
         return proc
@@ -8155,9 +8189,21 @@ class FilesystemReport:
     blocked_by: str | None = None
     plan: str = ""
     step_started: str | None = None
+    # For monitoring (status freshness checks, metrics): creation times of the newest snapshot the
+    # receiver has from the sender and of the sender's newest snapshot (their difference is the lag),
+    # and the bytes of every step completed, across runs (a counter: zrepl_replication_bytes_replicated).
+    last_replicated_time: str | None = None
+    sender_newest: str | None = None
+    sender_newest_time: str | None = None
+    bytes_total: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _nonnegative_int(value: Any) -> int:
+    """A count carried over from an earlier run's status entry (0 unless well-formed)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 @dataclass
@@ -8233,6 +8279,8 @@ class Replication:
             prev = self.previous.get(fs, {})
             self.reports[fs] = FilesystemReport(sender_fs=fs, last_replicated=prev.get("last_replicated"),
                                                 last_success=prev.get("last_success"),
+                                                last_replicated_time=prev.get("last_replicated_time"),
+                                                bytes_total=_nonnegative_int(prev.get("bytes_total")),
                                                 error_count=self.error_counts.get(fs, 0))
         return self.reports[fs]
 
@@ -8291,7 +8339,7 @@ class Replication:
                 if p.up_to_date and p.error is None:
                     self._release_stale(p.sender_fs, listed[p.sender_fs], receivers.get(p.sender_fs))
         for p in plans:
-            self._record_plan(p)
+            self._record_plan(p, listed[p.sender_fs])
         self.plans = plans
         self.progress.touch()
         self._publish()
@@ -8308,9 +8356,14 @@ class Replication:
                 receiver_list[fs].dataset.props[PLACEHOLDER_PROPERTY] = "on"
             self.progress.touch()
 
-    def _record_plan(self, p: FilesystemPlan) -> None:
+    def _record_plan(self, p: FilesystemPlan, sender: DatasetInfo) -> None:
         rep = self._report(p.sender_fs)
         rep.receiver_fs, rep.plan = p.receiver_fs, p.describe()
+        newest = max(sender.snapshots(), key=lambda v: v.createtxg, default=None)
+        if newest is not None:
+            rep.sender_newest, rep.sender_newest_time = newest.full_name, iso_time(newest.creation)
+        if p.common is not None:  # a bookmark carries its snapshot's creation time
+            rep.last_replicated_time = iso_time(p.common.creation)
         rep.blocked_by = p.blocked_by
         rep.steps_total, rep.steps_done = len(p.steps), 0
         if p.error:
@@ -8570,9 +8623,11 @@ class Replication:
         progress.step_done()
         with self.lock:
             rep.last_replicated = f"{fs}@{step.to_version.name}"
+            rep.last_replicated_time = iso_time(step.to_version.creation)
             # The stream is complete: it moved at least ZFS's estimate of it (`zfs send -P` reports
             # once a second, so a short send counted less, or nothing).
             rep.bytes_replicated = max(rep.bytes_replicated, expected or 0)
+            rep.bytes_total += rep.bytes_replicated
         sender.complete(fs, step.to_version.name, step.to_version.guid, level)
         progress.touch()
 
@@ -9565,10 +9620,11 @@ class JobRunner:
                 else:
                     datasets = self._select()  # pruning must see the new snapshots' real txg and guid
             self._set_activity("pruning", f"{len(datasets)} filesystems")
+            began = self.clock.monotonic()
             pruned = prune_datasets(datasets, self.job.keep, local_destroyer(self.zfs), local_hold_lookup(self.zfs),
                                     dry_run=self.dry_run, guards=replication_guards(self.config),
                                     own_prefix=self.job.snapshotting.prefix or None, now=self.clock.time())
-            self.doc["pruning"] = prune_summary(pruned)
+            self.doc["pruning"] = {**prune_summary(pruned), "seconds": round(self.clock.monotonic() - began, 3)}
             self.last_prune = pruned
             for r in pruned:
                 self._fs(r.dataset)["pruning"] = r.to_json()
@@ -9715,7 +9771,10 @@ class JobRunner:
             cancelled.append(reason)
             peer.cancel(reason)
 
+        began: dict[str, float] = {}  # side -> when it started (zrepl_pruning_time)
+
         def on_side(side: str) -> None:
+            began[side] = self.clock.monotonic()
             progress.touch()
             self._set_activity(f"pruning {side}")
         with Watchdog(progress, job.replication.timeout, cancel):
@@ -9727,8 +9786,11 @@ class JobRunner:
                                       now=self.clock.time())
         if cancelled:
             result.failures["(pruning)"] = f"pruning cancelled by the watchdog: {cancelled[0]}"
-        self.doc["pruning_sender"] = prune_summary(pruned.sender)
-        self.doc["pruning_receiver"] = prune_summary(pruned.receiver)
+        ended = self.clock.monotonic()
+        seconds = {"sender": began.get("receiver", ended) - began.get("sender", ended),
+                   "receiver": ended - began.get("receiver", ended)}
+        self.doc["pruning_sender"] = {**prune_summary(pruned.sender), "seconds": round(seconds["sender"], 3)}
+        self.doc["pruning_receiver"] = {**prune_summary(pruned.receiver), "seconds": round(seconds["receiver"], 3)}
         self.last_prune, self.last_prune_receiver = pruned.sender, pruned.receiver
         result.failures.update(pruned.failures)
 
@@ -10086,6 +10148,7 @@ class PruneSummary:
     notes: list[str] = field(default_factory=list)
     foreign_destroyed: list[str] = field(default_factory=list)
     foreign_at_risk: list[str] = field(default_factory=list)
+    seconds: float | None = None  # how long it took (zrepl_pruning_time)
 
 
 @dataclass
@@ -10796,6 +10859,419 @@ def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool,
 # 15. Metrics
 # =================================================================================================
 
+# Prometheus text exposition (format 0.0.4), built from the status document, so the same text comes
+# out of a cron `run` (the node_exporter textfile) and the daemon (HTTP /metrics): what a job did is
+# in the document, whichever process did it. Only what one process measures (zfs command runtimes,
+# log entries, control requests) comes from ProcessMetrics. zrepl's metric names, types and labels
+# are kept where zrepl has them (dashboards query them); the rest is zrepl.py's (README: Metrics).
+# Timestamps, not ages: an age in a textfile written an hour ago would be an hour wrong, while
+# `time() - zrepl_..._timestamp_seconds` is right whenever Prometheus evaluates it.
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PRUNING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # client_golang's defaults
+CONTROL_BUCKETS = (1e-6, 10e-6, 100e-6, 500e-6, 1e-3, 10e-3, 100e-3, 200e-3, 400e-3, 800e-3, 1.0, 10.0, 20.0)
+_PROCESS_START = time.time()
+_LOG_LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn", logging.ERROR: "error",
+                    logging.CRITICAL: "error"}
+
+
+class _LogEntryCounter(logging.Handler):
+    """Counts the log entries that pass the logger's level, by job and level (zrepl_daemon_log_entries)."""
+
+    def __init__(self, owner: ProcessMetrics):
+        super().__init__(logging.NOTSET)
+        self.owner = owner
+
+    def emit(self, record: logging.LogRecord) -> None:
+        job = getattr(record, "job", None) or LOG_JOB.get() or "_nojobid"
+        level = _LOG_LEVEL_NAMES.get(record.levelno, "error" if record.levelno > logging.ERROR else "debug")
+        with self.owner.lock:
+            key = (str(job), level)
+            self.owner.log_entries[key] = self.owner.log_entries.get(key, 0) + 1
+
+
+class ProcessMetrics:
+    """What this process measured itself: its start, zfs command runtimes (the Zfs layers' counters
+    it was given), log entries and control-socket requests (the daemon observes them)."""
+
+    def __init__(self, start_time: float = _PROCESS_START, zfs: Iterable[ZfsCounters] = ()):
+        self.start_time = start_time
+        self.zfs = list(zfs)
+        self.lock = threading.Lock()
+        self.log_entries: dict[tuple[str, str], int] = {}
+        self.control_requests: dict[str, Histogram] = {}
+        self.control_begun: dict[str, int] = {}
+        self.log_handler = _LogEntryCounter(self)
+
+    def request_begun(self, endpoint: str) -> None:
+        with self.lock:
+            self.control_begun[endpoint] = self.control_begun.get(endpoint, 0) + 1
+
+    def request_finished(self, endpoint: str, seconds: float) -> None:
+        with self.lock:
+            self.control_requests.setdefault(endpoint, Histogram(CONTROL_BUCKETS)).observe(seconds)
+
+
+PROCESS_METRICS = ProcessMetrics()  # this process's; setup_logging attaches its log counter
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or (math.isfinite(value) and value == int(value) and abs(value) < 2 ** 53):
+        return str(int(value))
+    return "+Inf" if value == math.inf else "-Inf" if value == -math.inf else "NaN" if value != value else repr(value)
+
+
+class Exposition:
+    """Metric families in the text format: each family's HELP, TYPE and samples together, once."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, tuple[str, str, list[str]]] = {}
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.families.setdefault(name, (kind, help_text, []))
+
+    def sample(self, family: str, labels: dict[str, str], value: float, suffix: str = "") -> None:
+        text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
+        self.families[family][2].append(f"{family}{suffix}{{{text}}} {_number(value)}" if text
+                                        else f"{family}{suffix} {_number(value)}")
+
+    def histogram(self, family: str, labels: dict[str, str], h: Histogram) -> None:
+        for bound, count in zip(h.bounds, h.counts, strict=True):
+            self.sample(family, {**labels, "le": _number(float(bound))}, count, "_bucket")
+        self.sample(family, {**labels, "le": "+Inf"}, h.count, "_bucket")
+        self.sample(family, labels, h.sum, "_sum")
+        self.sample(family, labels, h.count, "_count")
+
+    def text(self) -> str:
+        out = []
+        for name, (kind, help_text, samples) in self.families.items():
+            if samples:
+                out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples]
+        return "\n".join(out) + "\n" if out else ""
+
+
+# name -> (type, help): every family render_metrics can write (README lists the same)
+METRIC_FAMILIES: dict[str, tuple[str, str]] = {
+    "zrepl_start_time": ("gauge", "Unix time this process started, with its version in labels (zrepl's name)."),
+    "zrepl_replication_bytes_replicated": (
+        "counter", "Bytes of the completed replication steps of a filesystem, across runs (zrepl's name)."),
+    "zrepl_replication_filesystem_errors": (
+        "gauge", "Filesystems that failed in the job's latest replication; -1 if the run failed before planning."),
+    "zrepl_replication_last_successful": (
+        "gauge", "Unix time of the job's last run in which every filesystem replicated (zrepl's name)."),
+    "zrepl_pruning_time": ("histogram", "Seconds the job's latest pruning of one side took (zrepl's name)."),
+    "zrepl_zfscmd_runtime": ("histogram", "Seconds short zfs commands of this process ran, by verb (zrepl's name)."),
+    "zrepl_daemon_log_entries": ("counter", "Log entries this process wrote, by job and level (zrepl's name)."),
+    "zrepl_control_request_begin": ("counter", "Control socket requests begun, by endpoint (zrepl's name)."),
+    "zrepl_control_request_finished": ("histogram", "Seconds control requests took, by endpoint (zrepl's name)."),
+    "zrepl_job_last_run_timestamp_seconds": ("gauge", "Unix time the job's latest run ended (or started, if running)."),
+    "zrepl_job_last_success_timestamp_seconds": ("gauge", "Unix time of the job's latest successful run."),
+    "zrepl_job_running": ("gauge", "1 while a run of the job is in progress."),
+    "zrepl_job_last_run_failed": ("gauge", "1 if the job's latest finished run failed."),
+    "zrepl_snapshot_newest_timestamp_seconds": (
+        "gauge", "Creation time of the newest snapshot of a selected filesystem (snap, push, source)."),
+    "zrepl_replication_last_replicated_timestamp_seconds": (
+        "gauge", "Creation time of the newest snapshot the receiver has of a filesystem."),
+    "zrepl_replication_lag_seconds": (
+        "gauge", "How much older the receiver's newest snapshot is than the sender's newest (0: up to date)."),
+    "zrepl_replication_bytes_remaining": ("gauge", "Bytes left in the filesystem's current step (0 when idle)."),
+    "zrepl_replication_filesystem_failed": ("gauge", "1 if the filesystem's replication failed in the latest run."),
+    "zrepl_replication_last_success_timestamp_seconds": (
+        "gauge", "Unix time the filesystem last replicated without error."),
+    "zrepl_client_last_connection_timestamp_seconds": (
+        "gauge", "Unix time a sink's or source's client last connected (its end, or its start while connected)."),
+    "zrepl_client_last_success_timestamp_seconds": ("gauge", "Unix time a client's last successful connection ended."),
+    "zrepl_client_last_transfer_timestamp_seconds": (
+        "gauge", "Unix time of a client's last transfer (sink: received, source: sent)."),
+    "zrepl_client_transfer_bytes": ("gauge", "Bytes of a client's last transfer."),
+    "zrepl_pruning_destroyed": ("gauge", "Snapshots the job's latest pruning destroyed, by side."),
+    "zrepl_pruning_kept": ("gauge", "Snapshots the job's latest pruning kept, by side."),
+    "zrepl_pruning_errors": ("gauge", "Snapshots the job's latest pruning could not destroy, by side."),
+}
+
+
+def render_metrics(doc: StatusDocument, process: ProcessMetrics | None = None,
+                   zfs: Iterable[ZfsCounters] = ()) -> str:
+    """The Prometheus text for every job of the status document, plus the process's own counters
+    (PROCESS_METRICS unless given) and the runtimes recorded by the `zfs` layers' counters."""
+    out = Exposition()
+    for name, (kind, help_text) in METRIC_FAMILIES.items():
+        out.family(name, kind, help_text)
+    process = process or PROCESS_METRICS
+    out.sample("zrepl_start_time", {"raw": __version__, "version_info": f"zrepl.py version={__version__} python="
+                                    f"{'.'.join(map(str, sys.version_info[:3]))}"}, process.start_time)
+    configured = doc.configured.jobs if doc.configured else {}
+    for job in sorted(doc.jobs):
+        entry, _ = doc.job(job)
+        if entry is not None:
+            spec = configured.get(job)
+            _job_metrics(out, job, entry, spec.type if spec else entry.type)
+    _process_metrics(out, process, [*process.zfs, *zfs])
+    return out.text()
+
+
+def _timestamp(out: Exposition, family: str, labels: dict[str, str], iso: str | None) -> None:
+    ts = parse_iso(iso)
+    if ts is not None:
+        out.sample(family, labels, ts)
+
+
+def _job_metrics(out: Exposition, job: str, entry: JobStatus, jtype: str) -> None:
+    labels = {"zrepl_job": job}
+    last = entry.last_run or RunRecord()
+    running = entry.state == "running" and _pid_alive(entry.pid, entry.boot_id)
+    out.sample("zrepl_job_running", labels, 1 if running else 0)
+    _timestamp(out, "zrepl_job_last_run_timestamp_seconds", labels, last.end or last.start)
+    _timestamp(out, "zrepl_job_last_success_timestamp_seconds", labels, entry.last_success)
+    if last.result in ("ok", "failed", "error"):
+        out.sample("zrepl_job_last_run_failed", labels, 0 if last.result == "ok" else 1)
+    newest = {fs: parse_iso(rec.last_snapshot_time) for fs, rec in entry.filesystems.items()}
+    if jtype in ACTIVE_MODES:
+        _replication_metrics(out, labels, entry, last, newest if jtype == "push" else None)
+    for fs, ts in sorted(newest.items()):
+        if ts is not None:
+            out.sample("zrepl_snapshot_newest_timestamp_seconds", {**labels, "filesystem": fs}, ts)
+    for side, summary in (("local", entry.pruning), ("sender", entry.pruning_sender),
+                          ("receiver", entry.pruning_receiver)):
+        if summary is not None:
+            _pruning_metrics(out, {**labels, "prune_side": side}, summary)
+    for identity, client in sorted(_client_records(entry.clients).items()):
+        _client_metrics(out, {**labels, "client": identity}, client)
+
+
+def _replication_metrics(out: Exposition, labels: dict[str, str], entry: JobStatus, last: RunRecord,
+                         newest: dict[str, float | None] | None) -> None:
+    reports = (entry.replication or ReplicationRecord()).filesystems
+    failed = sum(1 for rep in reports.values() if _report(rep).state in _FAILED_STATES)
+    errors = -1 if last.result == "error" and not reports else failed
+    out.sample("zrepl_replication_filesystem_errors", labels, errors)
+    if entry.last_success and last.result == "ok":
+        _timestamp(out, "zrepl_replication_last_successful", labels, entry.last_success)
+    for fs, raw in sorted(reports.items()):
+        rep, fs_labels = _report(raw), {**labels, "filesystem": fs}
+        out.sample("zrepl_replication_bytes_replicated", fs_labels, rep.bytes_total)
+        out.sample("zrepl_replication_filesystem_failed", fs_labels, 1 if rep.state in _FAILED_STATES else 0)
+        stepping = rep.state == FilesystemState.STEPPING and rep.bytes_expected
+        out.sample("zrepl_replication_bytes_remaining", fs_labels,
+                   max((rep.bytes_expected or 0) - rep.bytes_replicated, 0) if stepping else 0)
+        _timestamp(out, "zrepl_replication_last_success_timestamp_seconds", fs_labels, rep.last_success)
+        replicated, sender = parse_iso(rep.last_replicated_time), parse_iso(rep.sender_newest_time)
+        if replicated is not None:
+            out.sample("zrepl_replication_last_replicated_timestamp_seconds", fs_labels, replicated)
+            if sender is not None:
+                out.sample("zrepl_replication_lag_seconds", fs_labels, max(sender - replicated, 0))
+        if newest is not None and sender is not None:  # push: the sender is ours
+            newest[fs] = max(sender, newest.get(fs) or sender)
+
+
+def _pruning_metrics(out: Exposition, labels: dict[str, str], summary: PruneSummary) -> None:
+    out.sample("zrepl_pruning_destroyed", labels, len(summary.destroyed))
+    out.sample("zrepl_pruning_kept", labels, summary.kept)
+    out.sample("zrepl_pruning_errors", labels, len(summary.errors))
+    if summary.seconds is not None:
+        h = Histogram(PRUNING_BUCKETS)
+        h.observe(summary.seconds)
+        out.histogram("zrepl_pruning_time", labels, h)
+
+
+def _client_metrics(out: Exposition, labels: dict[str, str], client: ClientRecord) -> None:
+    conn = client.last_connection or ClientConnection()
+    _timestamp(out, "zrepl_client_last_connection_timestamp_seconds", labels, conn.end or conn.start)
+    _timestamp(out, "zrepl_client_last_success_timestamp_seconds", labels, client.last_success)
+    if client.last_transfer is not None:
+        _timestamp(out, "zrepl_client_last_transfer_timestamp_seconds", labels, client.last_transfer.time)
+        out.sample("zrepl_client_transfer_bytes", labels, client.last_transfer.bytes)
+
+
+def _process_metrics(out: Exposition, process: ProcessMetrics, zfs: Iterable[ZfsCounters]) -> None:
+    runtimes: dict[tuple[str, str, str], Histogram] = {}
+    for counters in zfs:
+        with counters.lock:
+            for key, h in counters.runtimes.items():
+                merged = runtimes.setdefault(key, Histogram(h.bounds))
+                merged.counts = [a + b for a, b in zip(merged.counts, h.counts, strict=True)]
+                merged.sum, merged.count = merged.sum + h.sum, merged.count + h.count
+    for (job, binary, verb), h in sorted(runtimes.items()):
+        out.histogram("zrepl_zfscmd_runtime", {"jobid": job, "zfsbinary": binary, "zfsverb": verb}, h)
+    with process.lock:
+        for (job, level), n in sorted(process.log_entries.items()):
+            out.sample("zrepl_daemon_log_entries", {"zrepl_job": job, "level": level}, n)
+        for endpoint, n in sorted(process.control_begun.items()):
+            out.sample("zrepl_control_request_begin", {"endpoint": endpoint}, n)
+        for endpoint, h in sorted(process.control_requests.items()):
+            out.histogram("zrepl_control_request_finished", {"endpoint": endpoint}, h)
+
+
+# ---- outlets: the node_exporter textfile and the HTTP listener --------------------------------------
+
+def write_textfile(path: str, text: str) -> None:
+    """Replace `path` atomically (a temp file in its directory, then rename), as node_exporter's
+    textfile collector needs: it must never read half a file. 0644: node_exporter rarely runs as root."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".zrepl-metrics.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_metrics_textfiles(outlets: Iterable[MonitoringOutlet], store: StatusStore,
+                            process: ProcessMetrics | None = None, zfs: Iterable[ZfsCounters] = ()) -> None:
+    """Every textfile outlet gets the metrics of the current status document. Failures are logged,
+    never fatal: monitoring must not fail a job that did its work."""
+    paths = [o.path for o in outlets if o.type == "textfile"]
+    if not paths:
+        return
+    try:
+        text = render_metrics(store.document(), process, zfs)
+    except (OSError, ZreplError) as exc:
+        log.warning("cannot render metrics for the textfile: %s", exc)
+        return
+    for path in paths:
+        try:
+            write_textfile(path, text)
+        except OSError as exc:
+            log.warning("cannot write metrics textfile %s: %s (global.monitoring)", path, exc.strerror or exc)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """zrepl's listen form (":9811", "127.0.0.1:9811", "[::1]:9811") -> (host, port); "" is every address."""
+    host, _, port = listen.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+class MetricsServer:
+    """HTTP `GET /metrics` on a `prometheus` outlet's `listen` address, served by threads of its own.
+
+    start() binds (raising ZreplError naming the address) and returns at once; close() stops it.
+    `render()` produces the text per scrape. Each connection gets `timeout` seconds to send its
+    request and read the answer, so a slow or silent client holds one thread and nothing else;
+    at most `max_clients` are served at once, later ones are closed unanswered."""
+
+    def __init__(self, listen: str, render: Callable[[], str], *, freebind: bool = False, timeout: float = 5.0,
+                 max_clients: int = 16):
+        self.listen, self.render, self.freebind = listen, render, freebind
+        self.timeout, self.max_clients = timeout, max_clients
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._slots = threading.BoundedSemaphore(max_clients)
+        self._closed = threading.Event()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._sock is not None
+        addr = self._sock.getsockname()
+        return addr[0], addr[1]
+
+    def start(self) -> None:
+        host, port = split_listen(self.listen)
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            # "" (every address): the IPv6 wildcard also takes IPv4 when V6ONLY is off
+            family, _, _, _, sockaddr = sorted(infos, key=lambda i: bool(host) or i[0] != socket.AF_INET6)[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and not host:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                if self.freebind:
+                    sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: the address need not exist yet
+                sock.bind(sockaddr)
+                sock.listen(64)
+            except BaseException:
+                sock.close()
+                raise
+        except OSError as exc:
+            raise ZreplError(f"cannot listen on {self.listen} for metrics: {exc.strerror or exc} "
+                             f"(global.monitoring prometheus listen)") from None
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="metrics-http", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._closed.is_set():
+                    return
+                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                continue
+            if not self._slots.acquire(blocking=False):
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="metrics-client", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                conn.settimeout(self.timeout)
+                request = self._read_request(conn, time.monotonic() + self.timeout)
+                if request is not None:
+                    conn.sendall(self._answer(request))
+        except OSError:
+            pass  # the client went away or was too slow: its problem, not ours
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    def _read_request(conn: socket.socket, deadline: float) -> bytes | None:
+        """The request line, once the headers are complete (None: too big, too slow, or gone)."""
+        data = b""
+        while b"\r\n\r\n" not in data and b"\n\n" not in data:
+            if len(data) > 16384 or time.monotonic() > deadline:
+                return None
+            chunk = conn.recv(4096)
+            if not chunk:
+                return None
+            data += chunk
+        return data.split(b"\n", 1)[0].strip()
+
+    def _answer(self, request_line: bytes) -> bytes:
+        parts = request_line.split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return _http_response(400, "text/plain", b"bad request\n")
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if target != b"/metrics":
+            return _http_response(404, "text/plain", b"not found: try /metrics\n")
+        if method not in (b"GET", b"HEAD"):
+            return _http_response(405, "text/plain", b"only GET\n", extra="Allow: GET, HEAD\r\n")
+        try:
+            body = self.render().encode()
+        except Exception as exc:  # a broken status file must not kill the listener
+            log.warning("metrics: cannot render: %s", exc)
+            return _http_response(500, "text/plain", f"cannot render metrics: {exc}\n".encode())
+        return _http_response(200, METRICS_CONTENT_TYPE, body, head=method == b"HEAD")
+
+
+def _http_response(code: int, content_type: str, body: bytes, *, extra: str = "", head: bool = False) -> bytes:
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+              500: "Internal Server Error"}[code]
+    header = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+              f"Connection: close\r\n{extra}\r\n")
+    return header.encode() + (b"" if head else body)
+
 
 # =================================================================================================
 # 16. Daemon
@@ -10955,6 +11431,7 @@ def setup_logging(outlets: Sequence[LoggingConfig], level_override: str | None =
                                   "json": _JsonFormatter()}[outlet.format])
         handler.setLevel(level)
         log.addHandler(handler)
+    log.addHandler(PROCESS_METRICS.log_handler)  # zrepl_daemon_log_entries: what the outlets were given
     log.setLevel(lowest)
 
 
@@ -11286,6 +11763,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         display = stack.enter_context(TerminalProgress(sys.stderr)) if interactive else None
         items = run_jobs(config, jobs, args.zfs, store, args.dry_run, display)
+    if not args.dry_run:
+        write_metrics_textfiles(config.global_.monitoring, store, zfs=[args.zfs.counters])
     for item in items:
         if item.code is None:
             pid = JobLock(config.global_.runtime_dir, item.job.name).holder_pid()
@@ -11398,7 +11877,9 @@ def cmd_wakeup(args: argparse.Namespace) -> int:
     _need_zfs(args)
     rt = config.global_.runtime_dir
     WakeupRequest(rt, job.name).post()  # first the request, then the lock: see WakeupRequest
-    items = run_jobs(config, [job], args.zfs, _status_store(config))
+    store = _status_store(config)
+    items = run_jobs(config, [job], args.zfs, store)
+    write_metrics_textfiles(config.global_.monitoring, store, zfs=[args.zfs.counters])
     if items[0].code is None and items[0].error is None:
         pid = JobLock(rt, job.name).holder_pid()
         print(f"job {job.name} is running (pid {pid or '?'}); it will run once more before it exits")
@@ -11568,6 +12049,7 @@ def cmd_stdinserver(args: argparse.Namespace) -> int:
     finally:
         if lock is not None:
             lock.release()
+    write_metrics_textfiles(config.global_.monitoring, store, zfs=[args.zfs.counters])
     c = recorder.connection
     if error:
         log.error("job %s: client %s: %s", job.name, identity, error)
