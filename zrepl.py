@@ -386,6 +386,16 @@ def iso_time(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def parse_iso(text: str | None) -> float | None:
+    """iso_time's inverse: None for anything that is not such a time."""
+    if not text or not isinstance(text, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 @dataclass
 class Histogram:
     """Observations counted into cumulative buckets (Prometheus' histogram: the count of values
@@ -1855,10 +1865,20 @@ class LoggingConfig:
 
 @dataclass
 class StatusThresholds:
-    """`[global.status]`: thresholds for `zrepl.py status` exit codes (Nagios style)."""
+    """`[global.status]`: thresholds for `zrepl.py status` exit codes (Nagios style). The freshness
+    ages are off at 0; `crit_replication_failing_after` 0 means crit_no_success_after."""
 
     warn_no_success_after: float = 2 * 3600
     crit_no_success_after: float = 6 * 3600
+    warn_snapshot_older_than: float = 0.0  # the newest snapshot of a selected filesystem (snap, push, source)
+    crit_snapshot_older_than: float = 0.0
+    warn_received_older_than: float = 0.0  # the newest snapshot the receiver has (push, pull)
+    crit_received_older_than: float = 0.0
+    crit_replication_failing_after: float = 0.0  # a push or pull filesystem failing to replicate this long
+
+    @property
+    def replication_failing_limit(self) -> float:
+        return self.crit_replication_failing_after or self.crit_no_success_after
 
 
 MonitoringConfig = StatusThresholds  # the old name, still used in annotations and by older callers
@@ -1971,6 +1991,9 @@ class ReplicationConfig:
     concurrency_steps: int = 1
     concurrency_size_estimates: int = 4
     timeout: float = 600.0
+    # zrepl.py's (push): no new snapshots while a filesystem has failed to replicate for this long
+    # (zrepl #808: snapshots piling up by the ten thousand); 0 keeps snapshotting
+    pause_snapshotting_after: float = 0.0
 
 
 @dataclass
@@ -2454,14 +2477,22 @@ def _parse_monitoring_outlet(t: _Table) -> MonitoringOutlet:
     return m
 
 
+_FRESHNESS_PAIRS = (("warn_snapshot_older_than", "crit_snapshot_older_than"),
+                    ("warn_received_older_than", "crit_received_older_than"))
+
+
 def _parse_status_thresholds(t: _Table) -> StatusThresholds:
     m = StatusThresholds()
-    t.allow("warn_no_success_after", "crit_no_success_after")
-    for key in ("warn_no_success_after", "crit_no_success_after"):
+    keys = [f.name for f in dataclasses.fields(StatusThresholds)]
+    t.allow(*keys)
+    for key in keys:
         with t.collect():
             setattr(m, key, t.convert(key, (str, int), parse_duration, getattr(m, key)))
     if m.crit_no_success_after < m.warn_no_success_after:
         t.errors.append(t.error("crit_no_success_after", "must not be shorter than warn_no_success_after"))
+    for warn, crit in _FRESHNESS_PAIRS:
+        if getattr(m, warn) and getattr(m, crit) and getattr(m, crit) < getattr(m, warn):
+            t.errors.append(t.error(crit, f"must not be shorter than {warn}"))
     t.finish()
     return m
 
@@ -2557,7 +2588,7 @@ def _parse_job(t: _Table) -> JobConfig:
         with t.collect():
             rp = t.table("replication")
             if rp:
-                job.replication = _parse_replication(rp)
+                job.replication = _parse_replication(rp, job.type)
     if "conflict_resolution" in allowed:
         with t.collect():
             cr = t.table("conflict_resolution")
@@ -2896,9 +2927,13 @@ def _parse_recv_properties(pt: _Table, r: RecvConfig) -> None:
     pt.finish()
 
 
-def _parse_replication(t: _Table) -> ReplicationConfig:
+def _parse_replication(t: _Table, job_type: str) -> ReplicationConfig:
     r = ReplicationConfig()
     t.allow("protection", "concurrency", "timeout")
+    if job_type == "push":
+        t.allow("pause_snapshotting_after")
+        with t.collect():
+            r.pause_snapshotting_after = t.convert("pause_snapshotting_after", (str, int), parse_duration, 0.0)
     with t.collect():
         pt = t.table("protection")
         if pt:
@@ -9480,6 +9515,24 @@ ACTIVE_MODES: dict[str, Callable[[JobConfig, Zfs, ProcessRegistry, Progress, Seq
     "push": PushMode, "pull": PullMode}
 
 
+def failing_replications(filesystems: dict[str, Any], now: float, limit: float,
+                         since: float | None = None) -> dict[str, float]:
+    """The filesystems of a replication record (status JSON or FilesystemReport) that fail now and
+    have not replicated successfully for longer than `limit`: filesystem -> seconds since their last
+    success (or since `since`, when the job was configured, for one that never succeeded)."""
+    out = {}
+    for fs, raw in filesystems.items():
+        rep = raw if isinstance(raw, FilesystemReport) else \
+            document_from_json(FilesystemReport, {"sender_fs": fs, **raw} if isinstance(raw, dict) else {})[0]
+        if rep is None or rep.state not in _FAILED_STATES:
+            continue
+        last_ok = parse_iso(rep.last_success)
+        began = last_ok if last_ok is not None else since
+        if began is not None and now - began > limit:
+            out[fs] = now - began
+    return out
+
+
 class JobRunner:
     """Runs passes of one job under its lock and publishes the job's status document.
 
@@ -9664,7 +9717,10 @@ class JobRunner:
         mode = ACTIVE_MODES[job.type](job, self.zfs, processes, progress, guards)
         if mode.takes_snapshots():  # manual snapshotting: no listing needed
             self._set_activity("listing")
-            self._take_snapshots(self._select(), result)
+            datasets = self._select()
+            paused = self._paused_snapshotting()
+            if not datasets or any(ds.name not in paused for ds in datasets):
+                self._take_snapshots([ds for ds in datasets if ds.name not in paused], result)
         self._set_activity("connecting")
         peer = connect_peer(self.config, job, self.zfs, processes, progress, self.clock)
         try:
@@ -9682,6 +9738,21 @@ class JobRunner:
         if result.failures and result.exit_code == EXIT_OK:
             result.exit_code = EXIT_FAILED
         return result
+
+    def _paused_snapshotting(self) -> set[str]:
+        """replication.pause_snapshotting_after: the filesystems whose replication has failed for
+        that long take no new snapshots (recorded as their snapshot_error) until it succeeds again."""
+        limit = self.job.replication.pause_snapshotting_after
+        previous = (self.doc.get("replication") or {}).get("filesystems") or {}
+        if not limit or not isinstance(previous, dict):
+            return set()
+        failing = failing_replications(previous, self.clock.time(), limit)
+        for fs, seconds in sorted(failing.items()):
+            why = (f"snapshotting paused: replication has failed for {format_duration(seconds)} "
+                   f"(replication.pause_snapshotting_after = {format_duration(limit)})")
+            log.warning("job %s: %s: %s", self.job.name, fs, why)
+            self._fs(fs)["snapshot_error"] = why
+        return set(failing)
 
     def _replicate(self, mode: ActiveMode, sender: Sender, receiver: Receiver, peer: Peer,
                    processes: ProcessRegistry, progress: Progress, result: PassResult) -> Peer:
@@ -10260,6 +10331,14 @@ class ConfiguredJobs:
     jobs: dict[str, ConfiguredJob] = field(default_factory=dict)
     warn_no_success_after: float = StatusThresholds.warn_no_success_after
     crit_no_success_after: float = StatusThresholds.crit_no_success_after
+    warn_snapshot_older_than: float = 0.0
+    crit_snapshot_older_than: float = 0.0
+    warn_received_older_than: float = 0.0
+    crit_received_older_than: float = 0.0
+    crit_replication_failing_after: float = 0.0
+
+    def thresholds(self) -> StatusThresholds:
+        return StatusThresholds(**{f.name: getattr(self, f.name) for f in dataclasses.fields(StatusThresholds)})
 
 
 @dataclass
@@ -10457,15 +10536,6 @@ def _replication_progress(raw: Any) -> str:
     return text
 
 
-def parse_iso(text: str | None) -> float | None:
-    if not text or not isinstance(text, str):
-        return None
-    try:
-        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except (ValueError, OverflowError, OSError):
-        return None
-
-
 def _pid_alive(pid: int | None, boot_id: str | None = None) -> bool:
     if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2 ** 31:
         return False
@@ -10491,6 +10561,17 @@ class JobHealth:
     clients: list[str] = field(default_factory=list)  # passive jobs: one line per client, always shown
     success_age: float | None = None  # seconds since the last success (perfdata)
     table: list[list[str]] = field(default_factory=list)  # status -v: running filesystems
+    findings: list[Finding] = field(default_factory=list)  # per-filesystem checks that are not OK
+
+
+@dataclass
+class Finding:
+    """One filesystem that fails a per-filesystem check (freshness, failing replication)."""
+
+    check: str  # snapshot_age, received_age, replication_failing
+    filesystem: str
+    level: int
+    age: float | None  # seconds (None: no snapshot, or never replicated)
 
 
 def _ago(ts: float | None, now: float) -> str:
@@ -10615,6 +10696,8 @@ def evaluate_job(name: str, jtype: str, doc: JobStatus | dict[str, Any] | None, 
         health.level, health.clients = worst_level([health.level, level]), lines
     if spec and spec.snapshot_interval and doc and not passive:
         _check_overdue(health, doc, spec.snapshot_interval, now)
+    if doc is not None and not passive:
+        check_filesystems(health, doc, jtype, monitoring, now, since)
     if problems:
         health.level = worst_level([health.level, NAGIOS_UNKNOWN])
         health.line += f"; status entry partly unreadable ({len(problems)} problem(s); the next run rewrites it)"
@@ -10716,6 +10799,61 @@ def _pruning_details(doc: JobStatus) -> list[str]:
         if pr and (pr.destroyed or pr.errors):
             details.append(f"pruning {label}: destroyed {len(pr.destroyed)}, kept {pr.kept}, errors {len(pr.errors)}")
     return details
+
+
+def newest_snapshot_times(doc: JobStatus, jtype: str) -> dict[str, float | None]:
+    """The newest snapshot of each filesystem the job snapshots: the ones it took, and for a push
+    also the sender's newest seen by replication (snapshots of other tools count too)."""
+    newest = {fs: parse_iso(rec.last_snapshot_time) for fs, rec in doc.filesystems.items()}
+    if jtype == "push":
+        for fs, raw in (doc.replication or ReplicationRecord()).filesystems.items():
+            sender = parse_iso(_report(raw).sender_newest_time)
+            if sender is not None:
+                newest[fs] = max(sender, newest.get(fs) or sender)
+    return newest
+
+
+def freshness(times: dict[str, float | None], now: float, warn: float, crit: float,
+              check: str) -> list[Finding]:
+    """sanoid's --monitor-snapshots rule: a filesystem whose newest snapshot (None: none known) is
+    older than `crit` is CRITICAL, older than `warn` WARNING (0 turns a level off)."""
+    out = []
+    for fs, ts in sorted(times.items()):
+        age = None if ts is None else max(now - ts, 0.0)
+        if crit and (age is None or age > crit):
+            out.append(Finding(check, fs, NAGIOS_CRITICAL, age))
+        elif warn and (age is None or age > warn):
+            out.append(Finding(check, fs, NAGIOS_WARNING, age))
+    return out
+
+
+_FINDING_TEXT = {"snapshot_age": "newest snapshot too old", "received_age": "newest received snapshot too old",
+                 "replication_failing": "replication failing too long"}
+
+
+def check_filesystems(health: JobHealth, doc: JobStatus, jtype: str, t: StatusThresholds, now: float,
+                      since: float | None = None) -> None:
+    """The per-filesystem checks of an active job: snapshot and received freshness ([global.status]
+    *_older_than) and the guard against a replication failing unnoticed (crit_replication_failing_after).
+    Each failing check adds its level and one part to the summary line naming the filesystems."""
+    reports = {fs: _report(raw) for fs, raw in (doc.replication or ReplicationRecord()).filesystems.items()}
+    findings = freshness(newest_snapshot_times(doc, jtype), now, t.warn_snapshot_older_than,
+                         t.crit_snapshot_older_than, "snapshot_age")
+    if jtype in ACTIVE_MODES:
+        # a filesystem without snapshots on the sender has nothing to receive
+        received = {fs: parse_iso(rep.last_replicated_time) for fs, rep in reports.items()
+                    if rep.last_replicated_time or rep.sender_newest_time}
+        findings += freshness(received, now, t.warn_received_older_than, t.crit_received_older_than, "received_age")
+        failing = failing_replications(reports, now, t.replication_failing_limit, since)
+        findings += [Finding("replication_failing", fs, NAGIOS_CRITICAL, age) for fs, age in sorted(failing.items())]
+    health.findings += findings
+    for check, text in _FINDING_TEXT.items():
+        mine = [f for f in findings if f.check == check]
+        if mine:
+            health.level = worst_level([health.level, *(f.level for f in mine)])
+            named = ", ".join(f"{f.filesystem} ({'never' if f.age is None else format_duration(f.age)})"
+                              for f in sorted(mine, key=lambda f: (-_SEVERITY[f.level], f.filesystem)))
+            health.line += f"; {text}: {named}"
 
 
 def _check_overdue(health: JobHealth, doc: JobStatus, interval: float, now: float) -> None:
@@ -10853,6 +10991,18 @@ def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool,
                 lines += format_table([TABLE_HEADER, *h.table])
             lines += [f"    {d}" for d in h.details]
     return "\n".join(lines), worst
+
+
+def status_summary(health: list[JobHealth], types: dict[str, str], text: str, level: int) -> dict[str, Any]:
+    """`status --json`'s verdict: the level, the summary line, and per job its level, line and the
+    filesystems that fail a per-filesystem check."""
+    return {"level": NAGIOS_NAMES[level], "exit_code": level, "summary": text.split("\n", 1)[0],
+            "jobs": {h.name: {"type": types.get(h.name, ""), "level": NAGIOS_NAMES[h.level], "line": h.line,
+                              "filesystems": [{"check": f.check, "filesystem": f.filesystem,
+                                               "level": NAGIOS_NAMES[f.level],
+                                               "age_seconds": None if f.age is None else int(f.age)}
+                                              for f in h.findings]}
+                     for h in health}}
 
 
 # =================================================================================================
@@ -11029,10 +11179,9 @@ def _job_metrics(out: Exposition, job: str, entry: JobStatus, jtype: str) -> Non
     _timestamp(out, "zrepl_job_last_success_timestamp_seconds", labels, entry.last_success)
     if last.result in ("ok", "failed", "error"):
         out.sample("zrepl_job_last_run_failed", labels, 0 if last.result == "ok" else 1)
-    newest = {fs: parse_iso(rec.last_snapshot_time) for fs, rec in entry.filesystems.items()}
     if jtype in ACTIVE_MODES:
-        _replication_metrics(out, labels, entry, last, newest if jtype == "push" else None)
-    for fs, ts in sorted(newest.items()):
+        _replication_metrics(out, labels, entry, last)
+    for fs, ts in sorted(newest_snapshot_times(entry, jtype).items()):
         if ts is not None:
             out.sample("zrepl_snapshot_newest_timestamp_seconds", {**labels, "filesystem": fs}, ts)
     for side, summary in (("local", entry.pruning), ("sender", entry.pruning_sender),
@@ -11043,8 +11192,7 @@ def _job_metrics(out: Exposition, job: str, entry: JobStatus, jtype: str) -> Non
         _client_metrics(out, {**labels, "client": identity}, client)
 
 
-def _replication_metrics(out: Exposition, labels: dict[str, str], entry: JobStatus, last: RunRecord,
-                         newest: dict[str, float | None] | None) -> None:
+def _replication_metrics(out: Exposition, labels: dict[str, str], entry: JobStatus, last: RunRecord) -> None:
     reports = (entry.replication or ReplicationRecord()).filesystems
     failed = sum(1 for rep in reports.values() if _report(rep).state in _FAILED_STATES)
     errors = -1 if last.result == "error" and not reports else failed
@@ -11064,8 +11212,6 @@ def _replication_metrics(out: Exposition, labels: dict[str, str], entry: JobStat
             out.sample("zrepl_replication_last_replicated_timestamp_seconds", fs_labels, replicated)
             if sender is not None:
                 out.sample("zrepl_replication_lag_seconds", fs_labels, max(sender - replicated, 0))
-        if newest is not None and sender is not None:  # push: the sender is ours
-            newest[fs] = max(sender, newest.get(fs) or sender)
 
 
 def _pruning_metrics(out: Exposition, labels: dict[str, str], summary: PruneSummary) -> None:
@@ -11566,7 +11712,7 @@ def configured_jobs(config: Config, now: float | None = None) -> ConfiguredJobs:
     return ConfiguredJobs(
         jobs={j.name: ConfiguredJob(type=j.type, passive=is_passive(j), snapshot_interval=_snapshot_interval(j, now),
                                     local_clients=_local_clients(config, j)) for j in config.jobs},
-        warn_no_success_after=t.warn_no_success_after, crit_no_success_after=t.crit_no_success_after)
+        **dataclasses.asdict(t))
 
 
 def _status_store(config: Config) -> StatusStore:
@@ -11900,8 +12046,8 @@ def _threshold(value: str | None, option: str) -> float | None:
 
 def _status_thresholds(args: argparse.Namespace, base: StatusThresholds) -> StatusThresholds:
     warn, crit = _threshold(args.warn, "--warn"), _threshold(args.crit, "--crit")
-    result = StatusThresholds(warn if warn is not None else base.warn_no_success_after,
-                              crit if crit is not None else base.crit_no_success_after)
+    result = dataclasses.replace(base, warn_no_success_after=warn if warn is not None else base.warn_no_success_after,
+                                 crit_no_success_after=crit if crit is not None else base.crit_no_success_after)
     if result.crit_no_success_after < result.warn_no_success_after:
         given = " and ".join(o for o, v in (("--warn", warn), ("--crit", crit)) if v is not None)
         raise UsageError(f"contradictory thresholds ({given}): critical after "
@@ -11942,13 +12088,16 @@ def _status_report(args: argparse.Namespace) -> tuple[str, int]:
     store = StatusStore(path, config.global_.runtime_dir if config else "")
     raw = store.read()
     doc = store.document()
-    if args.json:
-        return json.dumps(raw, indent=2, sort_keys=True), _status_level(args, config, doc, raw)[1]
-    return _status_level(args, config, doc, raw)
+    health, types, thresholds = _status_health(args, config, doc)
+    text, level = render_status(health, types, args.verbose, thresholds)
+    if args.json:  # the document, with the check's verdict for scripts under "check"
+        return json.dumps({**raw, "check": status_summary(health, types, text, level)}, indent=2,
+                          sort_keys=True), level
+    return text, level
 
 
-def _status_level(args: argparse.Namespace, config: Config | None, doc: StatusDocument,
-                  raw: dict[str, Any]) -> tuple[str, int]:
+def _status_health(args: argparse.Namespace, config: Config | None,
+                   doc: StatusDocument) -> tuple[list[JobHealth], dict[str, str], StatusThresholds]:
     now = utcnow()
     if config is not None:
         known = configured_jobs(config, now)
@@ -11958,7 +12107,7 @@ def _status_level(args: argparse.Namespace, config: Config | None, doc: StatusDo
             jobs={n: ConfiguredJob(type=t if isinstance(t := _object(e).get("type"), str) else "?")
                   for n, e in doc.jobs.items()})
         mtime = None
-    thresholds = _status_thresholds(args, StatusThresholds(known.warn_no_success_after, known.crit_no_success_after))
+    thresholds = _status_thresholds(args, known.thresholds())
     recorded = doc.configured.jobs if doc.configured else {}
     since: dict[str, float] = {}
     for name, spec in known.jobs.items():
@@ -11971,7 +12120,7 @@ def _status_level(args: argparse.Namespace, config: Config | None, doc: StatusDo
     jobs = [(name, spec.type) for name, spec in known.jobs.items()]
     passive = [name for name, spec in known.jobs.items() if spec.passive]
     health = evaluate_status(doc, jobs, now, thresholds, passive, specs=known.jobs, since=since)
-    return render_status(health, dict(jobs), args.verbose, thresholds)
+    return health, dict(jobs), thresholds
 
 
 # ---- stdinserver ----------------------------------------------------------------------------------
@@ -12321,7 +12470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(sub, "status", common)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="details per job: filesystems (a table while running), hooks, pruning, recovery commands")
-    p.add_argument("--json", action="store_true", help="print the raw status document (the exit code is the level)")
+    p.add_argument("--json", action="store_true", help="print the status document with the verdict under \"check\" "
+                   "(level, summary, per job the filesystems failing a check); the exit code is the level")
     p.add_argument("--warn", metavar="DURATION", help="warn when a job had no successful run for this long "
                    "(default: [global.status] warn_no_success_after, 2h)")
     p.add_argument("--crit", metavar="DURATION", help="critical when a job had no successful run for this long "
