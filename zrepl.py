@@ -9962,6 +9962,11 @@ class ClientRecorder:
             if transfers:
                 client["transfers"] = (list(client.get("transfers") or []) + transfers)[-CLIENT_TRANSFERS_KEPT:]
                 client["last_transfer"] = transfers[-1]
+                if jtype == "sink":  # per filesystem, for the freshness check on the receiving host
+                    received = client.setdefault("received", {})
+                    for t in transfers:
+                        fs, _, _ = str(t.get("received") or "").partition("@")
+                        received[fs] = {"snapshot": t.get("received"), "time": t.get("time")}
             if errors:
                 client["errors"] = (list(client.get("errors") or []) + errors)[-CLIENT_ERRORS_KEPT:]
 
@@ -10274,6 +10279,12 @@ class ClientError:
 
 
 @dataclass
+class ClientReceived:
+    snapshot: str | None = None
+    time: str | None = None  # when it arrived (the sink does not learn its creation time)
+
+
+@dataclass
 class ClientRecord:
     """What a passive job's stdinserver processes recorded about one client identity."""
 
@@ -10282,6 +10293,7 @@ class ClientRecord:
     transfers: list[ClientTransfer] = field(default_factory=list)
     last_transfer: ClientTransfer | None = None
     errors: list[ClientError] = field(default_factory=list)
+    received: dict[str, ClientReceived] = field(default_factory=dict)  # a sink's: filesystem -> newest
 
 
 @dataclass
@@ -10698,6 +10710,8 @@ def evaluate_job(name: str, jtype: str, doc: JobStatus | dict[str, Any] | None, 
         _check_overdue(health, doc, spec.snapshot_interval, now)
     if doc is not None and not passive:
         check_filesystems(health, doc, jtype, monitoring, now, since)
+    elif doc is not None and jtype == "sink":
+        check_received_by_clients(health, doc, monitoring, now)
     if problems:
         health.level = worst_level([health.level, NAGIOS_UNKNOWN])
         health.line += f"; status entry partly unreadable ({len(problems)} problem(s); the next run rewrites it)"
@@ -10834,8 +10848,7 @@ _FINDING_TEXT = {"snapshot_age": "newest snapshot too old", "received_age": "new
 def check_filesystems(health: JobHealth, doc: JobStatus, jtype: str, t: StatusThresholds, now: float,
                       since: float | None = None) -> None:
     """The per-filesystem checks of an active job: snapshot and received freshness ([global.status]
-    *_older_than) and the guard against a replication failing unnoticed (crit_replication_failing_after).
-    Each failing check adds its level and one part to the summary line naming the filesystems."""
+    *_older_than) and the guard against a replication failing unnoticed (crit_replication_failing_after)."""
     reports = {fs: _report(raw) for fs, raw in (doc.replication or ReplicationRecord()).filesystems.items()}
     findings = freshness(newest_snapshot_times(doc, jtype), now, t.warn_snapshot_older_than,
                          t.crit_snapshot_older_than, "snapshot_age")
@@ -10846,6 +10859,11 @@ def check_filesystems(health: JobHealth, doc: JobStatus, jtype: str, t: StatusTh
         findings += freshness(received, now, t.warn_received_older_than, t.crit_received_older_than, "received_age")
         failing = failing_replications(reports, now, t.replication_failing_limit, since)
         findings += [Finding("replication_failing", fs, NAGIOS_CRITICAL, age) for fs, age in sorted(failing.items())]
+    _add_findings(health, findings)
+
+
+def _add_findings(health: JobHealth, findings: list[Finding]) -> None:
+    """Each check with failing filesystems adds its level and one part naming them to the line."""
     health.findings += findings
     for check, text in _FINDING_TEXT.items():
         mine = [f for f in findings if f.check == check]
@@ -10854,6 +10872,14 @@ def check_filesystems(health: JobHealth, doc: JobStatus, jtype: str, t: StatusTh
             named = ", ".join(f"{f.filesystem} ({'never' if f.age is None else format_duration(f.age)})"
                               for f in sorted(mine, key=lambda f: (-_SEVERITY[f.level], f.filesystem)))
             health.line += f"; {text}: {named}"
+
+
+def check_received_by_clients(health: JobHealth, doc: JobStatus, t: StatusThresholds, now: float) -> None:
+    """A sink's received freshness: per client and filesystem, when its last snapshot arrived."""
+    times = {f"{identity} {fs}": parse_iso(r.time) for identity, c in _client_records(doc.clients).items()
+             for fs, r in c.received.items()}
+    _add_findings(health, freshness(times, now, t.warn_received_older_than, t.crit_received_older_than,
+                                    "received_age"))
 
 
 def _check_overdue(health: JobHealth, doc: JobStatus, interval: float, now: float) -> None:
@@ -11138,6 +11164,8 @@ METRIC_FAMILIES: dict[str, tuple[str, str]] = {
     "zrepl_client_last_transfer_timestamp_seconds": (
         "gauge", "Unix time of a client's last transfer (sink: received, source: sent)."),
     "zrepl_client_transfer_bytes": ("gauge", "Bytes of a client's last transfer."),
+    "zrepl_client_last_received_timestamp_seconds": (
+        "gauge", "Unix time a sink last received a snapshot of the client's filesystem."),
     "zrepl_pruning_destroyed": ("gauge", "Snapshots the job's latest pruning destroyed, by side."),
     "zrepl_pruning_kept": ("gauge", "Snapshots the job's latest pruning kept, by side."),
     "zrepl_pruning_errors": ("gauge", "Snapshots the job's latest pruning could not destroy, by side."),
@@ -11231,6 +11259,8 @@ def _client_metrics(out: Exposition, labels: dict[str, str], client: ClientRecor
     if client.last_transfer is not None:
         _timestamp(out, "zrepl_client_last_transfer_timestamp_seconds", labels, client.last_transfer.time)
         out.sample("zrepl_client_transfer_bytes", labels, client.last_transfer.bytes)
+    for fs, received in sorted(client.received.items()):
+        _timestamp(out, "zrepl_client_last_received_timestamp_seconds", {**labels, "filesystem": fs}, received.time)
 
 
 def _process_metrics(out: Exposition, process: ProcessMetrics, zfs: Iterable[ZfsCounters]) -> None:
@@ -11409,6 +11439,23 @@ class MetricsServer:
             log.warning("metrics: cannot render: %s", exc)
             return _http_response(500, "text/plain", f"cannot render metrics: {exc}\n".encode())
         return _http_response(200, METRICS_CONTENT_TYPE, body, head=method == b"HEAD")
+
+
+def start_metrics_servers(outlets: Iterable[MonitoringOutlet], render: Callable[[], str]) -> list[MetricsServer]:
+    """A started MetricsServer per `prometheus` outlet (the daemon's; close() each when done). If one
+    cannot listen, those already started are closed and its ZreplError is raised."""
+    servers: list[MetricsServer] = []
+    try:
+        for outlet in outlets:
+            if outlet.type == "prometheus":
+                server = MetricsServer(outlet.listen, render, freebind=outlet.listen_freebind)
+                server.start()
+                servers.append(server)
+    except ZreplError:
+        for server in servers:
+            server.close()
+        raise
+    return servers
 
 
 def _http_response(code: int, content_type: str, body: bytes, *, extra: str = "", head: bool = False) -> bytes:

@@ -408,3 +408,19 @@ def test_without_promtool_the_check_skips_alone_and_fails_under_run_all(monkeypa
     monkeypatch.setenv("ZREPL_TEST_REQUIRE_PROMTOOL", "1")
     with pytest.raises(pytest.fail.Exception, match="promtool is missing"):
         promtool_check("")
+
+
+def test_start_metrics_servers_starts_each_prometheus_outlet_and_undoes_them_when_one_fails(server):
+    taken = server()
+    host, port = taken.address
+    outlets = [zrepl.MonitoringOutlet("prometheus", listen="127.0.0.1:0"),
+               zrepl.MonitoringOutlet("textfile", path="/nonexistent/x.prom")]
+    started = zrepl.start_metrics_servers(outlets, lambda: "# HELP x y\n# TYPE x gauge\nx 1\n")
+    try:
+        assert len(started) == 1 and http_get(started[0].address)[0] == 200
+    finally:
+        for s in started:
+            s.close()
+    with pytest.raises(zrepl.ZreplError, match=f"{host}:{port}"):
+        zrepl.start_metrics_servers([zrepl.MonitoringOutlet("prometheus", listen="127.0.0.1:0"),
+                                     zrepl.MonitoringOutlet("prometheus", listen=f"{host}:{port}")], lambda: "")

@@ -226,3 +226,31 @@ def test_pause_snapshotting_after_is_a_push_key(tmp_path):
     assert result.code == 2 and "jobs[0].replication.pause_snapshotting_after: unknown key" in result.stderr
     bad = run("--config", config(tmp_path / "p", replication={"pause_snapshotting_after": "x"}), "configcheck")
     assert bad.code == 2 and "jobs[0].replication.pause_snapshotting_after" in bad.stderr
+
+
+# ---- the sink's side -------------------------------------------------------------------------------
+
+def test_a_sink_records_each_clients_newest_received_snapshot_and_checks_its_age():
+    from types import SimpleNamespace
+
+    job = zrepl.JobConfig(name="sink", type="sink")
+    entries: dict = {}
+    clock = iter([1000.0, 1000.0, 1100.0, 1200.0, 1300.0])
+    recorder = zrepl.ClientRecorder(job, "client1", lambda name, mutate: mutate(entries.setdefault(name, {})),
+                                    clock=lambda: next(clock))
+    receive = recorder.wrap({"receiver.receive": lambda body, ctx: {}})["receiver.receive"]
+    ctx = SimpleNamespace(stream=None)
+    receive({"fs": "prod/db", "to": "s1"}, ctx)
+    receive({"fs": "prod/www", "to": "s1"}, ctx)
+    receive({"fs": "prod/db", "to": "s2"}, ctx)
+    received = entries["sink"]["clients"]["client1"]["received"]
+    assert received == {"prod/db": {"snapshot": "prod/db@s2", "time": zrepl.iso_time(1200.0)},
+                        "prod/www": {"snapshot": "prod/www@s1", "time": zrepl.iso_time(1100.0)}}
+    entries["sink"]["clients"]["client1"]["last_success"] = zrepl.iso_time(1200.0)
+    limits = zrepl.StatusThresholds(warn_received_older_than=2 * DAY, crit_received_older_than=3 * DAY)
+    health = zrepl.evaluate_job("sink", "sink", entries["sink"], 1150.0 + 3 * DAY, limits)
+    assert "newest received snapshot too old: client1 prod/www (3d" in health.line
+    assert "prod/db (2d" in health.line and health.level == zrepl.NAGIOS_CRITICAL
+    text = zrepl.render_metrics(zrepl.StatusDocument(jobs=entries), zrepl.ProcessMetrics())
+    assert 'zrepl_client_last_received_timestamp_seconds{zrepl_job="sink",client="client1",' \
+           'filesystem="prod/db"} 1200' in text
