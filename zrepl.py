@@ -11225,8 +11225,7 @@ def _replication_metrics(out: Exposition, labels: dict[str, str], entry: JobStat
     failed = sum(1 for rep in reports.values() if _report(rep).state in _FAILED_STATES)
     errors = -1 if last.result == "error" and not reports else failed
     out.sample("zrepl_replication_filesystem_errors", labels, errors)
-    if entry.last_success and last.result == "ok":
-        _timestamp(out, "zrepl_replication_last_successful", labels, entry.last_success)
+    _timestamp(out, "zrepl_replication_last_successful", labels, entry.last_success)  # kept through failures
     for fs, raw in sorted(reports.items()):
         rep, fs_labels = _report(raw), {**labels, "filesystem": fs}
         out.sample("zrepl_replication_bytes_replicated", fs_labels, rep.bytes_total)
@@ -11354,26 +11353,37 @@ class MetricsServer:
         host, port = split_listen(self.listen)
         try:
             infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            # "" (every address): the IPv6 wildcard also takes IPv4 when V6ONLY is off
-            family, _, _, _, sockaddr = sorted(infos, key=lambda i: bool(host) or i[0] != socket.AF_INET6)[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6 and not host:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                if self.freebind:
-                    sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: the address need not exist yet
-                sock.bind(sockaddr)
-                sock.listen(64)
-            except BaseException:
-                sock.close()
-                raise
         except OSError as exc:
             raise ZreplError(f"cannot listen on {self.listen} for metrics: {exc.strerror or exc} "
                              f"(global.monitoring prometheus listen)") from None
-        self._sock = sock
+        # "" (every address): the IPv6 wildcard first, it takes IPv4 too; IPv4 alone where IPv6 is off
+        error: OSError | None = None
+        for family, _, _, _, sockaddr in sorted(infos, key=lambda i: bool(host) or i[0] != socket.AF_INET6):
+            try:
+                self._sock = self._bind(family, sockaddr, dual_stack=not host)
+                break
+            except OSError as exc:
+                error = error or exc
+        if self._sock is None:
+            why = (error.strerror or error) if error else "no address"
+            raise ZreplError(f"cannot listen on {self.listen} for metrics: {why} (global.monitoring prometheus listen)")
         self._thread = threading.Thread(target=self._accept_loop, name="metrics-http", daemon=True)
         self._thread.start()
+
+    def _bind(self, family: int, sockaddr: Any, dual_stack: bool) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and dual_stack:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            if self.freebind:
+                sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: the address need not exist yet
+            sock.bind(sockaddr)
+            sock.listen(64)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
 
     def close(self) -> None:
         self._closed.set()

@@ -138,6 +138,9 @@ def test_the_byte_counter_grows_across_runs_and_a_failing_filesystem_shows_its_l
     assert value(text, "zrepl_replication_lag_seconds", **fs) == 3600
     assert value(text, "zrepl_replication_bytes_replicated", **fs) == first  # a failed step adds nothing
     assert value(text, "zrepl_job_last_run_failed", zrepl_job="push") == 1
+    # as in zrepl, the last success stays exported through failures (alert on its age)
+    assert value(text, "zrepl_replication_last_successful", zrepl_job="push") == \
+        zrepl.parse_iso(status(cfg)["jobs"]["push"]["last_success"])
     fake_zfs.clear()
     assert run("--config", cfg, "run", "push", zfs=fake_zfs).code == 0
     text = textfile.read_text()
@@ -424,3 +427,12 @@ def test_start_metrics_servers_starts_each_prometheus_outlet_and_undoes_them_whe
     with pytest.raises(zrepl.ZreplError, match=f"{host}:{port}"):
         zrepl.start_metrics_servers([zrepl.MonitoringOutlet("prometheus", listen="127.0.0.1:0"),
                                      zrepl.MonitoringOutlet("prometheus", listen=f"{host}:{port}")], lambda: "")
+
+
+def test_an_empty_host_listens_on_every_address():
+    s = zrepl.MetricsServer(":0", lambda: "# HELP x y\n# TYPE x gauge\nx 1\n")
+    s.start()
+    try:
+        assert http_get(("127.0.0.1", s.address[1]))[0] == 200
+    finally:
+        s.close()
