@@ -4347,7 +4347,9 @@ def replica_protection(sender: DatasetInfo | None, receiver: DatasetInfo) -> dic
 #   Connection       the session: handshake, request(), serve(); serve_connection, ProtocolServer
 
 PROTOCOL_NAME = "zrepl.py"
-PROTOCOL_VERSION = 1
+# 2: endpoint.info, paged listings, placeholders, holds and release_stale requests (an older peer
+# would fail on the first of them mid-run; the handshake says so up front instead)
+PROTOCOL_VERSION = 2
 FRAME_MAGIC = b"ZRPL"
 FRAME_HEADER = struct.Struct(">4sBI")  # magic, frame type, payload length
 MAX_HEADER_SIZE = 1 << 20  # JSON payload limit of control frames, both ways (FrameTooLarge)
