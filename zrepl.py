@@ -4796,9 +4796,11 @@ class TransportProcess:
                 f.close()
 
     def stop(self) -> None:
-        """Wait for the process (ssh exits by itself once its stdin is closed), else end it."""
+        """Wait for the process (ssh exits by itself once its stdin is closed), else end it. The
+        wait is generous: a loaded host may take seconds to tear a process down, and ending ssh
+        early turns a clean exit into a signal in the logs."""
         try:
-            self.proc.wait(timeout=1)
+            self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.terminate()
             try:
