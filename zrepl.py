@@ -10659,6 +10659,8 @@ def _evaluate_active(name: str, jtype: str, doc: JobStatus, now: float, monitori
     details += _pruning_details(doc)
     if doc.next_snapshot_due:
         details.append(f"next snapshot due {doc.next_snapshot_due}")
+    if doc.daemon is not None:
+        details.append(_daemon_detail(doc.daemon))
     for fs, rec in sorted(doc.filesystems.items()):
         line = f"{fs}: last snapshot {rec.last_snapshot or '-'}"
         if rec.snapshot_error:
@@ -10816,6 +10818,20 @@ def perfdata(health: list[JobHealth], monitoring: MonitoringConfig) -> str:
         if h.success_age is not None:
             parts.append(f"'{_perf_label(h.name)} age'={int(max(h.success_age, 0))}s;{warn};{crit};0;")
     return " ".join(parts)
+
+
+def _daemon_detail(record: DaemonRecord) -> str:
+    """`daemon: waiting after error until 2026-12-01T10:00:00Z: <error>`"""
+    line = f"daemon (pid {record.pid or '?'}): {record.state}"
+    if record.next_run and record.state != DaemonState.STOPPED:
+        line += f" until {record.next_run}"
+    if record.error:
+        line += f": {record.error}"
+    if record.wakeup_queued:
+        line += "; a wakeup is queued"
+    if record.reset:
+        line += f"; last reset {record.reset}"
+    return line
 
 
 def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool,
