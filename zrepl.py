@@ -9471,10 +9471,7 @@ class JobRunner:
         A dry run changes nothing, so it takes no lock and runs once."""
         rt = self.config.global_.runtime_dir
         lock, wakeup = JobLock(rt, self.job.name), WakeupRequest(rt, self.job.name, self.clock)
-        if previous:
-            for key in ("last_success", "filesystems", "last_run", "replication"):
-                if key in previous:
-                    self.doc[key] = previous[key]
+        self.carry_over(previous)
         if self.dry_run:
             return self.run_pass().exit_code
         worst: int | None = None
@@ -9493,6 +9490,13 @@ class JobRunner:
                 lock.release()
             if not wakeup.pending():
                 return worst
+
+    def carry_over(self, previous: dict[str, Any] | None) -> None:
+        """Keep what earlier runs recorded (the status entry of the job's last run, or the daemon's
+        runner of an older config) in this runner's document."""
+        for key in ("last_success", "filesystems", "last_run", "replication"):
+            if previous and key in previous:
+                self.doc[key] = previous[key]
 
     def run_pass(self) -> PassResult:
         """One pass: whatever the job type does (snapshot if due, replicate, prune)."""
@@ -11217,7 +11221,6 @@ class DaemonJob:
     next_run: float | None = None
     running: bool = False
     wakeup: bool = False  # a pass was asked for (queued while one runs)
-    previous: dict[str, Any] | None = None  # the job's earlier entry, for its first pass
     reset: str | None = None
 
 
@@ -11283,10 +11286,10 @@ class Daemon:
         dj = DaemonJob(job, runner, kind, self.generation)
         if old is not None and old.kind == kind:
             dj.next_run, dj.wakeup, dj.reset = old.next_run, old.wakeup, old.reset
-            dj.previous = old.runner.doc
         else:  # a new job: the first pass at once (it snapshots only what is due)
             dj.next_run = now if kind in (ScheduleKind.SNAPSHOTS, ScheduleKind.INTERVAL) else None
-            dj.previous = old.runner.doc if old is not None else self.store.job(job.name)
+        # GET /status shows the job's history from the start, not only after its first pass here
+        runner.carry_over(old.runner.doc if old is not None else self.store.job(job.name))
         runner.doc["daemon"] = self._record(dj, DaemonState.WAITING if dj.next_run is not None
                                             else DaemonState.WAITING_FOR_WAKEUP)
         return dj
@@ -11342,8 +11345,7 @@ class Daemon:
         code: int | None = None
         error: str | None = None
         try:
-            code = dj.runner.run(previous=dj.previous)
-            dj.previous = None
+            code = dj.runner.run()
         except SetupError as exc:
             log.error("%s", exc)
             error = str(exc)
@@ -11409,7 +11411,11 @@ class Daemon:
         def final() -> None:
             for dj in self.running():
                 self.store.final_update(dj.job.name, lambda entry: mark_stopped(entry, reason, now))
-        self.store.close(reason, final)
+        # In a thread, with a limit: this handler may have interrupted this thread inside a status
+        # write that holds the store's lock; stopping at once must not wait on itself.
+        closer = threading.Thread(target=self.store.close, args=(reason, final), name="final status", daemon=True)
+        closer.start()
+        closer.join(5.0)
         self.stop_streams()
         for handler in log.handlers:
             with contextlib.suppress(Exception):

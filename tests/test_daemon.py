@@ -365,7 +365,8 @@ def test_a_reload_replaces_a_running_job_only_when_its_pass_ends(fake, clock, tm
     hang.release()
     wait_until(lambda: not daemon.running(), "the pass to end")
     daemon.tick()
-    assert daemon.jobs["push"] is not old and daemon.jobs["push"].previous is old.runner.doc
+    new = daemon.jobs["push"]
+    assert new is not old and new.runner.doc["last_run"] == old.runner.doc["last_run"]  # its history stays
 
 
 def test_serve_runs_until_sigterm_notifies_systemd_and_exits_0(fake, clock, tmp_path, sockdir):
@@ -529,3 +530,14 @@ def test_signal_reset_without_a_daemon_says_none_runs(tmp_path, sockdir):
                        global_={"control": {"sockpath": f"{sockdir}/control"}})
     result = run("--config", cfg, "signal", "reset", "snap")
     assert result.code == 1 and "no daemon runs" in result.stderr, result
+
+
+def test_the_daemons_live_status_keeps_the_history_of_earlier_runs_before_its_first_pass(fake, clock, tmp_path):
+    fake.world.snapshot("src/data@s1")
+    cfg = write_config(tmp_path, push_job("push", filesystems={"src/data": True}), sink_job(root_fs="dst/sink"))
+    assert run("--config", cfg, "run", "push", zfs=fake).code == 0  # a cron run before the daemon
+    daemon = make_daemon(cfg, fake, clock)
+    daemon.tick()  # manual: nothing runs
+    entry = daemon.live_status()["jobs"]["push"]
+    assert entry["last_run"]["result"] == "ok" and entry["daemon"]["state"] == "waiting for wakeup"
+    assert entry["last_success"] == status_file(cfg)["jobs"]["push"]["last_success"]
