@@ -10,6 +10,8 @@ import os
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -541,3 +543,38 @@ def test_the_daemons_live_status_keeps_the_history_of_earlier_runs_before_its_fi
     entry = daemon.live_status()["jobs"]["push"]
     assert entry["last_run"]["result"] == "ok" and entry["daemon"]["state"] == "waiting for wakeup"
     assert entry["last_success"] == status_file(cfg)["jobs"]["push"]["last_success"]
+
+
+def test_the_daemon_process_notifies_systemd_reloads_on_sighup_and_exits_0_on_sigterm(tmp_path, sockdir):
+    """`zrepl.py daemon` as systemd runs it (Type=notify): real signals, a real $NOTIFY_SOCKET."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "zfs").write_text("#!/bin/sh\necho 'fake zfs: not called by a manual job' >&2\nexit 1\n")
+    (bindir / "zfs").chmod(0o755)
+    cfg = write_config(tmp_path, push_job("push", filesystems={"src/data": True}), sink_job(root_fs="dst/sink"),
+                       global_={"control": {"sockpath": f"{sockdir}/control"}})
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(f"{sockdir}/notify")
+    notify.settimeout(WAIT)
+    env = {**os.environ, "NOTIFY_SOCKET": f"{sockdir}/notify", "PATH": f"{bindir}:{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen([sys.executable, str(Path(zrepl.__file__)), "--config", str(cfg), "daemon"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert notify.recv(200) == b"READY=1"
+        assert zrepl.control_request(f"{sockdir}/control", "GET", "/version", timeout=WAIT)[1]["pid"] == proc.pid
+        proc.send_signal(signal.SIGHUP)
+        assert notify.recv(200).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+        assert notify.recv(200) == b"READY=1"
+        assert proc.poll() is None  # zrepl dies on SIGHUP; we reload
+        proc.send_signal(signal.SIGTERM)
+        assert notify.recv(200) == b"STOPPING=1"
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err
+    assert status_file(cfg)["jobs"]["push"]["daemon"] == {"state": "stopped", "error": "stopped by SIGTERM",
+                                                          "pid": proc.pid, "wakeup_queued": False}
