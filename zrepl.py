@@ -39,6 +39,9 @@ Where things happen:
     stdinserver      cmd_stdinserver -> stdinserver_job -> passive_handlers -> serve_connection
     status document  written by JobRunner (publish) and ClientRecorder (merge) through StatusStore;
                      read by cmd_status -> evaluate_status -> render_status
+    daemon           cmd_daemon -> Daemon.serve -> tick (next_pass_time) -> _pass -> JobRunner.run; signals:
+                     Daemon.on_signal (SIGTERM -> JobRunner.cancel, SIGHUP -> reload); control socket:
+                     ControlServer -> Daemon.control; clients: control_request (status, wakeup, signal)
 """
 
 from __future__ import annotations
