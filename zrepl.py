@@ -9486,12 +9486,12 @@ class JobRunner:
                     wakeup.consume()
                     code = self.run_pass().exit_code
                     worst = code if worst is None else max(worst, code)
-                    if not wakeup.pending():
-                        break
+                    if not wakeup.pending() or self.stop_reason is not None:
+                        break  # a cancelled pass (SIGTERM, reset) leaves the request to a later run
                     log.info("job %s: wakeup requested during the run, running once more", self.job.name)
             finally:
                 lock.release()
-            if not wakeup.pending():
+            if not wakeup.pending() or self.stop_reason is not None:
                 return worst
 
     def carry_over(self, previous: dict[str, Any] | None) -> None:

@@ -578,3 +578,13 @@ def test_the_daemon_process_notifies_systemd_reloads_on_sighup_and_exits_0_on_si
     assert "stopped by SIGTERM" in err
     assert status_file(cfg)["jobs"]["push"]["daemon"] == {"state": "stopped", "error": "stopped by SIGTERM",
                                                           "pid": proc.pid, "wakeup_queued": False}
+
+
+def test_a_cancelled_pass_leaves_a_wakeup_request_for_later_instead_of_running_again(fake, clock, tmp_path):
+    daemon, hang, cfg = _hung_push(fake, clock, tmp_path)
+    zrepl.WakeupRequest(str(tmp_path / "run"), "push").post()  # a `wakeup` from before the daemon's socket
+    daemon.on_signal(signal.SIGTERM)
+    daemon.tick()
+    wait_until(lambda: not daemon.running(), "the cancelled pass to end")
+    assert len([c for c in fake.calls if c[1:2] == ["send"] and "-n" not in c]) == 1  # no second pass
+    assert zrepl.WakeupRequest(str(tmp_path / "run"), "push").pending()
