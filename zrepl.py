@@ -39,6 +39,9 @@ Where things happen:
     stdinserver      cmd_stdinserver -> stdinserver_job -> passive_handlers -> serve_connection
     status document  written by JobRunner (publish) and ClientRecorder (merge) through StatusStore;
                      read by cmd_status -> evaluate_status -> render_status
+    daemon           cmd_daemon -> Daemon.serve -> tick (next_pass_time) -> _pass -> JobRunner.run; signals:
+                     Daemon.on_signal (SIGTERM -> JobRunner.cancel, SIGHUP -> reload); control socket:
+                     ControlServer -> Daemon.control; clients: control_request (status, wakeup, signal)
 """
 
 from __future__ import annotations
@@ -4416,7 +4419,9 @@ def replica_protection(sender: DatasetInfo | None, receiver: DatasetInfo) -> dic
 #   Connection       the session: handshake, request(), serve(); serve_connection, ProtocolServer
 
 PROTOCOL_NAME = "zrepl.py"
-PROTOCOL_VERSION = 1
+# 2: endpoint.info, paged listings, placeholders, holds and release_stale requests (an older peer
+# would fail on the first of them mid-run; the handshake says so up front instead)
+PROTOCOL_VERSION = 2
 FRAME_MAGIC = b"ZRPL"
 FRAME_HEADER = struct.Struct(">4sBI")  # magic, frame type, payload length
 MAX_HEADER_SIZE = 1 << 20  # JSON payload limit of control frames, both ways (FrameTooLarge)
@@ -4863,9 +4868,11 @@ class TransportProcess:
                 f.close()
 
     def stop(self) -> None:
-        """Wait for the process (ssh exits by itself once its stdin is closed), else end it."""
+        """Wait for the process (ssh exits by itself once its stdin is closed), else end it. The
+        wait is generous: a loaded host may take seconds to tear a process down, and ending ssh
+        early turns a clean exit into a signal in the logs."""
         try:
-            self.proc.wait(timeout=1)
+            self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.terminate()
             try:
@@ -9550,6 +9557,18 @@ class JobRunner:
         self.last_prune: list[PruneResult] = []
         self.last_prune_receiver: list[PruneResult] = []
         self.last_replication: Replication | None = None
+        # Set by cancel() (the daemon: SIGTERM, `signal reset`), cleared when a pass starts.
+        self.stop_reason: str | None = None
+        self._cancel_replication: Callable[[str], None] | None = None
+
+    def cancel(self, reason: str) -> None:
+        """Stop the current pass at a resumable point: a running replication is cancelled the way the
+        watchdog cancels it (`zfs recv -s` keeps the resume token) and the pass skips its pruning.
+        Snapshotting and a started batch of destroys finish: they are short and not resumable."""
+        self.stop_reason = reason
+        cancel = self._cancel_replication
+        if cancel is not None:
+            cancel(reason)
 
     # -- status helpers ------------------------------------------------------------------------
     def _set_activity(self, step: str, progress: str = "") -> None:
@@ -9567,10 +9586,7 @@ class JobRunner:
         A dry run changes nothing, so it takes no lock and runs once."""
         rt = self.config.global_.runtime_dir
         lock, wakeup = JobLock(rt, self.job.name), WakeupRequest(rt, self.job.name, self.clock)
-        if previous:
-            for key in ("last_success", "filesystems", "last_run", "replication"):
-                if key in previous:
-                    self.doc[key] = previous[key]
+        self.carry_over(previous)
         if self.dry_run:
             return self.run_pass().exit_code
         worst: int | None = None
@@ -9582,17 +9598,25 @@ class JobRunner:
                     wakeup.consume()
                     code = self.run_pass().exit_code
                     worst = code if worst is None else max(worst, code)
-                    if not wakeup.pending():
-                        break
+                    if not wakeup.pending() or self.stop_reason is not None:
+                        break  # a cancelled pass (SIGTERM, reset) leaves the request to a later run
                     log.info("job %s: wakeup requested during the run, running once more", self.job.name)
             finally:
                 lock.release()
-            if not wakeup.pending():
+            if not wakeup.pending() or self.stop_reason is not None:
                 return worst
+
+    def carry_over(self, previous: dict[str, Any] | None) -> None:
+        """Keep what earlier runs recorded (the status entry of the job's last run, or the daemon's
+        runner of an older config) in this runner's document."""
+        for key in ("last_success", "filesystems", "last_run", "replication"):
+            if previous and key in previous:
+                self.doc[key] = previous[key]
 
     def run_pass(self) -> PassResult:
         """One pass: whatever the job type does (snapshot if due, replicate, prune)."""
         started = self.clock.time()
+        self.stop_reason = None
         self.doc["last_run"] = {"start": iso_time(started), "end": None, "result": "running",
                                 "dry_run": self.dry_run}
         self._set_activity("starting")
@@ -9732,7 +9756,8 @@ class JobRunner:
             repl = self.last_replication
             unchanged = (repl.listings if repl is not None and not repl.changed and not repl.cancel_reason
                          else None)
-            self._prune_both(sender, receiver, peer, result, unchanged)
+            if self.stop_reason is None:
+                self._prune_both(sender, receiver, peer, result, unchanged)
         finally:
             peer.close()
         if result.failures and result.exit_code == EXIT_OK:
@@ -9788,6 +9813,9 @@ class JobRunner:
                 p.cancel(reason)
 
         self._set_activity("replicating")
+        self._cancel_replication = cancel
+        if self.stop_reason is not None:  # cancel() came between the job's steps: do not start
+            cancel(self.stop_reason)
         try:
             def tick() -> None:
                 repl.refresh()
@@ -9799,7 +9827,13 @@ class JobRunner:
             log.error("job %s: replication failed: %s", self.job.name, reason)
             result.error = reason
             result.exit_code = EXIT_FAILED
-        if repl.cancel_reason and result.error is None:
+        finally:
+            self._cancel_replication = None
+        if self.stop_reason is not None:
+            # Not the watchdog: the daemon stopped it (SIGTERM, reset); the receiver keeps its token.
+            result.error = f"replication cancelled ({self.stop_reason}); the next pass resumes it"
+            result.exit_code = EXIT_FAILED
+        elif repl.cancel_reason and result.error is None:
             # The whole replication was stopped, not one filesystem: say why at the run's level too.
             result.error = f"replication cancelled by the watchdog: {repl.cancel_reason}"
         for lane_peer in lanes:
@@ -9816,7 +9850,7 @@ class JobRunner:
             why = f"the {chooser} selects no dataset to replicate (a typo, or a pool that is not imported?)"
             log.error("job %s: %s", self.job.name, why)
             result.failures["(filesystems)"] = why
-        if repl.cancel_reason and not self.dry_run:
+        if repl.cancel_reason and not self.dry_run and self.stop_reason is None:
             peer.close()
             log.info("job %s: reconnecting for pruning after the cancelled replication", self.job.name)
             return connect_peer(self.config, self.job, self.zfs, ProcessRegistry(), Progress(self.clock), self.clock)
@@ -10296,6 +10330,29 @@ class ClientRecord:
     received: dict[str, ClientReceived] = field(default_factory=dict)  # a sink's: filesystem -> newest
 
 
+class DaemonState(enum.StrEnum):
+    """Where `zrepl.py daemon` has a job (a normal wait and a wait after an error are distinct)."""
+
+    RUNNING = "running"
+    WAITING = "waiting"  # until next_run: the last pass went well
+    WAITING_AFTER_ERROR = "waiting after error"  # until next_run, `error` says what failed
+    WAITING_FOR_WAKEUP = "waiting for wakeup"  # manual snapshotting, pull interval "manual"
+    BUSY = "busy"  # another process (a cron `run`) holds the job's lock; tried again at next_run
+    STOPPED = "stopped"  # the daemon exited (`error`: why, e.g. "stopped by SIGTERM")
+
+
+@dataclass
+class DaemonRecord:
+    """The daemon's schedule for one job, in the job's status entry while a daemon runs it."""
+
+    state: DaemonState = DaemonState.WAITING
+    pid: int | None = None
+    next_run: str | None = None
+    error: str | None = None
+    wakeup_queued: bool = False  # a wakeup came while the job was running: one more pass follows
+    reset: str | None = None  # the last `signal reset`: when and what it cancelled
+
+
 @dataclass
 class JobStatus:
     """One job's entry in the status document (README: Status file)."""
@@ -10316,6 +10373,7 @@ class JobStatus:
     pruning_receiver: PruneSummary | None = None
     replication: ReplicationRecord | None = None
     clients: dict[str, ClientRecord] = field(default_factory=dict)
+    daemon: DaemonRecord | None = None
 
     @classmethod
     def from_json(cls, raw: Any) -> tuple[JobStatus, list[str]]:
@@ -10412,10 +10470,7 @@ class StatusStore:
 
     def document(self) -> StatusDocument:
         """The current document as a StatusDocument (raises ZreplError if unreadable)."""
-        raw = self.read()
-        doc = document_from_json(StatusDocument, {**raw, "jobs": {}})[0] or StatusDocument()
-        doc.jobs = raw["jobs"]
-        return doc
+        return status_document(self.read())
 
     def job(self, name: str) -> dict[str, Any] | None:
         """A job's previous entry, well-formed parts only (a broken document never breaks a run)."""
@@ -10526,6 +10581,13 @@ class StatusStore:
             jobs[name] = dataclasses.replace(cj, since=seen.since if seen and seen.type == cj.type and seen.since
                                              else cj.since or now)
         return document_to_json(dataclasses.replace(self.configured, jobs=jobs))
+
+
+def status_document(raw: dict[str, Any]) -> StatusDocument:
+    """A read document (the file's, or the daemon's live one) as a StatusDocument."""
+    doc = document_from_json(StatusDocument, {**raw, "jobs": {}})[0] or StatusDocument()
+    doc.jobs = raw["jobs"]
+    return doc
 
 
 def _refuse_json_constant(name: str) -> Any:
@@ -10768,6 +10830,8 @@ def _evaluate_active(name: str, jtype: str, doc: JobStatus, now: float, monitori
     details += _pruning_details(doc)
     if doc.next_snapshot_due:
         details.append(f"next snapshot due {doc.next_snapshot_due}")
+    if doc.daemon is not None:
+        details.append(_daemon_detail(doc.daemon))
     for fs, rec in sorted(doc.filesystems.items()):
         line = f"{fs}: last snapshot {rec.last_snapshot or '-'}"
         if rec.snapshot_error:
@@ -10992,6 +11056,20 @@ def perfdata(health: list[JobHealth], monitoring: MonitoringConfig) -> str:
         if h.success_age is not None:
             parts.append(f"'{_perf_label(h.name)} age'={int(max(h.success_age, 0))}s;{warn};{crit};0;")
     return " ".join(parts)
+
+
+def _daemon_detail(record: DaemonRecord) -> str:
+    """`daemon: waiting after error until 2026-12-01T10:00:00Z: <error>`"""
+    line = f"daemon (pid {record.pid or '?'}): {record.state}"
+    if record.next_run and record.state != DaemonState.STOPPED:
+        line += f" until {record.next_run}"
+    if record.error:
+        line += f": {record.error}"
+    if record.wakeup_queued:
+        line += "; a wakeup is queued"
+    if record.reset:
+        line += f"; last reset {record.reset}"
+    return line
 
 
 def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool,
@@ -11479,6 +11557,707 @@ def _http_response(code: int, content_type: str, body: bytes, *, extra: str = ""
 # =================================================================================================
 # 16. Daemon
 # =================================================================================================
+#
+# `zrepl.py daemon` runs every job on its own schedule through the JobRunner `run` uses (section 13):
+# its passes take the same job locks, so a cron `run` next to the daemon reports busy. The caller's
+# thread decides (Daemon.tick), each pass runs in a thread of its own, the control socket answers
+# each client in a thread of its own. Time is a parameter: tests drive tick() with a fake clock.
+
+DAEMON_RETRY_AFTER_ERROR = 60.0  # a snapshot that failed (or never came) is tried again this soon
+DAEMON_BUSY_RETRY = 30.0  # another process (a cron `run`) held the job: try again this soon
+DAEMON_MAX_SLEEP = 60.0  # the loop looks at the wall clock at least this often (clock steps, suspend)
+
+
+class ScheduleKind(enum.StrEnum):
+    """What starts a job's passes in the daemon."""
+
+    SNAPSHOTS = "snapshots"  # periodic or cron snapshotting (snap, push, source): when a snapshot is due
+    INTERVAL = "interval"  # pull: every `interval`
+    WAKEUP = "wakeup"  # manual snapshotting, pull interval "manual": only `wakeup`
+    PASSIVE = "passive"  # sink, source without snapshotting: served when a client connects
+
+
+def schedule_kind(job: JobConfig) -> ScheduleKind:
+    if job.type == "pull":
+        return ScheduleKind.INTERVAL if job.interval else ScheduleKind.WAKEUP
+    if job.type == "sink":
+        return ScheduleKind.PASSIVE
+    if job.snapshotting.type == "manual":
+        return ScheduleKind.PASSIVE if job.type == "source" else ScheduleKind.WAKEUP
+    return ScheduleKind.SNAPSHOTS
+
+
+def next_pass_time(job: JobConfig, doc: dict[str, Any], ended: float, failed: bool) -> float | None:
+    """When the daemon starts the job's next pass, judged by what the last one recorded in `doc`
+    (its status entry). None: only a wakeup starts it."""
+    kind = schedule_kind(job)
+    if kind is ScheduleKind.INTERVAL:
+        return ended + (job.interval or 0.0)
+    if kind is not ScheduleKind.SNAPSHOTS:
+        return None
+    due = parse_iso(doc.get("next_snapshot_due"))
+    retry = ended + DAEMON_RETRY_AFTER_ERROR
+    filesystems = doc.get("filesystems") if isinstance(doc.get("filesystems"), dict) else {}
+    assert isinstance(filesystems, dict)
+    if failed and any(isinstance(fs, dict) and fs.get("snapshot_error") for fs in filesystems.values()):
+        return min(retry, due) if due is not None and due > ended else retry  # a snapshot failed: soon again
+    if due is not None and due > ended:
+        return float(math.ceil(due))  # the status keeps whole seconds: never wake just before it is due
+    snap = job.snapshotting
+    regular: float | None = ended + snap.interval if snap.type == "periodic" else None
+    if snap.type == "cron" and snap.cron is not None:
+        with contextlib.suppress(ValueError, OverflowError):
+            regular = snap.cron.next_after(ended, snap.timestamp_location)
+    if regular is None:
+        return retry
+    # An overdue snapshot (it failed, or the filter selected nothing): soon, but not in a tight loop.
+    return min(retry, regular) if failed or due is not None else regular
+
+
+def _pass_problem(doc: dict[str, Any]) -> str:
+    """What went wrong in the pass recorded in `doc` (its last_run), in one line."""
+    last = doc.get("last_run") if isinstance(doc.get("last_run"), dict) else {}
+    assert isinstance(last, dict)
+    failures = last.get("failures") if isinstance(last.get("failures"), dict) else {}
+    assert isinstance(failures, dict)
+    return shorten(last.get("error") or "; ".join(f"{fs}: {why}" for fs, why in sorted(failures.items()))
+                   or "the pass failed", 500).strip("'")
+
+
+def mark_stopped(entry: dict[str, Any], reason: str, now: str | None) -> None:
+    """A status entry of a job this process was running when it was stopped: the pass ended with
+    `reason`, a filesystem that was being sent says so."""
+    if entry.get("state") != "running" or entry.get("pid") != os.getpid():
+        return
+    last = entry.get("last_run") if isinstance(entry.get("last_run"), dict) else {}
+    entry["last_run"] = {**(last or {}), "end": now, "result": "error", "error": reason}
+    entry["state"] = "idle"
+    entry.pop("activity", None)
+    entry.pop("pid", None)
+    replication = entry.get("replication")
+    if isinstance(replication, dict) and isinstance(replication.get("filesystems"), dict):
+        for rep in replication["filesystems"].values():
+            if isinstance(rep, dict) and rep.get("state") == FilesystemState.STEPPING:
+                rep.update(state=str(FilesystemState.STEP_ERROR), error=f"{rep.get('step', '')}: {reason}")
+
+
+# ---- systemd notify --------------------------------------------------------------------------------
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify) about the daemon's state: READY=1, RELOADING=1, STOPPING=1. A
+    datagram to $NOTIFY_SOCKET (a path, or '@' for the abstract namespace); False when there is
+    none or it cannot be reached (never fatal: the daemon runs on without systemd)."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    elif not path.startswith("/"):
+        return False  # unset, or a transport (vsock) this does not speak
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(path)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", path.replace("\0", "@"), exc.strerror or exc)
+        return False
+    return True
+
+
+def _reloading_notice(clock: Clock) -> str:
+    # Type=notify-reload (systemd 253) wants the time of the reload with RELOADING=1.
+    return f"RELOADING=1\nMONOTONIC_USEC={int(clock.monotonic() * 1_000_000)}"
+
+
+# ---- the control socket: HTTP/1.1 on a unix socket -------------------------------------------------
+
+CONTROL_READ_TIMEOUT = CONTROL_WRITE_TIMEOUT = 1.0  # seconds (zrepl's control server)
+CONTROL_MAX_HEADER = 16 * 1024
+CONTROL_MAX_BODY = 64 * 1024
+CONTROL_MAX_CONNECTIONS = 512  # more at once are closed at once: the daemon's threads stay bounded
+_HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                 408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large",
+                 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+                 501: "Not Implemented", 503: "Service Unavailable"}
+
+ControlHandler = Callable[[str, str, bytes], tuple[int, Any]]
+
+
+class HttpError(ZreplError):
+    """A control request that gets an error reply: the HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Outlet(Protocol):
+    """Something the daemon serves while it runs (the control socket; metrics join later)."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def bind_private_unix_socket(path: str) -> socket.socket:
+    """A listening unix socket only its owner (root) can connect to, in a private directory.
+    A stale socket (nobody listens) is replaced; a live one means another daemon: SetupError."""
+    ensure_private_dir(os.path.dirname(path) or ".")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SetupError(f"{path} exists and is not a socket (global.control.sockpath): remove it or choose "
+                             f"another path")
+        if _unix_socket_listens(path):
+            raise SetupError(f"another daemon listens on {path} (global.control.sockpath): stop it first")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(socket.SOMAXCONN)  # a burst of clients waits in the backlog, not refused
+    except OSError as exc:
+        sock.close()
+        raise SetupError(f"cannot listen on {path} (global.control.sockpath): {exc.strerror or exc}") from None
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
+def _unix_socket_listens(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+class ControlServer:
+    """The control socket: one request per connection (Connection: close), JSON in and out. Each
+    connection is served in a thread of its own with 1 s to send its request and 1 s to take the
+    reply, so a client that sends nothing, too much, or reads nothing never holds up the daemon."""
+
+    def __init__(self, path: str, handle: ControlHandler, read_timeout: float = CONTROL_READ_TIMEOUT,
+                 write_timeout: float = CONTROL_WRITE_TIMEOUT, max_connections: int = CONTROL_MAX_CONNECTIONS):
+        self.path, self.handle = path, handle
+        self.read_timeout, self.write_timeout = read_timeout, write_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._sock: socket.socket | None = None
+        self._closed = threading.Event()
+        self.refused = 0  # connections closed because max_connections were being served
+
+    def start(self) -> None:
+        self._sock = bind_private_unix_socket(self.path)
+        self._sock.settimeout(0.5)  # the accept loop notices close() this soon
+        threading.Thread(target=self._accept_loop, name="control socket", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._sock is not None:
+            self._sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._closed.is_set():
+                    return
+                log.warning("control socket: accept failed: %s", exc.strerror or exc)
+                self._closed.wait(0.1)  # out of file descriptors: do not spin
+                continue
+            if not self._slots.acquire(blocking=False):
+                self.refused += 1
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="control client", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            try:
+                method, path, body = self._read_request(conn, time.monotonic() + self.read_timeout)
+                status, reply = self.handle(method, path, body)
+            except HttpError as exc:
+                status, reply = exc.status, {"error": str(exc)}
+            except (TimeoutError, ConnectionError):
+                return  # the client was too slow or went away: nobody to answer
+            except Exception as exc:  # a bug answers 500, it never ends the daemon
+                log.error("control socket: internal error: %s: %s", type(exc).__name__, exc)
+                status, reply = 500, {"error": f"internal error: {type(exc).__name__}"}
+            self._write(conn, status, reply)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            self._slots.release()
+
+    def _recv(self, conn: socket.socket, deadline: float) -> bytes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        conn.settimeout(left)
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionResetError
+        return chunk
+
+    def _read_request(self, conn: socket.socket, deadline: float) -> tuple[str, str, bytes]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            if len(data) > CONTROL_MAX_HEADER:
+                raise HttpError(431, f"request header larger than {CONTROL_MAX_HEADER} bytes")
+            data += self._recv(conn, deadline)
+        head, _, body = data.partition(b"\r\n\r\n")
+        if len(head) > CONTROL_MAX_HEADER:
+            raise HttpError(431, f"request header larger than {CONTROL_MAX_HEADER} bytes")
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise HttpError(400, "not an HTTP/1.x request line")
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise HttpError(400, "malformed header line")
+            headers[name.strip().lower()] = value.strip()
+        if "transfer-encoding" in headers:
+            raise HttpError(501, "chunked requests are not supported: send Content-Length")
+        length_text = headers.get("content-length", "0")
+        if not length_text.isdigit() or len(length_text) > 12:
+            raise HttpError(400, "bad Content-Length")
+        length = int(length_text)
+        if length > CONTROL_MAX_BODY:
+            raise HttpError(413, f"request body larger than {CONTROL_MAX_BODY} bytes")
+        while len(body) < length:
+            body += self._recv(conn, deadline)
+        return parts[0], parts[1].split("?", 1)[0], body[:length]
+
+    def _write(self, conn: socket.socket, status: int, reply: Any) -> None:
+        payload = (json.dumps(reply, sort_keys=True, default=str) + "\n").encode()
+        head = (f"HTTP/1.1 {status} {_HTTP_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+        conn.settimeout(self.write_timeout)  # since 3.5: the whole sendall, not each send
+        conn.sendall(head + payload)
+
+
+class DaemonNotRunning(ZreplError):
+    """Nobody listens on the control socket: no daemon runs (the caller falls back to the file)."""
+
+
+def control_request(path: str, method: str, target: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+    """One request to the daemon's control socket: (HTTP status, parsed JSON reply).
+    Raises DaemonNotRunning when nobody listens, ZreplError for a broken reply."""
+    payload = b"" if body is None else json.dumps(body).encode()
+    request = (f"{method} {target} HTTP/1.1\r\nHost: zrepl\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        _connect_unix(sock, path, time.monotonic() + timeout)
+        try:
+            sock.sendall(request)
+            chunks = []
+            while chunk := sock.recv(1 << 20):
+                chunks.append(chunk)
+        except OSError as exc:
+            raise ZreplError(f"the daemon did not answer on {path}: {exc.strerror or exc}") from None
+    head, _, reply = b"".join(chunks).partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split(b" ")
+    try:
+        return int(status_line[1]), json.loads(reply)
+    except (IndexError, ValueError):
+        raise ZreplError(f"the daemon on {path} sent a malformed reply") from None
+
+
+def _connect_unix(sock: socket.socket, path: str, deadline: float) -> None:
+    """connect(), waiting while the daemon's backlog is full (EAGAIN: it is busy, not gone)."""
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            raise DaemonNotRunning(f"no daemon listens on {path}") from None
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise ZreplError(f"the daemon's control socket {path} accepts no connection (too busy)") from None
+            time.sleep(0.01)
+        except OSError as exc:
+            raise ZreplError(f"cannot reach the daemon's control socket {path}: {exc.strerror or exc} "
+                             f"(it is root-only)") from None
+
+
+# ---- the scheduler -------------------------------------------------------------------------------
+
+@dataclass
+class DaemonJob:
+    """One job in the daemon: its runner (one per config generation), what starts it, when."""
+
+    job: JobConfig
+    runner: JobRunner
+    kind: ScheduleKind
+    generation: int
+    next_run: float | None = None
+    running: bool = False
+    wakeup: bool = False  # a pass was asked for (queued while one runs)
+    reset: str | None = None
+
+
+StartThread = Callable[[str, Callable[[], None]], None]
+
+
+def _start_thread(name: str, target: Callable[[], None]) -> None:
+    threading.Thread(target=target, name=name, daemon=True).start()
+
+
+class Daemon:
+    """Runs the jobs of a config on their schedules until SIGTERM or SIGINT (see serve()).
+
+    Injected: `store_for(config)` the status store, `load_config()` for SIGHUP, the clock,
+    `start_thread` (tests run passes inline), `notify` (systemd), `stop_streams` (kills this
+    process's zfs send/recv when a second signal stops it at once) and `exit_now`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self, config: Config, zfs: Zfs, store_for: Callable[[Config], StatusStore],
+                 load_config: Callable[[], Config], clock: Clock = SYSTEM_CLOCK,
+                 start_thread: StartThread = _start_thread, notify: Callable[[str], Any] = sd_notify,
+                 stop_streams: Callable[[], None] = lambda: None, exit_now: Callable[[int], Any] = os._exit):
+        self.zfs, self.store_for, self.load_config, self.clock = zfs, store_for, load_config, clock
+        self.start_thread, self.notify, self.stop_streams, self.exit_now = start_thread, notify, stop_streams, exit_now
+        self.lock = threading.RLock()
+        self.changed = threading.Event()  # set when tick() has something new to decide
+        self.jobs: dict[str, DaemonJob] = {}
+        self.generation = 0
+        self.stopping: str | None = None
+        self.started = clock.time()
+        self._signals: list[int] = []
+        self.config, self.store = config, store_for(config)
+        self._use_config(config)
+        # What the daemon serves while it runs, started in this order and closed in reverse. The
+        # Prometheus listener (section 15, global.monitoring) joins this list.
+        self.outlets: list[Outlet] = [ControlServer(config.global_.control.sockpath, self.control)]
+
+    # -- config generations ----------------------------------------------------------------------
+    def _use_config(self, config: Config) -> None:
+        self.config, self.store = config, self.store_for(config)
+        self.generation += 1
+        self._apply_config(self.clock.time())
+
+    def _apply_config(self, now: float) -> None:
+        """Replace the jobs of older configs by the current one's, each at its idle point."""
+        wanted = {j.name: j for j in self.config.jobs if schedule_kind(j) is not ScheduleKind.PASSIVE}
+        for name, dj in list(self.jobs.items()):
+            if dj.generation == self.generation or dj.running:
+                continue
+            if name in wanted:
+                self.jobs[name] = self._new_job(wanted[name], now, dj)
+            else:
+                log.info("job %s: no longer in the config; the daemon stops scheduling it", name)
+                del self.jobs[name]
+        for name, job in wanted.items():
+            if name not in self.jobs:
+                self.jobs[name] = self._new_job(job, now, None)
+
+    def _new_job(self, job: JobConfig, now: float, old: DaemonJob | None) -> DaemonJob:
+        runner = JobRunner(self.config, job, self.zfs, self._publish, clock=self.clock)
+        kind = schedule_kind(job)
+        dj = DaemonJob(job, runner, kind, self.generation)
+        if old is not None and old.kind == kind:
+            dj.next_run, dj.wakeup, dj.reset = old.next_run, old.wakeup, old.reset
+        else:  # a new job: the first pass at once (it snapshots only what is due)
+            dj.next_run = now if kind in (ScheduleKind.SNAPSHOTS, ScheduleKind.INTERVAL) else None
+        # GET /status shows the job's history from the start, not only after its first pass here
+        runner.carry_over(old.runner.doc if old is not None else self.store.job(job.name))
+        runner.doc["daemon"] = self._record(dj, DaemonState.WAITING if dj.next_run is not None
+                                            else DaemonState.WAITING_FOR_WAKEUP)
+        return dj
+
+    def _publish(self, job: str, doc: dict[str, Any]) -> None:
+        self.store.publish(job, doc)  # the store of the current config (a reload may change it)
+
+    def _record(self, dj: DaemonJob, state: DaemonState, error: str | None = None) -> dict[str, Any]:
+        record = DaemonRecord(state=state, pid=os.getpid(), next_run=iso_time(dj.next_run), error=error,
+                              wakeup_queued=dj.wakeup and dj.running, reset=dj.reset)
+        return document_to_json(record)
+
+    def _set_record(self, dj: DaemonJob, state: DaemonState, error: str | None = None) -> None:
+        # A new dict each time: a publish copying the doc in another thread never sees it change.
+        dj.runner.doc["daemon"] = self._record(dj, state, error)
+
+    # -- scheduling ------------------------------------------------------------------------------
+    def tick(self) -> float | None:
+        """One round of decisions: act on signals, apply a reloaded config where jobs are idle,
+        start the passes that are due or woken up. Returns the seconds until the next scheduled
+        pass (None: nothing is scheduled)."""
+        self._handle_signals()
+        now = self.clock.time()
+        with self.lock:
+            if self.stopping is None:
+                self._apply_config(now)
+            due = []
+            for dj in self.jobs.values():
+                if self.stopping is None and not dj.running and (
+                        dj.wakeup or (dj.next_run is not None and dj.next_run <= now)):
+                    dj.running, dj.wakeup = True, False
+                    self._set_record(dj, DaemonState.RUNNING)
+                    due.append(dj)
+        for dj in due:
+            self._publish(dj.job.name, dj.runner.doc)
+            self.start_thread(f"job {dj.job.name}", self._pass_in_own_context(dj))
+        with self.lock:  # a running job is timed when its pass ends (that wakes the loop)
+            waits = [dj.next_run - now for dj in self.jobs.values() if not dj.running and dj.next_run is not None]
+        return max(0.0, min(waits)) if waits else None
+
+    def running(self) -> list[DaemonJob]:
+        with self.lock:
+            return [dj for dj in self.jobs.values() if dj.running]
+
+    def _pass_in_own_context(self, dj: DaemonJob) -> Callable[[], None]:
+        context = contextvars.Context()  # the job's LOG_JOB stays in its pass (tests run passes inline)
+        return lambda: context.run(self._pass, dj)
+
+    def _pass(self, dj: DaemonJob) -> None:
+        """One firing of a job (in its own thread): JobRunner.run under the job's lock (it runs
+        once more for a wakeup file a `zrepl.py wakeup` without the socket left), then the wait."""
+        LOG_JOB.set(dj.job.name)
+        code: int | None = None
+        error: str | None = None
+        try:
+            code = dj.runner.run()
+        except SetupError as exc:
+            log.error("%s", exc)
+            error = str(exc)
+        except Exception as exc:  # a bug outside the pass (the pass records its own): this job only
+            log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            error = f"internal error: {type(exc).__name__}: {exc}"
+        ended = self.clock.time()
+        with self.lock:
+            dj.running = False
+            why: str | None
+            if code is None and error is None:
+                pid = JobLock(self.config.global_.runtime_dir, dj.job.name).holder_pid()
+                dj.next_run = ended + DAEMON_BUSY_RETRY
+                state, why = DaemonState.BUSY, f"another run (pid {pid or '?'}) holds the job"
+                log.info("busy: %s; trying again at %s", why, iso_time(dj.next_run))
+            else:
+                failed = error is not None or code != EXIT_OK
+                dj.next_run = next_pass_time(dj.job, dj.runner.doc, ended, failed)
+                why = error or (_pass_problem(dj.runner.doc) if failed else None)
+                state = (DaemonState.WAITING_AFTER_ERROR if failed else DaemonState.WAITING if dj.next_run
+                         is not None else DaemonState.WAITING_FOR_WAKEUP)
+            if self.stopping is not None:
+                state, why = DaemonState.STOPPED, self.stopping
+            self._set_record(dj, state, why)
+        self._publish(dj.job.name, dj.runner.doc)
+        self.changed.set()
+
+    # -- signals ---------------------------------------------------------------------------------
+    def on_signal(self, signum: int, frame: Any = None) -> None:
+        """The signal handler: notes the signal for the loop; a second stopping signal acts at once."""
+        if signum != signal.SIGHUP and self.stopping is not None:
+            self._stop_at_once(signum)
+            return
+        if signum != signal.SIGHUP:
+            self.stopping = f"stopped by {signal.Signals(signum).name}"
+        self._signals.append(signum)
+        self.changed.set()
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGHUP:
+                self.reload()
+            else:
+                self._begin_stop()
+
+    def _begin_stop(self) -> None:
+        """SIGTERM/SIGINT: no new passes; running replications are cancelled at a resumable point
+        (the receiver keeps its resume token); the loop ends when the last pass has ended."""
+        reason = self.stopping or "stopped"
+        self.notify("STOPPING=1")
+        running = self.running()
+        log.warning("%s: %s", reason, f"cancelling {len(running)} running job(s) at a resumable point "
+                    "(a second signal stops at once)" if running else "no job is running")
+        for dj in running:
+            dj.runner.cancel(reason)
+
+    def _stop_at_once(self, signum: int) -> None:
+        reason = f"stopped at once by a second signal ({signal.Signals(signum).name})"
+        log.warning("%s", reason)
+        now = iso_time(self.clock.time())
+
+        def final() -> None:
+            for dj in self.running():
+                self.store.final_update(dj.job.name, lambda entry: mark_stopped(entry, reason, now))
+        # In a thread, with a limit: this handler may have interrupted this thread inside a status
+        # write that holds the store's lock; stopping at once must not wait on itself.
+        closer = threading.Thread(target=self.store.close, args=(reason, final), name="final status", daemon=True)
+        closer.start()
+        closer.join(5.0)
+        self.stop_streams()
+        for handler in log.handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        self.exit_now(128 + signum)
+
+    def reload(self) -> None:
+        """SIGHUP: a valid new config replaces the jobs at their next idle point; an invalid one is
+        logged (with its key path) and the old one keeps running."""
+        self.notify(_reloading_notice(self.clock))
+        try:
+            config = self.load_config()
+        except ConfigError as exc:
+            log.error("SIGHUP: the new config is not valid, the old one keeps running: %s", exc)
+        else:
+            if config.global_.control.sockpath != self.config.global_.control.sockpath:
+                log.warning("SIGHUP: global.control.sockpath changed; the daemon keeps %s until it is restarted",
+                            self.config.global_.control.sockpath)
+            with self.lock:
+                self._use_config(config)
+            log.info("SIGHUP: config %s reloaded: %d job(s)", config.file, len(config.jobs))
+        finally:
+            self.notify("READY=1")
+
+    # -- running -----------------------------------------------------------------------------------
+    def serve(self, wait: Callable[[float], Any] | None = None) -> int:
+        """The daemon's life (in the main thread: it installs the signal handlers). Returns 0
+        after a stop by SIGTERM or SIGINT."""
+        wait = wait or self.changed.wait
+        saved = {signum: signal.signal(signum, self.on_signal) for signum in self.SIGNALS}
+        started: list[Outlet] = []
+        try:
+            for outlet in self.outlets:
+                outlet.start()
+                started.append(outlet)
+            self.notify("READY=1")
+            log.info("daemon started (pid %d): %d scheduled job(s)", os.getpid(), len(self.jobs))
+            while True:
+                self.changed.clear()
+                delay = self.tick()
+                if self.stopping is not None and not self.running():
+                    break
+                wait(min(delay, DAEMON_MAX_SLEEP) if delay is not None else DAEMON_MAX_SLEEP)
+        finally:
+            for outlet in reversed(started):
+                outlet.close()
+            for signum, handler in saved.items():
+                signal.signal(signum, handler)
+        self._record_stop()
+        return EXIT_OK
+
+    def _record_stop(self) -> None:
+        with self.lock:
+            for dj in self.jobs.values():
+                self._set_record(dj, DaemonState.STOPPED, self.stopping)
+            jobs = list(self.jobs.values())
+        for dj in jobs:
+            self._publish(dj.job.name, dj.runner.doc)
+        log.warning("%s: daemon exits", self.stopping or "stopped")
+
+    # -- the control socket's requests ---------------------------------------------------------------
+    def control(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
+        routes: dict[str, tuple[str, Callable[[bytes], Any]]] = {
+            "/version": ("GET", lambda _: self.version()), "/status": ("GET", lambda _: self.live_status()),
+            "/signal": ("POST", self._signal_request)}
+        if path not in routes:
+            raise HttpError(404, f"no endpoint {path} (GET /version, GET /status, POST /signal)")
+        want, handler = routes[path]
+        if method != want:
+            raise HttpError(405, f"{path} takes {want}")
+        return 200, handler(body)
+
+    def version(self) -> dict[str, Any]:
+        return {"version": __version__, "python": sys.version.split()[0], "pid": os.getpid(),
+                "started": iso_time(self.started), "config": self.config.file}
+
+    def live_status(self) -> dict[str, Any]:
+        """The status document as the file has it, with the daemon's own jobs as they are now."""
+        try:
+            doc = self.store.read()
+        except ZreplError:
+            doc = {"version": STATUS_VERSION, "jobs": {}}
+        with self.lock:
+            live = {name: dj.runner.doc for name, dj in self.jobs.items()}
+        for name, entry in live.items():
+            try:
+                fresh = json.loads(json.dumps(entry, default=str))  # a copy; a pass may change it meanwhile
+            except (RuntimeError, ValueError):
+                continue  # changed while copied: the file's entry (a second older) is good enough
+            clients = _object_value(doc["jobs"].get(name), "clients")
+            if clients is not None and "clients" not in fresh:
+                fresh["clients"] = clients
+            doc["jobs"][name] = fresh
+        doc["updated"] = iso_time(self.clock.time())
+        return doc
+
+    def _signal_request(self, body: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(body or b"{}", parse_constant=_refuse_json_constant)
+        except (ValueError, RecursionError):
+            raise HttpError(400, "the body is not JSON: send {\"job\": NAME, \"op\": \"wakeup\"|\"reset\"}") from None
+        if not isinstance(request, dict):
+            raise HttpError(400, "the body must be an object: {\"job\": NAME, \"op\": \"wakeup\"|\"reset\"}")
+        name, op = request.get("job", request.get("Name")), request.get("op", request.get("Op"))
+        if not isinstance(name, str) or not isinstance(op, str):
+            raise HttpError(400, "job and op must be strings")
+        if op == "wakeup":
+            return self.wakeup(name)
+        if op == "reset":
+            return self.reset(name)
+        raise HttpError(400, f"operation {shorten(op, 40)} is invalid (wakeup or reset)")
+
+    def _daemon_job(self, name: str) -> DaemonJob:
+        dj = self.jobs.get(name)
+        if dj is not None:
+            return dj
+        if any(j.name == name for j in self.config.jobs):
+            raise HttpError(409, f"job {name!r} is passive: it serves when a client connects; signal the job that "
+                                 f"connects to it")
+        raise HttpError(404, f"no job named {shorten(name, 60)} in {self.config.file}")
+
+    def wakeup(self, name: str) -> dict[str, Any]:
+        """A pass now; while one runs, one more right after it (queued, never refused)."""
+        with self.lock:
+            if self.stopping is not None:
+                raise HttpError(503, f"the daemon is stopping ({self.stopping})")
+            dj = self._daemon_job(name)
+            dj.wakeup = True
+            queued = dj.running
+            if queued:  # seen at once in GET /status; the file gets it with the pass's next publish
+                self._set_record(dj, DaemonState.RUNNING)
+        self.changed.set()
+        return {"job": name, "op": "wakeup", "queued": queued}
+
+    def reset(self, name: str) -> dict[str, Any]:
+        """Cancel the job's current pass at a resumable point (and a queued wakeup)."""
+        with self.lock:
+            dj = self._daemon_job(name)
+            running, dj.wakeup = dj.running, False
+            when = iso_time(self.clock.time())
+            dj.reset = f"{when}: " + ("cancelled the running pass (the receiver keeps its resume token)"
+                                      if running else "nothing was running")
+            record = dj.runner.doc.get("daemon")
+            dj.runner.doc["daemon"] = {**(record if isinstance(record, dict) else {}), "reset": dj.reset,
+                                       "wakeup_queued": False}
+        if running:
+            reason = f"reset by `zrepl.py signal reset` at {when}"
+            log.warning("%s: cancelling the running pass", reason, extra={"job": name})
+            dj.runner.cancel(reason)
+        else:  # a running job's own thread publishes (it may be changing the entry right now)
+            self._publish(name, dj.runner.doc)
+        return {"job": name, "op": "reset", "cancelled": running}
+
+
+def _object_value(entry: Any, key: str) -> Any:
+    return entry.get(key) if isinstance(entry, dict) else None
 
 
 # =================================================================================================
@@ -11911,18 +12690,7 @@ def _stopped_by_signal(signum: int, items: list[_JobThread], zfs: Zfs, store: St
     now = iso_time(utcnow())
 
     def mark(entry: dict[str, Any]) -> None:
-        if entry.get("state") != "running" or entry.get("pid") != os.getpid():
-            return
-        last = _object(entry.get("last_run"))
-        entry["last_run"] = {**last, "end": now, "result": "error", "error": reason}
-        entry["state"] = "idle"
-        entry.pop("activity", None)
-        entry.pop("pid", None)
-        replication = entry.get("replication")
-        if isinstance(replication, dict) and isinstance(replication.get("filesystems"), dict):
-            for rep in replication["filesystems"].values():
-                if isinstance(rep, dict) and rep.get("state") == FilesystemState.STEPPING:
-                    rep.update(state=str(FilesystemState.STEP_ERROR), error=f"{rep.get('step', '')}: {reason}")
+        mark_stopped(entry, reason, now)
 
     if not dry_run:
         def final() -> None:
@@ -12077,6 +12845,10 @@ def cmd_wakeup(args: argparse.Namespace) -> int:
     job = config.job(args.job)
     if job.type == "sink":
         raise UsageError(f"job {job.name!r} is a sink: it serves when a client connects; wake up the push job")
+    try:
+        return _signal_daemon(config, job.name, "wakeup")
+    except DaemonNotRunning:
+        pass  # no daemon: this process runs the job (or asks the run that holds it for one more pass)
     _need_zfs(args)
     rt = config.global_.runtime_dir
     WakeupRequest(rt, job.name).post()  # first the request, then the lock: see WakeupRequest
@@ -12088,6 +12860,59 @@ def cmd_wakeup(args: argparse.Namespace) -> int:
         print(f"job {job.name} is running (pid {pid or '?'}); it will run once more before it exits")
         return EXIT_OK
     return _worst(items)
+
+
+# ---- the daemon -----------------------------------------------------------------------------------
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    config = _open_config(args)
+    _need_zfs(args)
+    zfs = args.zfs
+
+    def load() -> Config:
+        new = load_config(config.file)
+        setup_logging(new.global_.logging, args.log_level)
+        return new
+
+    rt = config.global_.runtime_dir
+    lock = JobLock(rt, "daemon", "")  # one daemon per runtime dir
+    if not lock.try_acquire():
+        raise SetupError(f"another daemon (pid {lock.holder_pid() or '?'}) runs with runtime dir {rt}")
+    try:
+        daemon = Daemon(config, zfs, _status_store, load,
+                        stop_streams=zfs.stop_streams if isinstance(zfs, _TrackedZfs) else lambda: None)
+        return daemon.serve()
+    finally:
+        lock.release()
+
+
+def _signal_daemon(config: Config, job: str, op: str) -> int:
+    """wakeup or reset through the control socket; raises DaemonNotRunning when no daemon runs."""
+    code, reply = control_request(config.global_.control.sockpath, "POST", "/signal", {"job": job, "op": op})
+    reply = _object(reply)
+    if code != 200:
+        raise ZreplError(f"the daemon refused {op} of job {job!r}: {reply.get('error') or f'HTTP {code}'}")
+    if op == "reset":
+        print(f"job {job}: " + ("its running pass is being cancelled (resumable state is kept)"
+                                if reply.get("cancelled") else "nothing was running"))
+    elif reply.get("queued"):
+        print(f"job {job} is running in the daemon; it will run once more right after this pass")
+    else:
+        print(f"job {job}: the daemon runs it now")
+    return EXIT_OK
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    """zrepl's spelling: `signal wakeup JOB` is `wakeup JOB`; `signal reset JOB` needs the daemon."""
+    if args.op == "wakeup":
+        return cmd_wakeup(args)
+    config = _open_config(args)
+    config.job(args.job)
+    try:
+        return _signal_daemon(config, args.job, "reset")
+    except DaemonNotRunning:
+        raise ZreplError(f"no daemon runs (nobody listens on {config.global_.control.sockpath}): there is no "
+                         f"work of job {args.job!r} to reset") from None
 
 
 # ---- status ---------------------------------------------------------------------------------------
@@ -12143,14 +12968,30 @@ def _status_report(args: argparse.Namespace) -> tuple[str, int]:
             raise
         path = config.global_.status_file
     store = StatusStore(path, config.global_.runtime_dir if config else "")
-    raw = store.read()
-    doc = store.document()
+    raw = _live_status(config) if config is not None and args.status_file is None else None
+    raw = raw if raw is not None else store.read()
+    doc = status_document(raw)
     health, types, thresholds = _status_health(args, config, doc)
     text, level = render_status(health, types, args.verbose, thresholds)
     if args.json:  # the document, with the check's verdict for scripts under "check"
         return json.dumps({**raw, "check": status_summary(health, types, text, level)}, indent=2,
                           sort_keys=True), level
     return text, level
+
+
+def _live_status(config: Config) -> dict[str, Any] | None:
+    """The running daemon's status document (GET /status), or None when no daemon answers."""
+    try:
+        code, reply = control_request(config.global_.control.sockpath, "GET", "/status", timeout=30.0)
+    except DaemonNotRunning:
+        return None
+    except ZreplError as exc:
+        log.warning("%s; reading the status file instead", exc)
+        return None
+    if code != 200 or not isinstance(reply, dict) or not isinstance(reply.get("jobs"), dict):
+        log.warning("the daemon's status reply is not a status document (HTTP %s); reading the file instead", code)
+        return None
+    return reply
 
 
 def _status_health(args: argparse.Namespace, config: Config | None,
@@ -12463,9 +13304,17 @@ _HELP_TEXT = {
                "examples:\n  zrepl.py status -v\n"
                "  zrepl.py status --status-file /var/lib/zrepl/status.json --crit 6h   (as a monitoring user, "
                "no config needed)"),
-    "wakeup": ("run a job now, or make the running one do one more pass",
+    "wakeup": ("run a job now, or make the running one do one more pass (through the daemon when one runs)",
                f"{_EXIT_CODES}; 0 when the running job was asked for one more pass\n"
                "example:\n  zrepl.py wakeup backup"),
+    "daemon": ("run every job on its own schedule until SIGTERM (snapshots, replication, pruning; the control "
+               "socket for status, wakeup and reset)",
+               "signals: SIGTERM/SIGINT stop at a resumable point (exit 0; a second one stops at once), SIGHUP "
+               "reloads the config\nexit codes: 0 stopped by a signal, 2 config or setup error\n"
+               "example (systemd, Type=notify):\n  ExecStart=/usr/local/bin/zrepl.py daemon"),
+    "signal": ("zrepl's spelling: wakeup or reset a job of the running daemon",
+               "reset cancels the job's running pass at a resumable point (the receiver keeps its resume token)\n"
+               f"{_EXIT_CODES}\nexamples:\n  zrepl.py signal wakeup backup\n  zrepl.py signal reset backup"),
     "stdinserver": ("serve one ssh client on stdin/stdout (the forced command in authorized_keys of a sink or "
                     "source host)",
                     "exit codes: 0 the client was served, 1 refused or failed, 2 config or setup error\n"
@@ -12540,6 +13389,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(sub, "wakeup", common)
     p.add_argument("job", metavar="JOB", help="the job to run (not a sink)")
     p.set_defaults(func=cmd_wakeup)
+
+    p = _subparser(sub, "daemon", common)
+    p.set_defaults(func=cmd_daemon)
+
+    p = _subparser(sub, "signal", common)
+    p.add_argument("op", choices=("wakeup", "reset"), metavar="OP", help="wakeup or reset")
+    p.add_argument("job", metavar="JOB", help="the job")
+    p.set_defaults(func=cmd_signal)
 
     p = _subparser(sub, "stdinserver", common)
     p.add_argument("identity", metavar="IDENTITY",

@@ -559,15 +559,16 @@ def test_server_drops_a_client_that_went_silent():
 
 
 def test_heartbeats_keep_a_slow_handler_alive():
-    client, server = zrepl.local_pair(timeout=0.5, heartbeat_interval=0.1)
+    # heartbeats 20x as often as the timeout, so a loaded host's scheduling delays do not matter
+    client, server = zrepl.local_pair(timeout=1.0, heartbeat_interval=0.05)
 
     def slow(body, ctx):
-        time.sleep(1.5)  # three timeouts long; only heartbeats show the server is alive
+        time.sleep(3.0)  # three timeouts long; only heartbeats show the server is alive
         return {"done": True}
 
     st = ServerThread(server, {"slow": slow})
     client.handshake_client("c")
-    time.sleep(1.0)  # idle client: its heartbeats keep the server from dropping it
+    time.sleep(2.0)  # idle client: its heartbeats keep the server from dropping it
     assert client.request("slow", {}) == {"done": True}
     assert server.stats.frames_sent.get("HEARTBEAT", 0) >= 3
     client.close()

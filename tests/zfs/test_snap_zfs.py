@@ -43,12 +43,13 @@ def test_listing_spawns_do_not_grow_with_datasets(pool, zfs_tree, zfs_shim, tmp_
 def test_due_ness_never_twice_and_catch_up_once(pool, zfs_tree, run_zrepl, tmp_path):
     zfs_tree(pool, "fs")
     cfg = write_config(tmp_path, snap_job("s", filesystems={f"{pool}/fs": True},
-                                          snapshotting=periodic("12s", prefix="auto_",
+                                          snapshotting=periodic("30s", prefix="auto_",
                                                                 timestamp_format="unix-seconds")))
+    # Each pair of runs must fit in one interval: 30 s is 10x a run under emulation.
     assert run_zrepl("--config", cfg, "run").returncode == 0
     assert run_zrepl("--config", cfg, "run").returncode == 0
     assert len(snapshots(ZFS, f"{pool}/fs")) == 1  # second run: not due yet
-    time.sleep(37)  # three intervals missed
+    time.sleep(65)  # two intervals missed
     assert run_zrepl("--config", cfg, "run").returncode == 0
     assert run_zrepl("--config", cfg, "run").returncode == 0
     assert len(snapshots(ZFS, f"{pool}/fs")) == 2  # caught up once, not three times
