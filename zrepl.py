@@ -11736,6 +11736,9 @@ def _unix_socket_listens(path: str) -> bool:
     return True
 
 
+CONTROL_ENDPOINTS = ("/version", "/status", "/signal")
+
+
 class ControlServer:
     """The control socket: one request per connection (Connection: close), JSON in and out. Each
     connection is served in a thread of its own with 1 s to send its request and 1 s to take the
@@ -11785,7 +11788,13 @@ class ControlServer:
         try:
             try:
                 method, path, body = self._read_request(conn, time.monotonic() + self.read_timeout)
-                status, reply = self.handle(method, path, body)
+                endpoint = path if path in CONTROL_ENDPOINTS else "other"  # a bounded label set
+                PROCESS_METRICS.request_begun(endpoint)
+                started = time.monotonic()
+                try:
+                    status, reply = self.handle(method, path, body)
+                finally:
+                    PROCESS_METRICS.request_finished(endpoint, time.monotonic() - started)
             except HttpError as exc:
                 status, reply = exc.status, {"error": str(exc)}
             except (TimeoutError, ConnectionError):
@@ -11941,9 +11950,12 @@ class Daemon:
         self._signals: list[int] = []
         self.config, self.store = config, store_for(config)
         self._use_config(config)
-        # What the daemon serves while it runs, started in this order and closed in reverse. The
-        # Prometheus listener (section 15, global.monitoring) joins this list.
+        # What the daemon serves while it runs, started in this order and closed in reverse: the
+        # control socket, then one Prometheus listener per `prometheus` outlet (global.monitoring;
+        # a listen address change takes effect at restart, like the socket's path).
         self.outlets: list[Outlet] = [ControlServer(config.global_.control.sockpath, self.control)]
+        self.outlets += [MetricsServer(o.listen, self.metrics_text, freebind=o.listen_freebind)
+                         for o in config.global_.monitoring if o.type == "prometheus"]
 
     # -- config generations ----------------------------------------------------------------------
     def _use_config(self, config: Config) -> None:
@@ -12057,6 +12069,8 @@ class Daemon:
                 state, why = DaemonState.STOPPED, self.stopping
             self._set_record(dj, state, why)
         self._publish(dj.job.name, dj.runner.doc)
+        # node_exporter textfiles after every pass, as after every `run`
+        write_metrics_textfiles(self.config.global_.monitoring, self.store, zfs=[self.zfs.counters])
         self.changed.set()
 
     # -- signals ---------------------------------------------------------------------------------
@@ -12173,6 +12187,10 @@ class Daemon:
         if method != want:
             raise HttpError(405, f"{path} takes {want}")
         return 200, handler(body)
+
+    def metrics_text(self) -> str:
+        """The Prometheus text of the live status (what GET /status shows) and this process's counters."""
+        return render_metrics(status_document(self.live_status()), PROCESS_METRICS, [self.zfs.counters])
 
     def version(self) -> dict[str, Any]:
         return {"version": __version__, "python": sys.version.split()[0], "pid": os.getpid(),

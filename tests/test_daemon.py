@@ -588,3 +588,36 @@ def test_a_cancelled_pass_leaves_a_wakeup_request_for_later_instead_of_running_a
     wait_until(lambda: not daemon.running(), "the cancelled pass to end")
     assert len([c for c in fake.calls if c[1:2] == ["send"] and "-n" not in c]) == 1  # no second pass
     assert zrepl.WakeupRequest(str(tmp_path / "run"), "push").pending()
+
+
+def test_the_daemon_serves_metrics_of_its_live_status_and_writes_textfiles_after_a_pass(fake, clock, tmp_path,
+                                                                                        sockdir):
+    textfile = tmp_path / "zrepl.prom"
+    with socket.socket() as probe:  # a free port (the config takes no port 0)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = write_config(tmp_path, push_job("push", filesystems={"src/data": True}, snapshotting=periodic("10m")),
+                       sink_job(root_fs="dst/sink"),
+                       global_={"control": {"sockpath": f"{sockdir}/control"},
+                                "monitoring": [{"type": "prometheus", "listen": f"127.0.0.1:{port}"},
+                                               {"type": "textfile", "path": str(textfile)}]})
+    daemon = make_daemon(cfg, fake, clock)
+    control, metrics = daemon.outlets
+    assert isinstance(metrics, zrepl.MetricsServer)
+    daemon.tick()  # the first pass: a snapshot, replicated; the textfile follows it
+    assert 'zrepl_replication_bytes_replicated{zrepl_job="push"' in textfile.read_text()
+    for outlet in daemon.outlets:
+        outlet.start()
+    try:
+        assert request(f"{sockdir}/control", "GET", "/version")[0] == 200
+        assert request(f"{sockdir}/control", "GET", "/no-such-endpoint")[0] == 404
+        with socket.create_connection(metrics.address, timeout=WAIT) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            text = b"".join(iter(lambda: conn.recv(65536), b"")).decode()
+    finally:
+        for outlet in reversed(daemon.outlets):
+            outlet.close()
+    assert " 200 " in text.splitlines()[0]
+    assert 'zrepl_replication_bytes_replicated{zrepl_job="push"' in text
+    assert 'zrepl_control_request_finished_count{endpoint="/version"}' in text
+    assert 'endpoint="other"' in text and "/no-such-endpoint" not in text  # labels stay a bounded set
