@@ -1,0 +1,142 @@
+"""How many zfs processes real replication work costs (issue 12, item 3), host-tested through the
+ZFS double: the per-filesystem commands of an initial and an incremental push, the run-wide
+batches of step holds and releases, and the safety each batch keeps (what a failed or blocked
+filesystem keeps held, where the cursor goes when a later step fails)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import zrepl
+from fakezfs import FakeZfs
+from support import last_n, not_replicated, push_job, run, sink_job, write_config
+
+N = 4
+STEP, RECEIVED = "zrepl_STEP_J_push", "zrepl_last_received_J_sink"
+ROOT = "dst/sink/client1"
+
+
+def filesystems(n: int = N) -> list[str]:
+    return [f"src/data/fs{i}" for i in range(n)]
+
+
+@pytest.fixture
+def world(fake_zfs: FakeZfs):
+    w = fake_zfs.world
+    w.tree("src", "data")
+    w.tree("dst", "sink")
+    return w
+
+
+def build(world, snapshots: int) -> None:
+    names = " ".join(f"@s{j}" for j in range(snapshots))
+    world.tree("src", "\n".join(f"data/fs{i} {names}" for i in range(N)))
+
+
+def push(fake: FakeZfs, tmp_path: Path, **keys) -> int:
+    keys.setdefault("filesystems", {"src/data<": True})
+    cfg = write_config(tmp_path, push_job(keep_sender=[not_replicated(), last_n(30)], keep_receiver=[last_n(30)],
+                                          **keys), sink_job(root_fs="dst/sink"))
+    return run("--config", cfg, "run", "push", zfs=fake).code
+
+
+def shapes(calls: list[list[str]]) -> Counter:
+    """Each call as its verb and flags (dataset names left out), counted."""
+    return Counter(" ".join(w for w in c[1:] if not ("/" in w or "@" in w or "#" in w) or w.startswith("-"))
+                   for c in calls)
+
+
+def per_filesystem(calls: list[list[str]], fs: str) -> list[list[str]]:
+    """The calls that name exactly this filesystem (or its replica) and no other one."""
+    mine = (fs, f"{ROOT}/{fs}")
+    def names(c: list[str]) -> set[str]:
+        return {w.split("@")[0].split("#")[0] for w in c[1:] if "/" in w}
+    return [c for c in calls if names(c) and names(c) <= set(mine)]
+
+
+def test_initial_replication_costs_five_spawns_per_filesystem_with_holds_batched_per_run(fake_zfs, world, tmp_path):
+    build(world, 1)
+    assert push(fake_zfs, tmp_path) == 0
+    for fs in filesystems():
+        verbs = sorted(c[1] for c in per_filesystem(fake_zfs.calls, fs))
+        # send, recv, the receiver's check of what arrived, its last-received hold, the cursor
+        assert verbs == ["bookmark", "hold", "list", "recv", "send"], (fs, verbs)
+    counted = shapes(fake_zfs.calls)
+    assert counted["send -n -v -P"] == 0  # the size comes with `zfs send -v -P` itself
+    assert counted["holds -H"] == 0
+    holds = [c for c in fake_zfs.calls if c[1] == "hold" and c[2] == STEP]
+    releases = [c for c in fake_zfs.calls if c[1] == "release"]
+    assert holds == [["zfs", "hold", STEP, *(f"{fs}@s0" for fs in filesystems())]]
+    assert releases == [["zfs", "release", STEP, *(f"{fs}@s0" for fs in filesystems())]]
+    for fs in filesystems():
+        assert world.holds(f"{fs}@s0") == set() and world.holds(f"{ROOT}/{fs}@s0") == {RECEIVED}
+        assert world.bookmarks(fs) == [zrepl.cursor_bookmark_name(world.guid(f"{fs}@s0"), "push")]
+
+
+def test_initial_replication_of_all_snapshots_makes_one_cursor_and_holds_once(fake_zfs, world, tmp_path):
+    build(world, 10)
+    assert push(fake_zfs, tmp_path, initial_replication="all") == 0
+    for fs in filesystems():
+        verbs = Counter(c[1] for c in per_filesystem(fake_zfs.calls, fs))
+        # a full send and one -I stream; one cursor, never a first one made and destroyed
+        assert verbs == {"send": 2, "recv": 2, "list": 2, "hold": 2, "release": 1, "bookmark": 1}, (fs, verbs)
+        assert world.snapshots(f"{ROOT}/{fs}") == [f"s{j}" for j in range(10)]
+        assert world.bookmarks(fs) == [zrepl.cursor_bookmark_name(world.guid(f"{fs}@s9"), "push")]
+        assert all(world.holds(f"{fs}@s{j}") == set() for j in range(10))
+        assert world.holds(f"{ROOT}/{fs}@s9") == {RECEIVED} and world.holds(f"{ROOT}/{fs}@s0") == set()
+    assert not [c for c in fake_zfs.calls if c[1] == "destroy"]
+    assert len([c for c in fake_zfs.calls if c[1] == "hold" and c[2] == STEP]) == 1
+    assert len([c for c in fake_zfs.calls if c[1] == "release" and c[2] == STEP]) == 1
+
+
+def test_an_incremental_step_needs_no_holds_query_estimate_or_sender_listing(fake_zfs, world, tmp_path):
+    build(world, 1)
+    assert push(fake_zfs, tmp_path) == 0
+    for fs in filesystems():
+        world.snapshot(f"{fs}@new")
+    fake_zfs.calls.clear()
+    assert push(fake_zfs, tmp_path) == 0
+    for fs in filesystems():
+        verbs = Counter(c[1] for c in per_filesystem(fake_zfs.calls, fs))
+        # send, recv, the check, the receiver's hold moving (hold + release), the cursor moving
+        assert verbs == {"send": 1, "recv": 1, "list": 1, "hold": 1, "release": 1, "bookmark": 1, "destroy": 1}
+        assert world.holds(f"{ROOT}/{fs}@new") == {RECEIVED} and world.holds(f"{ROOT}/{fs}@s0") == set()
+        assert world.holds(f"{fs}@new") == set() and world.holds(f"{fs}@s0") == set()
+        assert world.bookmarks(fs) == [zrepl.cursor_bookmark_name(world.guid(f"{fs}@new"), "push")]
+    counted = shapes(fake_zfs.calls)
+    assert counted["holds -H"] == 0 and counted["send -n -v -P -i"] == 0
+
+
+def test_a_failed_later_step_leaves_the_cursor_at_the_last_step_done_and_its_snapshots_held(
+        fake_zfs, world, tmp_path):
+    build(world, 3)
+    fake_zfs.fail("send", match="-I src/data/fs1@s0", stderr="cannot send: injected\n")
+    assert push(fake_zfs, tmp_path, initial_replication="all") == 1
+    fs = "src/data/fs1"
+    assert world.snapshots(f"{ROOT}/{fs}") == ["s0"]
+    # the full step arrived: its cursor is there, and what the failed -I step needs (its source
+    # included: the retries planned it from s0) stays held for resuming
+    assert world.bookmarks(fs) == [zrepl.cursor_bookmark_name(world.guid(f"{fs}@s0"), "push")]
+    assert all(world.holds(f"{fs}@s{j}") == {STEP} for j in range(3))
+    for other in ("src/data/fs0", "src/data/fs2"):
+        assert all(world.holds(f"{other}@s{j}") == set() for j in range(3))
+
+
+def test_a_filesystem_that_never_starts_loses_the_holds_placed_for_it(fake_zfs, world, tmp_path):
+    world.tree("src", "data/p @a\ndata/p/child @b")
+    fake_zfs.fail("recv", match=f"{ROOT}/src/data/p")  # the parent's creating step fails: child blocked
+    assert push(fake_zfs, tmp_path, filesystems={"src/data/p<": True}) == 1
+    assert world.holds("src/data/p@a") == {STEP}  # resumability: the failed step keeps its hold
+    assert world.holds("src/data/p/child@b") == set()  # never sent: nothing to resume
+
+
+def test_a_snapshot_zfs_cannot_hold_fails_only_its_filesystem(fake_zfs, world, tmp_path):
+    build(world, 1)
+    fake_zfs.fail("hold", match=STEP, stderr="cannot hold snapshot 'src/data/fs2@s0': permission denied\n")
+    assert push(fake_zfs, tmp_path) == 1
+    assert not world.exists(f"{ROOT}/src/data/fs2")
+    for fs in ("src/data/fs0", "src/data/fs1", "src/data/fs3"):
+        assert world.snapshots(f"{ROOT}/{fs}") == ["s0"]
