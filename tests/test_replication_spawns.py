@@ -12,7 +12,7 @@ import pytest
 
 import zrepl
 from fakezfs import FakeZfs
-from support import last_n, not_replicated, push_job, run, sink_job, write_config
+from support import fs_status, last_n, not_replicated, pull_job, push_job, run, sink_job, source_job, write_config
 
 N = 4
 STEP, RECEIVED = "zrepl_STEP_J_push", "zrepl_last_received_J_sink"
@@ -140,3 +140,47 @@ def test_a_snapshot_zfs_cannot_hold_fails_only_its_filesystem(fake_zfs, world, t
     assert not world.exists(f"{ROOT}/src/data/fs2")
     for fs in ("src/data/fs0", "src/data/fs1", "src/data/fs3"):
         assert world.snapshots(f"{ROOT}/{fs}") == ["s0"]
+
+
+def test_parallel_lanes_protect_and_complete_each_filesystem_on_its_own_lane(fake_zfs, world, tmp_path):
+    build(world, 3)
+    assert push(fake_zfs, tmp_path, initial_replication="all", replication={"concurrency": {"steps": 3}}) == 0
+    for fs in filesystems():
+        assert world.snapshots(f"{ROOT}/{fs}") == ["s0", "s1", "s2"]
+        assert world.bookmarks(fs) == [zrepl.cursor_bookmark_name(world.guid(f"{fs}@s2"), "push")]
+        assert all(world.holds(f"{fs}@s{j}") == set() for j in range(3))
+        assert world.holds(f"{ROOT}/{fs}@s2") == {RECEIVED}
+        step_holds = [c for c in fake_zfs.calls if c[1] == "hold" and c[2] == STEP and f"{fs}@s0" in c]
+        assert step_holds == [["zfs", "hold", STEP, *(f"{fs}@s{j}" for j in range(3))]]
+
+
+def test_parallel_lanes_block_the_child_of_a_failed_parent_and_leave_it_unheld(fake_zfs, world, tmp_path):
+    world.tree("src", "data/p @a\ndata/p/child @b\ndata/q @c")
+    fake_zfs.fail("recv", match=f"{ROOT}/src/data/p")
+    assert push(fake_zfs, tmp_path, filesystems={"src/data/p<": True, "src/data/q": True},
+                replication={"concurrency": {"steps": 3}}) == 1
+    assert world.holds("src/data/p@a") == {STEP}  # the failed step keeps its hold (resumability)
+    assert world.holds("src/data/p/child@b") == set() and not world.exists(f"{ROOT}/src/data/p/child")
+    assert world.snapshots(f"{ROOT}/src/data/q") == ["c"] and world.holds("src/data/q@c") == set()
+
+
+def test_the_status_shows_the_size_zfs_send_states_without_an_estimate(fake_zfs, world, tmp_path):
+    build(world, 1)
+    world.write("src/data/fs0", 1 << 20)
+    world.snapshot("src/data/fs0@big")
+    assert push(fake_zfs, tmp_path) == 0
+    assert not [c for c in fake_zfs.calls if c[1] == "send" and "-n" in c]
+    rep = fs_status(tmp_path / "zrepl.toml", "push", "src/data/fs0")
+    assert rep["bytes_expected"] and rep["bytes_expected"] >= 1 << 20
+    assert rep["bytes_replicated"] >= rep["bytes_expected"]
+
+
+def test_a_pull_asks_the_source_for_estimates_and_protects_only_what_it_sends(fake_zfs, world, tmp_path):
+    world.tree("prod", "data/p @a\ndata/p/child @b")
+    world.tree("backup", "pulled")
+    fake_zfs.fail("recv", match="backup/pulled/prod/data/p")
+    cfg = write_config(tmp_path, source_job(filesystems={"prod/data/p<": True}), pull_job(root_fs="backup/pulled"))
+    assert run("--config", cfg, "run", "pull", zfs=fake_zfs).code == 1
+    assert [c for c in fake_zfs.calls if c[1] == "send" and "-n" in c]  # the source's stderr stays there
+    assert world.holds("prod/data/p@a") == {"zrepl_STEP_J_source"}
+    assert world.holds("prod/data/p/child@b") == set()  # blocked: never protected on the source
