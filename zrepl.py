@@ -6823,6 +6823,9 @@ class StepRequest:
     received: list[tuple[str, int]] = field(default_factory=list)  # (short name, guid) oldest first
     replace_placeholder: bool = False
     dataset_type: str = "filesystem"  # the sender's dataset type: receive defaults differ for volumes
+    # the client checks what arrived and places the run's last-received holds in one batch
+    # (Receiver.hold_received_all); only sent to a receiver whose PeerInfo says batched_holds
+    defer_hold: bool = False
 
     @classmethod
     def from_step(cls, fs: str, step: Step, replace_placeholder: bool = False,
@@ -6839,7 +6842,7 @@ class StepRequest:
         return {"fs": self.fs, "to": self.to, "to_guid": self.to_guid, "from": self.from_,
                 "from_guid": self.from_guid, "multi": self.multi, "resume_token": self.resume_token,
                 "received": [list(r) for r in self.received], "replace_placeholder": self.replace_placeholder,
-                "type": self.dataset_type}
+                "type": self.dataset_type, "defer_hold": self.defer_hold}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> StepRequest:
@@ -6866,6 +6869,7 @@ class StepRequest:
             return cls(fs=fs, to=to, to_guid=int(d.get("to_guid", 0)), from_=src,
                        from_guid=None if from_guid is None else int(from_guid), multi=bool(d.get("multi")),
                        resume_token=token, received=received, replace_placeholder=bool(d.get("replace_placeholder")),
+                       defer_hold=d.get("defer_hold") is True,
                        dataset_type=dtype)
         except (ValueError, TypeError) as exc:
             raise EndpointError(f"invalid step request: {exc}") from None
@@ -6885,6 +6889,9 @@ class PeerInfo:
     type: str
     abstraction_job: str
     root: str = ""
+    # a receiver that takes StepRequest.defer_hold and receiver.hold_received (older ones do not
+    # say so and get one check and hold per receive, as before)
+    batched_holds: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -6904,7 +6911,8 @@ class PeerInfo:
                 validate_dataset_name(root)
         except ValueError as exc:
             raise EndpointError(f"peer sent an invalid endpoint.info reply: {exc}", kind="forbidden") from None
-        return cls(job=job, type=jtype, abstraction_job=abstraction_job, root=root)
+        return cls(job=job, type=jtype, abstraction_job=abstraction_job, root=root,
+                   batched_holds=body.get("batched_holds") is True)
 
 
 @dataclass
@@ -7042,6 +7050,11 @@ class Receiver(Protocol):
 
     def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None: ...
 
+    def hold_received_all(self, received: Sequence[tuple[str, str, int]]) -> dict[str, ZreplError]:
+        """After the run's steps (those sent with defer_hold): check that each (fs, snapshot, guid)
+        arrived, hold it, release the older last-received holds; the failures by filesystem."""
+        ...
+
     def placeholders(self, filesystems: Sequence[str]) -> set[str]:
         """Of these sender filesystems, those whose replica is an empty placeholder (replaceable)."""
         ...
@@ -7088,6 +7101,19 @@ def each_filesystem(items: Iterable[_Item], fs_of: Callable[[_Item], str],
         except (ZreplError, OSError) as exc:
             failed[fs_of(item)] = as_zrepl_error(exc)
     return failed
+
+
+def batch_failures(command: Callable[[], dict[str, str]], what: str, snapshots: dict[str, str],
+                   failed: dict[str, ZreplError]) -> None:
+    """Run one hold_many/release_many over snapshots (-> their filesystem); what it could not do
+    fails those filesystems (all of them when zfs named none), added to `failed`."""
+    try:
+        refused = command() if snapshots else {}
+    except ZfsError as exc:
+        refused = {name: str(exc) for name in snapshots}
+    for name, reason in refused.items():
+        if name in snapshots:
+            failed.setdefault(snapshots[name], EndpointError(f"cannot {what} {name}: {reason}", temporary=True))
 
 
 def is_temporary(exc: BaseException) -> bool:
@@ -7381,15 +7407,8 @@ class SenderEndpoint:
 
     def _batch(self, command: Callable[[str, Sequence[str]], dict[str, str]], what: str, snapshots: dict[str, str],
                failed: dict[str, ZreplError]) -> None:
-        """One hold_many/release_many of the step tag on snapshots (-> their filesystem); what it
-        could not do fails those filesystems (all of them when zfs named none)."""
-        try:
-            refused = command(step_hold_tag(self.job), list(snapshots))
-        except ZfsError as exc:
-            refused = {name: str(exc) for name in snapshots}
-        for name, reason in refused.items():
-            if name in snapshots:
-                failed.setdefault(snapshots[name], EndpointError(f"cannot {what} {name}: {reason}", temporary=True))
+        tag = step_hold_tag(self.job)
+        batch_failures(lambda: command(tag, list(snapshots)), what, snapshots, failed)
 
     def _tentative_cursor(self, fs: str, snapshot: str, snap_guid: int) -> Abstraction:
         name = tentative_cursor_bookmark_name(snap_guid, self.job)
@@ -7566,7 +7585,7 @@ class ReceiverEndpoint:
                  job_type: str = "sink"):
         self.zfs, self.job, self.root_fs, self.identity, self.recv_cfg = zfs, job, root_fs, client_identity, recv
         self.root = f"{root_fs}/{client_identity}" if client_identity else root_fs
-        self.info = PeerInfo(job=job, type=job_type, abstraction_job=job, root=self.root)
+        self.info = PeerInfo(job=job, type=job_type, abstraction_job=job, root=self.root, batched_holds=True)
         self.processes = processes or ProcessRegistry()
         self.progress = progress
         self._listing: dict[str, DatasetInfo] = {}
@@ -7696,6 +7715,10 @@ class ReceiverEndpoint:
         if proc.returncode != 0:
             failure = ZfsError(argv, proc.returncode, err.decode("utf-8", "replace"))
             raise self._explained(failure, target) from failure
+        if req.defer_hold:  # checked and held by hold_received_all, for all filesystems at once
+            if self._listing:  # a child's step must not take this new dataset for a missing parent
+                self._listing.setdefault(target, DatasetInfo(name=target, type=req.dataset_type))
+            return ReceiveResult(received=req.to, guid=req.to_guid)
         return self._verify(target, req)
 
     def _explained(self, failure: ZfsError, target: str) -> ZreplError:
@@ -7758,6 +7781,35 @@ class ReceiverEndpoint:
             raise EndpointError(f"{target}@{snapshot} with guid {guid} does not exist on the receiver")
         log.info("%s@%s: restoring the last-received hold", target, snapshot)
         self._hold_last_received(target, info, snapshot)
+
+    def hold_received_all(self, received: Sequence[tuple[str, str, int]]) -> dict[str, ZreplError]:
+        """One listing of the received replicas (`zfs list -d 1` of all of them), then one `zfs
+        hold` of what arrived with the expected guid, then one `zfs release` of our tag on their
+        other held snapshots (a snapshot held only by others stays held: "no such tag")."""
+        failed: dict[str, ZreplError] = {}
+        targets: dict[str, tuple[str, str, int]] = {}
+        for fs, snapshot, snap_guid in received:
+            try:
+                targets[self.target(fs)] = (fs, validate_snapshot_short_name(snapshot), snap_guid)
+            except (EndpointError, ValueError) as exc:
+                failed[fs] = EndpointError(str(exc), kind=EndpointErrorKind.FORBIDDEN)
+        listing = self.zfs.list_datasets(list(targets), depth=1) if targets else {}
+        hold: dict[str, str] = {}
+        older: dict[str, str] = {}
+        for target, (fs, snapshot, snap_guid) in targets.items():
+            info = listing.get(target)
+            got = {v.name: v.guid for v in info.snapshots()} if info else {}
+            if info is None or got.get(snapshot) != snap_guid:
+                failed[fs] = EndpointError(f"{target}@{snapshot} has guid {got.get(snapshot)} after the receive, "
+                                           f"expected {snap_guid}")
+                continue
+            hold[f"{target}@{snapshot}"] = fs
+            older.update((v.full_name, fs) for v in info.snapshots() if v.userrefs > 0 and v.name != snapshot)
+        tag = last_received_hold_tag(self.job)
+        batch_failures(lambda: self.zfs.hold_many(tag, list(hold)), "hold", hold, failed)
+        older = {name: fs for name, fs in older.items() if fs not in failed}  # a replica not held keeps its base's
+        batch_failures(lambda: self.zfs.release_many(tag, list(older)), "release", older, failed)
+        return failed
 
     def placeholders(self, filesystems: Sequence[str]) -> set[str]:
         """Which of these (sender names) have a replica that is a placeholder a full receive may
@@ -7923,6 +7975,15 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
     def holds(body: dict, ctx: RequestContext) -> dict:
         return {"holds": ep.hold_tags(str(body.get("fs", "")), _wire_str_list(body, "names"))}
 
+    def hold_received(body: dict, ctx: RequestContext) -> dict:
+        items = body.get("received")
+        if not isinstance(items, list) or not all(
+                isinstance(i, list) and len(i) == 3 and isinstance(i[0], str) and isinstance(i[1], str)
+                and isinstance(i[2], int) and not isinstance(i[2], bool) for i in items):
+            raise EndpointError("invalid received list", kind=EndpointErrorKind.FORBIDDEN)
+        failed = ep.hold_received_all([(fs, snap, g) for fs, snap, g in items])
+        return {"failed": {fs: str(exc) for fs, exc in failed.items()}}
+
     def release_stale(body: dict, ctx: RequestContext) -> dict:
         ep.release_stale(str(body.get("fs", "")))
         return {}
@@ -7937,6 +7998,7 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
                               "receiver.prepare": prepare,
                               "receiver.receive": receive, "receiver.clear_token": clear_token,
                               "receiver.hold_last_received": hold_last_received,
+                              "receiver.hold_received": hold_received,
                               "receiver.release_stale": release_stale, "receiver.holds": holds,
                               "receiver.destroy": destroy})
 
@@ -8076,6 +8138,14 @@ class RemoteReceiver:
 
     def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None:
         self.conn.request("receiver.hold_last_received", {"fs": fs, "snapshot": snapshot, "guid": guid})
+
+    def hold_received_all(self, received: Sequence[tuple[str, str, int]]) -> dict[str, ZreplError]:
+        body = self.conn.request("receiver.hold_received", {"received": [list(r) for r in received]})
+        failed = body.get("failed")
+        if not isinstance(failed, dict) or not all(isinstance(v, str) for v in failed.values()):
+            raise EndpointError(f"peer sent an invalid hold_received reply {body!r:.200}")
+        asked = {fs for fs, _, _ in received}
+        return {fs: EndpointError(msg, temporary=True) for fs, msg in failed.items() if fs in asked}
 
     def release_stale(self, fs: str) -> None:
         self.conn.request("receiver.release_stale", {"fs": fs})
@@ -8677,6 +8747,20 @@ class Replication:
         lane.progress.touch()
         return failed
 
+    def _hold_received(self, lane: Lane, plans: list[FilesystemPlan], done: dict[str, Step]) -> dict[str, ZreplError]:
+        """The receiver's check of what arrived and its last-received holds, for all at once,
+        before any cursor moves (a receiver that cannot batch did both in each receive)."""
+        received = [(p.sender_fs, done[p.sender_fs].to_version.name, done[p.sender_fs].to_version.guid)
+                    for p in plans if p.sender_fs in done]
+        if not received or not lane.receiver.info.batched_holds:
+            return {}
+        try:
+            failed = lane.receiver.hold_received_all(received)
+        except (ZreplError, OSError) as exc:
+            failed = {fs: as_zrepl_error(exc) for fs, _, _ in received}
+        lane.progress.touch()
+        return failed
+
     def _completion(self, plan: FilesystemPlan, last_done: Step | None) -> Completion:
         held = {name for r in self._protection_requests(plan) if r.level == "guarantee_resumability"
                 for name in r.hold_names()}
@@ -8690,13 +8774,14 @@ class Replication:
         failed), the step holds up to it released; those that did not start only lose the holds
         (a failed first step keeps them: resumability). A failure
         here fails the filesystem (temporary: the next attempt's planning restores the cursor)."""
+        failed = self._hold_received(lane, plans, done)
+        done = {fs: step for fs, step in done.items() if fs not in failed}  # not arrived: keep the holds
         # A filesystem whose step failed keeps the holds of what is not done (resumability).
         completions = [self._completion(p, done.get(p.sender_fs)) for p in plans
                        if p.sender_fs in done or p.sender_fs not in self.started]
-        if not any(c.to is not None or c.held for c in completions):
-            return set()
-        failed = lane.sender.complete_all(completions)
-        lane.progress.touch()
+        if any(c.to is not None or c.held for c in completions):
+            failed.update(lane.sender.complete_all(completions))
+            lane.progress.touch()
         for fs, exc in failed.items():
             rep = self._report(fs)
             with self.lock:
@@ -8830,6 +8915,7 @@ class Replication:
         fs, sender, receiver, progress = plan.sender_fs, lane.sender, lane.receiver, lane.progress
         req = StepRequest.from_step(fs, step, replace_placeholder=plan.replace_placeholder and step.is_full,
                                     dataset_type=plan.sender_type)
+        req.defer_hold = receiver.info.batched_holds  # checked and held with the others in _complete
         # A local `zfs send -v -P` states its size first (Progress.stream_size): no `zfs send -n`.
         expected = None if sender.sizes_in_stream else self._estimate(plan, step, sender)
         progress.stream_size = None

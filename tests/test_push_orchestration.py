@@ -57,10 +57,10 @@ def test_initial_push_sends_the_newest_snapshot_full_and_leaves_cursor_and_holds
         ["create", "-o", "zrepl:placeholder=on", "-o", "mountpoint=none", "dst/sink/client1/src"],
         # a new replica: the stream may not mount or share it (recv.properties.safe)
         ["recv", "-u", "-s", *SAFE_RECEIVE, "-o", "zrepl:placeholder=off", TARGET],
-        ["hold", "zrepl_last_received_J_sink", f"{TARGET}@b"],
         ["recv", "-u", "-s", *SAFE_RECEIVE, "-o", "zrepl:placeholder=off", f"{TARGET}/child"],
-        ["hold", "zrepl_last_received_J_sink", f"{TARGET}/child@x"],
-        # after the steps: the cursors, then the step holds go in one command
+        # after the steps: the receiver's holds on what arrived (checked in one listing), the
+        # cursors, then the step holds go in one command
+        ["hold", "zrepl_last_received_J_sink", f"{TARGET}@b", f"{TARGET}/child@x"],
         ["bookmark", b, f"src/data#{cursor(world, b)}"],
         ["bookmark", x, f"src/data/child#{cursor(world, x)}"],
         ["release", "zrepl_STEP_J_push", b, x],
