@@ -8705,7 +8705,10 @@ class Replication:
         stopped: set[str] = set()
         lane = self.primary_lane()
         # All filesystems protected before the first step and completed after the last: one
-        # `zfs hold` and one `zfs release` per run on a local sender, not one each per step.
+        # `zfs hold` and one `zfs release` per run on a local sender, not one each per step. Safe
+        # in between: a received filesystem's new snapshot stays step-held on the sender until its
+        # cursor exists, and its replica's old base keeps its last-received hold until the new one
+        # is placed; a crash there leaves what _restore_bookkeeping puts right in the next run.
         runnable = [p for p in plans if p.runnable]
         protection = self._protect(lane, runnable)
         done: dict[str, Step] = {}
