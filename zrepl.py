@@ -3665,11 +3665,14 @@ class Zfs:
         stderr = proc.stderr.decode("utf-8", "replace")
         failed: dict[str, str] = {}
         for line in stderr.splitlines():
-            name, sep, reason = line.removeprefix(prefix).partition("': ")
-            if not line.startswith(prefix + "'") or not sep:
+            # a dataset gone since the listing: "cannot open '<dataset>': dataset does not exist"
+            opened = line.startswith("cannot open '")
+            name, sep, reason = line.removeprefix("cannot open " if opened else prefix).partition("': ")
+            if not (opened or line.startswith(prefix + "'")) or not sep:
                 raise ZfsError(argv, proc.returncode, stderr)
             if not any(f in reason for f in fine):
-                failed[name[1:]] = reason.strip()
+                names = [a for a in argv[3:] if a.startswith(name[1:] + "@")] if opened else [name[1:]]
+                failed.update(dict.fromkeys(names, reason.strip()))
         if not failed and not stderr.strip():
             raise ZfsError(argv, proc.returncode, stderr)
         return failed

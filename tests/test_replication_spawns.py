@@ -224,3 +224,14 @@ def test_a_receiver_that_cannot_batch_checks_and_holds_in_each_receive(fake_zfs,
         verbs = sorted(c[1] for c in per_filesystem(fake_zfs.calls, fs))
         assert verbs == ["bookmark", "hold", "list", "recv", "send"], (fs, verbs)
         assert world.holds(f"{ROOT}/{fs}@s0") == {RECEIVED}
+
+
+def test_a_filesystem_gone_since_the_listing_fails_only_itself_in_the_batched_hold(fake_zfs, world, tmp_path):
+    build(world, 1)
+    fake_zfs.fail("hold", match=STEP, stderr="cannot open 'src/data/fs2': dataset does not exist\n", times=1)
+    assert push(fake_zfs, tmp_path) == 0  # the retry's planning finds it (the double only said so)
+    step_holds = [i for i, c in enumerate(fake_zfs.calls) if c[1] == "hold" and c[2] == STEP]
+    first_attempt = [c[-1].split("@")[0] for c in fake_zfs.calls[step_holds[0]:step_holds[1]] if c[1] == "send"]
+    assert first_attempt == ["src/data/fs0", "src/data/fs1", "src/data/fs3"]
+    assert fake_zfs.calls[step_holds[1]] == ["zfs", "hold", STEP, "src/data/fs2@s0"]
+    assert all(world.snapshots(f"{ROOT}/{fs}") == ["s0"] for fs in filesystems())
