@@ -29,8 +29,9 @@ Map of this file (sections in dependency order; a section only uses those above 
 Where things happen:
 
     push run         cmd_run -> JobRunner.run_pass -> _active_pass: PushMode.sides (SenderEndpoint +
-                     RemoteReceiver over connect_peer) -> Replication.run (plan_filesystems, _run_step:
-                     protect, prepare, Sender.send -> Receiver.receive, complete) -> prune_both_sides
+                     RemoteReceiver over connect_peer) -> Replication.run (plan_filesystems;
+                     Sender.protect_all once; _run_step: prepare, Sender.send -> Receiver.receive;
+                     Sender.complete_all once) -> prune_both_sides
     pull run         the same with PullMode (RemoteSender + ReceiverEndpoint); the cursor is named by
                      the source (PeerInfo.abstraction_job from its `endpoint.info` reply)
     receiver pruning prune_receiver (section 12) through the Receiver role
@@ -87,7 +88,7 @@ import warnings
 import zlib
 import zoneinfo
 from dataclasses import dataclass, field
-from typing import Any, Protocol, get_type_hints
+from typing import Any, Protocol, TypeVar, get_type_hints
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 __version__ = "0.1.0"
@@ -3714,6 +3715,40 @@ class Zfs:
         if full_names:
             self.run(release_argv(tag, full_names))
 
+    def hold_many(self, tag: str, full_names: Sequence[str]) -> dict[str, str]:
+        """Hold snapshots of any datasets in ONE `zfs hold` (zfs goes on past a snapshot it cannot
+        hold); returns those it could not hold with zfs's reason. One that carries the tag already
+        is held. Raises when zfs failed without naming the snapshots."""
+        return self._per_snapshot(hold_argv(tag, full_names), "cannot hold snapshot ", ("tag already exists",))
+
+    def release_many(self, tag: str, full_names: Sequence[str]) -> dict[str, str]:
+        """Release a tag on snapshots of any datasets in ONE `zfs release`; a snapshot without the
+        tag (or gone) counts as released. Returns the failures by snapshot, like hold_many."""
+        return self._per_snapshot(release_argv(tag, full_names), "cannot release hold from snapshot ",
+                                  ("no such tag on this dataset", "does not exist"))
+
+    def _per_snapshot(self, argv: list[str], prefix: str, fine: tuple[str, ...]) -> dict[str, str]:
+        """zfs hold/release report each snapshot they skip on a line `<prefix>'<name>': <reason>`."""
+        if len(argv) <= 3:
+            return {}
+        proc = self.run(argv, check=False)
+        if proc.returncode == 0:
+            return {}
+        stderr = proc.stderr.decode("utf-8", "replace")
+        failed: dict[str, str] = {}
+        for line in stderr.splitlines():
+            # a dataset gone since the listing: "cannot open '<dataset>': dataset does not exist"
+            opened = line.startswith("cannot open '")
+            name, sep, reason = line.removeprefix("cannot open " if opened else prefix).partition("': ")
+            if not (opened or line.startswith(prefix + "'")) or not sep:
+                raise ZfsError(argv, proc.returncode, stderr)
+            if not any(f in reason for f in fine):
+                names = [a for a in argv[3:] if a.startswith(name[1:] + "@")] if opened else [name[1:]]
+                failed.update(dict.fromkeys(names, reason.strip()))
+        if not failed and not stderr.strip():
+            raise ZfsError(argv, proc.returncode, stderr)
+        return failed
+
     def bookmark(self, source: str, bookmark: str) -> None:
         split_version_name(source)
         split_version_name(bookmark)
@@ -6712,6 +6747,8 @@ class Progress:
         self.bytes = 0
         self.steps = 0
         self.last_change = clock.monotonic()
+        # the running send's own size estimate (`zfs send -v -P` prints it before the stream)
+        self.stream_size: int | None = None
         self._lock = threading.Lock()
 
     def add_bytes(self, n: int) -> None:
@@ -6865,6 +6902,9 @@ class StepRequest:
     received: list[tuple[str, int]] = field(default_factory=list)  # (short name, guid) oldest first
     replace_placeholder: bool = False
     dataset_type: str = "filesystem"  # the sender's dataset type: receive defaults differ for volumes
+    # the client checks what arrived and places the run's last-received holds in one batch
+    # (Receiver.hold_received_all); only sent to a receiver whose PeerInfo says batched_holds
+    defer_hold: bool = False
 
     @classmethod
     def from_step(cls, fs: str, step: Step, replace_placeholder: bool = False,
@@ -6881,7 +6921,7 @@ class StepRequest:
         return {"fs": self.fs, "to": self.to, "to_guid": self.to_guid, "from": self.from_,
                 "from_guid": self.from_guid, "multi": self.multi, "resume_token": self.resume_token,
                 "received": [list(r) for r in self.received], "replace_placeholder": self.replace_placeholder,
-                "type": self.dataset_type}
+                "type": self.dataset_type, "defer_hold": self.defer_hold}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> StepRequest:
@@ -6908,6 +6948,7 @@ class StepRequest:
             return cls(fs=fs, to=to, to_guid=int(d.get("to_guid", 0)), from_=src,
                        from_guid=None if from_guid is None else int(from_guid), multi=bool(d.get("multi")),
                        resume_token=token, received=received, replace_placeholder=bool(d.get("replace_placeholder")),
+                       defer_hold=d.get("defer_hold") is True,
                        dataset_type=dtype)
         except (ValueError, TypeError) as exc:
             raise EndpointError(f"invalid step request: {exc}") from None
@@ -6927,6 +6968,9 @@ class PeerInfo:
     type: str
     abstraction_job: str
     root: str = ""
+    # a receiver that takes StepRequest.defer_hold and receiver.hold_received (older ones do not
+    # say so and get one check and hold per receive, as before)
+    batched_holds: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -6946,7 +6990,8 @@ class PeerInfo:
                 validate_dataset_name(root)
         except ValueError as exc:
             raise EndpointError(f"peer sent an invalid endpoint.info reply: {exc}", kind="forbidden") from None
-        return cls(job=job, type=jtype, abstraction_job=abstraction_job, root=root)
+        return cls(job=job, type=jtype, abstraction_job=abstraction_job, root=root,
+                   batched_holds=body.get("batched_holds") is True)
 
 
 @dataclass
@@ -6979,6 +7024,35 @@ class ReceiveResult:
     guid: int
 
 
+@dataclass(frozen=True)
+class ProtectRequest:
+    """What one filesystem's steps of a run need protected before the first starts (all of them
+    at once: a multi-step plan is protected once, and its holds stay until complete_all)."""
+
+    fs: str
+    level: str
+    snapshots: tuple[tuple[str, int], ...]  # (short name, guid) from the run's listing
+    source: str | None = None  # the first step's incremental source ("@snap" or "#bookmark")
+
+    def hold_names(self) -> list[str]:
+        """The snapshots a step hold covers (guarantee_resumability): the steps' and the source."""
+        source = [self.source[1:]] if self.source and self.source.startswith("@") else []
+        return list(dict.fromkeys([n for n, _ in self.snapshots] + source))
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One filesystem's replication went up to `to`: move its cursor there, release the step
+    holds of `held` (those protect_all placed) and anything of this job older than the cursor.
+    `to` None: no step of it ran (blocked, cancelled): only release what protect_all placed."""
+
+    fs: str
+    to: str | None
+    to_guid: int
+    level: str
+    held: tuple[str, ...] = ()  # short names protect_all held with the step tag
+
+
 class StreamSource(Protocol):
     """A replication stream on its way from `zfs send` to `zfs recv`, as the receiving side sees it:
     `zfs send`'s own pipe (push) or a stream arriving over a connection (pull, a sink)."""
@@ -7003,6 +7077,9 @@ class Sender(Protocol):
     """The sending side of a replication (zrepl's logic.Sender): a SenderEndpoint or RemoteSender."""
 
     info: PeerInfo
+    # True when send() puts the stream's size in the lane's Progress.stream_size (`zfs send -v`
+    # prints its estimate first), so a step needs no separate `zfs send -n` estimate
+    sizes_in_stream: bool
 
     def list_filesystems(self) -> list[DatasetInfo]: ...
 
@@ -7016,6 +7093,16 @@ class Sender(Protocol):
     def protect(self, fs: str, level: str, snapshots: Sequence[tuple[str, int]], source: str | None) -> None: ...
 
     def complete(self, fs: str, to: str, to_guid: int, level: str) -> None: ...
+
+    def protect_all(self, requests: Sequence[ProtectRequest]) -> dict[str, ZreplError]:
+        """protect() for many filesystems at once (one `zfs hold` where it can); the failures by
+        filesystem (those filesystems are not protected and must not run)."""
+        ...
+
+    def complete_all(self, completions: Sequence[Completion]) -> dict[str, ZreplError]:
+        """complete() for many filesystems at once (the step holds released in one `zfs release`);
+        the failures by filesystem."""
+        ...
 
     def release_stale(self, fs: str) -> None:
         """Drop this side's stale holds and bookmarks of its job on fs (stale_abstractions)."""
@@ -7041,6 +7128,11 @@ class Receiver(Protocol):
     def clear_resume_token(self, fs: str) -> None: ...
 
     def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None: ...
+
+    def hold_received_all(self, received: Sequence[tuple[str, str, int]]) -> dict[str, ZreplError]:
+        """After the run's steps (those sent with defer_hold): check that each (fs, snapshot, guid)
+        arrived, hold it, release the older last-received holds; the failures by filesystem."""
+        ...
 
     def placeholders(self, filesystems: Sequence[str]) -> set[str]:
         """Of these sender filesystems, those whose replica is an empty placeholder (replaceable)."""
@@ -7070,6 +7162,39 @@ def with_sender_error(exc: BaseException, send_error: str | None) -> BaseExcepti
                          temporary=is_temporary(exc), kind=EndpointErrorKind.SEND_FAILED)
 
 
+_Item = TypeVar("_Item")
+
+
+def as_zrepl_error(exc: ZreplError | OSError) -> ZreplError:
+    """An OSError of ours (a pipe, a fork) as a temporary ZreplError, for per-filesystem results."""
+    return exc if isinstance(exc, ZreplError) else EndpointError(str(exc), temporary=True)
+
+
+def each_filesystem(items: Iterable[_Item], fs_of: Callable[[_Item], str],
+                    action: Callable[[_Item], None]) -> dict[str, ZreplError]:
+    """Run action on every item; the failures by filesystem (one never stops the others)."""
+    failed: dict[str, ZreplError] = {}
+    for item in items:
+        try:
+            action(item)
+        except (ZreplError, OSError) as exc:
+            failed[fs_of(item)] = as_zrepl_error(exc)
+    return failed
+
+
+def batch_failures(command: Callable[[], dict[str, str]], what: str, snapshots: dict[str, str],
+                   failed: dict[str, ZreplError]) -> None:
+    """Run one hold_many/release_many over snapshots (-> their filesystem); what it could not do
+    fails those filesystems (all of them when zfs named none), added to `failed`."""
+    try:
+        refused = command() if snapshots else {}
+    except ZfsError as exc:
+        refused = {name: str(exc) for name in snapshots}
+    for name, reason in refused.items():
+        if name in snapshots:
+            failed.setdefault(snapshots[name], EndpointError(f"cannot {what} {name}: {reason}", temporary=True))
+
+
 def is_temporary(exc: BaseException) -> bool:
     """Whether retrying the step may help: the error says so itself (ZreplError.temporary, set
     where it is made); an OSError of ours (a pipe, a fork) is worth another attempt."""
@@ -7093,6 +7218,9 @@ def _progress_reader(stream: Any, buffer: RingBuffer, progress: Progress | None)
                 # the counter restarts for each snapshot of a -I package
                 progress.add_bytes(value - last if value >= last else value)
                 last = value
+        elif cols[0] == "size" and len(cols) == 2 and cols[1].isdigit():
+            if progress is not None:
+                progress.stream_size = int(cols[1])
         elif cols[0] not in ("full", "incremental", "size"):
             buffer.write(raw)
     stream.close()
@@ -7183,6 +7311,8 @@ class SenderEndpoint:
     must be a filesystem the filter accepts and a version of that filesystem.
     """
 
+    sizes_in_stream = True  # open_send's progress reader takes the size from `zfs send -v -P`
+
     def __init__(self, zfs: Zfs, job: str, filesystems: DatasetFilter, send: SendConfig,
                  processes: ProcessRegistry | None = None, progress: Progress | None = None,
                  job_type: str = "push", abstraction_job: str | None = None, guards: Sequence[str] = (),
@@ -7197,6 +7327,8 @@ class SenderEndpoint:
         self.processes = processes or ProcessRegistry()
         self.progress = progress
         self._listing: dict[str, DatasetInfo] = {}
+        # tentative cursors protect_all made this run, by filesystem (complete_all drops them)
+        self._tentative: dict[str, list[Abstraction]] = {}
 
     # -- confinement -----------------------------------------------------------------------------
     def _allowed(self, fs: str) -> str:
@@ -7334,6 +7466,82 @@ class SenderEndpoint:
             if exc.kind != ZfsErrorKind.EXISTS:
                 raise
 
+    def protect_all(self, requests: Sequence[ProtectRequest]) -> dict[str, ZreplError]:
+        """The step holds of every filesystem in one `zfs hold` (it holds what it can and names
+        what it could not: only those filesystems fail); tentative cursors one bookmark each."""
+        failed: dict[str, ZreplError] = {}
+        held: dict[str, str] = {}  # snapshot -> its filesystem
+        for r in requests:
+            try:
+                self._allowed(r.fs)
+                self._check_guids(r.fs, r.snapshots)
+                if r.level == "guarantee_resumability":
+                    held.update(dict.fromkeys(self._snapshots_of(r.fs, r.hold_names()), r.fs))
+                elif r.level == "guarantee_incremental":
+                    self._tentative[r.fs] = [self._tentative_cursor(r.fs, name, guid) for name, guid in r.snapshots]
+            except (ZreplError, OSError) as exc:
+                failed[r.fs] = as_zrepl_error(exc)
+        self._batch(self.zfs.hold_many, "hold", held, failed)
+        return failed
+
+    def _batch(self, command: Callable[[str, Sequence[str]], dict[str, str]], what: str, snapshots: dict[str, str],
+               failed: dict[str, ZreplError]) -> None:
+        tag = step_hold_tag(self.job)
+        batch_failures(lambda: command(tag, list(snapshots)), what, snapshots, failed)
+
+    def _tentative_cursor(self, fs: str, snapshot: str, snap_guid: int) -> Abstraction:
+        name = tentative_cursor_bookmark_name(snap_guid, self.job)
+        self._bookmark_once(fs, snapshot, name)
+        version = next(v for v in self._own(fs).snapshots() if v.name == snapshot)
+        return Abstraction(ABSTRACTION_TENTATIVE_CURSOR, self.job, fs, name, snap_guid, version.createtxg)
+
+    def complete_all(self, completions: Sequence[Completion]) -> dict[str, ZreplError]:
+        """Each filesystem's cursor bookmark, then ONE `zfs release` of the step holds of all of
+        them, then the stale bookmarks. What is stale comes from the run's listing and what this
+        run placed (the job lock keeps other runs of this job out), not from a new listing."""
+        failed: dict[str, ZreplError] = {}
+        releases: dict[str, str] = {}  # snapshot -> its filesystem
+        bookmarks: list[Abstraction] = []
+        for c in completions:
+            try:
+                stale = self._completed(c)
+            except (ZreplError, OSError) as exc:
+                failed[c.fs] = as_zrepl_error(exc)
+                continue
+            releases.update((a.full_name, c.fs) for a in stale if a.is_hold)
+            bookmarks += [a for a in stale if not a.is_hold]
+        self._batch(self.zfs.release_many, "release", releases, failed)
+        for a in bookmarks:
+            try:
+                destroy_abstractions(self.zfs, [a])
+            except ZfsError as exc:
+                failed.setdefault(a.dataset, exc)
+        return failed
+
+    def _completed(self, c: Completion) -> list[Abstraction]:
+        """Move one filesystem's cursor to c.to; return what is stale then (see stale_abstractions).
+        Step-hold candidates: what protect_all held and any held snapshot in the listing (an older
+        run's leftover): a release without our tag on it is a no-op, so no `zfs holds` is needed."""
+        self._allowed(c.fs)
+        tag = step_hold_tag(self.job)
+        if c.to is None:
+            return self._tentative.pop(c.fs, []) + [Abstraction(ABSTRACTION_STEP_HOLD, self.job, c.fs, n, tag=tag)
+                                                    for n in c.held]
+        self._check_guids(c.fs, [(c.to, c.to_guid)])
+        info = self._own(c.fs)
+        abstractions = bookmark_abstractions(info) + self._tentative.pop(c.fs, [])
+        cursor = None
+        if c.level != "guarantee_nothing":
+            cursor = cursor_bookmark_name(c.to_guid, self.job)
+            self._bookmark_once(c.fs, c.to, cursor)
+            to = next(v for v in info.snapshots() if v.name == c.to)
+            abstractions.append(Abstraction(ABSTRACTION_CURSOR, self.job, c.fs, cursor, c.to_guid, to.createtxg))
+        held = set(c.held)
+        abstractions += [Abstraction(ABSTRACTION_STEP_HOLD, self.job, c.fs, v.name, v.guid, v.createtxg, tag)
+                         for v in info.snapshots() if v.name in held or v.userrefs > 0]
+        return [a for a in stale_abstractions(abstractions, self.job)
+                if not (a.type == ABSTRACTION_CURSOR and a.name == cursor)]
+
     def complete(self, fs: str, to: str, to_guid: int, level: str) -> None:
         """After a step: move the replication cursor to `to`, then drop this job's older
         cursors, tentative cursors and step holds on this filesystem (never another job's)."""
@@ -7456,10 +7664,11 @@ class ReceiverEndpoint:
                  job_type: str = "sink"):
         self.zfs, self.job, self.root_fs, self.identity, self.recv_cfg = zfs, job, root_fs, client_identity, recv
         self.root = f"{root_fs}/{client_identity}" if client_identity else root_fs
-        self.info = PeerInfo(job=job, type=job_type, abstraction_job=job, root=self.root)
+        self.info = PeerInfo(job=job, type=job_type, abstraction_job=job, root=self.root, batched_holds=True)
         self.processes = processes or ProcessRegistry()
         self.progress = progress
         self._listing: dict[str, DatasetInfo] = {}
+        self._listed = False  # whether _listing is this run's listing of root (list_filesystems)
         self._prepared_absent: set[str] = set()  # targets prepare() found missing (parents made)
 
     def target(self, sender_fs: str) -> str:
@@ -7483,7 +7692,7 @@ class ReceiverEndpoint:
         if self.root not in listing and not self.zfs.list_datasets([self.root_fs], depth=0):
             raise EndpointError(f"root_fs {self.root_fs!r} does not exist on the receiver; create it once "
                                 f"with `{_q('zfs', 'create', '-p', '-o', 'mountpoint=none', self.root_fs)}`")
-        self._listing = listing
+        self._listing, self._listed = listing, True
         mine = {name: ds for name, ds in listing.items() if is_descendant(name, self.root, include_self=True)}
         out: ReceiverListing = {}
         for name, ds in mine.items():
@@ -7529,7 +7738,9 @@ class ReceiverEndpoint:
         if req.from_ is not None or req.resume_token:
             return
         target = self.target(req.fs)
-        if self.zfs.list_one(target) is None:
+        # The run's listing knows (a full step is planned only for a target it did not show); one
+        # made since is refused by `zfs recv` without -F, so nothing is overwritten.
+        if (target not in self._listing) if self._listed else (self.zfs.list_one(target) is None):
             self._ensure_parents(target)
             self._prepared_absent.add(target)
 
@@ -7583,6 +7794,10 @@ class ReceiverEndpoint:
         if proc.returncode != 0:
             failure = ZfsError(argv, proc.returncode, err.decode("utf-8", "replace"))
             raise self._explained(failure, target) from failure
+        if req.defer_hold:  # checked and held by hold_received_all, for all filesystems at once
+            if self._listing:  # a child's step must not take this new dataset for a missing parent
+                self._listing.setdefault(target, DatasetInfo(name=target, type=req.dataset_type))
+            return ReceiveResult(received=req.to, guid=req.to_guid)
         return self._verify(target, req)
 
     def _explained(self, failure: ZfsError, target: str) -> ZreplError:
@@ -7624,13 +7839,15 @@ class ReceiverEndpoint:
         """Hold the newest received snapshot (the next incremental base) and release older holds."""
         tag = last_received_hold_tag(self.job)
         self.zfs.hold_idempotent(tag, [f"{target}@{newest}"])
+        # Our tag on any other held snapshot goes (usually one: the previous base). A snapshot held
+        # only by others stays held (release_many: "no such tag"), so no `zfs holds` is needed.
         held = [v.full_name for v in info.snapshots() if v.userrefs > 0 and v.name != newest]
         if held:
-            tags = self.zfs.holds(held)
-            older = [name for name, t in tags.items() if tag in t]
-            if older:
-                log.debug("releasing hold %s on %s", tag, ", ".join(older))
-                self.zfs.release(tag, older)
+            log.debug("releasing hold %s on %s", tag, ", ".join(held))
+            refused = self.zfs.release_many(tag, held)
+            if refused:
+                raise EndpointError(f"{target}: cannot release older last-received holds: " +
+                                    "; ".join(f"{n}: {r}" for n, r in refused.items()), temporary=True)
 
     def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None:
         """Put the last-received hold on a snapshot that already arrived (its receive's own hold was
@@ -7643,6 +7860,35 @@ class ReceiverEndpoint:
             raise EndpointError(f"{target}@{snapshot} with guid {guid} does not exist on the receiver")
         log.info("%s@%s: restoring the last-received hold", target, snapshot)
         self._hold_last_received(target, info, snapshot)
+
+    def hold_received_all(self, received: Sequence[tuple[str, str, int]]) -> dict[str, ZreplError]:
+        """One listing of the received replicas (`zfs list -d 1` of all of them), then one `zfs
+        hold` of what arrived with the expected guid, then one `zfs release` of our tag on their
+        other held snapshots (a snapshot held only by others stays held: "no such tag")."""
+        failed: dict[str, ZreplError] = {}
+        targets: dict[str, tuple[str, str, int]] = {}
+        for fs, snapshot, snap_guid in received:
+            try:
+                targets[self.target(fs)] = (fs, validate_snapshot_short_name(snapshot), snap_guid)
+            except (EndpointError, ValueError) as exc:
+                failed[fs] = EndpointError(str(exc), kind=EndpointErrorKind.FORBIDDEN)
+        listing = self.zfs.list_datasets(list(targets), depth=1) if targets else {}
+        hold: dict[str, str] = {}
+        older: dict[str, str] = {}
+        for target, (fs, snapshot, snap_guid) in targets.items():
+            info = listing.get(target)
+            got = {v.name: v.guid for v in info.snapshots()} if info else {}
+            if info is None or got.get(snapshot) != snap_guid:
+                failed[fs] = EndpointError(f"{target}@{snapshot} has guid {got.get(snapshot)} after the receive, "
+                                           f"expected {snap_guid}")
+                continue
+            hold[f"{target}@{snapshot}"] = fs
+            older.update((v.full_name, fs) for v in info.snapshots() if v.userrefs > 0 and v.name != snapshot)
+        tag = last_received_hold_tag(self.job)
+        batch_failures(lambda: self.zfs.hold_many(tag, list(hold)), "hold", hold, failed)
+        older = {name: fs for name, fs in older.items() if fs not in failed}  # a replica not held keeps its base's
+        batch_failures(lambda: self.zfs.release_many(tag, list(older)), "release", older, failed)
+        return failed
 
     def placeholders(self, filesystems: Sequence[str]) -> set[str]:
         """Which of these (sender names) have a replica that is a placeholder a full receive may
@@ -7808,6 +8054,15 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
     def holds(body: dict, ctx: RequestContext) -> dict:
         return {"holds": ep.hold_tags(str(body.get("fs", "")), _wire_str_list(body, "names"))}
 
+    def hold_received(body: dict, ctx: RequestContext) -> dict:
+        items = body.get("received")
+        if not isinstance(items, list) or not all(
+                isinstance(i, list) and len(i) == 3 and isinstance(i[0], str) and isinstance(i[1], str)
+                and isinstance(i[2], int) and not isinstance(i[2], bool) for i in items):
+            raise EndpointError("invalid received list", kind=EndpointErrorKind.FORBIDDEN)
+        failed = ep.hold_received_all([(fs, snap, g) for fs, snap, g in items])
+        return {"failed": {fs: str(exc) for fs, exc in failed.items()}}
+
     def release_stale(body: dict, ctx: RequestContext) -> dict:
         ep.release_stale(str(body.get("fs", "")))
         return {}
@@ -7822,6 +8077,7 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
                               "receiver.prepare": prepare,
                               "receiver.receive": receive, "receiver.clear_token": clear_token,
                               "receiver.hold_last_received": hold_last_received,
+                              "receiver.hold_received": hold_received,
                               "receiver.release_stale": release_stale, "receiver.holds": holds,
                               "receiver.destroy": destroy})
 
@@ -7861,9 +8117,12 @@ def _holds_reply(body: dict[str, Any]) -> dict[str, list[str]]:
 class RemoteSender:
     """A pull job's view of a source's SenderEndpoint, through a connection (implements Sender)."""
 
+    sizes_in_stream = False  # the source's `zfs send` stderr stays on the source: ask for estimates
+
     def __init__(self, conn: RequestChannel):
         self.conn = conn
         self.info = _peer_info(conn, "source")
+        self._pending_protect: dict[str, ProtectRequest] = {}
 
     def list_filesystems(self) -> list[DatasetInfo]:
         return [ds for _, ds in fetch_listing(self.conn, "sender.list")]
@@ -7873,6 +8132,7 @@ class RemoteSender:
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def send(self, req: StepRequest, deliver: Deliver) -> ReceiveResult:
+        self._protect_pending(req.fs)
         results: list[ReceiveResult] = []
         sources: list[IncomingSource] = []
 
@@ -7896,6 +8156,23 @@ class RemoteSender:
 
     def complete(self, fs: str, to: str, to_guid: int, level: str) -> None:
         self.conn.request("sender.complete", {"fs": fs, "to": to, "to_guid": to_guid, "level": level})
+
+    # One request per filesystem, as before. Protection waits for the filesystem's first send
+    # (a failure there fails that step), so one that never runs gets no holds on the source.
+    def protect_all(self, requests: Sequence[ProtectRequest]) -> dict[str, ZreplError]:
+        self._pending_protect.update((r.fs, r) for r in requests)
+        return {}
+
+    def _protect_pending(self, fs: str) -> None:
+        r = self._pending_protect.pop(fs, None)
+        if r is not None:
+            self.protect(r.fs, r.level, r.snapshots, r.source)
+
+    def complete_all(self, completions: Sequence[Completion]) -> dict[str, ZreplError]:
+        def complete(c: Completion) -> None:
+            if self._pending_protect.pop(c.fs, None) is None and c.to is not None:
+                self.complete(c.fs, c.to, c.to_guid, c.level)
+        return each_filesystem(completions, lambda c: c.fs, complete)
 
     def release_stale(self, fs: str) -> None:
         self.conn.request("sender.release_stale", {"fs": fs})
@@ -7940,6 +8217,14 @@ class RemoteReceiver:
 
     def hold_last_received(self, fs: str, snapshot: str, guid: int) -> None:
         self.conn.request("receiver.hold_last_received", {"fs": fs, "snapshot": snapshot, "guid": guid})
+
+    def hold_received_all(self, received: Sequence[tuple[str, str, int]]) -> dict[str, ZreplError]:
+        body = self.conn.request("receiver.hold_received", {"received": [list(r) for r in received]})
+        failed = body.get("failed")
+        if not isinstance(failed, dict) or not all(isinstance(v, str) for v in failed.values()):
+            raise EndpointError(f"peer sent an invalid hold_received reply {body!r:.200}")
+        asked = {fs for fs, _, _ in received}
+        return {fs: EndpointError(msg, temporary=True) for fs, msg in failed.items() if fs in asked}
 
     def release_stale(self, fs: str) -> None:
         self.conn.request("receiver.release_stale", {"fs": fs})
@@ -8302,6 +8587,7 @@ class Replication:
         self.current: dict[str, tuple[FilesystemReport, Progress, int]] = {}
         self.lock = threading.RLock()  # reports are shared by the lanes and the status ticker
         self.lane_factory = lane_factory
+        self.started: set[str] = set()  # filesystems whose step ran (or failed) in this run
         # The last planning's listings and whether we changed either side since: pruning reuses
         # unchanged listings instead of listing both sides again (half the spawns of a no-op run).
         self.listings: Listings | None = None
@@ -8315,6 +8601,8 @@ class Replication:
         with self.lock:
             for rep, progress, base in self.current.values():
                 rep.bytes_replicated = progress.bytes - base
+                if rep.bytes_expected is None:
+                    rep.bytes_expected = progress.stream_size
 
     def _report(self, fs: str) -> FilesystemReport:
         if fs not in self.reports:
@@ -8514,6 +8802,14 @@ class Replication:
         retry: set[str] = set()
         stopped: set[str] = set()
         lane = self.primary_lane()
+        # All filesystems protected before the first step and completed after the last: one
+        # `zfs hold` and one `zfs release` per run on a local sender, not one each per step. Safe
+        # in between: a received filesystem's new snapshot stays step-held on the sender until its
+        # cursor exists, and its replica's old base keeps its last-received hold until the new one
+        # is placed; a crash there leaves what _restore_bookkeeping puts right in the next run.
+        runnable = [p for p in plans if p.runnable]
+        protection = self._protect(lane, runnable)
+        done: dict[str, Step] = {}
         for plan, step in order_steps(plans, self.error_counts):
             fs = plan.sender_fs
             rep = self._report(fs)
@@ -8522,9 +8818,82 @@ class Replication:
                     self._block(rep, plan.depends_on)
                     stopped.add(fs)
                 continue
-            if not self._attempt(plan, step, rep, lane, retry, failed_now):
+            if self._attempt(plan, step, rep, lane, retry, failed_now, protection.get(fs)):
+                done[fs] = step
+            else:
                 stopped.add(fs)
+        self._complete(lane, runnable, done, retry, failed_now)
         return retry
+
+    def _protection_requests(self, plan: FilesystemPlan) -> list[ProtectRequest]:
+        """What a filesystem's steps need protected, all at once, per protection level (a step
+        resuming a token is covered by the holds of its interrupted run)."""
+        by_level: dict[str, list[Step]] = {}
+        for step in plan.steps:
+            level = self.settings.plan.protection_for(step)
+            if level != "guarantee_nothing" and not step.resume_token:
+                by_level.setdefault(level, []).append(step)
+        out = []
+        for level, steps in by_level.items():
+            snaps = dict.fromkeys((v.name, v.guid) for st in steps for v in st.received_versions() if v.is_snapshot)
+            out.append(ProtectRequest(plan.sender_fs, level, tuple(snaps),
+                                      StepRequest.from_step(plan.sender_fs, steps[0]).from_))
+        return out
+
+    def _protect(self, lane: Lane, plans: list[FilesystemPlan]) -> dict[str, ZreplError]:
+        requests = [r for p in plans for r in self._protection_requests(p)]
+        if not requests:
+            return {}
+        failed = lane.sender.protect_all(requests)
+        lane.progress.touch()
+        return failed
+
+    def _hold_received(self, lane: Lane, plans: list[FilesystemPlan], done: dict[str, Step]) -> dict[str, ZreplError]:
+        """The receiver's check of what arrived and its last-received holds, for all at once,
+        before any cursor moves (a receiver that cannot batch did both in each receive)."""
+        received = [(p.sender_fs, done[p.sender_fs].to_version.name, done[p.sender_fs].to_version.guid)
+                    for p in plans if p.sender_fs in done]
+        if not received or not lane.receiver.info.batched_holds:
+            return {}
+        try:
+            failed = lane.receiver.hold_received_all(received)
+        except (ZreplError, OSError) as exc:
+            failed = {fs: as_zrepl_error(exc) for fs, _, _ in received}
+        lane.progress.touch()
+        return failed
+
+    def _completion(self, plan: FilesystemPlan, last_done: Step | None) -> Completion:
+        held = {name for r in self._protection_requests(plan) if r.level == "guarantee_resumability"
+                for name in r.hold_names()}
+        level = self.settings.plan.protection_for(last_done) if last_done else "guarantee_nothing"
+        return Completion(plan.sender_fs, last_done.to_version.name if last_done else None,
+                          last_done.to_version.guid if last_done else 0, level, tuple(sorted(held)))
+
+    def _complete(self, lane: Lane, plans: list[FilesystemPlan], done: dict[str, Step], retry: set[str],
+                  failed_now: set[str]) -> set[str]:
+        """After the steps: each filesystem's cursor to its last step done (also when a later one
+        failed), the step holds up to it released; those that did not start only lose the holds
+        (a failed first step keeps them: resumability). A failure
+        here fails the filesystem (temporary: the next attempt's planning restores the cursor)."""
+        failed = self._hold_received(lane, plans, done)
+        done = {fs: step for fs, step in done.items() if fs not in failed}  # not arrived: keep the holds
+        # A filesystem whose step failed keeps the holds of what is not done (resumability).
+        completions = [self._completion(p, done.get(p.sender_fs)) for p in plans
+                       if p.sender_fs in done or p.sender_fs not in self.started]
+        if any(c.to is not None or c.held for c in completions):
+            failed.update(lane.sender.complete_all(completions))
+            lane.progress.touch()
+        for fs, exc in failed.items():
+            rep = self._report(fs)
+            with self.lock:
+                rep.state, rep.error = FilesystemState.STEP_ERROR, f"completing the replication: {exc}"
+                if is_temporary(exc) and not self.cancel_reason:
+                    retry.add(fs)
+                failed_now.add(fs)
+            log.error("%s: %s: %s", self.settings.job, fs, rep.error, extra={"job": self.settings.job, "fs": fs})
+        if failed:
+            self._publish()
+        return set(failed)
 
     def _block(self, rep: FilesystemReport, parent: str) -> None:
         with self.lock:
@@ -8532,8 +8901,9 @@ class Replication:
             rep.error = f"blocked: parent {parent} failed"
 
     def _attempt(self, plan: FilesystemPlan, step: Step, rep: FilesystemReport, lane: Lane, retry: set[str],
-                 failed_now: set[str]) -> bool:
-        """One step with its failure recorded (one filesystem's failure never stops the others)."""
+                 failed_now: set[str], unprotected: ZreplError | None = None) -> bool:
+        """One step with its failure recorded (one filesystem's failure never stops the others);
+        `unprotected`: why protecting the filesystem failed (then the step must not run)."""
         fs = plan.sender_fs
         if self.cancel_reason:
             with self.lock:
@@ -8541,6 +8911,10 @@ class Replication:
             return False
         try:
             self.changed = True
+            if unprotected is not None:
+                raise unprotected
+            with self.lock:
+                self.started.add(fs)
             self._run_step(plan, step, rep, lane)
         except Exception as exc:
             if not isinstance(exc, (ZreplError, OSError)):
@@ -8599,15 +8973,19 @@ class Replication:
                         plan = next_ready()
                 if plan is None:
                     return
-                ok = True
+                ok, done = True, {}
+                # protected and completed on its own lane, right around its steps
+                unprotected = self._protect(lane, [plan]).get(plan.sender_fs)
                 for i, step in enumerate(plan.steps):
-                    ok = self._attempt(plan, step, self._report(plan.sender_fs), lane, retry, failed_now)
+                    ok = self._attempt(plan, step, self._report(plan.sender_fs), lane, retry, failed_now, unprotected)
                     with cond:
                         if ok and i == 0:
                             created.add(plan.sender_fs)
                         cond.notify_all()
                     if not ok:
                         break
+                    done[plan.sender_fs] = step
+                ok = not self._complete(lane, [plan], done, retry, failed_now) and ok
                 with cond:
                     if not ok:
                         failed.add(plan.sender_fs)
@@ -8638,8 +9016,10 @@ class Replication:
         fs, sender, receiver, progress = plan.sender_fs, lane.sender, lane.receiver, lane.progress
         req = StepRequest.from_step(fs, step, replace_placeholder=plan.replace_placeholder and step.is_full,
                                     dataset_type=plan.sender_type)
-        level = self.settings.plan.protection_for(step)
-        expected = self._estimate(plan, step, sender)
+        req.defer_hold = receiver.info.batched_holds  # checked and held with the others in _complete
+        # A local `zfs send -v -P` states its size first (Progress.stream_size): no `zfs send -n`.
+        expected = None if sender.sizes_in_stream else self._estimate(plan, step, sender)
+        progress.stream_size = None
         with self.lock:
             rep.state, rep.step = FilesystemState.STEPPING, step.describe()
             rep.bytes_expected, rep.bytes_replicated = expected, 0
@@ -8649,10 +9029,6 @@ class Replication:
         self._publish()
         log.info("%s: %s", self.settings.job, step.describe(),
                  extra={"job": self.settings.job, "fs": fs, "step": step.describe(), "bytes": expected})
-        if level != "guarantee_nothing" and not step.resume_token:
-            protect = [(v.name, v.guid) for v in step.received_versions() if v.is_snapshot]
-            sender.protect(fs, level, protect, req.from_)
-            progress.touch()
         # Receiver set-up (placeholders) before `zfs send` starts, not while it waits on the pipe.
         receiver.prepare(req)
         progress.touch()
@@ -8666,12 +9042,12 @@ class Replication:
         with self.lock:
             rep.last_replicated = f"{fs}@{step.to_version.name}"
             rep.last_replicated_time = iso_time(step.to_version.creation)
+            if rep.bytes_expected is None:
+                rep.bytes_expected = progress.stream_size
             # The stream is complete: it moved at least ZFS's estimate of it (`zfs send -P` reports
             # once a second, so a short send counted less, or nothing).
-            rep.bytes_replicated = max(rep.bytes_replicated, expected or 0)
+            rep.bytes_replicated = max(rep.bytes_replicated, rep.bytes_expected or 0)
             rep.bytes_total += rep.bytes_replicated
-        sender.complete(fs, step.to_version.name, step.to_version.guid, level)
-        progress.touch()
 
 
 class Watchdog(PeriodicThread):

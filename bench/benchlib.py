@@ -38,7 +38,8 @@ import support  # noqa: E402,F401  (after the sys.path set-up above; re-exported
 import zfstest  # noqa: E402,F401
 from zfstest import REAL_ZFS, run, zfs, zpool  # noqa: E402,F401
 
-ZREPL_PY = REPO / "zrepl.py"
+# ZREPL_BENCH_DIR=<checkout> measures another checkout's zrepl.py (before/after comparisons)
+ZREPL_PY = Path(os.environ.get("ZREPL_BENCH_DIR") or REPO) / "zrepl.py"
 
 
 def require_guest() -> None:

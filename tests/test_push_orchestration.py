@@ -49,16 +49,21 @@ def test_initial_push_sends_the_newest_snapshot_full_and_leaves_cursor_and_holds
     result = push(fake_zfs, config(tmp_path))
     assert result.code == 0, result
     b = "src/data@b"
-    assert changes(fake_zfs.calls)[:8] == [
-        ["hold", "zrepl_STEP_J_push", b],  # guarantee_resumability: the step's snapshot first
+    x = "src/data/child@x"
+    assert changes(fake_zfs.calls) == [
+        # guarantee_resumability: every step's snapshot first, in one command for the whole run
+        ["hold", "zrepl_STEP_J_push", b, x],
         ["create", "-o", "zrepl:placeholder=on", "-o", "mountpoint=none", "dst/sink/client1"],
         ["create", "-o", "zrepl:placeholder=on", "-o", "mountpoint=none", "dst/sink/client1/src"],
         # a new replica: the stream may not mount or share it (recv.properties.safe)
         ["recv", "-u", "-s", *SAFE_RECEIVE, "-o", "zrepl:placeholder=off", TARGET],
-        ["hold", "zrepl_last_received_J_sink", f"{TARGET}@b"],
+        ["recv", "-u", "-s", *SAFE_RECEIVE, "-o", "zrepl:placeholder=off", f"{TARGET}/child"],
+        # after the steps: the receiver's holds on what arrived (checked in one listing), the
+        # cursors, then the step holds go in one command
+        ["hold", "zrepl_last_received_J_sink", f"{TARGET}@b", f"{TARGET}/child@x"],
         ["bookmark", b, f"src/data#{cursor(world, b)}"],
-        ["release", "zrepl_STEP_J_push", b],
-        ["hold", "zrepl_STEP_J_push", "src/data/child@x"],
+        ["bookmark", x, f"src/data/child#{cursor(world, x)}"],
+        ["release", "zrepl_STEP_J_push", b, x],
     ]
     assert real_sends(fake_zfs.calls) == [["send", "-v", "-P", b], ["send", "-v", "-P", "src/data/child@x"]]
     assert world.snapshots(TARGET) == ["b"] and world.guid(f"{TARGET}@b") == world.guid(b)  # most_recent
