@@ -3175,6 +3175,14 @@ _ERROR_PATTERNS = (
 )
 
 
+def says_only_not_exist(stderr: str) -> bool:
+    """Whether every line of a failed command's stderr says "not there" (a batched release names
+    each snapshot on a line of its own; one "no such tag" must not hide a permission error)."""
+    patterns = dict(_ERROR_PATTERNS)["not-exist"]
+    lines = [line for line in stderr.lower().splitlines() if line.strip()]
+    return bool(lines) and all(any(p in line for p in patterns) for line in lines)
+
+
 def classify_zfs_error(stderr: str) -> ZfsErrorKind:
     """Map zfs stderr text to an error kind (first matching pattern wins)."""
     text = stderr.lower()
@@ -7613,7 +7621,7 @@ def destroy_abstractions(zfs: Zfs, stale: Sequence[Abstraction]) -> None:
         try:
             zfs.release(tag, names)
         except ZfsError as exc:
-            if exc.kind != ZfsErrorKind.NOT_EXIST:
+            if not says_only_not_exist(exc.stderr):
                 raise
     for a in stale:
         if not a.is_hold:

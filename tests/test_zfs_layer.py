@@ -112,3 +112,26 @@ def test_ring_buffer_keeps_tail():
     # Exactly `capacity` bytes, like zrepl's hook log; the cut shows as "(...)" in place of the first bytes.
     assert rb.getvalue() == b"(...)89abc" and rb.text() == "(...)89abc"
     assert rb.dropped == 3
+
+
+def test_a_batched_release_counts_as_done_only_when_every_line_says_the_hold_is_gone():
+    gone = ("cannot release hold from snapshot 'p/a@s1': no such tag on this dataset\n"
+            "cannot release hold from snapshot 'p/b@s1': no such tag on this dataset\n")
+    mixed = gone + "cannot release hold from snapshot 'p/c@s1': permission denied\n"
+    assert zrepl.says_only_not_exist(gone)
+    assert not zrepl.says_only_not_exist(mixed) and not zrepl.says_only_not_exist("")
+    assert zrepl.classify_zfs_error(mixed) == zrepl.ZfsErrorKind.NOT_EXIST  # why a kind alone is not enough
+
+    class Refusing(zrepl.Zfs):
+        def release(self, tag, names):
+            raise zrepl.ZfsError(["zfs", "release", tag, *names], 1, mixed)
+
+    holds = [zrepl.Abstraction("step-hold", "j", f"p/{d}", f"p/{d}@s1", tag="zrepl_STEP_J_j") for d in "abc"]
+    with pytest.raises(zrepl.ZfsError, match="permission denied"):
+        zrepl.destroy_abstractions(Refusing(), holds)
+
+    class Gone(zrepl.Zfs):
+        def release(self, tag, names):
+            raise zrepl.ZfsError(["zfs", "release", tag, *names], 1, gone)
+
+    zrepl.destroy_abstractions(Gone(), holds[:2])  # already released: done
