@@ -15,16 +15,14 @@ prints trials, recovered (the server stayed sane) and problems.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-import selectors
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import zrepl
+from hostile_wire import SINK_KINDS, frames_or_problem, hello, random_garbage, read_all
 from repltest import state
 from support import sink_job, stdinserver, write_config
 from zfstest import REAL_ZFS, get, guid, zfs, zrepl_argv, zrepl_env
@@ -36,76 +34,6 @@ def seed() -> int:
     value = int(os.environ.get("ZREPL_CAMPAIGN_SEED") or random.SystemRandom().randrange(1 << 32))
     print(f"ZREPL_CAMPAIGN_SEED={value}")
     return value
-
-
-def frame(ftype: int, payload: bytes = b"") -> bytes:
-    return zrepl.FRAME_HEADER.pack(zrepl.FRAME_MAGIC, ftype, len(payload)) + payload
-
-
-def hello(identity: str) -> bytes:
-    return frame(zrepl.FRAME_HELLO, json.dumps({"protocol": zrepl.PROTOCOL_NAME, "version": zrepl.PROTOCOL_VERSION,
-                                                "identity": identity, "accept_fds": False}).encode())
-
-
-def random_json(rng: random.Random, depth: int = 0) -> Any:
-    pick = rng.randrange(9 if depth < 4 else 6)
-    if pick == 0:
-        return rng.choice([None, True, False, 0, -1, 2 ** 64, 10 ** 30, 1.5, float("nan"), float("inf")])
-    if pick == 1:
-        return rng.choice(["", "..", "/", "tank", "a" * 300, "x\ny", "x\tz", "@s", "#b", "../client2", "\x00"])
-    if pick in (2, 3, 4, 5):
-        return rng.choice(["s1", "prod/fs", "../../other", "client2/x", "fs@s", 7, [], {}])
-    if pick in (6, 7):
-        return [random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
-    keys = ["fs", "to", "names", "snapshot", "guid", "from", "received", "offset", "filesystems", "id", "kind", "x"]
-    return {rng.choice(keys): random_json(rng, depth + 1) for _ in range(rng.randrange(5))}
-
-
-def random_garbage(rng: random.Random, kinds: list[str]) -> bytes:
-    """One to three hostile frames (or raw bytes)."""
-    out = b""
-    for _ in range(rng.randint(1, 3)):
-        pick = rng.randrange(7)
-        if pick == 0:
-            out += os.urandom(rng.randrange(1, 64))
-        elif pick == 1:
-            out += frame(rng.randrange(256), os.urandom(rng.randrange(0, 40)))
-        elif pick == 2:
-            deep = rng.choice([1000, 100_000])
-            nested = b"[" * deep + b"]" * deep
-            out += frame(zrepl.FRAME_REQUEST, b'{"id":1,"kind":"receiver.list","body":' + nested + b"}")
-        elif pick == 3:
-            out += frame(zrepl.FRAME_DATA, os.urandom(rng.randrange(1, 100)))
-        else:
-            body = {"id": random_json(rng), "kind": rng.choice(kinds + ["zfs.destroy", ""]), "body": random_json(rng)}
-            if rng.random() < 0.2:
-                body["stream"] = rng.choice(["inline", "fd", "x"])
-            out += frame(zrepl.FRAME_REQUEST, json.dumps(body).encode())
-    return out
-
-
-def read_all(proc: subprocess.Popen, timeout: float) -> bytes:
-    data, fd = b"", proc.stdout.fileno()  # type: ignore[union-attr]
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while time.monotonic() < deadline and sel.select(deadline - time.monotonic()):
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            data += chunk
-    return data
-
-
-def frames_or_problem(data: bytes) -> str | None:
-    while data:
-        if len(data) < zrepl.FRAME_HEADER.size:
-            return f"a truncated frame header {data!r}"
-        magic, ftype, length = zrepl.FRAME_HEADER.unpack(data[:zrepl.FRAME_HEADER.size])
-        if magic != zrepl.FRAME_MAGIC or ftype not in zrepl.FRAME_NAMES:
-            return f"not a frame: {data[:40]!r}"
-        data = data[zrepl.FRAME_HEADER.size + length:]
-    return None
 
 
 class Sink:
@@ -147,16 +75,12 @@ def test_random_frames_get_error_frames_or_a_close_never_a_traceback(make_pool, 
     rng = random.Random(seed())
     sink = make_sink(make_pool, zfs_tree, tmp_path)
     before = sink.outside_client1()
-    kinds = [
-        "endpoint.info", "receiver.list", "receiver.placeholders", "receiver.prepare", "receiver.receive",
-        "receiver.clear_token", "receiver.hold_last_received", "receiver.release_stale", "receiver.holds",
-        "receiver.destroy"]
     trials, recovered, problems = 0, 0, []
     deadline = time.monotonic() + 100
     while trials < 40 and time.monotonic() < deadline:
         trials += 1
         proc = sink.raw()
-        garbage = random_garbage(rng, kinds)
+        garbage = random_garbage(rng, SINK_KINDS)
         try:
             proc.stdin.write(hello("client1") + garbage)  # type: ignore[union-attr]
             proc.stdin.close()  # type: ignore[union-attr]
