@@ -11,6 +11,7 @@ Each campaign prints `trials`, `recovered` and `problems` and stays under 3 minu
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -125,6 +126,7 @@ def test_kill_at_every_zfs_command_of_a_push_steps_completion(make_pool, zfs_tre
     assert points, [c.argv for c in calls]
     points.append((*points[-1][:2], True, points[-1][3]))
     trials, recovered, problems = 0, 0, []
+    started = time.monotonic()
     for verb, skip, after, argv in points:
         trials += 1
         where = f"kill {'after' if after else 'before'} zfs {argv}"
@@ -144,6 +146,7 @@ def test_kill_at_every_zfs_command_of_a_push_steps_completion(make_pool, zfs_tre
             found.append("a traceback")
         recovered += not found
         problems += [f"{where}: {p}" for p in found]
+    print(f"{len(points)} kill points in {time.monotonic() - started:.0f} s")
     report("kill at each completion command", trials, recovered, problems)
     assert problems == [] and recovered == trials == len(points)
 
@@ -156,16 +159,17 @@ def test_kill_at_random_moments_of_a_push(make_pool, zfs_tree, tmp_path):
     assert run(None, pair.cfg, "run", "push").returncode == 0
     duration = time.monotonic() - started
     trials, recovered, problems = 0, 0, []
-    for _ in range(4):
+    for _ in range(3):
         trials += 1
         for _ in range(rng.randint(1, 2)):
             pair.new_snapshot()
-        fill(pair.sfs, 4 << 20, name=f"big{trials}.bin")  # a stream that takes a while
+        fill(pair.sfs, 2 << 20, name=f"big{trials}.bin")  # a stream that takes a while
         pair.new_snapshot()
         at = rng.uniform(0.1, duration * 1.5)
         proc = start_in_own_group(pair.cfg)
         time.sleep(at)
-        os.killpg(proc.pid, signal.SIGKILL)  # zrepl.py and its zfs send/recv, as an OOM kill of the unit
+        with contextlib.suppress(ProcessLookupError):  # zrepl.py and its zfs send/recv, as systemd kills a unit
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=120)
         clean = run(None, pair.cfg, "run", "push")
         found = pair.problems()
