@@ -125,6 +125,25 @@ def test_configcheck_refuses_with_exit_2_on_the_key(tmp_path, fields, key):
     assert len(result.stderr) < 2000
 
 
+SINK = """[[jobs]]
+name = "sink"
+type = "sink"
+root_fs = "tank/sink"
+serve = {{ type = "local", listener_name = "s" }}
+recv = {{ bandwidth_limit = {{ max = {rate} }} }}
+"""
+
+
+@pytest.mark.parametrize("rate", ['"' + "9" * 320 + ' MiB"', '"1e400 B"', str(10 ** 400)])
+def test_a_data_rate_of_309_digits_is_a_config_error_on_its_key(tmp_path, rate):
+    path = tmp_path / "zrepl.toml"
+    path.write_text(SINK.format(rate='"1 MiB"'))
+    assert run("--config", path, "configcheck").code == 0
+    path.write_text(SINK.format(rate=rate))
+    result = run("--config", path, "configcheck")
+    assert result.code == 2 and "bandwidth_limit.max" in result.stderr and "internal error" not in result.stderr, result
+
+
 def test_toml_nested_600_deep_is_a_config_error(tmp_path):
     path = tmp_path / "zrepl.toml"
     path.write_text("x = " + "[" * 600 + "]" * 600 + "\n")
