@@ -93,3 +93,22 @@ def frames_or_problem(data: bytes) -> str | None:
             return f"not a frame: {data[:40]!r}"
         data = data[zrepl.FRAME_HEADER.size + length:]
     return None
+
+
+def garbage_trial(proc: subprocess.Popen, rng: random.Random, identity: str = "client1",
+                  timeout: float = 60) -> list[str]:
+    """Send a HELLO and random garbage to a fresh `stdinserver` process; what went wrong (a reply
+    that is not frames, a traceback, an internal error, an exit code other than 0 or 1)."""
+    garbage = random_garbage(rng, SINK_KINDS)
+    try:
+        proc.stdin.write(hello(identity) + garbage)  # type: ignore[union-attr]
+        proc.stdin.close()  # type: ignore[union-attr]
+    except BrokenPipeError:
+        pass  # the server closed first: allowed
+    out = read_all(proc, timeout)
+    rc = proc.wait(timeout=timeout)
+    err = proc.stderr.read().decode(errors="replace")  # type: ignore[union-attr]
+    found = [p for p in (frames_or_problem(out), "a traceback" if "Traceback" in err else None,
+                         "an internal error" if "internal error" in err.lower() else None,
+                         f"exit {rc}" if rc not in (0, 1) else None) if p]
+    return [f"{garbage[:60]!r}: {p}: {err.strip()[-300:]}" for p in found]
