@@ -1,6 +1,7 @@
-"""Hostile wire input for stdinserver campaigns (host: tests/test_campaign_hostile_frames.py, guest:
-tests/zfs/test_campaign_hostile_client_zfs.py): frames built with zrepl.py's own framing, seeded
-random garbage, and a check that what the server wrote back is frames and nothing else."""
+"""Hostile wire input for stdinserver campaigns (host: tests/test_campaign_hostile_frames.py; the
+guest version, not yet run in the guest, is tests/zfs/test_campaign_hostile_client_zfs.py in commit
+3d99bba): frames built with zrepl.py's own framing, seeded random garbage, and a check that what
+the server wrote back is frames and nothing else."""
 from __future__ import annotations
 
 import json
