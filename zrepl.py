@@ -7654,8 +7654,12 @@ def receive_property_args(recv: RecvConfig, creates: bool, dataset_type: str) ->
             for prop, value in SAFE_RECEIVE_CREATE.get(dataset_type, {}).items():
                 if prop not in inherit:
                     override.setdefault(prop, value)
+    # The placeholder mark is ours: a stream's value must never decide it, on any receive (an
+    # incremental stream carries the sender's user properties too, TABs and NEWLINEs included).
     if creates:
         override.setdefault(PLACEHOLDER_PROPERTY, "off")
+    elif PLACEHOLDER_PROPERTY not in override and PLACEHOLDER_PROPERTY not in inherit:
+        inherit.append(PLACEHOLDER_PROPERTY)
     return inherit, override
 
 

@@ -402,9 +402,10 @@ with open(os.path.join(DIR, "lock"), "a") as lock:
         if r["verb"] != verb or (r.get("match") and r["match"] not in joined):
             continue
         count = used.get(r["id"], 0)
-        if r.get("times") is not None and count >= r["times"]:
-            continue
         used[r["id"]] = count + 1
+        count -= r.get("skip") or 0  # the first `skip` matching spawns pass
+        if count < 0 or (r.get("times") is not None and count >= r["times"]):
+            continue
         rule = r
         break
     with open(state_path, "w") as f:
@@ -430,6 +431,15 @@ elif action == "hang":
 elif action == "delay":
     time.sleep(rule.get("seconds", 1))
     os.execv(REAL, [REAL] + argv)
+elif action == "kill":
+    # SIGKILL the process that spawned this zfs (zrepl.py), before or after the real command ran
+    import signal, subprocess
+    if rule.get("after"):
+        rc = subprocess.run([REAL] + argv).returncode
+        os.kill(os.getppid(), signal.SIGKILL)
+        os._exit(rc)
+    os.kill(os.getppid(), signal.SIGKILL)
+    finish(rule)
 elif action == "cut":
     import subprocess
     child = subprocess.Popen([REAL] + argv, stdout=subprocess.PIPE)
@@ -473,6 +483,7 @@ class ZfsShim:
         shim.hang("send", seconds=3600)           # never produces output; kill it yourself
         shim.delay("list", seconds=2)             # then runs the real zfs
         shim.cut("send", nbytes=200_000)          # stdout cut after N bytes, then exit 1
+        shim.kill("release", skip=1, after=True)  # SIGKILL zrepl.py at its 2nd `zfs release`
         shim.clear()                              # remove all rules (the log stays)
     Observation: shim.calls("send") -> [ShimCall], shim.count("send") -> int, shim.reset_log().
     Use: shim.env (os.environ with PATH prefixed) for subprocesses, shim.zfs_path to call it
@@ -531,6 +542,14 @@ class ZfsShim:
         """Pass the first nbytes of the real command's stdout, then kill it and exit exit_code."""
         self._add(verb, "cut", times=times, match=match, nbytes=nbytes, stderr=stderr,
                   exit_code=exit_code)
+
+    def kill(self, verb: str, *, after: bool = False, skip: int = 0, times: int | None = 1,
+             match: str | None = None) -> None:
+        """SIGKILL the zfs caller (zrepl.py) at `zfs VERB`: before it runs (it never does), or with
+        after=True once the real command finished. skip=N lets the first N matching spawns pass,
+        so a test can aim at the N+1th `zfs VERB` of a run."""
+        self._add(verb, "kill", times=times, match=match, skip=skip, after=after,
+                  stderr="shim: killed the caller\n", exit_code=137)
 
     def clear(self) -> None:
         """Remove every rule and the per-rule counters; later spawns pass through."""
