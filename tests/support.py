@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -362,3 +363,18 @@ def run(*argv: str | Path, zfs: zrepl.Zfs | None = None, env: Mapping[str, str] 
         logger.setLevel(saved[1])
         logger.propagate = saved[2]
     return Result(code, out.getvalue(), err.getvalue())
+
+
+# ---- campaigns --------------------------------------------------------------------------------------
+
+CAMPAIGN_SEED = 20261201
+
+
+def campaign_seed() -> int:
+    """The seed of a randomized campaign, printed so a run can be repeated: ZREPL_CAMPAIGN_SEED=N
+    repeats one, =random draws a fresh one; by default a fixed seed, so CI tries the same cases
+    every time (a campaign finds bugs when run on purpose, not as a red CI by chance)."""
+    wanted = os.environ.get("ZREPL_CAMPAIGN_SEED", "")
+    value = random.SystemRandom().randrange(1 << 32) if wanted == "random" else int(wanted or CAMPAIGN_SEED)
+    print(f"ZREPL_CAMPAIGN_SEED={value}")
+    return value

@@ -6,19 +6,17 @@ and the seed (ZREPL_CAMPAIGN_SEED repeats a run). The real-ZFS version (crafted 
 outside the subtree with a before/after listing, hostile stream properties) waits in commit 3d99bba."""
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
 
 from hostile_wire import garbage_trial
+from support import campaign_seed
 from test_stdinserver import REPO, WORLD, FakeZfsOnPath, assert_confined, in_client1, write_config
 
 
 def test_random_frames_get_frames_back_never_a_traceback(tmp_path):
-    seed = int(os.environ.get("ZREPL_CAMPAIGN_SEED") or random.SystemRandom().randrange(1 << 32))
-    print(f"ZREPL_CAMPAIGN_SEED={seed}")
-    rng = random.Random(seed)
+    rng = random.Random(campaign_seed())
     fake = FakeZfsOnPath(tmp_path / "fakezfs", WORLD)
     cfg = write_config(tmp_path)
     trials, recovered, problems = 0, 0, []

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from repltest import _command, cursor, fill, push_sink, run
-from support import bookmarks, holds, last_n, not_replicated, snapshots, write_config
+from support import campaign_seed, bookmarks, holds, last_n, not_replicated, snapshots, write_config
 from zfstest import ZFS, ZfsShim, get, guid, zfs
 
 MUTATING = ("hold", "release", "bookmark", "destroy", "snapshot", "rename", "set", "inherit")
@@ -30,9 +30,7 @@ STEP_HOLD, LAST_RECEIVED = "zrepl_STEP_J_push", "zrepl_last_received_J_sink"
 
 
 def seed() -> int:
-    value = int(os.environ.get("ZREPL_CAMPAIGN_SEED") or random.SystemRandom().randrange(1 << 32))
-    print(f"ZREPL_CAMPAIGN_SEED={value}")
-    return value
+    return campaign_seed()
 
 
 class Pair:
