@@ -10155,7 +10155,7 @@ class JobStatus:
     """One job's entry in the status document (README: Status file)."""
 
     type: str = ""
-    state: str = "idle"
+    state: str = ""  # running or idle (the writers always say which)
     pid: int | None = None
     boot_id: str | None = None  # the boot its pid belongs to: after a reboot the pid is someone else's
     activity: Activity | None = None
@@ -10537,7 +10537,7 @@ def evaluate_job(name: str, jtype: str, doc: JobStatus | dict[str, Any] | None, 
     configured, for a job without a record (see _never_ran). A malformed entry is UNKNOWN unless
     what could be read is worse."""
     problems: list[str] = []
-    if isinstance(doc, dict):
+    if doc is not None and not isinstance(doc, JobStatus):  # a dict, or garbage where an entry belongs
         doc, problems = JobStatus.from_json(doc)
     passive = not runs if runs is not None else jtype == "sink"
     local = spec.local_clients if spec else {}
