@@ -10792,6 +10792,20 @@ def render_status(health: list[JobHealth], types: dict[str, str], verbose: bool,
     return "\n".join(lines), worst
 
 
+def watch_lines(health: list[JobHealth], types: dict[str, str], width: int) -> list[str]:
+    """`status --watch`: the summary, a line per job (problems first), and below a running job a
+    line per filesystem that is not done yet (progress bar, bytes, rate, ETA), each cut to width."""
+    text, _ = render_status(health, types, verbose=False)
+    lines = text.splitlines()[:1]
+    name_width = max((len(h.name) for h in health), default=0)
+    for h in health:
+        lines.append(f"{NAGIOS_NAMES[h.level]:<8} {h.name:<{name_width}} {types.get(h.name, ''):<6} {h.line}")
+        active = [row for row in h.table if row[1] != "done"]
+        if active:
+            lines += format_table([TABLE_HEADER, *active])
+    return [ln if len(ln) <= width else ln[:max(width - 1, 0)] + "~" for ln in lines]
+
+
 # =================================================================================================
 # 15. Metrics
 # =================================================================================================
@@ -11431,7 +11445,15 @@ def _status_thresholds(args: argparse.Namespace, base: StatusThresholds) -> Stat
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Nagios plugin conventions: one summary line with perfdata on stdout, the exit code its
-    level; anything that keeps us from judging (usage, config, an unreadable document) is UNKNOWN."""
+    level; anything that keeps us from judging (usage, config, an unreadable document) is UNKNOWN.
+    --watch redraws a terminal view; when stdout is no terminal it prints the plain summary once."""
+    args.watch_width = 0
+    if args.watch is not None:
+        if args.json:
+            print("UNKNOWN: --watch and --json do not go together")
+            return NAGIOS_UNKNOWN
+        if _is_terminal(sys.stdout):
+            return watch_status(args, sys.stdout)
     try:
         text, level = _status_report(args)
     except (ZreplError, OSError) as exc:
@@ -11490,7 +11512,35 @@ def _status_level(args: argparse.Namespace, config: Config | None, doc: StatusDo
     jobs = [(name, spec.type) for name, spec in known.jobs.items()]
     passive = [name for name, spec in known.jobs.items() if spec.passive]
     health = evaluate_status(doc, jobs, now, thresholds, passive, specs=known.jobs, since=since)
+    if args.watch_width:
+        return "\n".join(watch_lines(health, dict(jobs), args.watch_width)), worst_level(h.level for h in health)
     return render_status(health, dict(jobs), args.verbose, thresholds)
+
+
+WATCH_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen: plain ANSI, every terminal has it
+
+
+def watch_status(args: argparse.Namespace, stream: Any, sleep: Callable[[float], None] = time.sleep,
+                 rounds: int | None = None) -> int:
+    """Redraw the status every args.watch seconds until Ctrl-C; returns the last level. The status
+    file is read again each round, so a run in another process shows its progress."""
+    level = NAGIOS_UNKNOWN
+    shown = 0
+    try:
+        while rounds is None or shown < rounds:
+            args.watch_width = shutil.get_terminal_size((100, 24)).columns
+            try:
+                text, level = _status_report(args)
+            except (ZreplError, OSError) as exc:
+                text, level = f"UNKNOWN: {exc}", NAGIOS_UNKNOWN
+            stamp = dt.datetime.now().astimezone().strftime("%H:%M:%S")
+            stream.write(f"{WATCH_CLEAR}{text}\n\n(every {format_duration(args.watch)}, {stamp}; Ctrl-C to quit)\n")
+            stream.flush()
+            shown += 1
+            sleep(args.watch)
+    except KeyboardInterrupt:
+        stream.write("\n")
+    return level
 
 
 # ---- stdinserver ----------------------------------------------------------------------------------
@@ -11772,7 +11822,7 @@ _HELP_TEXT = {
     "status": ("summarize the status file for people and Nagios (exit code = level)",
                "exit codes (Nagios): 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also usage errors, an unreadable "
                "config or status file)\n"
-               "examples:\n  zrepl.py status -v\n"
+               "examples:\n  zrepl.py status -v\n  zrepl.py status --watch   a live view while a run replicates\n"
                "  zrepl.py status --status-file /var/lib/zrepl/status.json --crit 6h   (as a monitoring user, "
                "no config needed)"),
     "wakeup": ("run a job now, or make the running one do one more pass",
@@ -11786,7 +11836,9 @@ _HELP_TEXT = {
     "configcheck": ("validate the config and say what it holds",
                     "exit codes: 0 valid, 2 invalid (every problem is listed with its key path)\n"
                     "example:\n  zrepl.py configcheck --config zrepl.example.toml"),
-    "test": ("inspect what a job would do", "exit codes: 0, 1 zfs failed, 2 usage or config error"),
+    "test": ("inspect what a job would do (filesystems, placeholder, decoderesumetoken)",
+             "exit codes: 0, 1 zfs failed, 2 usage or config error\n"
+             "example:\n  zrepl.py test filesystems --job backup"),
     "filesystems": ("print ACCEPT/REJECT per dataset for a job's filter, with the deciding pattern",
                     "exit codes: 0, 1 zfs failed, 2 usage or config error\n"
                     "examples:\n  zrepl.py test filesystems --job backup\n"
@@ -11807,8 +11859,18 @@ _HELP_TEXT = {
                          "exit codes: 0, 1 zfs failed or a job is running, 2 usage error\n"
                          "examples:\n  zrepl.py zfs-abstractions list --job backup\n"
                          "  zrepl.py zfs-abstractions release-stale --dry-run"),
-    "version": ("print the version", "exit code: 0"),
+    "version": ("print the version", "exit code: 0\nexample:\n  zrepl.py version   (or zrepl.py --version)"),
 }
+
+
+def _watch_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds between 0.1 and 3600")
+    return value
 
 
 def _subparser(sub: Any, name: str, common: argparse.ArgumentParser, **kwargs: Any) -> argparse.ArgumentParser:
@@ -11846,6 +11908,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: [global.status] crit_no_success_after, 6h)")
     p.add_argument("--status-file", metavar="FILE", help="read this status file and judge the jobs it records; "
                    "needs no config (for a monitoring user who may not read it)")
+    p.add_argument("--watch", nargs="?", const=2.0, type=_watch_interval, metavar="SECONDS",
+                   help="redraw a terminal view every SECONDS (default 2) until Ctrl-C: a line per job, problems "
+                        "first, and per running filesystem a progress bar with bytes, rate and ETA; without a "
+                        "terminal, the plain summary once")
     p.set_defaults(func=cmd_status)
 
     p = _subparser(sub, "wakeup", common)
