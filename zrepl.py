@@ -10599,7 +10599,16 @@ def _evaluate_active(name: str, jtype: str, doc: JobStatus, now: float, monitori
     elif last.result == "ok":
         parts.append(f"last run {_ago(parse_iso(last.end), now)} ok")
     age = None if success is None else now - success
-    if age is None or age > monitoring.crit_no_success_after:
+    first_run = age is None and running and last.result == "running"
+    if first_run:  # judged like a job that has not run yet: by how long ago it started
+        started = parse_iso(last.start)
+        age = None if started is None else now - started
+        if age is None or age > monitoring.warn_no_success_after:
+            levels.append(NAGIOS_CRITICAL if age is None or age > monitoring.crit_no_success_after
+                          else NAGIOS_WARNING)
+            parts.append(f"first run, no success yet{'' if age is None else ' after ' + format_duration(age)}")
+        age = None
+    elif age is None or age > monitoring.crit_no_success_after:
         levels.append(NAGIOS_CRITICAL if success is not None or last.result else NAGIOS_WARNING)
         parts.append(f"no successful run {'ever' if age is None else 'for ' + format_duration(age)}")
     elif age > monitoring.warn_no_success_after:

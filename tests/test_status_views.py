@@ -175,3 +175,13 @@ def test_version_and_run_help_state_what_they_do(capsys):
     abstractions = next(p for prog, p in _parsers() if prog.endswith(" zfs-abstractions")).format_help()
     for action in ("list ", "release-stale ", "release-all "):
         assert f"\n  {action}" in abstractions
+
+
+@pytest.mark.parametrize("minutes,level", [(5, zrepl.NAGIOS_OK), (3 * 60, zrepl.NAGIOS_WARNING),
+                                           (7 * 60, zrepl.NAGIOS_CRITICAL)])
+def test_a_first_run_in_progress_does_not_page_until_the_thresholds(minutes, level):
+    entry = _running_push() | {"last_success": None,
+                               "last_run": {"start": zrepl.iso_time(NOW - 60 * minutes), "result": "running"}}
+    health = zrepl.evaluate_job("backup", "push", entry, NOW, zrepl.StatusThresholds())
+    assert health.level == level, health.line
+    assert ("first run, no success yet" in health.line) == (level != zrepl.NAGIOS_OK)
