@@ -3116,8 +3116,9 @@ _ERROR_PATTERNS = (
 
 
 def classify_zfs_error(stderr: str) -> ZfsErrorKind:
-    """Map zfs stderr text to an error kind (first matching pattern wins)."""
-    text = stderr.lower()
+    """Map zfs stderr text to an error kind (first matching pattern wins). Whitespace is folded:
+    OpenZFS breaks some messages across lines ("has been modified\nsince most recent snapshot")."""
+    text = " ".join(stderr.lower().split())
     for kind, patterns in _ERROR_PATTERNS:
         if any(p in text for p in patterns):
             return ZfsErrorKind(kind)
@@ -11391,11 +11392,23 @@ def render_dry_run(job: JobConfig, runner: JobRunner, verbose: bool = False) -> 
             lines.append("  " + _prune_summary_line("", r))
             if verbose:
                 lines += ["      " + ln for ln in _prune_details(r)]
-            else:
-                lines += [f"      would destroy {r.dataset}@{snap}" for snap in r.destroyed]
+            elif r.destroyed:
+                lines.append(f"      {_would_destroy(r)}")
     if (runner.last_prune or runner.last_prune_receiver) and not verbose:
         lines.append("  (-v: the rule that keeps each snapshot)")
     return "\n".join(lines)
+
+
+DRY_RUN_NAMES_SHOWN = 10  # without -v: a filesystem with 300 victims gets one line, not 300
+
+
+def _would_destroy(r: PruneResult) -> str:
+    """One line for a filesystem's victims: `would destroy tank/data@a, @b, ... and 290 more (-v)`."""
+    names = [f"@{snap}" + (" (foreign)" if snap in r.foreign_destroyed else "") for snap in r.destroyed]
+    text = f"would destroy {r.dataset}" + ", ".join(names[:DRY_RUN_NAMES_SHOWN])
+    if len(names) > DRY_RUN_NAMES_SHOWN:
+        text += f" and {len(names) - DRY_RUN_NAMES_SHOWN} more (-v lists them)"
+    return text
 
 
 def _prune_details(r: PruneResult) -> list[str]:
