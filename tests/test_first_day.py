@@ -4,7 +4,9 @@ real ZFS, from README's own text: tests/zfs/test_first_day_zfs.py."""
 
 from __future__ import annotations
 
+import glob
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -186,3 +188,15 @@ def test_a_receiver_written_to_gets_the_rollback_command_and_no_retries(tmp_path
     assert len(fake.calls_of("recv")) - before == 1  # permanent: not retried
     report = job_status(cfg, "push")["replication"]["filesystems"]["src/data"]
     assert "zfs rollback" in report["error"] and "modified" in report["error"]
+
+
+OLD_PYTHONS = sorted({*glob.glob("/root/.pyenv/versions/3.[89].*/bin/python3"),
+                      *glob.glob("/root/.pyenv/versions/3.10.*/bin/python3")})
+
+
+@pytest.mark.skipif(not OLD_PYTHONS, reason="no Python older than 3.11 on this machine")
+@pytest.mark.parametrize("python", OLD_PYTHONS)
+def test_an_old_python_gets_one_line_not_a_traceback(python):
+    proc = subprocess.run([python, str(REPO / "zrepl.py"), "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert re.fullmatch(r"zrepl\.py needs Python 3\.11\+ \(found 3\.\d+\)\n", proc.stderr), proc.stderr
