@@ -9451,6 +9451,26 @@ class JobRunner:
         self.doc["activity"] = {"step": step, "progress": progress, "since": iso_time(self.clock.time())}
         self.publish(self.job.name, self.doc)
 
+    # how often pruning republishes its count (a write per filesystem would cost more than pruning)
+    PRUNE_PUBLISH_INTERVAL = 2.0
+
+    def _prune_tick(self, total: int | None = None) -> Callable[[], None]:
+        """A tick for the pruner: counts pruned filesystems into activity.progress (`12/40
+        filesystems`; per side for push and pull) and republishes now and then."""
+        state: dict[str, Any] = {"done": 0, "step": None, "shown": self.clock.monotonic()}
+
+        def tick() -> None:
+            activity = self.doc.get("activity") or {}
+            if activity.get("step") != state["step"]:  # the next side: count anew
+                state["step"], state["done"] = activity.get("step"), 0
+            state["done"] += 1
+            activity["progress"] = (f"{state['done']}/{total} filesystems" if total
+                                    else f"{state['done']} filesystem(s) done")
+            if self.clock.monotonic() - state["shown"] >= self.PRUNE_PUBLISH_INTERVAL:
+                state["shown"] = self.clock.monotonic()
+                self.publish(self.job.name, self.doc)
+        return tick
+
     def _fs(self, name: str) -> dict[str, Any]:
         return self.doc.setdefault("filesystems", {}).setdefault(name, {})
 
@@ -9568,7 +9588,8 @@ class JobRunner:
             self._set_activity("pruning", f"{len(datasets)} filesystems")
             pruned = prune_datasets(datasets, self.job.keep, local_destroyer(self.zfs), local_hold_lookup(self.zfs),
                                     dry_run=self.dry_run, guards=replication_guards(self.config),
-                                    own_prefix=self.job.snapshotting.prefix or None, now=self.clock.time())
+                                    own_prefix=self.job.snapshotting.prefix or None, now=self.clock.time(),
+                                    tick=self._prune_tick(len(datasets)))
             self.doc["pruning"] = prune_summary(pruned)
             self.last_prune = pruned
             for r in pruned:
@@ -9719,12 +9740,17 @@ class JobRunner:
         def on_side(side: str) -> None:
             progress.touch()
             self._set_activity(f"pruning {side}")
+        counted = self._prune_tick()
+
+        def tick() -> None:
+            progress.touch()
+            counted()
         with Watchdog(progress, job.replication.timeout, cancel):
             pruned = prune_both_sides(sender, receiver, job.keep_sender, job.keep_receiver, listings, self.dry_run,
                                       on_side=on_side, job=job.name, guards=guards,
                                       refused=refused + [fs for fs, side in unprotected.items() if side == "receiver"],
                                       skip_sender=[fs for fs, side in unprotected.items() if side == "sender"],
-                                      tick=progress.touch, own_prefix=job.snapshotting.prefix or None,
+                                      tick=tick, own_prefix=job.snapshotting.prefix or None,
                                       now=self.clock.time())
         if cancelled:
             result.failures["(pruning)"] = f"pruning cancelled by the watchdog: {cancelled[0]}"

@@ -13,7 +13,7 @@ import pytest
 
 import zrepl
 from fakezfs import FakeZfs
-from support import fs_status, job_status, push_job, run, sink_job, snap_config, write_config
+from support import fs_status, job_status, last_n, push_job, run, sink_job, snap_config, write_config
 
 NOW = 1_800_000_000.0
 MiB = 2 ** 20
@@ -185,3 +185,26 @@ def test_a_first_run_in_progress_does_not_page_until_the_thresholds(minutes, lev
     health = zrepl.evaluate_job("backup", "push", entry, NOW, zrepl.StatusThresholds())
     assert health.level == level, health.line
     assert ("first run, no success yet" in health.line) == (level != zrepl.NAGIOS_OK)
+
+
+def test_the_pruner_counts_its_filesystems_into_the_progress(tmp_path, monkeypatch):
+    fake = FakeZfs()
+    fake.world.tree("tank", "a @zrepl_1 @zrepl_2\nb @zrepl_1 @zrepl_2\nc @zrepl_1 @zrepl_2")
+    cfg = write_config(tmp_path, {"name": "s", "type": "snap", "filesystems": {"tank<": True},
+                                  "snapshotting": {"type": "manual"}, "pruning": {"keep": [last_n(1)]}})
+    monkeypatch.setattr(zrepl.JobRunner, "PRUNE_PUBLISH_INTERVAL", 0.0)
+    seen: list[tuple[str, str]] = []
+    original = zrepl.StatusStore.publish
+
+    def record(store, job, doc):
+        original(store, job, doc)
+        activity = doc.get("activity") or {}
+        seen.append((activity.get("step", ""), activity.get("progress", "")))
+    monkeypatch.setattr(zrepl.StatusStore, "publish", record)
+    assert run("--config", cfg, "run", zfs=fake).code == 0
+    pruning = [progress for step, progress in seen if step == "pruning"]
+    assert pruning == ["4 filesystems", "1/4 filesystems", "2/4 filesystems", "3/4 filesystems", "4/4 filesystems"]
+    health = zrepl.evaluate_job("s", "snap", {"type": "snap", "state": "running", "pid": os.getpid(),
+                                              "activity": {"step": "pruning", "progress": "3/4 filesystems"}},
+                                NOW, zrepl.StatusThresholds())
+    assert "running: pruning 3/4 filesystems" in zrepl.watch_lines([health], {"s": "snap"}, 200)[1]
