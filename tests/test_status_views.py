@@ -8,6 +8,13 @@ import argparse
 import io
 import json
 import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +22,7 @@ import zrepl
 from fakezfs import FakeZfs
 from support import fs_status, job_status, last_n, push_job, run, sink_job, snap_config, write_config
 
+REPO = Path(__file__).resolve().parents[1]
 NOW = 1_800_000_000.0
 MiB = 2 ** 20
 
@@ -208,3 +216,42 @@ def test_the_pruner_counts_its_filesystems_into_the_progress(tmp_path, monkeypat
                                               "activity": {"step": "pruning", "progress": "3/4 filesystems"}},
                                 NOW, zrepl.StatusThresholds())
     assert "running: pruning 3/4 filesystems" in zrepl.watch_lines([health], {"s": "snap"}, 200)[1]
+
+
+def _tmux(*args: str) -> str:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def _pane_shows(target: str, pattern: str, wait: float = 120.0) -> str:
+    deadline = time.monotonic() + wait  # ends as soon as it shows; the margin is for a loaded machine
+    while True:
+        text = _tmux("capture-pane", "-p", "-J", "-t", target)
+        if re.search(pattern, text, re.M) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.3)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_status_watch_in_a_real_terminal(tmp_path):
+    """The view in tmux (a real terminal) from a recorded running push; Ctrl-C ends it with the level.
+    The same during a real transfer: tests/zfs/test_terminal_zfs.py."""
+    path = tmp_path / "status.json"
+    entry = _running_push()
+    entry["replication"]["filesystems"]["tank/big"]["step_started"] = zrepl.iso_time(time.time() - 10)
+    path.write_text(json.dumps({"version": 1, "jobs": {"backup": entry}}))
+    session = f"zrepltest{os.getpid()}"
+    _tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "20")
+    try:
+        command = (f"PYTHONPATH={shlex.quote(str(REPO))} {shlex.quote(sys.executable)} -m zrepl status "
+                   f"--status-file {shlex.quote(str(path))} --watch 1; echo WATCH-EXIT=$?")
+        _tmux("send-keys", "-t", session, command, "Enter")
+        view = _pane_shows(session, r"^\s+tank/big\s+stepping\s")
+        assert re.search(r"^OK: 1 job\(s\), all ok$", view, re.M), view
+        assert re.search(r"^\s+tank/big\s+stepping\s+1/1 full send of tank/big@a\s+\[#####\.{15}\]\s+25% "
+                         r"250\.0 MiB of 1000\.0 MiB\s+[\d.]+ MiB/s\s+\S+$", view, re.M), view
+        assert re.search(r"^\s+tank/small\s+waiting$", view, re.M) and "Ctrl-C to quit" in view
+        _tmux("send-keys", "-t", session, "C-c")
+        after = _pane_shows(session, r"^WATCH-EXIT=\d+$")
+        assert re.search(r"^WATCH-EXIT=0$", after, re.M) and "Traceback" not in after, after
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=60)
