@@ -11495,7 +11495,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Nagios plugin conventions: one summary line with perfdata on stdout, the exit code its
     level; anything that keeps us from judging (usage, config, an unreadable document) is UNKNOWN.
     --watch redraws a terminal view; when stdout is no terminal it prints the plain summary once."""
-    args.watch_width = 0
     if args.watch is not None:
         if args.json:
             print("UNKNOWN: --watch and --json do not go together")
@@ -11511,7 +11510,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     return level
 
 
-def _status_report(args: argparse.Namespace) -> tuple[str, int]:
+def _status_report(args: argparse.Namespace, watch_width: int = 0) -> tuple[str, int]:
+    """The status text and level; watch_width > 0: status --watch's lines, cut to that width."""
     config: Config | None = None
     if args.status_file is not None:
         if not args.status_file:
@@ -11532,12 +11532,12 @@ def _status_report(args: argparse.Namespace) -> tuple[str, int]:
     raw = store.read()
     doc = store.document()
     if args.json:
-        return json.dumps(raw, indent=2, sort_keys=True), _status_level(args, config, doc, raw)[1]
-    return _status_level(args, config, doc, raw)
+        return json.dumps(raw, indent=2, sort_keys=True), _status_level(args, config, doc)[1]
+    return _status_level(args, config, doc, watch_width)
 
 
 def _status_level(args: argparse.Namespace, config: Config | None, doc: StatusDocument,
-                  raw: dict[str, Any]) -> tuple[str, int]:
+                  watch_width: int = 0) -> tuple[str, int]:
     now = utcnow()
     if config is not None:
         known = configured_jobs(config, now)
@@ -11560,8 +11560,8 @@ def _status_level(args: argparse.Namespace, config: Config | None, doc: StatusDo
     jobs = [(name, spec.type) for name, spec in known.jobs.items()]
     passive = [name for name, spec in known.jobs.items() if spec.passive]
     health = evaluate_status(doc, jobs, now, thresholds, passive, specs=known.jobs, since=since)
-    if args.watch_width:
-        return "\n".join(watch_lines(health, dict(jobs), args.watch_width)), worst_level(h.level for h in health)
+    if watch_width:
+        return "\n".join(watch_lines(health, dict(jobs), watch_width)), worst_level(h.level for h in health)
     return render_status(health, dict(jobs), args.verbose, thresholds)
 
 
@@ -11576,9 +11576,8 @@ def watch_status(args: argparse.Namespace, stream: Any, sleep: Callable[[float],
     shown = 0
     try:
         while rounds is None or shown < rounds:
-            args.watch_width = shutil.get_terminal_size((100, 24)).columns
             try:
-                text, level = _status_report(args)
+                text, level = _status_report(args, shutil.get_terminal_size((100, 24)).columns)
             except (ZreplError, OSError) as exc:
                 text, level = f"UNKNOWN: {exc}", NAGIOS_UNKNOWN
             stamp = dt.datetime.now().astimezone().strftime("%H:%M:%S")
