@@ -38,7 +38,8 @@ Where things happen:
     placeholders     ReceiverEndpoint._ensure_parents / _receive (the -F check), is_placeholder
     stdinserver      cmd_stdinserver -> stdinserver_job -> passive_handlers -> serve_connection
     status document  written by JobRunner (publish) and ClientRecorder (merge) through StatusStore;
-                     read by cmd_status -> evaluate_status -> render_status
+                     read by cmd_status -> evaluate_status -> render_status (status --watch:
+                     watch_status -> watch_lines); an interactive run's line: TerminalProgress
 """
 
 from __future__ import annotations
