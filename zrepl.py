@@ -11092,7 +11092,7 @@ def progress_line(job: str, doc: dict[str, Any], now: float) -> str:
             if eta is not None:
                 text += f", ETA {format_duration(eta)}"
             return text
-    return f"{job}: {act.get('step') or 'working'}"
+    return f"{job}: {act.get('step') or 'working'} {act.get('progress') or ''}".rstrip()
 
 
 # ---- commands -------------------------------------------------------------------------------------

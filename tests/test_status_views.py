@@ -255,3 +255,11 @@ def test_status_watch_in_a_real_terminal(tmp_path):
         assert re.search(r"^WATCH-EXIT=0$", after, re.M) and "Traceback" not in after, after
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=60)
+
+
+def test_the_terminal_line_shows_a_step_with_its_count():
+    doc = {"state": "running", "activity": {"step": "pruning receiver", "progress": "12/40 filesystems"}}
+    assert zrepl.progress_line("backup", doc, NOW) == "backup: pruning receiver 12/40 filesystems"
+    assert zrepl.progress_line("backup", {"state": "running", "activity": {"step": "listing"}}, NOW) == \
+        "backup: listing"
+    assert zrepl.progress_line("backup", {"state": "idle"}, NOW) == ""
