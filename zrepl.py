@@ -12065,4 +12065,8 @@ def _all_subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPa
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before a command runs (main catches it from there on)
+        sys.stderr.write("zrepl.py: interrupted\n")
+        sys.exit(130)
