@@ -10529,7 +10529,10 @@ def evaluate_local_clients(clients: dict[str, str], jobs: dict[str, Any], now: f
             text += f"pushing since {_ago(parse_iso(last.start), now)}"
         else:
             text += f"last push {_ago(parse_iso(last.end), now)} {last.result}"
-        level, note = _success_level(parse_iso(entry.last_success) if entry else None, now, monitoring, "push")
+        success = parse_iso(entry.last_success) if entry else None
+        if success is None and last.result == "running":  # the first push: judged by how long it runs
+            success = parse_iso(last.start)
+        level, note = _success_level(success, now, monitoring, "push")
         if entry and last.result:
             levels.append(level)
             text += note

@@ -263,3 +263,15 @@ def test_the_terminal_line_shows_a_step_with_its_count():
     assert zrepl.progress_line("backup", {"state": "running", "activity": {"step": "listing"}}, NOW) == \
         "backup: listing"
     assert zrepl.progress_line("backup", {"state": "idle"}, NOW) == ""
+
+
+@pytest.mark.parametrize("minutes,level,since", [(5, zrepl.NAGIOS_OK, "5m ago"),
+                                                 (3 * 60, zrepl.NAGIOS_WARNING, "3h ago; no successful push for 3h")])
+def test_a_sink_during_the_first_local_push_waits_like_the_push(minutes, level, since):
+    spec = zrepl.ConfiguredJob(type="sink", passive=True, local_clients={"thishost": "backup"})
+    first = _running_push() | {"last_success": None,
+                               "last_run": {"start": zrepl.iso_time(NOW - 60 * minutes), "result": "running"}}
+    health = zrepl.evaluate_job("backuppool", "sink", None, NOW, zrepl.StatusThresholds(), runs=False, spec=spec,
+                                others={"backup": first})
+    assert health.level == level, health.clients
+    assert health.clients == [f"client thishost (local push job backup): pushing since {since}"]
