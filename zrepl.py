@@ -39,7 +39,8 @@ Where things happen:
     placeholders     ReceiverEndpoint._ensure_parents / _receive (the -F check), is_placeholder
     stdinserver      cmd_stdinserver -> stdinserver_job -> passive_handlers -> serve_connection
     status document  written by JobRunner (publish) and ClientRecorder (merge) through StatusStore;
-                     read by cmd_status -> evaluate_status -> render_status
+                     read by cmd_status -> evaluate_status -> render_status (status --watch:
+                     watch_status -> watch_lines); an interactive run's line: TerminalProgress
     daemon           cmd_daemon -> Daemon.serve -> tick (next_pass_time) -> _pass -> JobRunner.run; signals:
                      Daemon.on_signal (SIGTERM -> JobRunner.cancel, SIGHUP -> reload); control socket:
                      ControlServer -> Daemon.control; clients: control_request (status, wakeup, signal)
@@ -3184,8 +3185,9 @@ def says_only_not_exist(stderr: str) -> bool:
 
 
 def classify_zfs_error(stderr: str) -> ZfsErrorKind:
-    """Map zfs stderr text to an error kind (first matching pattern wins)."""
-    text = stderr.lower()
+    """Map zfs stderr text to an error kind (first matching pattern wins). Whitespace is folded:
+    OpenZFS breaks some messages across lines ("has been modified\nsince most recent snapshot")."""
+    text = " ".join(stderr.lower().split())
     for kind, patterns in _ERROR_PATTERNS:
         if any(p in text for p in patterns):
             return ZfsErrorKind(kind)
@@ -9965,6 +9967,26 @@ class JobRunner:
         self.doc["activity"] = {"step": step, "progress": progress, "since": iso_time(self.clock.time())}
         self.publish(self.job.name, self.doc)
 
+    # how often pruning republishes its count (a write per filesystem would cost more than pruning)
+    PRUNE_PUBLISH_INTERVAL = 2.0
+
+    def _prune_tick(self, total: int | None = None) -> Callable[[], None]:
+        """A tick for the pruner: counts pruned filesystems into activity.progress (`12/40
+        filesystems`; per side for push and pull) and republishes now and then."""
+        state: dict[str, Any] = {"done": 0, "step": None, "shown": self.clock.monotonic()}
+
+        def tick() -> None:
+            activity = self.doc.get("activity") or {}
+            if activity.get("step") != state["step"]:  # the next side: count anew
+                state["step"], state["done"] = activity.get("step"), 0
+            state["done"] += 1
+            activity["progress"] = (f"{state['done']}/{total} filesystems" if total
+                                    else f"{state['done']} filesystem(s) done")
+            if self.clock.monotonic() - state["shown"] >= self.PRUNE_PUBLISH_INTERVAL:
+                state["shown"] = self.clock.monotonic()
+                self.publish(self.job.name, self.doc)
+        return tick
+
     def _fs(self, name: str) -> dict[str, Any]:
         return self.doc.setdefault("filesystems", {}).setdefault(name, {})
 
@@ -10088,7 +10110,8 @@ class JobRunner:
             began = self.clock.monotonic()
             pruned = prune_datasets(datasets, self.job.keep, local_destroyer(self.zfs), local_hold_lookup(self.zfs),
                                     dry_run=self.dry_run, guards=replication_guards(self.config),
-                                    own_prefix=self.job.snapshotting.prefix or None, now=self.clock.time())
+                                    own_prefix=self.job.snapshotting.prefix or None, now=self.clock.time(),
+                                    tick=self._prune_tick(len(datasets)))
             self.doc["pruning"] = {**prune_summary(pruned), "seconds": round(self.clock.monotonic() - began, 3)}
             self.last_prune = pruned
             for r in pruned:
@@ -10270,12 +10293,17 @@ class JobRunner:
             began[side] = self.clock.monotonic()
             progress.touch()
             self._set_activity(f"pruning {side}")
+        counted = self._prune_tick()
+
+        def tick() -> None:
+            progress.touch()
+            counted()
         with Watchdog(progress, job.replication.timeout, cancel):
             pruned = prune_both_sides(sender, receiver, job.keep_sender, job.keep_receiver, listings, self.dry_run,
                                       on_side=on_side, job=job.name, guards=guards,
                                       refused=refused + [fs for fs, side in unprotected.items() if side == "receiver"],
                                       skip_sender=[fs for fs, side in unprotected.items() if side == "sender"],
-                                      tick=progress.touch, own_prefix=job.snapshotting.prefix or None,
+                                      tick=tick, own_prefix=job.snapshotting.prefix or None,
                                       now=self.clock.time())
         if cancelled:
             result.failures["(pruning)"] = f"pruning cancelled by the watchdog: {cancelled[0]}"
@@ -10746,7 +10774,7 @@ class JobStatus:
     """One job's entry in the status document (README: Status file)."""
 
     type: str = ""
-    state: str = "idle"
+    state: str = ""  # running or idle (the writers always say which)
     pid: int | None = None
     boot_id: str | None = None  # the boot its pid belongs to: after a reboot the pid is someone else's
     activity: Activity | None = None
@@ -11107,7 +11135,10 @@ def evaluate_local_clients(clients: dict[str, str], jobs: dict[str, Any], now: f
             text += f"pushing since {_ago(parse_iso(last.start), now)}"
         else:
             text += f"last push {_ago(parse_iso(last.end), now)} {last.result}"
-        level, note = _success_level(parse_iso(entry.last_success) if entry else None, now, monitoring, "push")
+        success = parse_iso(entry.last_success) if entry else None
+        if success is None and last.result == "running":  # the first push: judged by how long it runs
+            success = parse_iso(last.start)
+        level, note = _success_level(success, now, monitoring, "push")
         if entry and last.result:
             levels.append(level)
             text += note
@@ -11143,7 +11174,7 @@ def evaluate_job(name: str, jtype: str, doc: JobStatus | dict[str, Any] | None, 
     configured, for a job without a record (see _never_ran). A malformed entry is UNKNOWN unless
     what could be read is worse."""
     problems: list[str] = []
-    if isinstance(doc, dict):
+    if doc is not None and not isinstance(doc, JobStatus):  # a dict, or garbage where an entry belongs
         doc, problems = JobStatus.from_json(doc)
     passive = not runs if runs is not None else jtype == "sink"
     local = spec.local_clients if spec else {}
@@ -11209,7 +11240,16 @@ def _evaluate_active(name: str, jtype: str, doc: JobStatus, now: float, monitori
     elif last.result == "ok":
         parts.append(f"last run {_ago(parse_iso(last.end), now)} ok")
     age = None if success is None else now - success
-    if age is None or age > monitoring.crit_no_success_after:
+    first_run = age is None and running and last.result == "running"
+    if first_run:  # judged like a job that has not run yet: by how long ago it started
+        started = parse_iso(last.start)
+        age = None if started is None else now - started
+        if age is None or age > monitoring.warn_no_success_after:
+            levels.append(NAGIOS_CRITICAL if age is None or age > monitoring.crit_no_success_after
+                          else NAGIOS_WARNING)
+            parts.append(f"first run, no success yet{'' if age is None else ' after ' + format_duration(age)}")
+        age = None
+    elif age is None or age > monitoring.crit_no_success_after:
         levels.append(NAGIOS_CRITICAL if success is not None or last.result else NAGIOS_WARNING)
         parts.append(f"no successful run {'ever' if age is None else 'for ' + format_duration(age)}")
     elif age > monitoring.warn_no_success_after:
@@ -11495,6 +11535,20 @@ def status_summary(health: list[JobHealth], types: dict[str, str], text: str, le
                                                "age_seconds": None if f.age is None else int(f.age)}
                                               for f in h.findings]}
                      for h in health}}
+
+
+def watch_lines(health: list[JobHealth], types: dict[str, str], width: int) -> list[str]:
+    """`status --watch`: the summary, a line per job (problems first), and below a running job a
+    line per filesystem that is not done yet (progress bar, bytes, rate, ETA), each cut to width."""
+    text, _ = render_status(health, types, verbose=False)
+    lines = text.splitlines()[:1]
+    name_width = max((len(h.name) for h in health), default=0)
+    for h in health:
+        lines.append(f"{NAGIOS_NAMES[h.level]:<8} {h.name:<{name_width}} {types.get(h.name, ''):<6} {h.line}")
+        active = [row for row in h.table if row[1] != "done"]
+        if active:
+            lines += format_table([TABLE_HEADER, *active])
+    return [ln if len(ln) <= width else ln[:max(width - 1, 0)] + "~" for ln in lines]
 
 
 # =================================================================================================
@@ -12906,7 +12960,7 @@ def progress_line(job: str, doc: dict[str, Any], now: float) -> str:
             if eta is not None:
                 text += f", ETA {format_duration(eta)}"
             return text
-    return f"{job}: {act.get('step') or 'working'}"
+    return f"{job}: {act.get('step') or 'working'} {act.get('progress') or ''}".rstrip()
 
 
 # ---- commands -------------------------------------------------------------------------------------
@@ -13224,11 +13278,23 @@ def render_dry_run(job: JobConfig, runner: JobRunner, verbose: bool = False) -> 
             lines.append("  " + _prune_summary_line("", r))
             if verbose:
                 lines += ["      " + ln for ln in _prune_details(r)]
-            else:
-                lines += [f"      would destroy {r.dataset}@{snap}" for snap in r.destroyed]
+            elif r.destroyed:
+                lines.append(f"      {_would_destroy(r)}")
     if (runner.last_prune or runner.last_prune_receiver) and not verbose:
         lines.append("  (-v: the rule that keeps each snapshot)")
     return "\n".join(lines)
+
+
+DRY_RUN_NAMES_SHOWN = 10  # without -v: a filesystem with 300 victims gets one line, not 300
+
+
+def _would_destroy(r: PruneResult) -> str:
+    """One line for a filesystem's victims: `would destroy tank/data@a, @b, ... and 290 more (-v)`."""
+    names = [f"@{snap}" + (" (foreign)" if snap in r.foreign_destroyed else "") for snap in r.destroyed]
+    text = f"would destroy {r.dataset}" + ", ".join(names[:DRY_RUN_NAMES_SHOWN])
+    if len(names) > DRY_RUN_NAMES_SHOWN:
+        text += f" and {len(names) - DRY_RUN_NAMES_SHOWN} more (-v lists them)"
+    return text
 
 
 def _prune_details(r: PruneResult) -> list[str]:
@@ -13346,7 +13412,14 @@ def _status_thresholds(args: argparse.Namespace, base: StatusThresholds) -> Stat
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Nagios plugin conventions: one summary line with perfdata on stdout, the exit code its
-    level; anything that keeps us from judging (usage, config, an unreadable document) is UNKNOWN."""
+    level; anything that keeps us from judging (usage, config, an unreadable document) is UNKNOWN.
+    --watch redraws a terminal view; when stdout is no terminal it prints the plain summary once."""
+    if args.watch is not None:
+        if args.json:
+            print("UNKNOWN: --watch and --json do not go together")
+            return NAGIOS_UNKNOWN
+        if _is_terminal(sys.stdout):
+            return watch_status(args, sys.stdout)
     try:
         text, level = _status_report(args)
     except (ZreplError, OSError) as exc:
@@ -13356,7 +13429,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     return level
 
 
-def _status_report(args: argparse.Namespace) -> tuple[str, int]:
+def _status_report(args: argparse.Namespace, watch_width: int = 0) -> tuple[str, int]:
+    """The status text and level; watch_width > 0: status --watch's lines, cut to that width."""
     config: Config | None = None
     if args.status_file is not None:
         if not args.status_file:
@@ -13378,6 +13452,8 @@ def _status_report(args: argparse.Namespace) -> tuple[str, int]:
     raw = raw if raw is not None else store.read()
     doc = status_document(raw)
     health, types, thresholds = _status_health(args, config, doc)
+    if watch_width:
+        return "\n".join(watch_lines(health, types, watch_width)), worst_level(h.level for h in health)
     text, level = render_status(health, types, args.verbose, thresholds)
     if args.json:  # the document, with the check's verdict for scripts under "check"
         return json.dumps({**raw, "check": status_summary(health, types, text, level)}, indent=2,
@@ -13425,6 +13501,31 @@ def _status_health(args: argparse.Namespace, config: Config | None,
     passive = [name for name, spec in known.jobs.items() if spec.passive]
     health = evaluate_status(doc, jobs, now, thresholds, passive, specs=known.jobs, since=since)
     return health, dict(jobs), thresholds
+
+
+WATCH_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen: plain ANSI, every terminal has it
+
+
+def watch_status(args: argparse.Namespace, stream: Any, sleep: Callable[[float], None] = time.sleep,
+                 rounds: int | None = None) -> int:
+    """Redraw the status every args.watch seconds until Ctrl-C; returns the last level. The status
+    file is read again each round, so a run in another process shows its progress."""
+    level = NAGIOS_UNKNOWN
+    shown = 0
+    try:
+        while rounds is None or shown < rounds:
+            try:
+                text, level = _status_report(args, shutil.get_terminal_size((100, 24)).columns)
+            except (ZreplError, OSError) as exc:
+                text, level = f"UNKNOWN: {exc}", NAGIOS_UNKNOWN
+            stamp = dt.datetime.now().astimezone().strftime("%H:%M:%S")
+            stream.write(f"{WATCH_CLEAR}{text}\n\n(every {format_duration(args.watch)}, {stamp}; Ctrl-C to quit)\n")
+            stream.flush()
+            shown += 1
+            sleep(args.watch)
+    except KeyboardInterrupt:
+        stream.write("\n")
+    return level
 
 
 # ---- stdinserver ----------------------------------------------------------------------------------
@@ -13707,7 +13808,7 @@ _HELP_TEXT = {
     "status": ("summarize the status file for people and Nagios (exit code = level)",
                "exit codes (Nagios): 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also usage errors, an unreadable "
                "config or status file)\n"
-               "examples:\n  zrepl.py status -v\n"
+               "examples:\n  zrepl.py status -v\n  zrepl.py status --watch   a live view while a run replicates\n"
                "  zrepl.py status --status-file /var/lib/zrepl/status.json --crit 6h   (as a monitoring user, "
                "no config needed)"),
     "wakeup": ("run a job now, or make the running one do one more pass (through the daemon when one runs)",
@@ -13729,7 +13830,9 @@ _HELP_TEXT = {
     "configcheck": ("validate the config and say what it holds",
                     "exit codes: 0 valid, 2 invalid (every problem is listed with its key path)\n"
                     "example:\n  zrepl.py configcheck --config zrepl.example.toml"),
-    "test": ("inspect what a job would do", "exit codes: 0, 1 zfs failed, 2 usage or config error"),
+    "test": ("inspect what a job would do (filesystems, placeholder, decoderesumetoken)",
+             "exit codes: 0, 1 zfs failed, 2 usage or config error\n"
+             "example:\n  zrepl.py test filesystems --job backup"),
     "filesystems": ("print ACCEPT/REJECT per dataset for a job's filter, with the deciding pattern",
                     "exit codes: 0, 1 zfs failed, 2 usage or config error\n"
                     "examples:\n  zrepl.py test filesystems --job backup\n"
@@ -13750,8 +13853,18 @@ _HELP_TEXT = {
                          "exit codes: 0, 1 zfs failed or a job is running, 2 usage error\n"
                          "examples:\n  zrepl.py zfs-abstractions list --job backup\n"
                          "  zrepl.py zfs-abstractions release-stale --dry-run"),
-    "version": ("print the version", "exit code: 0"),
+    "version": ("print the version", "exit code: 0\nexample:\n  zrepl.py version   (or zrepl.py --version)"),
 }
+
+
+def _watch_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds between 0.1 and 3600")
+    return value
 
 
 def _subparser(sub: Any, name: str, common: argparse.ArgumentParser, **kwargs: Any) -> argparse.ArgumentParser:
@@ -13790,6 +13903,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: [global.status] crit_no_success_after, 6h)")
     p.add_argument("--status-file", metavar="FILE", help="read this status file and judge the jobs it records; "
                    "needs no config (for a monitoring user who may not read it)")
+    p.add_argument("--watch", nargs="?", const=2.0, type=_watch_interval, metavar="SECONDS",
+                   help="redraw a terminal view every SECONDS (default 2) until Ctrl-C: a line per job, problems "
+                        "first, and per running filesystem a progress bar with bytes, rate and ETA; without a "
+                        "terminal, the plain summary once")
     p.set_defaults(func=cmd_status)
 
     p = _subparser(sub, "wakeup", common)
@@ -13903,4 +14020,8 @@ def _all_subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPa
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before a command runs (main catches it from there on)
+        sys.stderr.write("zrepl.py: interrupted\n")
+        sys.exit(130)

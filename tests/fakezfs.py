@@ -1483,6 +1483,15 @@ class FakeZfs(zrepl.Zfs):
         self._commands = Commands(self)
         self._rule_lock = threading.Lock()
 
+    @classmethod
+    def with_filesystems(cls, *filesystems: str, clock: Callable[[], float] | None = None) -> FakeZfs:
+        """A fake whose world has these filesystems (pools and parents created), no snapshots."""
+        fake = cls(clock=clock)
+        for fs in filesystems:
+            pool, _, path = fs.partition("/")
+            fake.world.tree(pool, path or ".")
+        return fake
+
     # -- fault injection -----------------------------------------------------------------------------
     def fail(self, verb: str, stderr: str = "fakezfs: injected failure\n", exit_code: int = 1, *,
              times: int | None = None, match: str | None = None) -> Rule:

@@ -140,6 +140,13 @@ def source_job(name: str = "source", *, filesystems: Mapping[str, bool] | str, l
                                  "snapshotting": snapshotting, **keys})
 
 
+def snap_config(directory: Path | str, jobs: Mapping[str, str], *, interval: str = "1h",
+                global_: Mapping[str, Any] | None = None) -> Path:
+    """A config of periodic snap jobs (job name -> filesystem, with its children), no pruning rules."""
+    return write_config(Path(directory), *(snap_job(name, filesystems={f"{fs}<": True}, snapshotting=periodic(interval))
+                                           for name, fs in jobs.items()), global_=global_)
+
+
 def local_connect(listener: str, client_identity: str) -> dict[str, Any]:
     return {"type": "local", "listener_name": listener, "client_identity": client_identity}
 

@@ -9,8 +9,8 @@ import zlib
 import pytest
 
 import zrepl
-from support import run
-from tinyzfs import TinyZfs, snap_config
+from fakezfs import FakeZfs
+from support import run, snap_config
 
 
 # ---- item 1: a stream property never decides our placeholder mark, on any receive ---------------
@@ -56,14 +56,14 @@ def _broken_documents() -> dict[str, str]:
 
 @pytest.mark.parametrize("case", sorted(_broken_documents()))
 def test_a_broken_status_document_is_unknown_for_status_and_rewritten_by_run(tmp_path, case):
-    cfg = snap_config(tmp_path, {"snap": "tank/a"})
     (tmp_path / "status").mkdir()
     path = tmp_path / "status" / "status.json"
+    cfg = snap_config(tmp_path, {"snap": "tank/a"}, global_={"status_file": str(path)})
     path.write_text(_broken_documents()[case], errors="surrogateescape")
     status = run("--config", cfg, "status")
     assert status.code in (0, 1, 2, 3) and "internal error" not in status.stdout + status.stderr, status
     assert "Traceback" not in status.stderr
-    result = run("--config", cfg, "run", zfs=TinyZfs("tank/a"))
+    result = run("--config", cfg, "run", zfs=FakeZfs.with_filesystems("tank/a"))
     assert result.code == 0, result
     doc = json.loads(path.read_text())
     assert doc["jobs"]["snap"]["last_run"]["result"] == "ok"
@@ -84,10 +84,10 @@ def test_environment_errors_exit_2_naming_the_path(tmp_path, case):
         (tmp_path / "run" / "jobs").mkdir(mode=0o700)
         (tmp_path / "run" / "jobs" / "snap.lock").mkdir()
         named = lock_dir
-    result = run("--config", cfg, "run", zfs=TinyZfs("tank/a"))
+    result = run("--config", cfg, "run", zfs=FakeZfs.with_filesystems("tank/a"))
     assert result.code == 2 and "internal error" not in result.stderr, result
     assert named in result.stderr
-    dry = run("--config", cfg, "run", "--dry-run", zfs=TinyZfs("tank/a"))
+    dry = run("--config", cfg, "run", "--dry-run", zfs=FakeZfs.with_filesystems("tank/a"))
     assert "internal error" not in dry.stderr, dry
     assert dry.code == 0 and "would snapshot" in dry.stdout, dry  # a dry run needs no lock, writes nothing
 
@@ -197,7 +197,7 @@ def test_cli_misuse_exits_2(tmp_path, argv):
     cfg = snap_config(tmp_path, {"snap": "tank/a"})
     if "--config" not in argv:
         argv = ["--config", cfg, *argv]
-    result = run(*argv, zfs=TinyZfs("tank/a"))
+    result = run(*argv, zfs=FakeZfs.with_filesystems("tank/a"))
     assert result.code == 2 and "internal error" not in result.stderr, result
 
 

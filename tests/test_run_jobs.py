@@ -19,51 +19,80 @@ from pathlib import Path
 import pytest
 
 import zrepl
-from tinyzfs import TinyZfs, snap_config
+import support
+from fakezfs import FakeZfs
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+class SnapshotWatch(FakeZfs):
+    """A fake that says when a snapshot of one pool was taken."""
+
+    def __init__(self, pool: str, *filesystems: str):
+        super().__init__()
+        for fs in filesystems:
+            self.world.tree(*fs.split("/", 1))
+        self.pool, self.snapshotted = pool, threading.Event()
+
+    def run(self, argv, **kwargs):
+        done = super().run(argv, **kwargs)
+        if argv[1] == "snapshot" and any(a.startswith(self.pool + "/") for a in argv[2:]):
+            self.snapshotted.set()
+        return done
+
+
 def test_a_long_job_does_not_delay_another_jobs_snapshot(tmp_path, capsys):
-    # "slow" comes first in the config and its listing is held until "fast" has taken its
-    # snapshot: run one after another, slow would wait out the gate's timeout
-    cfg = snap_config(tmp_path, {"slow": "slow/big", "fast": "fast/home"})
-    zfs = TinyZfs("slow/big", "fast/home")
-    zfs.gate("slow", zfs.snapshot_event("fast"), timeout=60)
-    assert zrepl.main(["--config", cfg, "run"], zfs=zfs) == 0, capsys.readouterr().err
-    assert zfs.gate_results["slow"] is True  # released by fast's snapshot, not by the timeout
-    assert [s[0] for s in zfs.snapshots["fast/home"]] and [s[0] for s in zfs.snapshots["slow/big"]]
-    doc = json.loads((tmp_path / "status" / "status.json").read_text())
+    # "slow" comes first in the config and its listing hangs until "fast" has taken its
+    # snapshot: run one after another, slow would wait out the 60 s margin
+    cfg = str(support.snap_config(tmp_path, {"slow": "slow/big", "fast": "fast/home"}))
+    zfs = SnapshotWatch("fast", "slow/big", "fast/home")
+    held = zfs.hang("list", match="slow")  # the pool's listing
+    released_by_fast: list[bool] = []
+
+    def release_after_fast() -> None:
+        released_by_fast.append(zfs.snapshotted.wait(60))
+        held.release()
+
+    watcher = threading.Thread(target=release_after_fast)
+    watcher.start()
+    try:
+        assert zrepl.main(["--config", cfg, "run"], zfs=zfs) == 0, capsys.readouterr().err
+    finally:
+        held.release()
+        watcher.join(70)
+    assert held.entered.is_set() and released_by_fast == [True]  # fast went on while slow was held
+    assert support.snapshots(zfs, "fast/home") and support.snapshots(zfs, "slow/big")
+    doc = support.status(cfg)
     assert {doc["jobs"][j]["last_run"]["result"] for j in ("slow", "fast")} == {"ok"}
 
 
 def test_the_exit_code_is_the_worst_of_all_jobs(tmp_path, capsys):
-    cfg = snap_config(tmp_path, {"good": "tank/a", "typo": "tank/nonexistent"})
-    zfs = TinyZfs("tank/a")
+    cfg = str(support.snap_config(tmp_path, {"good": "tank/a", "typo": "tank/nonexistent"}))
+    zfs = FakeZfs.with_filesystems("tank/a")
     assert zrepl.main(["--config", cfg, "run"], zfs=zfs) == 1
-    doc = json.loads((tmp_path / "status" / "status.json").read_text())
+    doc = support.status(cfg)
     assert doc["jobs"]["good"]["last_run"]["result"] == "ok"
     assert doc["jobs"]["typo"]["last_run"]["result"] == "failed"
     assert "job typo:" in capsys.readouterr().err
 
 
 def test_a_setup_error_still_ends_the_run_with_2(tmp_path, capsys):
-    cfg = snap_config(tmp_path, {"a": "tank/a", "b": "tank/b"})
+    cfg = str(support.snap_config(tmp_path, {"a": "tank/a", "b": "tank/b"}))
     (tmp_path / "run").write_text("a file where the runtime dir should be")
-    assert zrepl.main(["--config", cfg, "run"], zfs=TinyZfs("tank/a", "tank/b")) == 2
+    assert zrepl.main(["--config", cfg, "run"], zfs=FakeZfs.with_filesystems("tank/a", "tank/b")) == 2
     err = capsys.readouterr().err
     assert "is not a directory" in err and "internal error" not in err
 
 
 def test_a_busy_job_is_skipped_quietly(tmp_path, capsys):
     # an overlapping cron run: no WARNING every minute (INFO, shown with --log-level info)
-    cfg = snap_config(tmp_path, {"a": "tank/a"})
+    cfg = str(support.snap_config(tmp_path, {"a": "tank/a"}))
     lock = zrepl.JobLock(str(tmp_path / "run"), "a")
     assert lock.try_acquire()
     try:
-        assert zrepl.main(["--config", cfg, "run"], zfs=TinyZfs("tank/a")) == 0
+        assert zrepl.main(["--config", cfg, "run"], zfs=FakeZfs.with_filesystems("tank/a")) == 0
         assert capsys.readouterr().err == ""
-        assert zrepl.main(["--config", cfg, "--log-level", "info", "run"], zfs=TinyZfs("tank/a")) == 0
+        assert zrepl.main(["--config", cfg, "--log-level", "info", "run"], zfs=FakeZfs.with_filesystems("tank/a")) == 0
         err = capsys.readouterr().err
         assert "INFO" in err and "job a: busy" in err
     finally:
@@ -71,20 +100,20 @@ def test_a_busy_job_is_skipped_quietly(tmp_path, capsys):
 
 
 def test_quiet_by_default_detail_with_log_level_info(tmp_path, capsys):
-    cfg = snap_config(tmp_path, {"a": "tank/a"})
-    assert zrepl.main(["--config", cfg, "run"], zfs=TinyZfs("tank/a")) == 0
+    cfg = str(support.snap_config(tmp_path, {"a": "tank/a"}))
+    assert zrepl.main(["--config", cfg, "run"], zfs=FakeZfs.with_filesystems("tank/a")) == 0
     assert capsys.readouterr().err == ""  # cron mails nothing when all is well
     (tmp_path / "two").mkdir()
-    cfg = snap_config(tmp_path / "two", {"a": "tank/a"})
-    assert zrepl.main(["--config", cfg, "run", "--log-level", "info"], zfs=TinyZfs("tank/a")) == 0
+    cfg = str(support.snap_config(tmp_path / "two", {"a": "tank/a"}))
+    assert zrepl.main(["--config", cfg, "run", "--log-level", "info"], zfs=FakeZfs.with_filesystems("tank/a")) == 0
     err = capsys.readouterr().err
     assert "job a: snapshotted 1 filesystem(s) of pool tank" in err
 
 
 def test_the_config_keeps_the_detail(tmp_path, capsys):
-    cfg = snap_config(tmp_path, {"a": "tank/a"}, extra_global='[[global.logging]]\ntype = "stderr"\nlevel = "info"\n'
-                      'format = "logfmt"\n')
-    assert zrepl.main(["--config", cfg, "run"], zfs=TinyZfs("tank/a")) == 0
+    cfg = str(support.snap_config(tmp_path, {"a": "tank/a"}, global_={
+        "logging": [{"type": "stderr", "level": "info", "format": "logfmt"}]}))
+    assert zrepl.main(["--config", cfg, "run"], zfs=FakeZfs.with_filesystems("tank/a")) == 0
     line = next(ln for ln in capsys.readouterr().err.splitlines() if "snapshotted" in ln)
     assert " job=a " in line and "snapshot=zrepl_" in line and line.startswith("time=")
 
@@ -175,7 +204,7 @@ def test_sigterm_mid_run_is_recorded_in_log_and_status(tmp_path):
     fake = bindir / "zfs"
     fake.write_text(FAKE_ZFS.format(python=sys.executable, pidfile=str(pidfile)))
     fake.chmod(0o755)
-    cfg = snap_config(tmp_path, {"a": "tank/a"})
+    cfg = str(support.snap_config(tmp_path, {"a": "tank/a"}))
     env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen([sys.executable, str(REPO / "zrepl.py"), "--config", cfg, "run"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -194,7 +223,7 @@ def test_sigterm_mid_run_is_recorded_in_log_and_status(tmp_path):
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "job a: stopped by SIGTERM" in err and "Traceback" not in err
-    entry = json.loads((tmp_path / "status" / "status.json").read_text())["jobs"]["a"]
+    entry = support.status(cfg)["jobs"]["a"]
     assert entry["state"] == "idle" and "activity" not in entry
     assert entry["last_run"]["result"] == "error" and entry["last_run"]["error"] == "stopped by SIGTERM"
     status = subprocess.run([sys.executable, str(REPO / "zrepl.py"), "--config", cfg, "status"],
@@ -206,7 +235,7 @@ def test_sigterm_mid_run_is_recorded_in_log_and_status(tmp_path):
                                   ["test", "placeholder"], ["zfs-abstractions", "list"],
                                   ["test", "filesystems", "--job", "a"]])
 def test_zfs_missing_from_path_is_a_setup_error(tmp_path, monkeypatch, capsys, argv):
-    cfg = snap_config(tmp_path, {"a": "tank/a"})
+    cfg = str(support.snap_config(tmp_path, {"a": "tank/a"}))
     monkeypatch.setenv("PATH", str(tmp_path))  # cron's PATH without /sbin, or no OpenZFS at all
     assert zrepl.main(["--config", cfg, *argv]) == 2
     err = capsys.readouterr().err
@@ -226,5 +255,5 @@ def test_a_sink_as_a_run_job_is_a_usage_error(tmp_path, capsys):
         serve = {{ type = "local", listener_name = "backuppool" }}
         """))
     for argv in (["run", "backuppool"], ["wakeup", "backuppool"]):
-        assert zrepl.main(["--config", str(cfg), *argv], zfs=TinyZfs()) == 2
+        assert zrepl.main(["--config", str(cfg), *argv], zfs=FakeZfs.with_filesystems()) == 2
         assert "is a sink" in capsys.readouterr().err
