@@ -1,0 +1,182 @@
+"""A first day with zrepl.py on two throwaway file-vdev pools: the in-guest half of `bash tests/demo`.
+
+Prints each command as `$ command`, then its output (stdout and stderr, as a terminal shows
+them). Needs root and OpenZFS: it runs in the test guest (tests/vm/run-in-guest), where
+tests/zfs/test_demo_zfs.py runs it too and checks its key lines, so the demo cannot rot.
+
+The story: a snap job for scratch space and a push job to a backup pool on the same host; the
+first run (full send), later runs (incremental, pruning), `status` and `status -v`, a dry run of
+pruning, then someone snapshots the backup copy, the receiver has diverged, and the recovery
+advice from `status -v` is followed. Exits non-zero when a command's exit code is not the one the
+story expects. Pools `tank` and `backup` must not exist; they are destroyed at the end.
+
+    python3 tests/demo.py [--workdir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+POOLS = ("tank", "backup")
+# The demo's day is a minute long: snapshot intervals of seconds, a real config says 15m or 1h.
+INTERVAL_S = 2
+
+CONFIG = """\
+[global]
+status_file = "{work}/status.json"
+runtime_dir = "{work}/run"
+
+[[jobs]]
+name = "scratch"
+type = "snap"
+filesystems = {{ "tank/scratch<" = true }}
+snapshotting = {{ type = "periodic", prefix = "snap_", interval = "{interval}s" }}
+pruning = {{ keep = [{{ type = "last_n", count = 2, regex = "^snap_" }}] }}
+
+[[jobs]]
+name = "home"
+type = "push"
+filesystems = {{ "tank/home<" = true }}
+connect = {{ type = "local", listener_name = "backuppool", client_identity = "laptop" }}
+snapshotting = {{ type = "periodic", prefix = "zrepl_", interval = "{interval}s" }}
+[jobs.pruning]
+keep_sender = [{{ type = "not_replicated" }}, {{ type = "last_n", count = 2, regex = "^zrepl_" }}]
+keep_receiver = [{{ type = "last_n", count = 3, regex = "^zrepl_" }}]
+
+[[jobs]]
+name = "backuppool"
+type = "sink"
+root_fs = "backup/sink"
+serve = {{ type = "local", listener_name = "backuppool" }}
+"""
+
+
+class StoryBroken(Exception):
+    """A command's exit code was not the one the story expects."""
+
+
+class Shell:
+    """Runs and prints commands; `zrepl.py` means this checkout's zrepl.py with the demo config."""
+
+    def __init__(self, work: Path):
+        self.env = {**os.environ, "ZREPL_CONFIG": str(work / "zrepl.toml"),
+                    "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+
+    def __call__(self, command: str, expect: int = 0, show: bool = True) -> str:
+        argv = shlex.split(command)
+        if argv[0] == "zrepl.py":  # from its cached bytecode: a script is compiled on every start
+            argv = [sys.executable, "-m", "zrepl", *argv[1:]]
+        if show:
+            print(f"$ {command}", flush=True)
+        proc = subprocess.run(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if show and proc.stdout:
+            print(proc.stdout, end="" if proc.stdout.endswith("\n") else "\n", flush=True)
+        if proc.returncode != expect:
+            raise StoryBroken(f"`{command}` exited {proc.returncode}, the story expects {expect}:\n{proc.stdout}")
+        if show and expect:
+            print(f"(exit code {proc.returncode})")
+        return proc.stdout
+
+
+def say(text: str) -> None:
+    print(f"\n# {text}", flush=True)
+
+
+def later(sh: Shell) -> None:
+    """Let one snapshot interval pass (sleeping at least the interval makes the next run due)."""
+    sh(f"sleep {INTERVAL_S + 0.2}")
+
+
+def first_day(sh: Shell, work: Path) -> None:
+    say("two pools on files: tank (the data) and backup (a second disk, say)")
+    sh(f"truncate -s 256M {work}/tank.img {work}/backup.img")
+    sh(f"zpool create -o cachefile=none -m {work}/mnt tank {work}/tank.img")
+    sh(f"zpool create -o cachefile=none -m none backup {work}/backup.img")
+    sh("zfs create -p tank/home/alice")
+    sh("zfs create tank/scratch")
+    (work / "mnt" / "home" / "alice" / "notes.txt").write_text("monday\n")
+    sh("zfs create -p -o mountpoint=none backup/sink")
+
+    say("the config: snapshots of tank/scratch, and tank/home pushed to the backup pool")
+    (work / "zrepl.toml").write_text(CONFIG.format(work=work, interval=INTERVAL_S))
+    sh(f"cat {work}/zrepl.toml")
+    sh("zrepl.py configcheck")
+    sh("zrepl.py test filesystems --job home --all")
+
+    say("the first run: snapshots, a full send of each filesystem, cursor bookmarks and holds")
+    sh("zrepl.py run --log-level info")
+    sh("zfs list -t all -o name -r tank/home backup/sink")
+    sh("zfs holds -r backup/sink")
+    sh("zrepl.py status")
+
+    say("later runs (cron runs `zrepl.py run` every minute): incremental sends, pruning")
+    for _ in range(3):
+        later(sh)
+        sh("zrepl.py run")
+    sh("zfs list -t snapshot -o name -r tank backup/sink")
+    sh("zrepl.py status -v")
+
+    say("what would the next run destroy, and which rule keeps each snapshot?")
+    later(sh)
+    sh("zrepl.py run --dry-run -v home")
+
+
+def diverged_day(sh: Shell) -> None:
+    replica = "backup/sink/laptop/tank/home/alice"
+    say("someone takes a snapshot of the backup copy: the receiver has diverged")
+    sh(f"zfs snapshot {replica}@by-hand")
+    later(sh)
+    sh("zrepl.py run home", expect=1)
+    sh("zrepl.py status", expect=1)
+    sh("zrepl.py status -v", expect=1)
+
+    say("follow the recovery advice from `status -v`, then run again")
+    doc = json.loads(sh("zrepl.py status --json", expect=1, show=False))
+    report = doc["jobs"]["home"]["replication"]["filesystems"]["tank/home/alice"]
+    for command in report["error_details"]["recovery_commands"]:
+        sh(command)
+    sh("zrepl.py run home")
+    sh("zrepl.py status")
+
+
+def cleanup(work: Path) -> None:
+    for pool in POOLS:
+        subprocess.run(["zpool", "destroy", "-f", pool], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, help="where pools, config and status live (default: a temp dir)")
+    args = parser.parse_args(argv)
+    taken = [p for p in POOLS if subprocess.run(["zpool", "list", p], capture_output=True).returncode == 0]
+    if taken:
+        print(f"demo: pool(s) {', '.join(taken)} exist; the demo makes its own and destroys them", file=sys.stderr)
+        return 2
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="zrepl-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    sh = Shell(work)
+    try:
+        first_day(sh, work)
+        diverged_day(sh)
+    except StoryBroken as exc:
+        print(f"\ndemo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup(work)
+    print(f"\n# demo done in {time.monotonic() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
