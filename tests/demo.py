@@ -6,9 +6,10 @@ tests/zfs/test_demo_zfs.py runs it too and checks its key lines, so the demo can
 
 The story: a snap job for scratch space and a push job to a backup pool on the same host; the
 first run (full send), later runs (incremental, pruning), `status` and `status -v`, a dry run of
-pruning, then someone snapshots the backup copy, the receiver has diverged, and the recovery
-advice from `status -v` is followed. Exits non-zero when a command's exit code is not the one the
-story expects. Pools `tank` and `backup` must not exist; they are destroyed at the end.
+pruning that would destroy a snapshot taken by hand (and the rule that keeps it), then someone
+snapshots the backup copy, the receiver has diverged, and the recovery advice from `status -v`
+is followed. Exits non-zero when a command's exit code is not the one the story expects. Pools
+`tank` and `backup` must not exist; they are destroyed at the end.
 
     python3 tests/demo.py [--workdir DIR]
 """
@@ -58,6 +59,9 @@ type = "sink"
 root_fs = "backup/sink"
 serve = {{ type = "local", listener_name = "backuppool" }}
 """
+# The rule the demo adds to keep_sender and keep_receiver: keep what zrepl.py did not make.
+OWN_RULES_END = 'regex = "^zrepl_" }]'
+WITH_MINE = 'regex = "^zrepl_" },\n    { type = "regex", regex = "^zrepl_", negate = true }]'
 
 
 class StoryBroken(Exception):
@@ -125,8 +129,14 @@ def first_day(sh: Shell, work: Path) -> None:
     sh("zfs list -t snapshot -o name -r tank backup/sink")
     sh("zrepl.py status -v")
 
-    say("what would the next run destroy, and which rule keeps each snapshot?")
+    say("you take a snapshot by hand before an upgrade: what would the next run destroy?")
+    sh("zfs snapshot -r tank/home@before-upgrade")
     later(sh)
+    sh("zrepl.py run --dry-run -v home")
+    say("no rule keeps it (every snapshot counts): add a rule for the ones zrepl.py did not make")
+    config = work / "zrepl.toml"
+    config.write_text(config.read_text().replace(OWN_RULES_END, WITH_MINE))
+    sh(f"grep -A1 ^keep_ {config}")
     sh("zrepl.py run --dry-run -v home")
 
 

@@ -24,9 +24,12 @@ def test_demo_plays_the_first_day_and_the_recovery(tmp_path):
     assert "full send" in first, first
     assert f"{REPLICA}@zrepl_" in out and "tank/home/alice#zrepl_CURSOR_G_" in out  # replica and cursor
     assert "zrepl_last_received_J_backuppool" in out.split("$ zfs holds -r backup/sink")[1]
-    dry = out.split("$ zrepl.py run --dry-run -v home")[1].split("\n# ")[0]
-    assert "job home (push), dry run:" in dry and "would destroy tank/home/alice@zrepl_" in dry, dry
+    dry, dry_again = (part.split("\n# ")[0] for part in out.split("$ zrepl.py run --dry-run -v home")[1:3])
+    assert "job home (push), dry run:" in dry and "would snapshot @zrepl_" in dry, dry
+    assert "would destroy tank/home/alice@before-upgrade (foreign: not made by this job)" in dry, dry
     assert "keep tank/home/alice@zrepl_" in dry, dry
+    assert "would destroy tank/home/alice@before-upgrade" not in dry_again, dry_again
+    assert "keep tank/home/alice@before-upgrade: " in dry_again, dry_again
     diverged = out.split(f"$ zfs snapshot {REPLICA}@by-hand")[1]
     advice = diverged.split("$ zrepl.py status -v")[1].split("$ ")[0]
     assert "diverged" in advice and f"zfs rollback -r {REPLICA}@zrepl_" in advice, advice
