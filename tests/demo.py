@@ -121,7 +121,8 @@ def first_day(sh: Shell, work: Path) -> None:
     say("the first run: snapshots, a full send of each filesystem, cursor bookmarks and holds")
     sh("zrepl.py run --log-level info")
     sh("zfs list -t all -o name -r tank/home backup/sink")
-    sh("zfs holds -r backup/sink")
+    received = sh("zfs list -H -t snapshot -o name -r backup/sink", show=False).split()
+    sh(shlex.join(["zfs", "holds", *received]))
     sh("zrepl.py status")
 
     say("later runs (cron runs `zrepl.py run` every minute): incremental sends, pruning")

@@ -23,7 +23,7 @@ def test_demo_plays_the_first_day_and_the_recovery(tmp_path):
     first = out.split("$ zrepl.py run --log-level info")[1].split("$ ")[0]
     assert "full send" in first, first
     assert f"{REPLICA}@zrepl_" in out and "tank/home/alice#zrepl_CURSOR_G_" in out  # replica and cursor
-    assert "zrepl_last_received_J_backuppool" in out.split("$ zfs holds -r backup/sink")[1]
+    assert "zrepl_last_received_J_backuppool" in out.split("$ zfs holds ")[1].split("$ ")[0]
     dry = out.split("$ zrepl.py run --dry-run -v home")[1].split("\n# ")[0]
     assert "job home (push), dry run:" in dry, dry
     assert f"would destroy {REPLICA}@zrepl_" in dry and f"keep {REPLICA}@zrepl_" in dry, dry
