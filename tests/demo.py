@@ -86,7 +86,9 @@ class Shell:
             argv = [sys.executable, "-m", "zrepl", *argv[1:]]
         if show:
             print(f"$ {command}", flush=True)
-        proc = subprocess.run(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # shown: stderr interleaved as a terminal shows it; not shown: stdout alone, for parsing
+        proc = subprocess.run(argv, env=self.env, stdout=subprocess.PIPE, text=True,
+                              stderr=subprocess.STDOUT if show else subprocess.PIPE)
         if show and proc.stdout:
             print(proc.stdout, end="" if proc.stdout.endswith("\n") else "\n", flush=True)
         if expect is not None and proc.returncode != expect:
