@@ -29,11 +29,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 POOLS = ("tank", "backup")
-# The demo's day is a few minutes long: snapshots every 30 s (a real config says 15m or 1h), and
+# The demo's day is a few minutes long: snapshots every 60 s (a real config says 15m or 1h), and
 # "later" waits only until the next snapshot is due. `status` calls a snapshot overdue one interval
-# after it was due, so each `status` follows a run that snapshotted: 30 s leaves room for a slow
-# run under emulation (the first, with full sends, takes 15 s there).
-INTERVAL_S = 30
+# after it was due, so each `status` follows a run that snapshotted: 60 s is 4x the slowest run
+# under emulation (the first, with full sends, takes 15 s there) plus the status call.
+INTERVAL_S = 60
 
 CONFIG = """\
 [global]
