@@ -157,3 +157,31 @@ def test_guarantee_nothing_then_incremental_restarts_when_the_interrupted_snapsh
     assert all(zrepl_holds(f"{sfs}@{s}") == set() for s in ("a", "c"))
     rep = fs_status(cfg, "push", sfs)
     assert rep["state"] == "done" and rep["last_replicated"] == f"{sfs}@c"
+
+
+def test_a_receiver_out_of_space_fails_only_that_filesystem_and_the_next_run_completes_once_space_is_freed(
+        make_pool, zfs_tree, zfs_shim, tmp_path):
+    """A quota on the sink too small for the stream: the step fails (naming the space), the
+    sender's snapshot is still there to send, and after the admin frees space the next run
+    completes with the sender's guids, no resume state and no hold left behind."""
+    src, dst = make_pool("src"), make_pool("dst")
+    zfs_tree(src, "data\nsmall @s")
+    fill(f"{src}/data", 24 << 20)  # incompressible: the stream is at least 24 MiB
+    zfs("snapshot", f"{src}/data@big")
+    zfs_tree(dst, "sink")
+    zfs("set", "quota=8M", f"{dst}/sink")  # room for small, not for data
+    cfg = write_config(tmp_path, *push_sink(src, dst, filesystems={f"{src}/data": True, f"{src}/small": True}))
+    proc = run(zfs_shim, cfg, "run", "push")
+    assert proc.returncode == 1, proc.stderr
+    rep = fs_status(cfg, "push", f"{src}/data")
+    assert rep["state"] != "done" and any(w in (rep["error"] or "") for w in ("space", "quota")), rep
+    assert fs_status(cfg, "push", f"{src}/small")["state"] == "done"  # the other filesystem went on
+    assert snapshots(ZFS, f"{src}/data") == ["big"]
+    zfs("set", "quota=none", f"{dst}/sink")
+    proc = run(zfs_shim, cfg, "run", "push")
+    assert proc.returncode == 0, proc.stderr
+    target = f"{dst}/sink/client1/{src}/data"
+    assert snapshots(ZFS, target) == ["big"] and same_guids(target, f"{src}/data")
+    assert get(target, "receive_resume_token") == "-"
+    assert holds(ZFS, f"{src}/data@big") == set()
+    assert bookmarks(ZFS, f"{src}/data") == [cursor(f"{src}/data@big", "push")]
