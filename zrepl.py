@@ -8790,6 +8790,9 @@ class Replication:
                             self.estimates[f"{p.sender_fs}: {step.describe()}"] = self._estimate(p, step)
                 return self.reports
             retry = self._run_steps(plans, failed_now)
+            # A cursor or hold that could not be put back is worth another attempt too: the next
+            # plan() tries again (a completion lost twice must not leave a side unprunable).
+            retry |= set(self.unprotected)
             if not retry or self.cancel_reason:
                 break
             log.warning("%s: retrying %d filesystem(s) after temporary errors", self.settings.job, len(retry))

@@ -249,3 +249,22 @@ def test_the_status_document_records_the_run(fake_zfs, world, tmp_path):
     assert sorted(doc["replication"]["filesystems"]) == [SRC, "src/data/child"]
     assert doc["pruning_sender"]["destroyed"] == ["src/data@a"]
     assert json.loads(json.dumps(doc)) == doc
+
+
+def test_bookkeeping_lost_twice_is_put_back_within_the_run(fake_zfs, tmp_path):
+    """The one batched last-received hold fails once (both filesystems' completions are lost),
+    then the retry's first cursor bookmark fails once: the next attempt still puts every hold and
+    cursor in place, nothing is sent twice, and the run is OK."""
+    w = fake_zfs.world
+    w.tree("src", "one @a\ntwo @a")
+    w.tree("dst", "sink")
+    cfg = write_config(tmp_path, push_job(filesystems={"src/one": True, "src/two": True}), sink_job(root_fs="dst/sink"))
+    fake_zfs.fail("hold", match="zrepl_last_received", times=1, stderr="cannot hold: injected\n")
+    fake_zfs.fail("bookmark", match="zrepl_CURSOR_G", times=1, stderr="cannot create bookmark: injected\n")
+    result = push(fake_zfs, cfg)
+    assert result.code == 0, result
+    for fs in ("one", "two"):
+        assert w.holds(f"dst/sink/client1/src/{fs}@a") == {"zrepl_last_received_J_sink"}
+        assert w.bookmarks(f"src/{fs}") == [cursor(w, f"src/{fs}@a")]
+        assert w.holds(f"src/{fs}@a") == set()
+    assert len(fake_zfs.calls_of("recv")) == 2
