@@ -8436,7 +8436,7 @@ class RedialingConnection:
             raise
 
     def _redial(self) -> None:
-        log.info("%s: connecting again after the lost connection", self.conn.name)
+        log.warning("%s: connecting again after the lost connection", self.conn.name)
         self.conn.close()
         self.conn = self._dial()
         self.dials += 1
