@@ -2,14 +2,12 @@
 item 5) and global options after the subcommand (issue 9 item 4). In-process: parse_config and
 zrepl.main."""
 
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import zrepl  # noqa: E402
 
 SNAP = """

@@ -9,13 +9,11 @@ import os
 import datetime as dt
 import random
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import zrepl  # noqa: E402
 
 SEED = 20261201

@@ -11,13 +11,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zrepl  # noqa: E402
 from test_protocol import FakeClock  # noqa: E402
 

@@ -7,13 +7,10 @@ and refuses what RE2 refuses or Python cannot express, with why. Expected values
 
 import random
 import re
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zrepl  # noqa: E402
 from zrepl import KeepRegex, PruneContext, Version, compile_regex, decide_prune  # noqa: E402

@@ -9,7 +9,6 @@ the same config, the default log outlet is stderr.
 """
 
 import json
-import sys
 import tomllib
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "tests" / "zrepl_samples"
-sys.path.insert(0, str(ROOT))
 import zrepl  # noqa: E402
 
 

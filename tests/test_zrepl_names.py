@@ -6,12 +6,9 @@ zrepl file and test it comes from (zrepl/zrepl, internal/...).
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zrepl  # noqa: E402
 from zrepl import DatasetFilter  # noqa: E402

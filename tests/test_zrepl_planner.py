@@ -7,12 +7,9 @@ starting at a bookmark is `-i #a -> first` (and -I from there): the same version
 Each case names the zrepl file and test it comes from (zrepl/zrepl, internal/replication/...).
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zrepl import DatasetInfo, FilesystemPlan, PlanSettings, Step, Version, order_steps, plan_filesystem  # noqa: E402
 

@@ -7,12 +7,9 @@ zrepl). zrepl's snapshots carry only a name and a date; ours also a createtxg, w
 creation order, so the ports give each snapshot the createtxg of its position in time.
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zrepl import (  # noqa: E402
     GridInterval,

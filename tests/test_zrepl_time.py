@@ -6,12 +6,9 @@ documented behaviour (README: Coming from zrepl).
 """
 
 import calendar
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zrepl  # noqa: E402
 from zrepl import CronSpec, format_timestamp  # noqa: E402

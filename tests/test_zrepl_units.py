@@ -5,12 +5,9 @@ Same inputs, same expected outputs, against section 1. Each case names the zrepl
 comes from (zrepl/zrepl, internal/...).
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zrepl  # noqa: E402
 from zrepl import RingBuffer, parse_data_rate  # noqa: E402
