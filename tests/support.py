@@ -140,6 +140,21 @@ def source_job(name: str = "source", *, filesystems: Mapping[str, bool] | str, l
                                  "snapshotting": snapshotting, **keys})
 
 
+# One periodic snap job as TOML text, for config tests that edit it with str.replace.
+SNAP_JOB_TOML = """
+[[jobs]]
+name = "snapjob"
+type = "snap"
+filesystems = { "tank<" = true }
+[jobs.snapshotting]
+type = "periodic"
+prefix = "zrepl_"
+interval = "10m"
+[jobs.pruning]
+keep = [{ type = "last_n", count = 5 }]
+"""
+
+
 def snap_config(directory: Path | str, jobs: Mapping[str, str], *, interval: str = "1h",
                 global_: Mapping[str, Any] | None = None) -> Path:
     """A config of periodic snap jobs (job name -> filesystem, with its children), no pruning rules."""

@@ -7,21 +7,11 @@ from pathlib import Path
 import pytest
 
 import zrepl
+from support import SNAP_JOB_TOML
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SNAP_JOB = """
-[[jobs]]
-name = "snapjob"
-type = "snap"
-filesystems = { "tank<" = true }
-[jobs.snapshotting]
-type = "periodic"
-prefix = "zrepl_"
-interval = "10m"
-[jobs.pruning]
-keep = [{ type = "last_n", count = 5 }]
-"""
+SNAP_JOB = SNAP_JOB_TOML
 
 
 def parse(text: str) -> zrepl.Config:

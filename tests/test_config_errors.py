@@ -6,22 +6,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support import SNAP_JOB_TOML as SNAP
+
+import zrepl
 
 ROOT = Path(__file__).resolve().parents[1]
-import zrepl  # noqa: E402
 
-SNAP = """
-[[jobs]]
-name = "snapjob"
-type = "snap"
-filesystems = { "tank<" = true }
-[jobs.snapshotting]
-type = "periodic"
-prefix = "zrepl_"
-interval = "10m"
-[jobs.pruning]
-keep = [{ type = "last_n", count = 5 }]
-"""
 
 
 def errors_of(text: str, file: str = "test.toml") -> list[zrepl.ConfigError]:
