@@ -455,14 +455,20 @@ def test_copy_to_a_regular_file(local, payload_64m, tmp_path, fd_passing):
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
 
 
-@pytest.mark.parametrize("transport", ["local-fd", "local-copy", "pipes"])
-def test_producer_failure_reaches_the_receiver(transport, local, stdio_server):
+def client_over(transport, local, stdio_server):
+    """A connected client over pipes (stdinserver-like) or a local socket with or without fd passing."""
     if transport == "pipes":
         client = stdio_server()
         client.handshake_client("c")
-    else:
-        client = local[0]
-        client.fd_passing = transport == "local-fd"
+        return client
+    client = local[0]
+    client.fd_passing = transport == "local-fd"
+    return client
+
+
+@pytest.mark.parametrize("transport", ["local-fd", "local-copy", "pipes"])
+def test_producer_failure_reaches_the_receiver(transport, local, stdio_server):
+    client = client_over(transport, local, stdio_server)
     proc = subprocess.Popen([sys.executable, "-c", "import os; os.write(1, b'y' * 3000); raise SystemExit(2)"],
                             stdout=subprocess.PIPE)
     with pytest.raises(zrepl.RemoteError) as ei:
@@ -476,12 +482,7 @@ def test_producer_failure_reaches_the_receiver(transport, local, stdio_server):
 
 @pytest.mark.parametrize("transport", ["local-fd", "local-copy", "pipes"])
 def test_early_rejection_stops_an_endless_stream(transport, local, stdio_server):
-    if transport == "pipes":
-        client = stdio_server()
-        client.handshake_client("c")
-    else:
-        client = local[0]
-        client.fd_passing = transport == "local-fd"
+    client = client_over(transport, local, stdio_server)
     endless = subprocess.Popen(["cat", "/dev/zero"], stdout=subprocess.PIPE)
     with pytest.raises(zrepl.RemoteError, match="modified since"):
         client.request("reject", {}, stream_in=zrepl.OutgoingStream.from_process(endless, "cat"))
