@@ -1,5 +1,5 @@
-"""Campaign (issue 14 item 2), host part: a push dies at EVERY zfs command after the stream of an
-incremental step (the completion on both sides, then pruning), once before the command and once
+"""Campaign (issue 14 item 2), host part: a push, and a pull, dies at EVERY zfs command after the
+stream of an incremental step (the completion on both sides, then pruning), once before the command and once
 after it, through the ZFS double; then one clean run, then the invariants read from the double's
 world (never from zrepl.py's report). "Dies" means: from that command on, no zfs command has an
 effect (each raises an exception nothing in zrepl.py expects, as if the process were gone).
@@ -15,9 +15,27 @@ import pytest
 
 import zrepl
 from fakezfs import FakeZfs, World
-from support import last_n, not_replicated, push_job, run, sink_job, write_config
+from support import Job, last_n, not_replicated, pull_job, push_job, run, sink_job, source_job, write_config
 
-SRC, TARGET = "src/data", "dst/sink/client1/src/data"
+SRC = "src/data"
+KEEP: dict[str, Any] = {"keep_sender": [not_replicated(), last_n(1)], "keep_receiver": [last_n(1)]}
+
+
+class Mode:
+    """The job run, where the replica lands, and who names the abstractions: the cursor is the
+    sending job's, the last-received hold the receiving job's."""
+
+    def __init__(self, job: str, jobs: tuple[Job, ...], target: str, sending_job: str, receiving_job: str):
+        self.job, self.jobs, self.target = job, jobs, target
+        self.sending_job, self.receiving_job = sending_job, receiving_job
+
+
+MODES = {
+    "push": Mode("push", (push_job(filesystems={SRC: True}, **KEEP), sink_job(root_fs="dst/sink")),
+                 "dst/sink/client1/src/data", sending_job="push", receiving_job="sink"),
+    "pull": Mode("pull", (source_job(filesystems={SRC: True}), pull_job(root_fs="dst/sink", **KEEP)),
+                 "dst/sink/src/data", sending_job="source", receiving_job="pull"),
+}
 
 
 class Killed(BaseException):
@@ -53,36 +71,38 @@ class DyingZfs(FakeZfs):
         return self._gate(lambda: super(DyingZfs, self).spawn(argv, **kwargs))
 
 
-def problems(w: World) -> list[str]:
+def problems(w: World, mode: Mode) -> list[str]:
+    target = mode.target
     newest = w.snapshots(SRC)[-1]
     found = []
-    if w.snapshots(TARGET)[-1:] != [newest] or w.guid(f"{TARGET}@{newest}") != w.guid(f"{SRC}@{newest}"):
-        found.append(f"receiver has {w.snapshots(TARGET)}, not {newest} with its guid")
-    if w.snapshots(SRC) != [newest] or w.snapshots(TARGET) != [newest]:  # last_n 1: nothing blocks pruning
-        found.append(f"pruning left sender {w.snapshots(SRC)}, receiver {w.snapshots(TARGET)}")
-    if w.bookmarks(SRC) != [zrepl.cursor_bookmark_name(w.guid(f"{SRC}@{newest}"), "push")]:
+    if w.snapshots(target)[-1:] != [newest] or w.guid(f"{target}@{newest}") != w.guid(f"{SRC}@{newest}"):
+        found.append(f"receiver has {w.snapshots(target)}, not {newest} with its guid")
+    if w.snapshots(SRC) != [newest] or w.snapshots(target) != [newest]:  # last_n 1: nothing blocks pruning
+        found.append(f"pruning left sender {w.snapshots(SRC)}, receiver {w.snapshots(target)}")
+    if w.bookmarks(SRC) != [zrepl.cursor_bookmark_name(w.guid(f"{SRC}@{newest}"), mode.sending_job)]:
         found.append(f"sender bookmarks {w.bookmarks(SRC)}")
     for snap in w.snapshots(SRC):
         if w.holds(f"{SRC}@{snap}"):
             found.append(f"sender {snap} holds {w.holds(f'{SRC}@{snap}')}")
-    for snap in w.snapshots(TARGET):
-        want = {zrepl.last_received_hold_tag("sink")} if snap == newest else set()
-        if w.holds(f"{TARGET}@{snap}") != want:
-            found.append(f"receiver {snap} holds {w.holds(f'{TARGET}@{snap}')}")
-    if w.resume_token(TARGET):
+    for snap in w.snapshots(target):
+        want = {zrepl.last_received_hold_tag(mode.receiving_job)} if snap == newest else set()
+        if w.holds(f"{target}@{snap}") != want:
+            found.append(f"receiver {snap} holds {w.holds(f'{target}@{snap}')}")
+    if w.resume_token(target):
         found.append("a partial receive is left")
     return found
 
 
-# the death unwinds the sink's thread too: that thread's unhandled exception is the point
+# the death unwinds the serving job's thread too: that thread's unhandled exception is the point
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_push_dying_at_each_completion_command_heals_in_one_clean_run(tmp_path: Path, capsys):
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_run_dying_at_each_completion_command_heals_in_one_clean_run(tmp_path: Path, capsys, mode: str):
+    m = MODES[mode]
     w = World()
     w.tree("src", "data @s0")
     w.tree("dst", "sink")
-    cfg = write_config(tmp_path, push_job(filesystems={SRC: True}, keep_sender=[not_replicated(), last_n(1)],
-                                          keep_receiver=[last_n(1)]), sink_job(root_fs="dst/sink"))
-    assert run("--config", cfg, "run", "push", zfs=FakeZfs(w)).code == 0
+    cfg = write_config(tmp_path, *m.jobs)
+    assert run("--config", cfg, "run", m.job, zfs=FakeZfs(w)).code == 0
     taken = 1
 
     def new_snapshot() -> None:
@@ -93,7 +113,7 @@ def test_a_push_dying_at_each_completion_command_heals_in_one_clean_run(tmp_path
 
     new_snapshot()
     reference = FakeZfs(w)
-    assert run("--config", cfg, "run", "push", zfs=reference).code == 0
+    assert run("--config", cfg, "run", m.job, zfs=reference).code == 0
     first = max(i for i, argv in enumerate(reference.calls) if argv[1] in ("recv", "receive")) + 1
     points = [(i, after) for i in range(first, len(reference.calls)) for after in (False, True)]
     trials, recovered, found_all = 0, 0, []
@@ -101,16 +121,16 @@ def test_a_push_dying_at_each_completion_command_heals_in_one_clean_run(tmp_path
         trials += 1
         new_snapshot()
         dying = DyingZfs(w, at, after)
-        run("--config", cfg, "run", "push", zfs=dying)
+        run("--config", cfg, "run", m.job, zfs=dying)
         where = f"dead {'after' if after else 'at'} {' '.join(reference.calls[at][1:3])} (command {at})"
         if not dying.dead:
             found_all.append(f"{where}: not reached")
             continue
-        clean = run("--config", cfg, "run", "push", zfs=FakeZfs(w))
-        found = problems(w) + ([f"clean run exited {clean.code}: {clean.stderr[-300:]}"] if clean.code else [])
+        clean = run("--config", cfg, "run", m.job, zfs=FakeZfs(w))
+        found = problems(w, m) + ([f"clean run exited {clean.code}: {clean.stderr[-300:]}"] if clean.code else [])
         recovered += not found
         found_all += [f"{where}: {p}" for p in found]
     with capsys.disabled():
-        print(f"\ncampaign kill at each completion command (host): trials={trials} recovered={recovered} "
+        print(f"\ncampaign kill at each completion command of a {mode} (host): trials={trials} recovered={recovered} "
               f"problems={len(found_all)}")
     assert found_all == [] and trials == len(points) >= 8
