@@ -5,7 +5,9 @@ from ZFS itself (guids, holds, bookmarks, file checksums), never from zrepl.py's
   on both sides, then pruning), once before it runs and, for the last one, once after: a kill
   before a read-only command leaves what a kill after the previous mutating one leaves, so these
   are all the states a kill during the completion can leave;
-- at random moments of a push (seeded: ZREPL_CAMPAIGN_SEED, printed).
+- at random moments of a push, and of a pull (the source job serving it over the local transport,
+  in the same process group, so the kill takes both sides as a crash of the host does; seeded:
+  ZREPL_CAMPAIGN_SEED, printed).
 
 Each campaign prints `trials`, `recovered` and `problems`; about 3 minutes each in the guest (TCG),
 6 under a loaded host.
@@ -19,27 +21,51 @@ import random
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from repltest import _command, cursor, fill, push_sink, run
-from support import campaign_seed, bookmarks, holds, last_n, not_replicated, snapshots, write_config
+from support import (Job, bookmarks, campaign_seed, holds, last_n, not_replicated, pull_job, snapshots, source_job,
+                     write_config)
 from zfstest import ZFS, ZfsShim, get, guid, zfs
 
 MUTATING = ("hold", "release", "bookmark", "destroy", "snapshot", "rename", "set", "inherit")
-STEP_HOLD, LAST_RECEIVED = "zrepl_STEP_J_push", "zrepl_last_received_J_sink"
 
 
 def seed() -> int:
     return campaign_seed()
 
 
-class Pair:
-    """SRC/data pushed into DST/sink (client1); both sides keep one snapshot (plus what the rules
-    must keep), so a blocked pruning shows as a second snapshot."""
+@dataclass(frozen=True)
+class Mode:
+    """What differs between a push and a pull of SRC/data: the job run, where the replica lands and
+    the names of the abstractions (the cursor is named by the sending job, the last-received hold
+    by the receiving one)."""
+    job: str
+    sending_job: str
+    receiving_job: str
+    replica_root: str  # below DST
 
-    def __init__(self, src: str, dst: str, cfg: Path):
-        self.src, self.dst, self.cfg = src, dst, cfg
-        self.sfs, self.target = f"{src}/data", f"{dst}/sink/client1/{src}/data"
+    def jobs(self, src: str, dst: str) -> tuple[Job, ...]:
+        keep = {"keep_sender": [not_replicated(), last_n(1)], "keep_receiver": [last_n(1)]}
+        if self.job == "push":
+            return push_sink(src, dst, **keep)
+        return (source_job(self.sending_job, filesystems={f"{src}/data<": True}),
+                pull_job(self.job, root_fs=f"{dst}/{self.replica_root}", listener=self.sending_job, **keep))
+
+
+PUSH = Mode("push", sending_job="push", receiving_job="sink", replica_root="sink/client1")
+PULL = Mode("pull", sending_job="source", receiving_job="pull", replica_root="pulled")
+
+
+class Pair:
+    """SRC/data replicated into DST (pushed into a sink or pulled from a source); both sides keep
+    one snapshot (plus what the rules must keep), so a blocked pruning shows as a second snapshot."""
+
+    def __init__(self, src: str, dst: str, cfg: Path, mode: Mode):
+        self.src, self.dst, self.cfg, self.mode = src, dst, cfg, mode
+        self.sfs, self.target = f"{src}/data", f"{dst}/{mode.replica_root}/{src}/data"
+        self.last_received = f"zrepl_last_received_J_{mode.receiving_job}"
         self.taken = 0
 
     def new_snapshot(self) -> str:
@@ -61,17 +87,40 @@ class Pair:
                 found.append(f"{name}: guids differ")
         if src_snaps != [newest] or dst_snaps != [newest]:  # last_n 1 on both sides: nothing blocks it
             found.append(f"pruning left sender {src_snaps}, receiver {dst_snaps}")
-        if bookmarks(ZFS, self.sfs) != [cursor(f"{self.sfs}@{newest}", "push")]:
+        if bookmarks(ZFS, self.sfs) != [cursor(f"{self.sfs}@{newest}", self.mode.sending_job)]:
             found.append(f"sender bookmarks {bookmarks(ZFS, self.sfs)}")
         for snap in src_snaps:
             if {t for t in holds(ZFS, f"{self.sfs}@{snap}") if t.startswith("zrepl_")}:
                 found.append(f"sender {snap} holds {holds(ZFS, f'{self.sfs}@{snap}')}")
         for snap in dst_snaps:
-            want = {LAST_RECEIVED} if snap == newest else set()
+            want = {self.last_received} if snap == newest else set()
             if holds(ZFS, f"{self.target}@{snap}") != want:
                 found.append(f"receiver {snap} holds {holds(ZFS, f'{self.target}@{snap}')}")
         if get(self.target, "receive_resume_token") != "-":
             found.append("a partial receive is left on the receiver")
+        return found
+
+    def base_problems(self) -> list[str]:
+        """Right after a kill: the receiver's newest snapshot is still on the sender, as a snapshot
+        or a bookmark (the incremental base is kept, so no full send or conflict is needed)."""
+        received = snapshots(ZFS, self.target)
+        if not received:
+            return ["the receiver has no snapshot"]
+        base = guid(f"{self.target}@{received[-1]}")
+        info = ZFS.list_one(self.sfs)
+        if info is None or base not in {v.guid for v in info.versions}:
+            return [f"the base {received[-1]} is gone from the sender"]
+        return []
+
+    def heal(self, killed_stderr: str = "") -> list[str]:
+        """The base check, one clean run, then everything that is still wrong."""
+        found = self.base_problems()
+        clean = run(None, self.cfg, "run", self.mode.job)
+        found += self.problems()
+        if clean.returncode != 0:
+            found.insert(0, f"clean run exited {clean.returncode}: {clean.stderr.strip()[-300:]}")
+        if "Traceback" in clean.stderr + killed_stderr:
+            found.append("a traceback")
         return found
 
     def data_problems(self) -> list[str]:
@@ -93,15 +142,13 @@ class Pair:
             zfs("destroy", clone)
 
 
-def prepared(make_pool, zfs_tree, tmp_path: Path) -> Pair:
+def prepared(make_pool, zfs_tree, tmp_path: Path, mode: Mode = PUSH) -> Pair:
     src, dst = make_pool("src"), make_pool("dst")
     zfs_tree(src, "data")
-    zfs_tree(dst, "sink")
-    cfg = write_config(tmp_path, *push_sink(src, dst, keep_sender=[not_replicated(), last_n(1)],
-                                            keep_receiver=[last_n(1)]))
-    pair = Pair(src, dst, cfg)
+    zfs_tree(dst, mode.replica_root.split("/")[0])
+    pair = Pair(src, dst, write_config(tmp_path, *mode.jobs(src, dst)), mode)
     pair.new_snapshot()
-    first = run(None, cfg, "run", "push")
+    first = run(None, pair.cfg, "run", mode.job)
     assert first.returncode == 0, first.stderr
     return pair
 
@@ -143,12 +190,7 @@ def test_kill_at_every_zfs_command_of_a_push_steps_completion(make_pool, zfs_tre
         if killed.returncode != -signal.SIGKILL:
             problems.append(f"{where}: not reached (exit {killed.returncode}: {killed.stderr.strip()[-300:]})")
             continue
-        clean = run(None, pair.cfg, "run", "push")
-        found = pair.problems()
-        if clean.returncode != 0:
-            found.insert(0, f"clean run exited {clean.returncode}: {clean.stderr.strip()[-300:]}")
-        if "Traceback" in clean.stderr + killed.stderr:
-            found.append("a traceback")
+        found = pair.heal(killed.stderr)
         recovered += not found
         problems += [f"{where}: {p}" for p in found]
     problems += pair.data_problems()
@@ -158,40 +200,46 @@ def test_kill_at_every_zfs_command_of_a_push_steps_completion(make_pool, zfs_tre
 
 
 def test_kill_at_random_moments_of_a_push(make_pool, zfs_tree, tmp_path):
+    kill_at_random_moments(prepared(make_pool, zfs_tree, tmp_path, PUSH), "kill at random moments")
+
+
+def test_kill_at_random_moments_of_a_pull(make_pool, zfs_tree, tmp_path):
+    kill_at_random_moments(prepared(make_pool, zfs_tree, tmp_path, PULL), "kill at random moments of a pull")
+
+
+def kill_at_random_moments(pair: Pair, name: str, rounds: int = 3) -> None:
+    """Each round: new snapshots and a stream that takes a while, one run killed (with its zfs
+    children) at a seeded moment within 1.5 times a measured run, then pair.heal()."""
     rng = random.Random(seed())
-    pair = prepared(make_pool, zfs_tree, tmp_path)
     pair.new_snapshot()
     started = time.monotonic()
-    assert run(None, pair.cfg, "run", "push").returncode == 0
+    assert run(None, pair.cfg, "run", pair.mode.job).returncode == 0
     duration = time.monotonic() - started
-    trials, recovered, problems = 0, 0, []
-    for _ in range(3):
+    trials, recovered, problems, finished_first = 0, 0, [], 0
+    for _ in range(rounds):
         trials += 1
         for _ in range(rng.randint(1, 2)):
             pair.new_snapshot()
         fill(pair.sfs, 2 << 20, name=f"big{trials}.bin")  # a stream that takes a while
         pair.new_snapshot()
         at = rng.uniform(0.1, duration * 1.5)
-        proc = start_in_own_group(pair.cfg)
+        proc = start_in_own_group(pair.cfg, pair.mode.job)
         time.sleep(at)
         with contextlib.suppress(ProcessLookupError):  # zrepl.py and its zfs send/recv, as systemd kills a unit
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=120)
-        clean = run(None, pair.cfg, "run", "push")
-        found = pair.problems()
-        if clean.returncode != 0:
-            found.insert(0, f"clean run exited {clean.returncode}: {clean.stderr.strip()[-300:]}")
-        if "Traceback" in clean.stderr:
-            found.append("a traceback")
+        finished_first += proc.returncode != -signal.SIGKILL  # the kill found it done: heal() then tries a clean state
+        found = pair.heal()
         recovered += not found
         problems += [f"kill at {at:.1f}s: {p}" for p in found]
     problems += pair.data_problems()
-    report("kill at random moments", trials, recovered, problems)
+    print(f"one run took {duration:.1f} s; {finished_first} of {trials} runs ended before their kill")
+    report(name, trials, recovered, problems)
     assert problems == [] and recovered == trials
 
 
-def start_in_own_group(cfg: Path) -> subprocess.Popen:
-    """A push run in its own process group, so one killpg reaches zrepl.py and its zfs children."""
-    argv, env = _command(None, ("--config", str(cfg), "run", "push"))
+def start_in_own_group(cfg: Path, job: str) -> subprocess.Popen:
+    """A run in its own process group, so one killpg reaches zrepl.py and its zfs children."""
+    argv, env = _command(None, ("--config", str(cfg), "run", job))
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
