@@ -171,8 +171,9 @@ def test_hostile_stream_property_breaks_nothing_for_the_other_clients(make_pool,
         assert producer.wait(timeout=120) == 0
 
     zfs("set", f"zrepl:placeholder={HOSTILE_VALUE}", hostile)
-    receive("h1", [f"{hostile}@h1"], None)
     zfs("snapshot", f"{hostile}@h2")
+    before = sink.outside_client1()
+    receive("h1", [f"{hostile}@h1"], None)
     receive("h2", ["-i", "@h1", f"{hostile}@h2"], "@h1")
     conn.close()
     value_source = zfs("get", "-H", "-o", "value,source", "zrepl:placeholder", target).rstrip("\n")
@@ -185,6 +186,7 @@ def test_hostile_stream_property_breaks_nothing_for_the_other_clients(make_pool,
     listed = [name for name, _ in zrepl.fetch_listing(other, "receiver.list")]
     assert any(name.endswith("x") for name in listed), listed
     assert get(f"{sink.client1}/prod", "zrepl:placeholder") == HOSTILE_VALUE
+    assert sink.outside_client1() == before  # (client2's own receive below changes its subtree, rightly)
     producer = subprocess.Popen([REAL_ZFS, "send", f"{sink.src}/data@a"], stdout=subprocess.PIPE)
     req = {"fs": "data", "to": "a", "to_guid": guid(f"{sink.src}/data@a"), "from": None}
     other.request("receiver.receive", req, stream_in=zrepl.OutgoingStream.from_process(producer, "zfs send"))
