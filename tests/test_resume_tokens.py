@@ -164,7 +164,8 @@ def test_a_listing_far_over_one_frame_arrives_whole_in_bounded_pages():
     assert [(d.name, [(v.name, v.guid) for v in d.versions]) for d in got] == \
         [(d.name, [(v.name, v.guid) for v in d.versions]) for d in datasets]
     assert stub.listed == 1  # one zfs listing, served page by page
-    total = sum(len(zrepl.json.dumps(item)) for item in zrepl.listing_items((d.name, d) for d in datasets))
+    total = sum(len(zrepl.json.dumps(zrepl.listing_item_to_wire(item)))
+                for item in zrepl.listing_items((d.name, d) for d in datasets))
     assert total > 4 * zrepl.LISTING_PAGE_BYTES and zrepl.LISTING_PAGE_BYTES * 2 < zrepl.MAX_HEADER_SIZE
     assert client.stats.frames_received.get("RESPONSE", 0) >= total // zrepl.LISTING_PAGE_BYTES
 
