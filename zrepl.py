@@ -6793,9 +6793,9 @@ def version_to_wire(v: Version) -> dict[str, Any]:
             "userrefs": v.userrefs}
 
 
-def dataset_to_wire(ds: DatasetInfo) -> dict[str, Any]:
-    return {"name": ds.name, "type": ds.type, "guid": ds.guid, "createtxg": ds.createtxg, "props": ds.props,
-            "versions": [version_to_wire(v) for v in ds.versions]}
+def dataset_to_wire(ds: DatasetInfo, with_versions: bool = True) -> dict[str, Any]:
+    return {"name": ds.name, "type": ds.type, "guid": ds.guid, "createtxg": ds.createtxg, "props": dict(ds.props),
+            "versions": [version_to_wire(v) for v in ds.versions] if with_versions else []}
 
 
 def _wire_int(d: dict[str, Any], key: str) -> int:
@@ -6854,9 +6854,7 @@ def listing_items(datasets: Iterable[tuple[str, DatasetInfo]]) -> list[ListingIt
     """(key, dataset) pairs -> page items: {"key", "dataset" without versions}, then its versions."""
     items: list[ListingItem] = []
     for key, ds in datasets:
-        head = {"name": ds.name, "type": ds.type, "guid": ds.guid, "createtxg": ds.createtxg,
-                "props": dict(ds.props), "versions": []}
-        items.append({"key": key, "dataset": head})
+        items.append({"key": key, "dataset": dataset_to_wire(ds, with_versions=False)})
         items += ds.versions
     return items
 
