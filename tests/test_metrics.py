@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -18,33 +17,9 @@ import pytest
 
 import zrepl
 from fakezfs import FakeZfs
-from support import last_n, not_replicated, push_job, run, sink_job, snap_job, status, write_config
+from support import last_n, not_replicated, promtool_check, push_job, run, sink_job, snap_job, status, write_config
 
 SRC = "src/data"
-
-# promtool lints zrepl's own counter names (no `_total`): kept as zrepl exports them, because
-# dashboards query them by these names. Any other finding fails the test.
-ZREPL_NAMES_PROMTOOL_DISLIKES = {
-    ("zrepl_replication_bytes_replicated", 'counter metrics should have "_total" suffix'),
-    ("zrepl_daemon_log_entries", 'counter metrics should have "_total" suffix'),
-    ("zrepl_control_request_begin", 'counter metrics should have "_total" suffix'),
-}
-
-
-def promtool_check(text: str) -> None:
-    """`promtool check metrics` must accept the text: no parse error, no lint finding beyond the
-    zrepl names above. Skips only outside tests/run-all (which sets ZREPL_TEST_REQUIRE_PROMTOOL)."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("ZREPL_TEST_REQUIRE_PROMTOOL"):
-            pytest.fail("promtool is missing (apt-get install prometheus) and tests/run-all requires it")
-        pytest.skip("promtool not installed (Debian: apt-get install --no-install-recommends prometheus)")
-    proc = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
-    output = (proc.stdout + proc.stderr).decode()
-    assert proc.returncode in (0, 3), f"promtool rejected the text (exit {proc.returncode}): {output}\n{text}"
-    findings = {tuple(line.split(" ", 1)) for line in output.splitlines() if line.strip()}
-    assert findings <= ZREPL_NAMES_PROMTOOL_DISLIKES, f"promtool findings: {findings - ZREPL_NAMES_PROMTOOL_DISLIKES}"
-
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -405,6 +380,7 @@ def test_close_stops_the_listener_and_returns(server):
 
 def test_without_promtool_the_check_skips_alone_and_fails_under_run_all(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("ZREPL_TEST_PROMTOOL", raising=False)
     monkeypatch.delenv("ZREPL_TEST_REQUIRE_PROMTOOL", raising=False)
     with pytest.raises(pytest.skip.Exception):
         promtool_check("")
