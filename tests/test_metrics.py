@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -201,6 +202,31 @@ def test_zfs_command_runtimes_are_recorded_by_verb_and_job_in_zrepls_buckets(tmp
     buckets = [le for (name, labels) in samples(text) if name == "zrepl_zfscmd_runtime_bucket"
                for k, le in labels if k == "le" and ("zfsverb", "get") in labels]
     assert buckets == ["0.01", "0.1", "0.2", "0.5", "0.75", "1", "2", "5", "10", "60", "+Inf"]
+
+
+def test_stream_commands_send_and_recv_are_timed_until_waited_for_under_the_job_that_started_them(tmp_path):
+    stub = tmp_path / "zfs"
+    stub.write_text("#!/bin/sh\nexec cat\n")  # a stream: stdin to stdout until EOF
+    stub.chmod(0o755)
+    zfs = zrepl.Zfs(zfs_bin=str(stub))
+    token = zrepl.LOG_JOB.set("push")
+    try:
+        send = zfs.spawn(["zfs", "send", "p/fs@a"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        recv = zfs.spawn(["zfs", "recv", "-s", "q/fs"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    finally:
+        zrepl.LOG_JOB.reset(token)
+    assert zfs.counters.runtimes == {}  # running: nothing to observe yet
+    results: list[object] = []
+    # waited for in threads that run no job: still counted under the job that started them
+    waiter = threading.Thread(target=lambda: results.extend([send.communicate(b"stream"), recv.communicate(b"")]))
+    waiter.start()
+    waiter.join(30)
+    assert not waiter.is_alive() and results[0] == (b"stream", None)
+    assert send.poll() == 0 and recv.wait() == 0  # seen again: observed once, not twice
+    text = zrepl.render_metrics(zrepl.StatusDocument(), zrepl.ProcessMetrics(), [zfs.counters])
+    promtool_check(text)
+    for verb in ("send", "recv"):
+        assert value(text, "zrepl_zfscmd_runtime_count", jobid="push", zfsbinary="zfs", zfsverb=verb) == 1, text
 
 
 def test_label_values_are_escaped_and_log_entries_and_control_requests_are_counted():

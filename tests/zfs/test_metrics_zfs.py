@@ -54,7 +54,8 @@ def test_a_push_run_writes_the_textfile_with_real_creation_times_and_bytes(make_
     assert metric(text, "zrepl_replication_lag_seconds", fs) == 0
     report = status(cfg)["jobs"]["push"]["replication"]["filesystems"][f"{src}/data"]
     assert metric(text, "zrepl_replication_bytes_replicated", fs) == report["bytes_total"] > 0
-    assert metric(text, "zrepl_zfscmd_runtime_count", 'jobid="push",zfsbinary="zfs",zfsverb="list"') >= 1
+    for verb in ("list", "send", "recv"):  # the streams too, as zrepl's zfscmd times every command
+        assert metric(text, "zrepl_zfscmd_runtime_count", f'jobid="push",zfsbinary="zfs",zfsverb="{verb}"') >= 1
     assert run_zrepl("--config", cfg, "status").returncode == 0  # fresh on both sides
     zfs("snapshot", f"{src}/data@b")
     ok = run_zrepl("--config", cfg, "status", "--json")
@@ -95,7 +96,8 @@ def test_the_daemons_http_metrics_and_textfile_pass_promtool_with_the_values_of_
         assert metric(text, "zrepl_replication_lag_seconds", fs) == 0, outlet
         assert metric(text, "zrepl_replication_filesystem_errors", 'zrepl_job="push"') == 0, outlet
         assert metric(text, "zrepl_replication_last_successful", 'zrepl_job="push"') >= created, outlet
-        assert metric_sum(text, "zrepl_zfscmd_runtime_count", 'zfsverb="list"') >= 1, outlet
+        for verb in ("list", "send", "recv"):
+            assert metric_sum(text, "zrepl_zfscmd_runtime_count", f'zfsverb="{verb}"') >= 1, (outlet, verb)
     # the listener serves the daemon's own process: its control requests so far are counted
     assert metric(http, "zrepl_control_request_finished_count", 'endpoint="/status"') >= 1
     assert metric(http, "zrepl_control_request_finished_count", 'endpoint="/signal"') == 1
