@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 from daemontest import WAIT, DaemonProcess, daemon_state, live, live_job, token, wait_until
 from repltest import fill, push_sink
@@ -17,6 +18,7 @@ from support import periodic, snap_job, snapshots, write_config
 from zfstest import ZFS, get, zfs, zrepl_argv, zrepl_env
 
 import zrepl
+
 
 def test_the_daemon_snapshots_on_schedule_and_replicates_without_cron(make_pool, zfs_tree, zfs_shim, tmp_path,
                                                                      sockdir):
@@ -52,20 +54,27 @@ def stat_mode(path: str) -> int:
     return os.stat(path).st_mode & 0o777
 
 
-def test_wakeup_over_the_socket_sigterm_mid_transfer_keeps_the_token_and_a_restart_resumes(
-        make_pool, zfs_tree, zfs_shim, tmp_path, sockdir):
+def slow_push(make_pool, zfs_tree, tmp_path, sockpath: str, size: int) -> tuple[str, str, Path]:
+    """SRC/data with one snapshot @big of `size` incompressible bytes, a push job into a local sink
+    with manual snapshotting (only wakeups start passes) and a 1 MiB/s bandwidth limit, so a
+    transfer is under way long enough to act on it (the tests wait for bytes moved, not for time).
+    Returns (src pool, the receiving filesystem, config path)."""
     src, dst = make_pool("src", size="512M"), make_pool("dst", size="512M")
     zfs_tree(src, "data")
     zfs_tree(dst, "sink")
     zfs("set", "compression=off", f"{src}/data")
-    fill(f"{src}/data", 24 << 20)
+    fill(f"{src}/data", size)
     zfs("snapshot", f"{src}/data@big")
-    sockpath = f"{sockdir}/control"
-    # manual snapshotting: only a wakeup starts the push; 1 MiB/s makes the transfer last ~24 s
     cfg = write_config(tmp_path, *push_sink(src, dst, filesystems={f"{src}/data": True},
                                             send={"bandwidth_limit": {"max": "1 MiB"}}),
                        global_={"control": {"sockpath": sockpath}})
-    target = f"{dst}/sink/client1/{src}/data"
+    return src, f"{dst}/sink/client1/{src}/data", cfg
+
+
+def test_wakeup_over_the_socket_sigterm_mid_transfer_keeps_the_token_and_a_restart_resumes(
+        make_pool, zfs_tree, zfs_shim, tmp_path, sockdir):
+    sockpath = f"{sockdir}/control"
+    src, target, cfg = slow_push(make_pool, zfs_tree, tmp_path, sockpath, 24 << 20)
     env = zrepl_env(zfs_shim.env)
     daemon = DaemonProcess(zfs_shim, cfg, tmp_path / "daemon.log")
     try:
@@ -121,19 +130,8 @@ def wakeup(sockpath: str, job: str) -> dict:
 
 def test_reset_over_the_socket_mid_transfer_keeps_the_token_says_so_and_the_next_wakeup_resumes(
         make_pool, zfs_tree, zfs_shim, tmp_path, sockdir):
-    src, dst = make_pool("src", size="512M"), make_pool("dst", size="512M")
-    zfs_tree(src, "data")
-    zfs_tree(dst, "sink")
-    zfs("set", "compression=off", f"{src}/data")
-    fill(f"{src}/data", 12 << 20)
-    zfs("snapshot", f"{src}/data@big")
     sockpath = f"{sockdir}/control"
-    # manual snapshotting: only wakeups start passes; 1 MiB/s makes the transfer last ~12 s, and
-    # the reset comes once 2 MiB have moved (a condition, not a time)
-    cfg = write_config(tmp_path, *push_sink(src, dst, filesystems={f"{src}/data": True},
-                                            send={"bandwidth_limit": {"max": "1 MiB"}}),
-                       global_={"control": {"sockpath": sockpath}})
-    target = f"{dst}/sink/client1/{src}/data"
+    src, target, cfg = slow_push(make_pool, zfs_tree, tmp_path, sockpath, 12 << 20)  # the reset after 2 MiB
     daemon = DaemonProcess(zfs_shim, cfg, tmp_path / "daemon.log")
     try:
         wait_until(lambda: live(sockpath) is not None, "the control socket", daemon)
