@@ -190,7 +190,7 @@ def test_sighup_starts_an_added_job_stops_a_removed_one_and_an_invalid_config_ke
         # a snapshotted every 10 s until the reload; in the interval b took since, it took none
         assert count("a") == a_after_reload, "the removed job still snapshots"
         code, reply = zrepl.control_request(sockpath, "POST", "/signal", {"job": "a", "op": "wakeup"}, timeout=30)
-        assert code == 404 and "no job named a" in reply["error"], reply
+        assert code == 404 and "no job named 'a'" in reply["error"], reply
 
         cfg.write_text(cfg.read_text().replace('interval = "10s"', 'interval = "10 parsecs"'))
         daemon.proc.send_signal(signal.SIGHUP)
