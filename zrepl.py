@@ -3557,8 +3557,8 @@ ZFSCMD_BUCKETS = (0.01, 0.1, 0.2, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 60.0)  # zrepl
 
 @dataclass
 class ZfsCounters:
-    """zfs spawns per verb (benchmarks and tests count them), and how long each short command took
-    by (job, binary, verb): zrepl's zrepl_zfscmd_runtime metric."""
+    """zfs spawns per verb (benchmarks and tests count them), and how long each command took by
+    (job, binary, verb), streams (send/recv) included: zrepl's zrepl_zfscmd_runtime metric."""
 
     spawns: dict[str, int] = field(default_factory=dict)
     runtimes: dict[tuple[str, str, str], Histogram] = field(default_factory=dict)
@@ -3569,14 +3569,42 @@ class ZfsCounters:
         with self.lock:
             self.spawns[verb] = self.spawns.get(verb, 0) + 1
 
-    def observe(self, argv: Sequence[str], seconds: float) -> None:
-        key = (LOG_JOB.get() or "_nojobid", argv[0], argv[1] if len(argv) > 1 else "")
+    def observe(self, argv: Sequence[str], seconds: float, job: str | None = None) -> None:
+        key = (job or LOG_JOB.get() or "_nojobid", argv[0], argv[1] if len(argv) > 1 else "")
         with self.lock:
             self.runtimes.setdefault(key, Histogram(ZFSCMD_BUCKETS)).observe(seconds)
 
     @property
     def total(self) -> int:
         return sum(self.spawns.values())
+
+
+class _TimedPopen(subprocess.Popen):
+    """A stream command (zfs send/recv) whose runtime, from its start until a wait or poll first
+    saw it exit, goes into the counters as zrepl's zfscmd does for every command. The job is the
+    one that started it: the stream may be waited for in a thread that runs no job."""
+
+    def __init__(self, argv: Sequence[str], counters: ZfsCounters, resolved: list[str], **popen_kwargs: Any):
+        self._timing: tuple[ZfsCounters, list[str], str | None, float] | None = None
+        super().__init__(resolved, **popen_kwargs)
+        self._timing = (counters, list(argv), LOG_JOB.get(), time.monotonic())
+
+    def _observe_exit(self) -> None:
+        timing = self._timing
+        if self.returncode is not None and timing is not None:
+            self._timing = None
+            counters, argv, job, started = timing
+            counters.observe(argv, time.monotonic() - started, job)
+
+    def poll(self) -> int | None:
+        code = super().poll()
+        self._observe_exit()
+        return code
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = super().wait(timeout)
+        self._observe_exit()
+        return code
 
 
 def _describe_argv(args: object) -> str:
@@ -3629,7 +3657,7 @@ class Zfs:
         self.counters.add(argv)
         log.debug("spawn %s", shlex.join(argv))
         try:
-            return subprocess.Popen(self._resolve(argv), env=self.env, **popen_kwargs)
+            return _TimedPopen(argv, self.counters, self._resolve(argv), env=self.env, **popen_kwargs)
         except OSError as exc:
             raise ZfsError(argv, 127, f"cannot execute {argv[0]}: {exc.strerror}") from None
 
@@ -11676,7 +11704,7 @@ METRIC_FAMILIES: dict[str, tuple[str, str]] = {
     "zrepl_replication_last_successful": (
         "gauge", "Unix time of the job's last run in which every filesystem replicated (zrepl's name)."),
     "zrepl_pruning_time": ("histogram", "Seconds the job's latest pruning of one side took (zrepl's name)."),
-    "zrepl_zfscmd_runtime": ("histogram", "Seconds short zfs commands of this process ran, by verb (zrepl's name)."),
+    "zrepl_zfscmd_runtime": ("histogram", "Seconds each zfs command of this process ran, by verb (zrepl's name)."),
     "zrepl_daemon_log_entries": ("counter", "Log entries this process wrote, by job and level (zrepl's name)."),
     "zrepl_control_request_begin": ("counter", "Control socket requests begun, by endpoint (zrepl's name)."),
     "zrepl_control_request_finished": ("histogram", "Seconds control requests took, by endpoint (zrepl's name)."),

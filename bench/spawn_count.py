@@ -107,17 +107,18 @@ def create_datasets(parent: str, n: int) -> list[str]:
     return names
 
 
-def seed_raw(src: str, dst: str) -> None:
-    """Build the state the initial push leaves behind, without running it (see the docstring)."""
+def seed_raw(src: str, dst: str, snapshot: str = "base") -> None:
+    """Build the state the initial push leaves behind, without running it (see the docstring), for
+    the snapshot SRC/data@SNAPSHOT taken recursively."""
     fs = f"{src}/data"
     root = f"{dst}/sink/{IDENTITY}"
     for placeholder in (root, f"{root}/{src}"):
         zfs(*zrepl.create_placeholder_argv(placeholder, encryption_off=False)[1:])
     target = f"{root}/{fs}"
-    result = benchlib.zfstest.send_recv(["-R", f"{fs}@base"],
+    result = benchlib.zfstest.send_recv(["-R", f"{fs}@{snapshot}"],
                                         ["-u", "-o", f"{zrepl.PLACEHOLDER_PROPERTY}=off", target])
     assert result.ok
-    zfs("hold", "-r", zrepl.last_received_hold_tag("sink"), f"{target}@base")
+    zfs("hold", "-r", zrepl.last_received_hold_tag("sink"), f"{target}@{snapshot}")
     rows = [line.split("\t") for line in zfs("list", "-Hp", "-o", "name,guid", "-t", "snapshot", "-r", fs).splitlines()]
     lines = []
     for name, guid in rows:

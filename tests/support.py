@@ -27,6 +27,8 @@ import json
 import os
 import random
 import re
+import shutil
+import subprocess
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -400,3 +402,43 @@ def campaign_seed() -> int:
     value = random.SystemRandom().randrange(1 << 32) if wanted == "random" else int(wanted or CAMPAIGN_SEED)
     print(f"ZREPL_CAMPAIGN_SEED={value}")
     return value
+
+
+# ---- promtool (the exposition text of section 15) ------------------------------------------------
+
+# promtool lints zrepl's own counter names (no `_total`): kept as zrepl exports them, because
+# dashboards query them by these names. Any other finding fails the test.
+ZREPL_NAMES_PROMTOOL_DISLIKES = {
+    ("zrepl_replication_bytes_replicated", 'counter metrics should have "_total" suffix'),
+    ("zrepl_daemon_log_entries", 'counter metrics should have "_total" suffix'),
+    ("zrepl_control_request_begin", 'counter metrics should have "_total" suffix'),
+}
+
+
+def promtool() -> str | None:
+    """The real promtool: $ZREPL_TEST_PROMTOOL (in the guest: the host's binary, which
+    tests/vm/run-in-guest shares with it), else the one in PATH (Debian's prometheus package)."""
+    named = os.environ.get("ZREPL_TEST_PROMTOOL")
+    if named and os.access(named, os.X_OK):
+        return named
+    return shutil.which("promtool")
+
+
+def promtool_check(text: str) -> None:
+    """`promtool check metrics` must accept the text: no parse error, no lint finding beyond the
+    zrepl names above. Skips only when ZREPL_TEST_REQUIRE_PROMTOOL is unset (tests/run-all sets it
+    for the host and the guest suite)."""
+    import pytest  # here: bench scripts import this module without pytest
+
+    binary = promtool()
+    if binary is None:
+        if os.environ.get("ZREPL_TEST_REQUIRE_PROMTOOL"):
+            pytest.fail("promtool is missing (apt-get install prometheus; the guest gets the host's through "
+                        "tests/vm/run-in-guest) and ZREPL_TEST_REQUIRE_PROMTOOL requires it")
+        pytest.skip("promtool not installed (Debian: apt-get install --no-install-recommends prometheus; "
+                    "the guest uses the host's)")
+    proc = subprocess.run([binary, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
+    output = (proc.stdout + proc.stderr).decode()
+    assert proc.returncode in (0, 3), f"promtool rejected the text (exit {proc.returncode}): {output}\n{text}"
+    findings = {tuple(line.split(" ", 1)) for line in output.splitlines() if line.strip()}
+    assert findings <= ZREPL_NAMES_PROMTOOL_DISLIKES, f"promtool findings: {findings - ZREPL_NAMES_PROMTOOL_DISLIKES}"

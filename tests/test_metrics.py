@@ -18,33 +18,9 @@ import pytest
 
 import zrepl
 from fakezfs import FakeZfs
-from support import last_n, not_replicated, push_job, run, sink_job, snap_job, status, write_config
+from support import last_n, not_replicated, promtool_check, push_job, run, sink_job, snap_job, status, write_config
 
 SRC = "src/data"
-
-# promtool lints zrepl's own counter names (no `_total`): kept as zrepl exports them, because
-# dashboards query them by these names. Any other finding fails the test.
-ZREPL_NAMES_PROMTOOL_DISLIKES = {
-    ("zrepl_replication_bytes_replicated", 'counter metrics should have "_total" suffix'),
-    ("zrepl_daemon_log_entries", 'counter metrics should have "_total" suffix'),
-    ("zrepl_control_request_begin", 'counter metrics should have "_total" suffix'),
-}
-
-
-def promtool_check(text: str) -> None:
-    """`promtool check metrics` must accept the text: no parse error, no lint finding beyond the
-    zrepl names above. Skips only outside tests/run-all (which sets ZREPL_TEST_REQUIRE_PROMTOOL)."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("ZREPL_TEST_REQUIRE_PROMTOOL"):
-            pytest.fail("promtool is missing (apt-get install prometheus) and tests/run-all requires it")
-        pytest.skip("promtool not installed (Debian: apt-get install --no-install-recommends prometheus)")
-    proc = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
-    output = (proc.stdout + proc.stderr).decode()
-    assert proc.returncode in (0, 3), f"promtool rejected the text (exit {proc.returncode}): {output}\n{text}"
-    findings = {tuple(line.split(" ", 1)) for line in output.splitlines() if line.strip()}
-    assert findings <= ZREPL_NAMES_PROMTOOL_DISLIKES, f"promtool findings: {findings - ZREPL_NAMES_PROMTOOL_DISLIKES}"
-
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -228,6 +204,31 @@ def test_zfs_command_runtimes_are_recorded_by_verb_and_job_in_zrepls_buckets(tmp
     assert buckets == ["0.01", "0.1", "0.2", "0.5", "0.75", "1", "2", "5", "10", "60", "+Inf"]
 
 
+def test_stream_commands_send_and_recv_are_timed_until_waited_for_under_the_job_that_started_them(tmp_path):
+    stub = tmp_path / "zfs"
+    stub.write_text("#!/bin/sh\nexec cat\n")  # a stream: stdin to stdout until EOF
+    stub.chmod(0o755)
+    zfs = zrepl.Zfs(zfs_bin=str(stub))
+    token = zrepl.LOG_JOB.set("push")
+    try:
+        send = zfs.spawn(["zfs", "send", "p/fs@a"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        recv = zfs.spawn(["zfs", "recv", "-s", "q/fs"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    finally:
+        zrepl.LOG_JOB.reset(token)
+    assert zfs.counters.runtimes == {}  # running: nothing to observe yet
+    results: list[object] = []
+    # waited for in threads that run no job: still counted under the job that started them
+    waiter = threading.Thread(target=lambda: results.extend([send.communicate(b"stream"), recv.communicate(b"")]))
+    waiter.start()
+    waiter.join(30)
+    assert not waiter.is_alive() and results[0] == (b"stream", None)
+    assert send.poll() == 0 and recv.wait() == 0  # seen again: observed once, not twice
+    text = zrepl.render_metrics(zrepl.StatusDocument(), zrepl.ProcessMetrics(), [zfs.counters])
+    promtool_check(text)
+    for verb in ("send", "recv"):
+        assert value(text, "zrepl_zfscmd_runtime_count", jobid="push", zfsbinary="zfs", zfsverb=verb) == 1, text
+
+
 def test_label_values_are_escaped_and_log_entries_and_control_requests_are_counted():
     process = zrepl.ProcessMetrics(start_time=1_700_000_000)
     doc = zrepl.StatusDocument(jobs={"j": {"type": "sink", "clients": {'odd "id"\\\nx': {
@@ -405,6 +406,7 @@ def test_close_stops_the_listener_and_returns(server):
 
 def test_without_promtool_the_check_skips_alone_and_fails_under_run_all(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("ZREPL_TEST_PROMTOOL", raising=False)
     monkeypatch.delenv("ZREPL_TEST_REQUIRE_PROMTOOL", raising=False)
     with pytest.raises(pytest.skip.Exception):
         promtool_check("")

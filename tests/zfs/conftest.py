@@ -24,6 +24,8 @@ Fixtures:
 - `sshd_localhost` -> zfstest.SshServer: sshd on 127.0.0.1:<free port>, throwaway host and client
   keys; fields host/port/user/identity_file/known_hosts, `ssh_argv(*cmd)`, `option_list()` for
   ssh -o values, `authorize(command=...)` for a key with a forced command.
+- `sockdir` -> str: a fresh directory under /tmp short enough for unix socket paths (107 bytes;
+  tmp_path can be longer), e.g. for the daemon's global.control.sockpath.
 - `postgres_server` -> zfstest.PostgresServer (socket_dir, port, user, dbname, dsn, psql_argv).
 - `mariadb_server` -> zfstest.MariadbServer (socket, user, dsn, mysql_argv).
 """
@@ -87,6 +89,13 @@ def sshd_localhost() -> Iterator[zfstest.SshServer]:
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A fresh short directory for unix sockets (removed after the test)."""
+    with tempfile.TemporaryDirectory(prefix="zd", dir="/tmp") as d:
+        yield d
 
 
 @pytest.fixture

@@ -1,77 +1,23 @@
 """`zrepl.py daemon` on real OpenZFS (issue 11 items 1-3): scheduled snapshots replicated to a
 local sink without cron, a wakeup over the control socket, a cron `run` next to the daemon's pass
 reporting busy, SIGTERM in the middle of a transfer (the receiver keeps its resume token, exit 0)
-and a restart that resumes from the token. Waits have 10x margins (the guest is emulated)."""
+and a restart that resumes from the token; `signal reset` in the middle of a transfer (the token
+stays, the status says so) and the next wakeup resuming; SIGHUP adding a job, removing one, and an
+invalid config that leaves the old jobs running. Waits have 10x margins (the guest is emulated)."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import subprocess
-import tempfile
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
+from daemontest import WAIT, DaemonProcess, daemon_state, live, live_job, token, wait_until
 from repltest import fill, push_sink
-from support import periodic, snapshots, write_config
-from zfstest import ZFS, ZfsShim, get, zfs, zrepl_argv, zrepl_env
+from support import periodic, snap_job, snapshots, write_config
+from zfstest import ZFS, get, zfs, zrepl_argv, zrepl_env
 
 import zrepl
-
-WAIT = 300.0  # seconds: the guest runs under software emulation and is shared
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="zd", dir="/tmp") as d:  # unix socket paths: 107 bytes
-        yield d
-
-
-class DaemonProcess:
-    """`zrepl.py daemon` in the background, its log in a file."""
-
-    def __init__(self, shim: ZfsShim, cfg: Path, log: Path):
-        self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(zrepl_argv("--config", str(cfg), "--log-level", "info", "daemon"),
-                                         env=zrepl_env(shim.env), stdout=out, stderr=out)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"the daemon did not stop after {sig}:\n{self.text()[-3000:]}") from None
-
-
-def wait_until(predicate: Callable[[], object], what: str, daemon: DaemonProcess, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if daemon.proc.poll() is not None:
-            raise AssertionError(f"the daemon exited ({daemon.proc.returncode}) waiting for {what}:\n"
-                                 f"{daemon.text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{daemon.text()[-3000:]}")
-        time.sleep(0.5)
-
-
-def live(sockpath: str) -> dict | None:
-    try:
-        code, doc = zrepl.control_request(sockpath, "GET", "/status", timeout=30)
-    except zrepl.ZreplError:
-        return None
-    return doc if code == 200 else None
-
-
-def token(fs: str) -> str:
-    value = zfs("get", "-Hpo", "value", "receive_resume_token", fs, check=False).strip()
-    return "" if value in ("", "-") else value
 
 
 def test_the_daemon_snapshots_on_schedule_and_replicates_without_cron(make_pool, zfs_tree, zfs_shim, tmp_path,
@@ -108,20 +54,27 @@ def stat_mode(path: str) -> int:
     return os.stat(path).st_mode & 0o777
 
 
-def test_wakeup_over_the_socket_sigterm_mid_transfer_keeps_the_token_and_a_restart_resumes(
-        make_pool, zfs_tree, zfs_shim, tmp_path, sockdir):
+def slow_push(make_pool, zfs_tree, tmp_path, sockpath: str, size: int) -> tuple[str, str, Path]:
+    """SRC/data with one snapshot @big of `size` incompressible bytes, a push job into a local sink
+    with manual snapshotting (only wakeups start passes) and a 1 MiB/s bandwidth limit, so a
+    transfer is under way long enough to act on it (the tests wait for bytes moved, not for time).
+    Returns (src pool, the receiving filesystem, config path)."""
     src, dst = make_pool("src", size="512M"), make_pool("dst", size="512M")
     zfs_tree(src, "data")
     zfs_tree(dst, "sink")
     zfs("set", "compression=off", f"{src}/data")
-    fill(f"{src}/data", 24 << 20)
+    fill(f"{src}/data", size)
     zfs("snapshot", f"{src}/data@big")
-    sockpath = f"{sockdir}/control"
-    # manual snapshotting: only a wakeup starts the push; 1 MiB/s makes the transfer last ~24 s
     cfg = write_config(tmp_path, *push_sink(src, dst, filesystems={f"{src}/data": True},
                                             send={"bandwidth_limit": {"max": "1 MiB"}}),
                        global_={"control": {"sockpath": sockpath}})
-    target = f"{dst}/sink/client1/{src}/data"
+    return src, f"{dst}/sink/client1/{src}/data", cfg
+
+
+def test_wakeup_over_the_socket_sigterm_mid_transfer_keeps_the_token_and_a_restart_resumes(
+        make_pool, zfs_tree, zfs_shim, tmp_path, sockdir):
+    sockpath = f"{sockdir}/control"
+    src, target, cfg = slow_push(make_pool, zfs_tree, tmp_path, sockpath, 24 << 20)
     env = zrepl_env(zfs_shim.env)
     daemon = DaemonProcess(zfs_shim, cfg, tmp_path / "daemon.log")
     try:
@@ -161,3 +114,91 @@ def test_wakeup_over_the_socket_sigterm_mid_transfer_keeps_the_token_and_a_resta
     assert get(target, "guid") and snapshots(ZFS, target) == ["big"]
     entry = json.loads((tmp_path / "status.json").read_text())["jobs"]["push"]
     assert entry["last_run"]["result"] == "ok", entry
+
+
+def moved(sockpath: str, fs: str) -> int:
+    """Bytes of fs's current transfer so far, as GET /status has them."""
+    replication = live_job(sockpath, "push").get("replication") or {}
+    return int(((replication.get("filesystems") or {}).get(fs) or {}).get("bytes_replicated") or 0)
+
+
+def wakeup(sockpath: str, job: str) -> dict:
+    code, reply = zrepl.control_request(sockpath, "POST", "/signal", {"job": job, "op": "wakeup"}, timeout=30)
+    assert code == 200, reply
+    return reply
+
+
+def test_reset_over_the_socket_mid_transfer_keeps_the_token_says_so_and_the_next_wakeup_resumes(
+        make_pool, zfs_tree, zfs_shim, tmp_path, sockdir):
+    sockpath = f"{sockdir}/control"
+    src, target, cfg = slow_push(make_pool, zfs_tree, tmp_path, sockpath, 12 << 20)  # the reset after 2 MiB
+    daemon = DaemonProcess(zfs_shim, cfg, tmp_path / "daemon.log")
+    try:
+        wait_until(lambda: live(sockpath) is not None, "the control socket", daemon)
+        assert wakeup(sockpath, "push")["queued"] is False
+        wait_until(lambda: moved(sockpath, f"{src}/data") >= 2 << 20, "2 MiB of the transfer", daemon)
+        # straight over the socket (what `zrepl.py signal reset` sends; its CLI is a host test): a
+        # client start-up under emulation could outlast the rest of the transfer
+        code, reply = zrepl.control_request(sockpath, "POST", "/signal", {"job": "push", "op": "reset"}, timeout=30)
+        assert code == 200 and reply["cancelled"] is True, reply
+        wait_until(lambda: daemon_state(sockpath, "push") == "waiting after error", "the reset pass to end", daemon)
+        entry = live_job(sockpath, "push")
+        assert "cancelled the running pass (the receiver keeps its resume token)" in entry["daemon"]["reset"], entry
+        assert "reset by `zrepl.py signal reset`" in entry["last_run"]["error"], entry
+        assert token(target), "the reset lost the receiver's resume state"
+        on_file = json.loads((tmp_path / "status.json").read_text())["jobs"]["push"]
+        assert on_file["daemon"]["reset"] == entry["daemon"]["reset"]  # the file says it too
+
+        zfs_shim.reset_log()
+        assert wakeup(sockpath, "push")["queued"] is False
+        wait_until(lambda: daemon_state(sockpath, "push") == "waiting for wakeup", "the resumed pass to end", daemon)
+        entry = live_job(sockpath, "push")
+        assert entry["last_run"]["result"] == "ok", entry
+    finally:
+        assert daemon.stop() == 0, daemon.text()
+    resumed = [c.argv for c in zfs_shim.calls("send") if "-n" not in c.argv]
+    assert resumed and all("-t" in argv for argv in resumed), resumed  # from the token, not from the start
+    assert not token(target) and snapshots(ZFS, target) == ["big"]
+    assert get(target, "guid") != get(f"{src}/data", "guid") and get(f"{target}@big", "guid") == get(
+        f"{src}/data@big", "guid")
+
+
+def test_sighup_starts_an_added_job_stops_a_removed_one_and_an_invalid_config_keeps_the_old_jobs(
+        make_pool, zfs_tree, zfs_shim, tmp_path, sockdir):
+    src = make_pool("src")
+    zfs_tree(src, "a\nb")
+    sockpath = f"{sockdir}/control"
+
+    def config(*names: str, interval: str = "10s"):
+        return write_config(tmp_path, *(snap_job(n, filesystems={f"{src}/{n}": True},
+                                                 snapshotting=periodic(interval, timestamp_format="unix-seconds"))
+                                        for n in names), global_={"control": {"sockpath": sockpath}})
+
+    def count(name: str) -> int:
+        return len(snapshots(ZFS, f"{src}/{name}"))
+
+    cfg = config("a")
+    daemon = DaemonProcess(zfs_shim, cfg, tmp_path / "daemon.log")
+    try:
+        wait_until(lambda: count("a") >= 1 and daemon_state(sockpath, "a") == "waiting", "job a's first pass", daemon)
+        assert count("b") == 0
+        config("b")  # a goes, b comes
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "no longer in the config" in daemon.text(), "job a to leave the schedule", daemon)
+        a_after_reload = count("a")
+        wait_until(lambda: count("b") >= 2, "two snapshots of the added job b (one interval apart)", daemon)
+        # a snapshotted every 10 s until the reload; in the interval b took since, it took none
+        assert count("a") == a_after_reload, "the removed job still snapshots"
+        code, reply = zrepl.control_request(sockpath, "POST", "/signal", {"job": "a", "op": "wakeup"}, timeout=30)
+        assert code == 404 and "no job named 'a'" in reply["error"], reply
+
+        cfg.write_text(cfg.read_text().replace('interval = "10s"', 'interval = "10 parsecs"'))
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "old one keeps running" in daemon.text(), "the invalid config to be logged", daemon)
+        line = next(x for x in daemon.text().splitlines() if "old one keeps running" in x)
+        assert "jobs[0].snapshotting.interval" in line and "10 parsecs" in line, line
+        b_after_invalid = count("b")
+        wait_until(lambda: count("b") > b_after_invalid, "job b's next snapshot under the old config", daemon)
+        assert daemon.proc.poll() is None and daemon_state(sockpath, "b") in ("waiting", "running")
+    finally:
+        assert daemon.stop() == 0, daemon.text()
