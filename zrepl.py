@@ -10181,6 +10181,18 @@ class JobRunner:
         """How many filesystems may replicate at once: replication.concurrency.steps, each on a
         connection of its own. Over ssh+stdinserver the passive side serves one connection per client
         identity (its resume state must be saved before the next one starts), so one lane there."""
+        # Parallel steps over ssh, decided: several streams on the ONE connection, not several
+        # connections. The passive side's safety rests on one server process per (job, identity):
+        # its lock covers every `zfs recv` it runs and is released only once they have exited (and
+        # saved their resume state), so no two receives into one filesystem and no two savers of
+        # its resume state exist. Streams multiplexed into that process keep the rule as it is.
+        # Extra connections would need a second authority: lanes proving they belong to the
+        # primary, confined to the filesystems it hands out, per-filesystem locks outliving a
+        # primary that dies mid-receive, status records merged from several processes; plus an ssh
+        # login and an sshd per lane. The price: one ssh channel's cipher caps the combined byte
+        # rate, but many small filesystems are bound by per-step latency (zfs spawns on both
+        # sides), which multiplexing overlaps. Not built yet: frames carry no stream id (section
+        # 7) and Connection.serve answers one request at a time; until then, one lane over ssh.
         steps = self.job.replication.concurrency_steps
         if steps > 1 and self.job.connect is not None and self.job.connect.type != "local":
             log.warning("job %s: replication.concurrency.steps = %d: over ssh+stdinserver steps run one at a "
