@@ -3202,8 +3202,12 @@ PLACEHOLDER_PROPERTY = "zrepl:placeholder"  # `on`, set locally: an empty stand-
 # can set one) would shift the columns or forge whole rows (fake snapshots that push real ones
 # out of last_n). Every column here is constrained by ZFS itself; placeholders are asked for
 # separately (Zfs.local_placeholders), in a form a value cannot forge.
+# Only what a decision reads: name, guid, createtxg (OpenZFS's fast path), type (filesystem or
+# volume), creation (keep rules, due-ness), userrefs (held snapshots), receive_resume_token and
+# encryption (the receiver's resume and -F checks). No column beyond the fast path's three is free,
+# so none rides along for display (bench/listing_cost.py measures each).
 LIST_PROPERTIES = ("name", "type", "guid", "createtxg", "creation", "userrefs", "receive_resume_token",
-                   "encryption", "encryptionroot", "keystatus")
+                   "encryption")
 
 
 def zfs_list_argv(roots: Sequence[str], properties: Sequence[str] = LIST_PROPERTIES,

@@ -85,12 +85,11 @@ def test_list_columns_order_and_inherited_user_properties(fake):
     rows = [line.split("\t") for line in out.splitlines()]
     assert [r[0] for r in rows] == ["p/a", "p/a@s1", "p/a@s2", "p/a@s3", "p/a#bm1", "p/a/b", "p/a/b@s1", "p/a/b/c"]
     w = fake.world
-    a = ["p/a", "filesystem", str(w.guid("p/a")), str(w.dataset("p/a").createtxg), "1800000000", "-", "-", "off",
-         "-", "-", "-"]
+    a = ["p/a", "filesystem", str(w.guid("p/a")), str(w.dataset("p/a").createtxg), "1800000000", "-", "-", "off", "-"]
     assert rows[0] == a
     assert rows[1][5] == "0" and rows[1][1] == "snapshot"
     # a bookmark has the guid, createtxg and creation of its snapshot and "-" for the rest
-    assert rows[4] == ["p/a#bm1", "bookmark", rows[1][2], rows[1][3], rows[1][4], "-", "-", "-", "-", "-", "-"]
+    assert rows[4] == ["p/a#bm1", "bookmark", rows[1][2], rows[1][3], rows[1][4], "-", "-", "-", "-"]
     # zfs shows inherited user properties on children and snapshots (zrepl must check the source)
     assert [r[-1] for r in rows[5:]] == ["on", "on", "on"]
     assert run(fake, "get", "-H", "-p", "zrepl:placeholder", "p/a/b/c")[1] == \

@@ -5,12 +5,12 @@ import pytest
 import zrepl
 
 LISTING = "\n".join([
-    "tank\tfilesystem\t111\t1\t1700000000\t-\t-\toff\t-\t-",
-    "tank/with space\tfilesystem\t222\t5\t1700000100\t-\t-\toff\t-\t-",
-    "tank/with space@b\tsnapshot\t333\t9\t1700000200\t0\t-\toff\t-\t-",
-    "tank/with space@a\tsnapshot\t444\t12\t1700000300\t2\t-\toff\t-\t-",
-    "tank/with space#zrepl_CURSOR_G_00000000000001bd_J_push\tbookmark\t445\t12\t1700000300\t-\t-\t-\t-\t-",
-    "tank/vol\tvolume\t555\t20\t1700000400\t-\t1-abc-def\taes-256-gcm\ttank/vol\tavailable",
+    "tank\tfilesystem\t111\t1\t1700000000\t-\t-\toff",
+    "tank/with space\tfilesystem\t222\t5\t1700000100\t-\t-\toff",
+    "tank/with space@b\tsnapshot\t333\t9\t1700000200\t0\t-\toff",
+    "tank/with space@a\tsnapshot\t444\t12\t1700000300\t2\t-\toff",
+    "tank/with space#zrepl_CURSOR_G_00000000000001bd_J_push\tbookmark\t445\t12\t1700000300\t-\t-\t-",
+    "tank/vol\tvolume\t555\t20\t1700000400\t-\t1-abc-def\taes-256-gcm",
 ])
 
 
@@ -23,13 +23,14 @@ def test_parse_zfs_list_orders_by_createtxg_and_keeps_props():
     assert fs.bookmarks()[0].full_name == "tank/with space#zrepl_CURSOR_G_00000000000001bd_J_push"
     vol = ds["tank/vol"]
     assert vol.type == "volume" and vol.props["receive_resume_token"] == "1-abc-def"
-    assert "encryptionroot" not in ds["tank"].props  # "-" means unset
+    assert "receive_resume_token" not in ds["tank"].props  # "-" means unset
+    assert vol.props["encryption"] == "aes-256-gcm"
     # no user property is listed: a value with a TAB or NEWLINE cannot shift or forge rows
     assert not any(":" in p for p in zrepl.LIST_PROPERTIES)
 
 
 def test_parse_zfs_list_skips_rows_zfs_cannot_print():
-    forged = LISTING + "\ntank/with space@fake\tsnapshot\tnot-a-number\t99\t1700000900\t0\t-\toff\t-\t-"
+    forged = LISTING + "\ntank/with space@fake\tsnapshot\tnot-a-number\t99\t1700000900\t0\t-\toff"
     ds = zrepl.parse_zfs_list(forged)
     assert [v.name for v in ds["tank/with space"].snapshots()] == ["b", "a"]
 
