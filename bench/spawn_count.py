@@ -108,27 +108,29 @@ def create_datasets(parent: str, n: int) -> list[str]:
 
 
 def seed_raw(src: str, dst: str, snapshot: str = "base") -> None:
-    """Build the state the initial push leaves behind, without running it (see the docstring), for
-    the snapshot SRC/data@SNAPSHOT taken recursively."""
+    """Build the state the initial push leaves behind, without running it (see the docstring):
+    everything up to SRC/data@snapshot received, cursors and last-received holds on that one."""
     fs = f"{src}/data"
     root = f"{dst}/sink/{IDENTITY}"
     for placeholder in (root, f"{root}/{src}"):
         zfs(*zrepl.create_placeholder_argv(placeholder, encryption_off=False)[1:])
     target = f"{root}/{fs}"
     result = benchlib.zfstest.send_recv(["-R", f"{fs}@{snapshot}"],
-                                        ["-u", "-o", f"{zrepl.PLACEHOLDER_PROPERTY}=off", target])
+                                        ["-u", "-o", f"{zrepl.PLACEHOLDER_PROPERTY}=off", target], timeout=7200)
     assert result.ok
     zfs("hold", "-r", zrepl.last_received_hold_tag("sink"), f"{target}@{snapshot}")
     rows = [line.split("\t") for line in zfs("list", "-Hp", "-o", "name,guid", "-t", "snapshot", "-r", fs).splitlines()]
     lines = []
     for name, guid in rows:
+        if not name.endswith(f"@{snapshot}"):
+            continue
         dataset = name.split("@", 1)[0]
         bookmark = f"{dataset}#{zrepl.cursor_bookmark_name(int(guid), 'push')}"
         lines.append(f'assert(zfs.sync.bookmark("{name}", "{bookmark}") == 0)')
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write("\n".join(lines) + "\n")
     try:
-        zfs("program", "-t", str(10_000_000), src, f.name)
+        zfs("program", "-t", str(100_000_000), src, f.name)
     finally:
         os.unlink(f.name)
 

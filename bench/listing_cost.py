@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""What `zfs list` costs per column set, and a nothing-to-do snap/push run against that floor.
+
+Runs inside the test guest, as root, on throwaway pools (file vdevs on a RAM-backed tmpfs):
+
+    ZREPL_VM_MEMORY=4096 ZREPL_VM_TIMEOUT=3600 tests/vm/run-in-guest python3 bench/listing_cost.py
+    tests/vm/run-in-guest python3 bench/listing_cost.py --scale 100x10 --runs 3 --push
+
+For each scale FxS: F filesystems SRC/data/fsNNNN below SRC/data, snapshotted S times with one
+`zfs snapshot -r SRC/data@sK` per snapshot name. Then, each timed `--runs` times (median), every
+listing over SRC:
+
+  floor             `zfs list -t filesystem,volume -r SRC` (default columns): what the issue's
+                    goal (a no-op run at most 2x this) is measured against
+  fs: name,guid,snapshots_changed   the cheap listing a snapshots_changed cache would start from
+  all: name / name,guid,createtxg   OpenZFS's fast path for snapshots
+  all: + type, + creation, + userrefs   one column more each
+  all: zrepl.py's columns           what the sender and receiver listings request (LIST_PROPERTIES),
+                    and before: with encryptionroot and keystatus, which no decision read
+  fs: dataset columns + snap: version columns   the same information in two listings
+
+then `zrepl.py run` of a snap job with nothing due (periodic 1h, keep last_n S+1: lists, keeps all)
+and, with --push, a push -> sink that has nothing to send (the sink seeded by `zfs send -R | zfs
+recv` plus zrepl's cursor bookmarks and last-received holds, as bench/spawn_count.py does). Each
+run's wall is printed as a ratio to the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+import support  # noqa: E402  (benchlib put tests/ on sys.path)
+from benchlib import run, run_measured, zfs, zrepl_argv  # noqa: E402
+from spawn_count import IDENTITY, create_datasets, seed_raw  # noqa: E402
+
+import zrepl  # noqa: E402  (benchlib put the repository root on sys.path)
+
+MiB = 1 << 20
+ALL = "filesystem,volume,snapshot,bookmark"
+DATASET_COLUMNS = "name,type,guid,createtxg,receive_resume_token,encryption"
+VERSION_COLUMNS = "name,guid,createtxg,creation,userrefs"
+BEFORE = ("encryptionroot", "keystatus")  # listed until 2026-12-01, read by no decision
+
+
+def listings(src: str) -> list[tuple[str, list[list[str]]]]:
+    """(label, argvs): each entry is one or more `zfs list` commands timed together."""
+    def lst(types: str, columns: str | None) -> list[str]:
+        return ["zfs", "list", "-H", *(["-p", "-o", columns] if columns else []), "-t", types, "-r", src]
+    return [
+        ("floor: zfs list -t filesystem,volume", [lst("filesystem,volume", None)]),
+        ("fs: name,guid,snapshots_changed", [lst("filesystem,volume", "name,guid,snapshots_changed")]),
+        ("all: name", [lst(ALL, "name")]),
+        ("all: name,guid,createtxg", [lst(ALL, "name,guid,createtxg")]),
+        ("all: name,type,guid,createtxg", [lst(ALL, "name,type,guid,createtxg")]),
+        ("all: name,guid,createtxg,creation", [lst(ALL, "name,guid,createtxg,creation")]),
+        ("all: name,guid,createtxg,userrefs", [lst(ALL, "name,guid,createtxg,userrefs")]),
+        ("all: zrepl.py's columns before 2026-12-01", [lst(ALL, ",".join((*zrepl.LIST_PROPERTIES, *BEFORE)))]),
+        ("all: zrepl.py's columns (LIST_PROPERTIES)", [lst(ALL, ",".join(zrepl.LIST_PROPERTIES))]),
+        ("fs: dataset cols + snap,bm: version cols", [lst("filesystem,volume", DATASET_COLUMNS),
+                                                     lst("snapshot,bookmark", VERSION_COLUMNS)]),
+    ]
+
+
+def timed(argvs: list[list[str]]) -> float:
+    start = time.perf_counter()
+    for argv in argvs:
+        run([benchlib.REAL_ZFS, *argv[1:]], timeout=7200)
+    return time.perf_counter() - start
+
+
+def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Path, tmpfs: Path) -> None:
+    label = f"{filesystems}x{snapshots}"
+    pools = benchlib.zfstest.PoolFactory(tmpfs / label)
+    workdir = base / label
+    workdir.mkdir()
+    try:
+        vdev = str(512 * MiB + filesystems * snapshots * MiB // 4)  # sparse: only what is written costs
+        src, dst = pools.create("src", size=vdev), pools.create("dst", size=vdev)
+        zfs("create", "-o", "mountpoint=none", f"{src}/data")
+        zfs("create", "-o", "mountpoint=none", f"{dst}/sink")
+        start = time.perf_counter()
+        create_datasets(f"{src}/data", filesystems)
+        for k in range(snapshots):
+            zfs("snapshot", "-r", f"{src}/data@s{k:04d}")
+        print(f"{label}: created in {time.perf_counter() - start:.0f} s", flush=True)
+        figures: dict[str, float] = {}
+
+        def record(name: str, seconds: float) -> None:
+            figures[name] = seconds
+            floor = next(iter(figures.values()))
+            print(f"  {name:48} {seconds:8.2f} s  {seconds / floor:6.2f}x", flush=True)
+
+        print(f"{label} ({runs} run(s) each, median), seconds and ratio to the floor:", flush=True)
+        for name, argvs in listings(src):
+            record(name, benchlib.median([timed(argvs) for _ in range(runs)]))
+        fs = {f"{src}/data<": True}
+        config = support.write_config(
+            workdir,
+            support.snap_job("snap", filesystems=fs, snapshotting=support.periodic("1h", prefix="s"),
+                             keep=[support.last_n(snapshots + 1)]),
+            support.push_job(filesystems=fs, client_identity=IDENTITY, keep_sender=[support.last_n(snapshots + 1)],
+                             keep_receiver=[support.last_n(snapshots + 1)]),
+            support.sink_job(root_fs=f"{dst}/sink"))
+        for job in ["snap", "push"] if push else ["snap"]:
+            if job == "push":
+                start = time.perf_counter()
+                seed_raw(src, dst, f"s{snapshots - 1:04d}")
+                print(f"{label}: sink seeded in {time.perf_counter() - start:.0f} s", flush=True)
+            walls = []
+            for _ in range(runs):
+                m = run_measured(zrepl_argv("--config", str(config), "run", job), timeout=7200)
+                if m.returncode != 0:
+                    print(f"  ! {job}: exit {m.returncode}: {m.stderr.strip()[-1500:]}", flush=True)
+                walls.append(m.wall)
+            record(f"zrepl.py run {job} (nothing to do)", benchlib.median(walls))
+    finally:
+        pools.destroy_all()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", default="1000x10", help="FILESYSTEMSxSNAPSHOTS[,...] (default 1000x10)")
+    ap.add_argument("--runs", type=int, default=1, help="timed runs per figure (median; default 1)")
+    ap.add_argument("--push", action="store_true", help="also seed a sink and time a no-op push")
+    args = ap.parse_args()
+    benchlib.require_guest()
+    print(benchlib.environment(), flush=True)
+    startup = benchlib.median([run_measured(zrepl_argv("version")).wall for _ in range(2)])
+    print(f"zrepl.py start-up (`zrepl.py version`): {startup:.2f} s", flush=True)
+    tmpfs = benchlib.Tmpfs(benchlib.meminfo()["MemTotal"] * 1024 * 3 // 4)
+    base = Path(tempfile.mkdtemp(prefix="zrepl-listing-"))
+    try:
+        for scale in args.scale.split(","):
+            f, _, s = scale.strip().partition("x")
+            run_scale(int(f), int(s), args.runs, args.push, base, tmpfs.path)
+    finally:
+        tmpfs.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
