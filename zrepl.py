@@ -12068,6 +12068,10 @@ def _http_response(code: int, content_type: str, body: bytes, *, extra: str = ""
 DAEMON_RETRY_AFTER_ERROR = 60.0  # a snapshot that failed (or never came) is tried again this soon
 DAEMON_BUSY_RETRY = 30.0  # another process (a cron `run`) held the job: try again this soon
 DAEMON_MAX_SLEEP = 60.0  # the loop looks at the wall clock at least this often (clock steps, suspend)
+# node_exporter textfiles are rewritten at least this often, passes or not: a daemon whose jobs
+# only wake on request (or only serve) still shows its process counters and the passive
+# side's records, and a textfile collector's mtime check sees a live daemon.
+DAEMON_TEXTFILE_INTERVAL = 60.0
 
 
 class ScheduleKind(enum.StrEnum):
@@ -12449,6 +12453,7 @@ class Daemon:
         self.generation = 0
         self.stopping: str | None = None
         self.started = clock.time()
+        self.textfiles_due = self.started  # the first tick writes them
         self._signals: list[int] = []
         self.config, self.store = config, store_for(config)
         self._use_config(config)
@@ -12526,9 +12531,20 @@ class Daemon:
         for dj in due:
             self._publish(dj.job.name, dj.runner.doc)
             self.start_thread(f"job {dj.job.name}", self._pass_in_own_context(dj))
+        textfiles = any(o.type == "textfile" for o in self.config.global_.monitoring)
+        if textfiles and now >= self.textfiles_due:
+            self.write_textfiles()
         with self.lock:  # a running job is timed when its pass ends (that wakes the loop)
             waits = [dj.next_run - now for dj in self.jobs.values() if not dj.running and dj.next_run is not None]
+        if textfiles:
+            waits.append(self.textfiles_due - now)
         return max(0.0, min(waits)) if waits else None
+
+    def write_textfiles(self) -> None:
+        """The node_exporter textfiles from the status document, now and again within
+        DAEMON_TEXTFILE_INTERVAL (after every pass, and periodically while nothing runs)."""
+        self.textfiles_due = self.clock.time() + DAEMON_TEXTFILE_INTERVAL
+        write_metrics_textfiles(self.config.global_.monitoring, self.store, zfs=[self.zfs.counters])
 
     def running(self) -> list[DaemonJob]:
         with self.lock:
@@ -12571,8 +12587,7 @@ class Daemon:
                 state, why = DaemonState.STOPPED, self.stopping
             self._set_record(dj, state, why)
         self._publish(dj.job.name, dj.runner.doc)
-        # node_exporter textfiles after every pass, as after every `run`
-        write_metrics_textfiles(self.config.global_.monitoring, self.store, zfs=[self.zfs.counters])
+        self.write_textfiles()  # after every pass, as after every `run`
         self.changed.set()
 
     # -- signals ---------------------------------------------------------------------------------

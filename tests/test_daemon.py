@@ -621,3 +621,28 @@ def test_the_daemon_serves_metrics_of_its_live_status_and_writes_textfiles_after
     assert 'zrepl_replication_bytes_replicated{zrepl_job="push"' in text
     assert 'zrepl_control_request_finished_count{endpoint="/version"}' in text
     assert 'endpoint="other"' in text and "/no-such-endpoint" not in text  # labels stay a bounded set
+
+
+def test_textfiles_are_rewritten_periodically_while_no_job_runs(fake, clock, tmp_path):
+    """Issue 11 item 4: the daemon writes the textfile periodically, not only after passes: a push
+    that replicates only on wakeup must not leave node_exporter a file from the daemon's start."""
+    textfile = tmp_path / "zrepl.prom"
+    cfg = write_config(tmp_path, push_job("push", filesystems={"src/data": True}), sink_job(root_fs="dst/sink"),
+                       global_={"monitoring": [{"type": "textfile", "path": str(textfile)}]})
+    daemon = make_daemon(cfg, fake, clock)
+    delay = daemon.tick()  # manual snapshotting: nothing is scheduled, but the textfile is
+    assert 'zrepl_start_time' in textfile.read_text()
+    assert delay == zrepl.DAEMON_TEXTFILE_INTERVAL  # the loop wakes for the next rewrite
+    assert not daemon.running() and fake.calls_of("send") == []
+    textfile.unlink()
+    clock.now += zrepl.DAEMON_TEXTFILE_INTERVAL / 2
+    assert daemon.tick() == zrepl.DAEMON_TEXTFILE_INTERVAL / 2
+    assert not textfile.exists()  # not yet due
+    clock.now += zrepl.DAEMON_TEXTFILE_INTERVAL / 2
+    daemon.tick()
+    assert 'zrepl_start_time' in textfile.read_text()
+
+
+def test_a_daemon_without_textfile_outlets_keeps_no_textfile_timer(fake, clock, tmp_path):
+    cfg = write_config(tmp_path, push_job("push", filesystems={"src/data": True}), sink_job(root_fs="dst/sink"))
+    assert make_daemon(cfg, fake, clock).tick() is None  # manual and no textfile: nothing to wake for
