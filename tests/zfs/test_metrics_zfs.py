@@ -80,12 +80,14 @@ def test_the_daemons_http_metrics_and_textfile_pass_promtool_with_the_values_of_
         wait_until(lambda: daemon_state(sockpath, "push") == "waiting for wakeup"
                    and (live_job(sockpath, "push").get("last_run") or {}).get("result") == "ok",
                    "the woken pass to end", daemon)
-        wait_until(textfile.exists, "the textfile after the pass", daemon)
+        # the daemon writes the textfile at its start and once a minute too: wait for the pass's
+        fs = f'zrepl_job="push",filesystem="{src}/data"'
+        wait_until(lambda: textfile.exists() and metric(textfile.read_text(), "zrepl_replication_bytes_replicated", fs),
+                   "the textfile after the pass", daemon)
         entry = live_job(sockpath, "push")
         http = scrape(port)
     finally:
         assert daemon.stop() == 0, daemon.text()
-    fs = f'zrepl_job="push",filesystem="{src}/data"'
     created = float(get(f"{src}/data@a", "creation"))
     replicated = entry["replication"]["filesystems"][f"{src}/data"]["bytes_total"]
     assert replicated > 0
