@@ -593,6 +593,21 @@ class DatasetFilter:
         """The accepted names, in the given order."""
         return [n for n in names if self.accepts(n)]
 
+    def unmatched(self, accepted: Iterable[str]) -> list[str]:
+        """The accepting patterns that selected nothing among the accepted names (a renamed or
+        destroyed dataset, a typo): `pool/fs` without pool/fs, `pool/fs<` without pool/fs or
+        anything below it. zrepl counts these in zrepl_zfs_list_unmatched_user_specified_dataset_count."""
+        names = set(accepted)
+        unmatched = []
+        for pattern, accept in self._mapping.items():
+            path = pattern.removesuffix("<")
+            if not accept or not path:
+                continue
+            below = pattern.endswith("<") and any(is_descendant(n, path) for n in names)
+            if path not in names and not below:
+                unmatched.append(pattern)
+        return sorted(unmatched)
+
     def __repr__(self) -> str:
         return f"DatasetFilter({self._mapping!r})"
 
@@ -10067,7 +10082,7 @@ class JobRunner:
     def carry_over(self, previous: dict[str, Any] | None) -> None:
         """Keep what earlier runs recorded (the status entry of the job's last run, or the daemon's
         runner of an older config) in this runner's document."""
-        for key in ("last_success", "filesystems", "last_run", "replication"):
+        for key in ("last_success", "filesystems", "last_run", "replication", "filter_unmatched_total"):
             if previous and key in previous:
                 self.doc[key] = previous[key]
 
@@ -10114,6 +10129,19 @@ class JobRunner:
         listing = self.zfs.list_datasets(list_roots_for_filter(self.job.filesystems))
         return [ds for name, ds in sorted(listing.items()) if self.job.filesystems.accepts(name)]
 
+    def _note_unmatched_patterns(self, selected: Iterable[str]) -> None:
+        """Record the filter's accepting patterns that selected nothing this pass: named in the log
+        and the status, and counted up in the status for zrepl's metric of the same meaning."""
+        assert self.job.filesystems is not None
+        unmatched = self.job.filesystems.unmatched(selected)
+        self.doc["filter_unmatched"] = unmatched
+        total = self.doc.get("filter_unmatched_total")
+        self.doc["filter_unmatched_total"] = (total if isinstance(total, int) and total >= 0 else 0) + len(unmatched)
+        if unmatched:
+            log.warning("job %s: the filesystems filter's %s selected no dataset (renamed or destroyed? check "
+                        "with `zrepl.py test filesystems --job %s`)", self.job.name,
+                        ", ".join(repr(p) for p in unmatched), self.job.name)
+
     def _take_snapshots(self, datasets: list[DatasetInfo], result: PassResult) -> list[SnapshotBatchResult]:
         """Snapshot the due filesystems (one command per pool) and record it in the status."""
         if not datasets:
@@ -10147,6 +10175,7 @@ class JobRunner:
         result = PassResult()
         self._set_activity("listing")
         datasets = self._select()
+        self._note_unmatched_patterns(ds.name for ds in datasets)
         batches = self._take_snapshots(datasets, result)
         if prune:
             if any(b.snapshotted for b in batches):
@@ -10316,6 +10345,8 @@ class JobRunner:
         for fs, side in repl.unprotected.items():
             what = "replication cursor" if side == "sender" else "last-received hold"
             result.failures.setdefault(fs, f"the lost {what} could not be restored on the {side}; not pruned there")
+        if repl.listings is not None and self.job.filesystems is not None:
+            self._note_unmatched_patterns(ds.name for ds in repl.listings[0])
         if repl.listings is not None and not repl.listings[0]:
             chooser = "source" if self.job.type == "pull" else "filesystems filter"
             why = f"the {chooser} selects no dataset to replicate (a typo, or a pool that is not imported?)"
@@ -10850,6 +10881,8 @@ class JobStatus:
     replication: ReplicationRecord | None = None
     clients: dict[str, ClientRecord] = field(default_factory=dict)
     daemon: DaemonRecord | None = None
+    filter_unmatched: list[str] = field(default_factory=list)  # accepting patterns that selected nothing
+    filter_unmatched_total: int | None = None  # their count summed over the job's passes (zrepl's metric)
 
     @classmethod
     def from_json(cls, raw: Any) -> tuple[JobStatus, list[str]]:
@@ -11749,6 +11782,9 @@ METRIC_FAMILIES: dict[str, tuple[str, str]] = {
     "zrepl_pruning_destroyed": ("gauge", "Snapshots the job's latest pruning destroyed, by side."),
     "zrepl_pruning_kept": ("gauge", "Snapshots the job's latest pruning kept, by side."),
     "zrepl_pruning_errors": ("gauge", "Snapshots the job's latest pruning could not destroy, by side."),
+    "zrepl_zfs_list_unmatched_user_specified_dataset_count": (
+        "gauge", "Filter patterns that selected no dataset, summed over the job's passes: an increase means a "
+        "rule without effect (zrepl's name and jobid label; zrepl also counts rejecting patterns)."),
 }
 
 
@@ -11789,6 +11825,9 @@ def _job_metrics(out: Exposition, job: str, entry: JobStatus, jtype: str) -> Non
         out.sample("zrepl_job_last_run_failed", labels, 0 if last.result == "ok" else 1)
     if jtype in ACTIVE_MODES:
         _replication_metrics(out, labels, entry, last)
+    if jtype in ("snap", "push", "source"):
+        out.sample("zrepl_zfs_list_unmatched_user_specified_dataset_count", {"jobid": job},
+                   entry.filter_unmatched_total or 0)
     for fs, ts in sorted(newest_snapshot_times(entry, jtype).items()):
         if ts is not None:
             out.sample("zrepl_snapshot_newest_timestamp_seconds", {**labels, "filesystem": fs}, ts)

@@ -412,6 +412,8 @@ ZREPL_NAMES_PROMTOOL_DISLIKES = {
     ("zrepl_replication_bytes_replicated", 'counter metrics should have "_total" suffix'),
     ("zrepl_daemon_log_entries", 'counter metrics should have "_total" suffix'),
     ("zrepl_control_request_begin", 'counter metrics should have "_total" suffix'),
+    ("zrepl_zfs_list_unmatched_user_specified_dataset_count",
+     'non-histogram and non-summary metrics should not have "_count" suffix'),
 }
 
 

@@ -399,3 +399,15 @@ def test_cron_is_fast_for_sparse_schedules():
         spec.next_after(utc(2001, 1, 1) + i * 86400)
     assert _time.perf_counter() - began < 2.0
     assert leap_only.next_after(utc(2001, 1, 1)) == utc(2004, 2, 29)
+
+
+@pytest.mark.parametrize("mapping,accepted,unmatched", [
+    ({"tank/a": True, "tank/gone": True}, ["tank/a"], ["tank/gone"]),
+    ({"tank/a<": True}, ["tank/a/child"], []),  # something below the subtree pattern counts
+    ({"tank/a<": True, "tank/a": False}, [], ["tank/a<"]),  # it selected nothing: no effect
+    ({"tank/old": False, "<": True}, ["tank/x"], []),  # rejecting patterns and "<" alone are not counted
+    ({"tank/a": True}, ["tank/ab"], ["tank/a"]),  # whole components: tank/ab is not tank/a
+    ({"tank/a<": True}, ["tank/ab"], ["tank/a<"]),
+])
+def test_unmatched_names_the_accepting_patterns_that_selected_nothing(mapping, accepted, unmatched):
+    assert DatasetFilter(mapping).unmatched(accepted) == unmatched

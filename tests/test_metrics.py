@@ -18,7 +18,8 @@ import pytest
 
 import zrepl
 from fakezfs import FakeZfs
-from support import last_n, not_replicated, promtool_check, push_job, run, sink_job, snap_job, status, write_config
+from support import (job_status, last_n, not_replicated, promtool_check, push_job, run, sink_job, snap_job, status,
+                     write_config)
 
 SRC = "src/data"
 
@@ -438,3 +439,23 @@ def test_an_empty_host_listens_on_every_address():
         assert http_get(("127.0.0.1", s.address[1]))[0] == 200
     finally:
         s.close()
+
+
+def test_a_filter_pattern_that_selects_nothing_is_logged_recorded_and_counted_up_per_run(fake_zfs, world, tmp_path):
+    """zrepl's zrepl_zfs_list_unmatched_user_specified_dataset_count{jobid}: its Grafana dashboard
+    watches it for rules without effect (a renamed dataset is silently no longer backed up)."""
+    textfile = tmp_path / "zrepl.prom"
+    cfg = push_config(tmp_path, textfile, filesystems={"src/data": True, "src/renamed<": True})
+    for runs in (1, 2):
+        result = run("--config", cfg, "run", "push", zfs=fake_zfs)
+        assert result.code == 0, result  # the rest replicated
+        assert "'src/renamed<' selected no dataset" in result.stderr
+        entry = job_status(cfg, "push")
+        assert entry["filter_unmatched"] == ["src/renamed<"]
+        assert value(textfile.read_text(), "zrepl_zfs_list_unmatched_user_specified_dataset_count",
+                     jobid="push") == runs
+    # once the dataset exists, the count stops growing (and the pattern is no longer named)
+    fake_zfs.world.tree("src", "renamed")
+    assert run("--config", cfg, "run", "push", zfs=fake_zfs).code == 0
+    assert job_status(cfg, "push").get("filter_unmatched", []) == []
+    assert value(textfile.read_text(), "zrepl_zfs_list_unmatched_user_specified_dataset_count", jobid="push") == 2
