@@ -9017,14 +9017,19 @@ class Replication:
         """Up to `concurrency` filesystems at once, each on a lane (its own connection): a worker
         takes the most urgent ready filesystem (order_steps' order) and runs all its steps. A child
         that the parent's initial replication must create waits for that first step; if the parent
-        fails before it, the child is blocked."""
+        fails before it, the child is blocked. Protection before the lanes start and completion
+        after they end are batched on the primary lane as in the serial run (per filesystem they
+        would double the run's `zfs` spawns and eat the lanes' gain; the states in between are the
+        serial run's, which the next run's _restore_bookkeeping puts right after a crash)."""
         runnable = {p.sender_fs: p for p in plans if p.runnable}
         order = list(dict.fromkeys(p.sender_fs for p, _ in order_steps(plans, self.error_counts)))
         retry: set[str] = set()
         taken: set[str] = set()
         created: set[str] = set()  # parents whose first step is done: their children may start
         failed: set[str] = set()
+        done: dict[str, Step] = {}  # each filesystem's last step done, for the one completion
         cond = threading.Condition()
+        protection = self._protect(self.primary_lane(), list(runnable.values()))
 
         def next_ready() -> FilesystemPlan | None:
             for fs in order:
@@ -9050,22 +9055,20 @@ class Replication:
                         plan = next_ready()
                 if plan is None:
                     return
-                ok, done = True, {}
-                # protected and completed on its own lane, right around its steps
-                unprotected = self._protect(lane, [plan]).get(plan.sender_fs)
+                fs, ok = plan.sender_fs, True
                 for i, step in enumerate(plan.steps):
-                    ok = self._attempt(plan, step, self._report(plan.sender_fs), lane, retry, failed_now, unprotected)
+                    ok = self._attempt(plan, step, self._report(fs), lane, retry, failed_now, protection.get(fs))
                     with cond:
-                        if ok and i == 0:
-                            created.add(plan.sender_fs)
+                        if ok:
+                            done[fs] = step
+                            if i == 0:
+                                created.add(fs)
                         cond.notify_all()
                     if not ok:
                         break
-                    done[plan.sender_fs] = step
-                ok = not self._complete(lane, [plan], done, retry, failed_now) and ok
                 with cond:
                     if not ok:
-                        failed.add(plan.sender_fs)
+                        failed.add(fs)
                     cond.notify_all()
 
         lanes = [self.primary_lane()]
@@ -9084,6 +9087,7 @@ class Replication:
             worker.start()
         for worker in workers:
             worker.join()
+        self._complete(self.primary_lane(), list(runnable.values()), done, retry, failed_now)
         return retry
 
     def primary_lane(self) -> Lane:
