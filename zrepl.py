@@ -10296,6 +10296,10 @@ class JobRunner:
             lane_peer = connect_peer(self.config, self.job, self.zfs, processes, lane_progress, self.clock)
             lanes.append(lane_peer)
             lane_sender, lane_receiver = mode.sides(lane_peer.conn, lane_progress)
+            # One listing per side and lane, as the run's own pair has: without it each step
+            # would look up its filesystem on both sides (two `zfs list` per filesystem).
+            lane_sender.list_filesystems()
+            lane_receiver.list_filesystems()
             return Lane(lane_sender, lane_receiver, lane_progress)
         repl = Replication(sender, receiver, settings, progress, error_counts=counts, previous=previous,
                            clock=self.clock, lane_factory=new_lane if settings.concurrency > 1 else None)

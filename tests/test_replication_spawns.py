@@ -161,6 +161,10 @@ def test_parallel_lanes_protect_and_complete_in_one_batch_like_the_serial_run(fa
     assert [c for c in fake_zfs.calls if c[1] == "hold" and c[2] == STEP] == [["zfs", "hold", STEP, *every]]
     assert len([c for c in fake_zfs.calls if c[1] == "release" and c[2] == STEP]) == 1
     assert len([c for c in fake_zfs.calls if c[1] == "hold" and c[2] == RECEIVED]) == 1
+    # each extra lane lists both sides once; no step looks up its own filesystem on either side
+    single = [c for c in fake_zfs.calls if c[1] == "list" and "-d" in c and c[-1].startswith(("src/data/fs", ROOT))
+              and len([a for a in c if a.startswith(("src/", "dst/"))]) == 1]
+    assert single == []
 
 
 def test_parallel_lanes_block_the_child_of_a_failed_parent_and_leave_it_unheld(fake_zfs, world, tmp_path):
