@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 import support  # noqa: E402  (benchlib put tests/ on sys.path)
-from benchlib import REPO, Series, require_guest, run_measured, zfs, zrepl_argv  # noqa: E402
+from benchlib import REPO, Series, SpawnLog, require_guest, run_measured, zfs, zrepl_argv  # noqa: E402
 from spawn_count import create_datasets  # noqa: E402
 from zfstest import PoolFactory, SshServer  # noqa: E402
 
@@ -85,6 +85,7 @@ def main() -> int:
             return {"type": "ssh+stdinserver", "host": server.host, "user": "root", "port": server.port,
                     "identity_file": str(key), "options": server.option_list()}
 
+        shim = SpawnLog(work / "shim")
         walls: dict[tuple[str, int], Series] = {}
         used = iter(identities)
         for transport in transports:
@@ -100,7 +101,9 @@ def main() -> int:
                                             replication={"concurrency": {"steps": steps}})
                     jobs = [push] if transport == "ssh" else [push, support.sink_job(root_fs=f"{dst}/sink")]
                     cfg = support.write_config(run_dir, *jobs)
-                    m = run_measured(zrepl_argv("--config", str(cfg), "run", job), timeout=7200)
+                    shim.reset()  # zfs spawns of the local side (over ssh the sink's run on the far side)
+                    m = run_measured(zrepl_argv("--config", str(cfg), "run", job), env=shim.env, timeout=7200)
+                    spawns = len(shim.spawns())
                     received = zfs("list", "-H", "-o", "name", "-t", "filesystem", "-r",
                                    f"{dst}/sink/{identity}/{src}/data", check=False).split()
                     if m.returncode != 0 or len(received) != args.filesystems + 1:  # + the placeholder data
@@ -108,7 +111,7 @@ def main() -> int:
                             f"{m.stderr[-3000:]}")
                         return 1
                     lanes = "1 lane (ssh)" if "one at a time" in m.stderr else ""
-                    say(f"{transport:5} steps={steps}: {m.wall:7.1f} s  {lanes}")
+                    say(f"{transport:5} steps={steps}: {m.wall:7.1f} s  {spawns} zfs spawns  {lanes}")
                     walls.setdefault((transport, steps), Series()).add(m.wall)
 
         say("")
