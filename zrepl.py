@@ -86,6 +86,7 @@ import threading
 import time
 import tomllib
 import warnings
+import weakref
 import zlib
 import zoneinfo
 from dataclasses import dataclass, field
@@ -3299,6 +3300,212 @@ def _int(text: str | None) -> int:
         return 0
 
 
+# -- the snapshots_changed listing cache -----------------------------------------------------------
+# OpenZFS 2.2 added `snapshots_changed`: when a dataset's own list of snapshots last changed. A run
+# then lists the filesystems (and the bookmarks, which are never cached) in one cheap command and
+# the snapshots only of the datasets whose value moved since a cached listing; the others' come
+# from a file of the runtime dir. What tests/zfs/test_listing_cache_zfs.py found on OpenZFS 2.3
+# decides what the cache may answer:
+# - the value moves when a snapshot is created, destroyed, renamed, received or rolled back, to the
+#   whole second of the change; two changes in one second leave one value, so a cached list is
+#   trusted only if its value is OLDER than the second its listing began;
+# - it does not move for holds or bookmarks: bookmarks are listed fresh every time; the cached
+#   snapshots that were held are asked `zfs holds` again (our own holds and releases drop the
+#   dataset from the cache before they run, so a crash cannot leave a stale answer); a hold placed
+#   by another tool since shows up where it matters, as "dataset is busy" when pruning;
+# - a promote moves the old origin's value, not the clone's (which gained snapshots): the clone's
+#   `origin` changes, so the stamp includes it; a renamed or re-created dataset is another name or
+#   another guid.
+# A missing, corrupt or foreign file means a full listing, and so does OpenZFS before 2.2.
+LISTING_CACHE_FORMAT = "zrepl.py listing cache 1"
+LISTING_CACHE_COLUMNS = (*LIST_PROPERTIES, "origin", "snapshots_changed")
+# Below this many snapshots one plain listing costs less than the cache's extra commands (the
+# snapshots of changed datasets and `zfs holds`), so small pools keep their one spawn per side.
+LISTING_CACHE_MIN_SNAPSHOTS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotsStamp:
+    """What the cheap listing says about one dataset's own list of snapshots."""
+
+    guid: int
+    snapshots_changed: int  # unix seconds of the last change; 0 for "-" (never changed)
+    origin: str  # "" unless a clone
+
+
+@dataclass(slots=True)
+class CachedSnapshots:
+    """One dataset's snapshots as a listing that began at `listed_at` saw them, with its stamp."""
+
+    stamp: SnapshotsStamp
+    listed_at: float
+    snapshots: list[Version]
+
+
+def stale_snapshot_lists(cached: dict[str, CachedSnapshots], current: dict[str, SnapshotsStamp],
+                         now: float) -> set[str]:
+    """The datasets of `current` whose snapshots the cache cannot answer: they are listed again.
+    Trusted: the same stamp (guid, value, origin) with a value older than the second in which the
+    cached listing began. A clock gone back since that listing trusts nothing of it."""
+    stale = set()
+    for name, stamp in current.items():
+        entry = cached.get(name)
+        if (entry is None or entry.stamp != stamp or now < entry.listed_at
+                or stamp.snapshots_changed >= int(entry.listed_at)):
+            stale.add(name)
+    return stale
+
+
+def take_stamps(listing: dict[str, DatasetInfo]) -> dict[str, SnapshotsStamp]:
+    """Move the cache's two columns out of a LISTING_CACHE_COLUMNS listing's props (no decision
+    reads them there) into stamps."""
+    stamps = {}
+    for name, ds in listing.items():
+        changed, origin = ds.props.pop("snapshots_changed", "-"), ds.props.pop("origin", "")
+        stamps[name] = SnapshotsStamp(ds.guid, _int(changed), origin)
+    return stamps
+
+
+def sort_versions(ds: DatasetInfo) -> None:
+    ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
+
+
+class ListingCache:
+    """The snapshots of each dataset as a run last listed them, in one file per job and side
+    below the runtime dir. It only ever saves work: every answer it gives is checked against the
+    stamps of the current listing (stale_snapshot_lists) and its held snapshots against `zfs
+    holds`; anything unexpected in the file (another format or owner, a bad line) discards it all.
+
+    JSON lines: a header naming the format and the owner, one line per dataset, and lines
+    `{"forget": [...]}` appended (and synced) before our own holds or releases on those datasets
+    (Zfs.hold and friends call forget). A read-only cache (a dry run) answers but never writes."""
+
+    def __init__(self, path: str, owner: str, *, writable: bool = True, min_snapshots: int | None = None):
+        self.path, self.owner, self.writable = path, owner, writable
+        self.min_snapshots = LISTING_CACHE_MIN_SNAPSHOTS if min_snapshots is None else min_snapshots
+        self._lock = threading.Lock()
+        self._in_file: set[str] = set()
+
+    @classmethod
+    def for_owner(cls, runtime_dir: str, owner: str, *, writable: bool = True) -> ListingCache:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", owner)[:80]
+        name = f"{safe}-{zlib.crc32(owner.encode()):08x}.jsonl"
+        return cls(os.path.join(runtime_dir, "listings", name), owner, writable=writable)
+
+    def load(self) -> dict[str, CachedSnapshots]:
+        """The cached entries; {} for a missing, unreadable, corrupt or foreign file."""
+        with self._lock:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                with os.fdopen(fd, "r", encoding="utf-8") as f:
+                    entries = self._parse(f)
+            except FileNotFoundError:
+                entries = {}
+            except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                log.info("ignoring the listing cache %s (a full listing instead): %s", self.path, exc)
+                entries = {}
+            self._in_file = set(entries)
+            return entries
+
+    def _parse(self, lines: Iterable[str]) -> dict[str, CachedSnapshots]:
+        it = iter(lines)
+        header = json.loads(next(it, "null"))
+        if header != {"format": LISTING_CACHE_FORMAT, "owner": self.owner}:
+            raise ValueError(f"not this job's cache (header {str(header)[:200]})")
+        entries: dict[str, CachedSnapshots] = {}
+        for line in it:
+            row = json.loads(line)
+            if set(row) == {"forget"}:
+                for name in row["forget"]:
+                    entries.pop(str(name), None)
+                continue
+            name = validate_dataset_name(row["name"])
+            stamp = SnapshotsStamp(_count(row["guid"]), _count(row["changed"]), str(row["origin"]))
+            if stamp.origin:
+                split_version_name(stamp.origin)
+            snaps = [Version(dataset=name, name=validate_snapshot_short_name(s), kind="snapshot", guid=_count(g),
+                             createtxg=_count(t), creation=_count(c), userrefs=_count(u))
+                     for s, g, t, c, u in row["snapshots"]]
+            listed_at = row["listed_at"]
+            if not isinstance(listed_at, (int, float)) or listed_at <= 0:
+                raise ValueError(f"bad listed_at for {name}")
+            entries[name] = CachedSnapshots(stamp, float(listed_at), snaps)
+        return entries
+
+    def store(self, entries: dict[str, CachedSnapshots]) -> None:
+        """Replace the file (atomically) with these entries. A failure costs the next run a full
+        listing, nothing else: it is logged, not raised."""
+        if not self.writable:
+            return
+        with self._lock:
+            tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            try:
+                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(json.dumps({"format": LISTING_CACHE_FORMAT, "owner": self.owner}) + "\n")
+                    for name, e in entries.items():
+                        f.write(json.dumps({"name": name, "guid": e.stamp.guid, "changed": e.stamp.snapshots_changed,
+                                            "origin": e.stamp.origin, "listed_at": e.listed_at,
+                                            "snapshots": [[v.name, v.guid, v.createtxg, v.creation, v.userrefs]
+                                                          for v in e.snapshots]}) + "\n")
+                os.replace(tmp, self.path)
+                self._in_file = set(entries)
+            except OSError as exc:
+                log.warning("cannot write the listing cache %s (the next run lists everything): %s", self.path, exc)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+    def forget(self, datasets: Iterable[str]) -> None:
+        """Drop datasets from the file before their holds change (holds do not move
+        snapshots_changed): appended and synced, so a crash right after still lists them again."""
+        with self._lock:
+            gone = sorted(self._in_file.intersection(datasets))
+            if not gone or not self.writable:
+                return
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.write(fd, (json.dumps({"forget": gone}) + "\n").encode())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self._in_file.difference_update(gone)
+            except FileNotFoundError:
+                self._in_file.clear()
+            except OSError as exc:  # the cache must not outlive a hold it does not know: remove it
+                log.warning("cannot update the listing cache %s, removing it: %s", self.path, exc)
+                try:
+                    os.unlink(self.path)
+                    self._in_file.clear()
+                except FileNotFoundError:
+                    self._in_file.clear()
+                except OSError:
+                    raise ZreplError(f"the listing cache {self.path} can be neither updated nor removed: "
+                                     f"{exc}") from exc
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer from a cache file (JSON), or ValueError."""
+    if type(value) is not int or value < 0:
+        raise ValueError(f"not a count: {value!r}")
+    return value
+
+
+class _NoSnapshotsChanged(Exception):
+    """`zfs list` does not know snapshots_changed (userland older than 2.2): list without a cache."""
+
+
+def openzfs_module_version(path: str = "/sys/module/zfs/version") -> tuple[int, int] | None:
+    """The loaded OpenZFS kernel module's (major, minor) on Linux, None where it cannot be read."""
+    try:
+        with open(path, encoding="ascii") as f:
+            m = re.match(r"(\d+)\.(\d+)", f.read())
+    except (OSError, ValueError):
+        return None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def list_roots_for_filter(filt: DatasetFilter | None, extra: Iterable[str] = ()) -> list[str]:
     """The smallest set of roots whose recursive listing covers every dataset a filter can accept.
 
@@ -3643,6 +3850,10 @@ class Zfs:
         self.zfs_bin, self.zpool_bin = zfs_bin, zpool_bin
         self.env = env
         self.counters = ZfsCounters()
+        # Whether `zfs list` knows snapshots_changed (OpenZFS 2.2+); None: ask the kernel module.
+        self.snapshots_changed: bool | None = None
+        self._caches: weakref.WeakSet[ListingCache] = weakref.WeakSet()  # told before holds change
+        self._caches_lock = threading.Lock()
 
     def _resolve(self, argv: Sequence[str]) -> list[str]:
         argv = list(argv)
@@ -3681,16 +3892,84 @@ class Zfs:
             raise ZfsError(argv, 127, f"cannot execute {argv[0]}: {exc.strerror}") from None
 
     def list_datasets(self, roots: Sequence[str], properties: Sequence[str] = LIST_PROPERTIES,
-             depth: int | None = None) -> dict[str, DatasetInfo]:
-        """One recursive listing of the roots. Roots that do not exist are skipped, not fatal."""
+                      depth: int | None = None, cache: ListingCache | None = None) -> dict[str, DatasetInfo]:
+        """One recursive listing of the roots. Roots that do not exist are skipped, not fatal.
+        With a cache (and OpenZFS 2.2+), the snapshots of unchanged datasets come from it: the
+        same answer, for less (see ListingCache)."""
         for root in roots:
             validate_dataset_name(root)
-        argv = zfs_list_argv(roots, properties, depth=depth)
+        if cache is not None and depth is None and tuple(properties) == LIST_PROPERTIES and self._knows_changes():
+            try:
+                return self._list_with_cache(roots, cache)
+            except _NoSnapshotsChanged:
+                self.snapshots_changed = False
+        return self._list(zfs_list_argv(roots, properties, depth=depth), properties)
+
+    def wall_time(self) -> float:
+        """The clock ZFS stamps snapshots_changed with: this host's wall clock."""
+        return time.time()
+
+    def _knows_changes(self) -> bool:
+        if self.snapshots_changed is None:
+            version = openzfs_module_version()
+            self.snapshots_changed = version is not None and version >= (2, 2)
+        return self.snapshots_changed
+
+    def _list_with_cache(self, roots: Sequence[str], cache: ListingCache) -> dict[str, DatasetInfo]:
+        """The cheap listing (filesystems, volumes, bookmarks and the stamps), then the snapshots
+        of the stale datasets only; the rest from the cache, their held snapshots checked with one
+        `zfs holds`. When the cache is empty or small: one full listing, as without it."""
+        with self._caches_lock:
+            self._caches.add(cache)
+        cached = cache.load()
+        started = self.wall_time()
+        if not cached or sum(len(e.snapshots) for e in cached.values()) < cache.min_snapshots:
+            listing = self._list(zfs_list_argv(roots, LISTING_CACHE_COLUMNS), LISTING_CACHE_COLUMNS)
+            stamps = take_stamps(listing)
+            fresh = set(listing)
+        else:
+            listing = self._list(zfs_list_argv(roots, LISTING_CACHE_COLUMNS, types="filesystem,volume,bookmark"),
+                                 LISTING_CACHE_COLUMNS)
+            stamps = take_stamps(listing)
+            fresh = stale_snapshot_lists(cached, stamps, started)
+            if fresh:
+                self._add_snapshots(listing, fresh, roots)
+            trusted = [name for name in listing if name not in fresh]
+            held = [v.full_name for name in trusted for v in cached[name].snapshots if v.userrefs > 0]
+            tags = self.holds(held) if held else {}
+            for name in trusted:
+                snaps = [v if v.userrefs == 0 else dataclasses.replace(v, userrefs=len(tags.get(v.full_name, [])))
+                         for v in cached[name].snapshots]
+                listing[name].versions.extend(snaps)
+                sort_versions(listing[name])
+            log.debug("listing cache %s: %d of %d dataset(s) listed again", cache.path, len(fresh), len(listing))
+        cache.store({name: CachedSnapshots(stamps[name], started if name in fresh else cached[name].listed_at,
+                                           ds.snapshots())
+                     for name, ds in listing.items()})
+        return listing
+
+    def _add_snapshots(self, listing: dict[str, DatasetInfo], stale: set[str], roots: Sequence[str]) -> None:
+        """List the snapshots of the stale datasets (each with -d 1; all roots again when most are
+        stale) into the listing, whose bookmarks came from the cheap listing."""
+        if len(stale) * 2 > len(listing):
+            argv = zfs_list_argv(roots, LIST_PROPERTIES, types="filesystem,volume,snapshot")
+        else:
+            argv = zfs_list_argv(sorted(stale), LIST_PROPERTIES, types="filesystem,volume,snapshot", depth=1)
+        snapshots = self._list(argv, LIST_PROPERTIES)
+        for name in stale:
+            ds, got = listing[name], snapshots.get(name)
+            if got is not None:
+                ds.versions.extend(got.snapshots())
+            sort_versions(ds)
+
+    def _list(self, argv: list[str], properties: Sequence[str]) -> dict[str, DatasetInfo]:
         proc = self.run(argv, check=False)
         stderr = proc.stderr.decode("utf-8", "replace")
         if proc.returncode != 0:
             missing_only = all("does not exist" in line or not line.strip() for line in stderr.splitlines())
             if not (missing_only and stderr.strip()):
+                if "snapshots_changed" in properties and ("invalid property" in stderr or "bad property" in stderr):
+                    raise _NoSnapshotsChanged(stderr)
                 raise ZfsError(argv, proc.returncode, stderr)
             log.debug("zfs list: %s", stderr.strip())
         try:
@@ -3749,8 +4028,19 @@ class Zfs:
         proc = self.run(holds_argv(full_names), check=False)
         return parse_holds(proc.stdout.decode("utf-8", "replace"))
 
+    def _holds_changing(self, full_names: Sequence[str]) -> None:
+        """Before any hold or release: the listing caches drop those datasets (holds do not move
+        snapshots_changed, so only this keeps a cached userrefs from going stale)."""
+        with self._caches_lock:
+            caches = list(self._caches)
+        if caches:
+            datasets = {n.partition("@")[0] for n in full_names}
+            for cache in caches:
+                cache.forget(datasets)
+
     def hold(self, tag: str, full_names: Sequence[str]) -> None:
         if full_names:
+            self._holds_changing(full_names)
             self.run(hold_argv(tag, full_names))
 
     def hold_idempotent(self, tag: str, full_names: Sequence[str]) -> None:
@@ -3773,6 +4063,7 @@ class Zfs:
 
     def release(self, tag: str, full_names: Sequence[str]) -> None:
         if full_names:
+            self._holds_changing(full_names)
             self.run(release_argv(tag, full_names))
 
     def hold_many(self, tag: str, full_names: Sequence[str]) -> dict[str, str]:
@@ -3791,6 +4082,7 @@ class Zfs:
         """zfs hold/release report each snapshot they skip on a line `<prefix>'<name>': <reason>`."""
         if len(argv) <= 3:
             return {}
+        self._holds_changing(argv[3:])
         proc = self.run(argv, check=False)
         if proc.returncode == 0:
             return {}
@@ -7386,11 +7678,12 @@ class SenderEndpoint:
     def __init__(self, zfs: Zfs, job: str, filesystems: DatasetFilter, send: SendConfig,
                  processes: ProcessRegistry | None = None, progress: Progress | None = None,
                  job_type: str = "push", abstraction_job: str | None = None, guards: Sequence[str] = (),
-                 read_only: bool = False):
+                 read_only: bool = False, listing_cache: ListingCache | None = None):
         """`abstraction_job` names this side's holds and bookmarks (default: the job; a source with
         several clients gives each its own). `guards` are the other replicating jobs whose
         unreplicated snapshots a destroy keeps. `read_only` refuses every destroy."""
         self.zfs, self.filter, self.send_cfg = zfs, filesystems, send
+        self.listing_cache = listing_cache
         self.job = abstraction_job or job
         self.info = PeerInfo(job=job, type=job_type, abstraction_job=self.job)
         self.guards, self.read_only = [g for g in guards if g != self.job], read_only
@@ -7413,7 +7706,7 @@ class SenderEndpoint:
 
     # -- listing ---------------------------------------------------------------------------------
     def list_filesystems(self) -> list[DatasetInfo]:
-        listing = self.zfs.list_datasets(list_roots_for_filter(self.filter))
+        listing = self.zfs.list_datasets(list_roots_for_filter(self.filter), cache=self.listing_cache)
         self._listing = {n: ds for n, ds in listing.items() if self.filter.accepts(n)}
         return [self._listing[n] for n in sorted(self._listing)]
 
@@ -7735,8 +8028,9 @@ class ReceiverEndpoint:
 
     def __init__(self, zfs: Zfs, job: str, root_fs: str, client_identity: str | None, recv: RecvConfig,
                  processes: ProcessRegistry | None = None, progress: Progress | None = None,
-                 job_type: str = "sink"):
+                 job_type: str = "sink", listing_cache: ListingCache | None = None):
         self.zfs, self.job, self.root_fs, self.identity, self.recv_cfg = zfs, job, root_fs, client_identity, recv
+        self.listing_cache = listing_cache
         self.root = f"{root_fs}/{client_identity}" if client_identity else root_fs
         self.info = PeerInfo(job=job, type=job_type, abstraction_job=job, root=self.root, batched_holds=True)
         self.processes = processes or ProcessRegistry()
@@ -7762,7 +8056,7 @@ class ReceiverEndpoint:
     def list_filesystems(self) -> ReceiverListing:
         """Datasets below root keyed by the sender's name, with decoded resume tokens."""
         # Only this side's subtree: a sink client's listing must not cost (or show) the other clients'.
-        listing = self.zfs.list_datasets([self.root])
+        listing = self.zfs.list_datasets([self.root], cache=self.listing_cache)
         if self.root not in listing and not self.zfs.list_datasets([self.root_fs], depth=0):
             raise EndpointError(f"root_fs {self.root_fs!r} does not exist on the receiver; create it once "
                                 f"with `{_q('zfs', 'create', '-p', '-o', 'mountpoint=none', self.root_fs)}`")
@@ -8356,7 +8650,8 @@ def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRe
     client, server = local_pair()
     client.name, server.name = f"local listener {job.connect.listener_name}", f"local client {job.name}"
     identity = job.connect.client_identity
-    handlers = passive_handlers(passive, identity, zfs, processes, progress, replication_guards(config))
+    handlers = passive_handlers(passive, identity, zfs, processes, progress, replication_guards(config),
+                                client_listing_cache(config, passive, identity))
     if passive.type == "sink":
         client.send_limit = _bucket(job.send.bandwidth_limit)
         server.recv_limit = _bucket(passive.recv.bandwidth_limit)
@@ -8384,6 +8679,11 @@ def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRe
         thread.join(timeout=30)
 
     return Peer(client, close, client.cancel)
+
+
+def client_listing_cache(config: Config, passive: JobConfig, identity: str) -> ListingCache:
+    """The listing cache of what a sink or source serves one client (ssh or local alike)."""
+    return ListingCache.for_owner(config.global_.runtime_dir, f"{passive.name} client {identity}")
 
 
 def local_listener_job(config: Config, listener: str) -> JobConfig:
@@ -8532,17 +8832,19 @@ def stdinserver_job(config: Config, identity: str) -> JobConfig:
 
 
 def passive_handlers(job: JobConfig, identity: str, zfs: Zfs, processes: ProcessRegistry,
-                     progress: Progress, guards: Sequence[str] = ()) -> dict[str, Handler]:
+                     progress: Progress, guards: Sequence[str] = (),
+                     listing_cache: ListingCache | None = None) -> dict[str, Handler]:
     """The protocol handlers a sink (receiver below root_fs/<identity>) or a source (sender of its
     filesystems filter) offers one client. A source gives each client its own abstraction names
     and keeps what its other clients and this host's other jobs (`guards`) still need."""
     if job.type == "sink":
         return receiver_handlers(ReceiverEndpoint(zfs, job.name, job.root_fs, identity, job.recv, processes,
-                                                  progress, job_type="sink"))
+                                                  progress, job_type="sink", listing_cache=listing_cache))
     assert job.filesystems is not None and job.serve is not None
     return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress,
                                           job_type="source", abstraction_job=source_abstraction_job(job, identity),
-                                          guards=guards, read_only=job.serve.read_only))
+                                          guards=guards, read_only=job.serve.read_only,
+                                          listing_cache=listing_cache))
 
 
 # =================================================================================================
@@ -9929,6 +10231,8 @@ class ActiveMode(Protocol):
     """How an active job's run is wired (zrepl's activeMode: modePush, modePull): which side is
     local, which one is reached through the connection, and whether the job takes snapshots."""
 
+    listing_cache: ListingCache | None  # for the local side's listings (set by the job run)
+
     def takes_snapshots(self) -> bool: ...
 
     def sides(self, conn: RequestChannel, progress: Progress | None = None) -> tuple[Sender, Receiver]:
@@ -9946,6 +10250,7 @@ class PushMode:
                  guards: Sequence[str] = ()):
         self.job, self.zfs, self.processes, self.progress = job, zfs, processes, progress
         self.guards = list(guards)
+        self.listing_cache: ListingCache | None = None
 
     def takes_snapshots(self) -> bool:
         return self.job.snapshotting.type != "manual"
@@ -9953,7 +10258,8 @@ class PushMode:
     def sides(self, conn: RequestChannel, progress: Progress | None = None) -> tuple[Sender, Receiver]:
         assert self.job.filesystems is not None
         sender = SenderEndpoint(self.zfs, self.job.name, self.job.filesystems, self.job.send, self.processes,
-                                progress or self.progress, job_type="push", guards=self.guards)
+                                progress or self.progress, job_type="push", guards=self.guards,
+                                listing_cache=self.listing_cache)
         return sender, RemoteReceiver(conn)
 
 
@@ -9965,13 +10271,15 @@ class PullMode:
     def __init__(self, job: JobConfig, zfs: Zfs, processes: ProcessRegistry, progress: Progress,
                  guards: Sequence[str] = ()):
         self.job, self.zfs, self.processes, self.progress = job, zfs, processes, progress
+        self.listing_cache: ListingCache | None = None
 
     def takes_snapshots(self) -> bool:
         return False
 
     def sides(self, conn: RequestChannel, progress: Progress | None = None) -> tuple[Sender, Receiver]:
         receiver = ReceiverEndpoint(self.zfs, self.job.name, self.job.root_fs, None, self.job.recv,
-                                    self.processes, progress or self.progress, job_type="pull")
+                                    self.processes, progress or self.progress, job_type="pull",
+                                    listing_cache=self.listing_cache)
         return RemoteSender(conn), receiver
 
 
@@ -10128,9 +10436,15 @@ class JobRunner:
         log.info("job %s: sink jobs are passive; they serve when a client connects", self.job.name)
         return PassResult()
 
+    def _listing_cache(self, side: str) -> ListingCache:
+        """This job's cache of one side's listings; a dry run reads it but changes nothing."""
+        return ListingCache.for_owner(self.config.global_.runtime_dir, f"{self.job.name} {side}",
+                                      writable=not self.dry_run)
+
     def _select(self) -> list[DatasetInfo]:
         assert self.job.filesystems is not None
-        listing = self.zfs.list_datasets(list_roots_for_filter(self.job.filesystems))
+        listing = self.zfs.list_datasets(list_roots_for_filter(self.job.filesystems),
+                                         cache=self._listing_cache("snapshots"))
         return [ds for name, ds in sorted(listing.items()) if self.job.filesystems.accepts(name)]
 
     def _note_unmatched_patterns(self, selected: Iterable[str]) -> None:
@@ -10243,6 +10557,7 @@ class JobRunner:
         processes, progress = ProcessRegistry(), Progress(self.clock)
         guards = replication_guards(self.config)
         mode = ACTIVE_MODES[job.type](job, self.zfs, processes, progress, guards)
+        mode.listing_cache = self._listing_cache("sender" if job.type == "push" else "receiver")
         if mode.takes_snapshots():  # manual snapshotting: no listing needed
             self._set_activity("listing")
             datasets = self._select()
@@ -13172,7 +13487,6 @@ class _TrackedZfs(Zfs):
 
     def __init__(self) -> None:
         super().__init__()
-        import weakref
         self.streams: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
         self._streams_lock = threading.Lock()
 
@@ -13702,7 +14016,8 @@ def cmd_stdinserver(args: argparse.Namespace) -> int:
         processes, progress = ProcessRegistry(), Progress()
         recorder = ClientRecorder(job, identity, store.update)
         handlers = recorder.wrap(passive_handlers(job, identity, args.zfs, processes, progress,
-                                                  replication_guards(config)))
+                                                  replication_guards(config),
+                                                  client_listing_cache(config, job, identity)))
         conn = Connection.from_stdio(name=f"client {identity}")
         if job.type == "sink":
             conn.recv_limit = _bucket(job.recv.bandwidth_limit)

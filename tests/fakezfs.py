@@ -182,7 +182,7 @@ _SETTABLE: dict[str, tuple[str, bool]] = {
     "quota": ("0", False), "snapdir": ("hidden", True),
 }
 _READ_ONLY = ("name", "type", "guid", "createtxg", "creation", "userrefs", "receive_resume_token", "encryption",
-              "encryptionroot", "keystatus", "referenced", "written", "origin")
+              "encryptionroot", "keystatus", "referenced", "written", "origin", "snapshots_changed")
 _CREATE_ONLY = ("encryption", "pbkdf2iters", "volsize")
 ENCRYPTED = "aes-256-gcm"
 
@@ -232,6 +232,7 @@ class Dataset:
     encryption_root: str = ""
     key_loaded: bool = True
     partial: Partial | None = None
+    snapshots_changed: int = 0  # OpenZFS 2.2+: the second its list of snapshots last changed (0: never)
 
     def snapshot(self, name: str) -> Snapshot | None:
         return next((s for s in self.snapshots if s.name == name), None)
@@ -355,6 +356,7 @@ class World:
                 if ds.snapshot(short):
                     raise ValueError(f"{full} exists already")
                 ds.snapshots.append(Snapshot(short, self.new_guid(), txg, now, ds.referenced))
+                ds.snapshots_changed = now
 
     def bookmark(self, source: str, bookmark: str) -> None:
         with self.lock:
@@ -400,6 +402,7 @@ class World:
                 raise KeyError(f"{name}: not in the fake world")
             if isinstance(obj, Snapshot):
                 self.dataset(name.partition("@")[0]).snapshots.remove(obj)
+                self.dataset(name.partition("@")[0]).snapshots_changed = self.now()
             elif isinstance(obj, Bookmark):
                 self.dataset(name.partition("#")[0]).bookmarks.remove(obj)
             else:
@@ -499,6 +502,8 @@ class World:
             return ("available" if ds.key_loaded else "unavailable") if ds.encryption != "off" else "-"
         if prop == "written":
             return "0"
+        if prop == "snapshots_changed":
+            return str(ds.snapshots_changed) if isinstance(obj, Dataset) and ds.snapshots_changed else "-"
         return "-"  # origin: no clones here
 
     def _token(self, ds: Dataset) -> str:
@@ -1101,6 +1106,7 @@ class Commands:
             self.world.next_txg()
             for s in victims:
                 ds.snapshots.remove(s)
+            ds.snapshots_changed = self.world.now()
         return 0
 
     # -- send ------------------------------------------------------------------------------------
@@ -1464,6 +1470,7 @@ class _Receiver:
         ds.local.update(self.override)
         ds.referenced, ds.written_txg = h["referenced"], 0
         ds.snapshots.append(Snapshot(h["to"], h["toguid"], self.world.next_txg(), h["creation"], h["referenced"]))
+        ds.snapshots_changed = self.world.now()
 
 
 # =================================================================================================
@@ -1578,6 +1585,9 @@ class FakeZfs(zrepl.Zfs):
         except UsageError as exc:
             p.say(f"{exc}\n" if not str(exc).endswith("\n") else str(exc))
             return 2
+
+    def wall_time(self) -> float:  # what snapshots_changed is stamped with
+        return self.world.clock()
 
     # -- convenience -------------------------------------------------------------------------------
     def calls_of(self, verb: str) -> list[list[str]]:
