@@ -23,12 +23,17 @@ moves the value cannot leave it equal by falling into the same second; no fixed 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 
 import pytest
 
-from zfstest import REAL_ZFS, run, send_recv, zfs
+import zrepl
+from repltest import push_sink
+from support import last_n, not_replicated, snapshots, write_config
+from zfstest import REAL_ZFS, ZFS, run, send_recv, zfs
 
 OLD_ZFS = os.environ.get("ZREPL_TEST_ZFS", "2.3") == "2.1"
 needs_property = pytest.mark.skipif(OLD_ZFS, reason="snapshots_changed is OpenZFS 2.2+")
@@ -164,3 +169,139 @@ def test_openzfs_2_1_does_not_know_the_property(pool):
     proc = run([REAL_ZFS, "list", "-Hp", "-o", "name,snapshots_changed", pool], check=False)
     assert proc.returncode != 0
     assert "invalid property" in proc.stderr or "bad property list" in proc.stderr
+
+
+# ---- the cache itself (zrepl.ListingCache through zrepl.Zfs) on real ZFS ------------------------
+
+class CountingZfs(zrepl.Zfs):
+    """The real zfs through zrepl's layer, remembering each argv it ran."""
+
+    def __init__(self) -> None:
+        super().__init__(zfs_bin=REAL_ZFS)
+        self.snapshots_changed = True
+        self.argvs: list[list[str]] = []
+
+    def run(self, argv, **kwargs):  # type: ignore[no-untyped-def]
+        self.argvs.append(list(argv))
+        return super().run(argv, **kwargs)
+
+
+def past_every_value(pool: str) -> None:
+    """Wait until the clock is past the second of every snapshots_changed below the pool, so a
+    listing from now on may be trusted by the next one."""
+    values = [v for v in zfs("list", "-Hp", "-r", "-o", "snapshots_changed", pool).split() if v != "-"]
+    after_second_of(str(max(map(int, values))) if values else "-")
+
+
+def snapshot_listings(z: CountingZfs) -> list[list[str]]:
+    return [a for a in z.argvs if a[1] == "list" and "snapshot" in a[a.index("-t") + 1]]
+
+
+@needs_property
+def test_cached_listings_answer_like_plain_ones_whatever_another_tool_changes(make_pool, tmp_path):
+    src = make_pool("src")
+    for fs in ("a", "b", "c", "c/d"):
+        zfs("create", f"{src}/{fs}")
+    for snap in ("a@1", "a@2", "b@1", "c/d@1"):
+        zfs("snapshot", f"{src}/{snap}")
+    zfs("bookmark", f"{src}/a@1", f"{src}/a#one")
+    zfs("hold", "someone", f"{src}/a@2")
+    z = CountingZfs()
+    cache = zrepl.ListingCache(str(tmp_path / "cache.jsonl"), "test", min_snapshots=0)
+
+    unseen_holds: set[str] = set()
+
+    def check(what: str) -> None:
+        z.argvs.clear()
+        cached = z.list_datasets([src], cache=cache)
+        plain = zrepl.Zfs(zfs_bin=REAL_ZFS).list_datasets([src])
+        for ds in plain.values():  # see "a hold placed" below
+            ds.versions = [dataclasses.replace(v, userrefs=0) if v.full_name in unseen_holds else v
+                           for v in ds.versions]
+        assert cached == plain, what
+
+    past_every_value(src)
+    check("first (full) listing")
+    past_every_value(src)
+    check("nothing changed")
+    assert snapshot_listings(z) == []  # everything came from the cache...
+    assert [a[1] for a in z.argvs] == ["list", "holds"]  # ...and the held snapshot was asked again
+
+    changes = [
+        ("a snapshot created", lambda: zfs("snapshot", f"{src}/b@2")),
+        ("a snapshot destroyed", lambda: zfs("destroy", f"{src}/a@1")),
+        ("a snapshot renamed", lambda: zfs("rename", f"{src}/b@2", f"{src}/b@two")),
+        ("a hold released", lambda: zfs("release", "someone", f"{src}/a@2")),
+        # A hold another tool places on a snapshot cached as not held is the one thing a cached
+        # listing does not show (asking `zfs holds` of every snapshot would cost more than the
+        # listing saves). It matters only when pruning destroys that snapshot, and there `zfs
+        # destroy` refuses a held one: the pruner reports it held (tests/test_listing_cache.py
+        # replays runs with and without the cache and finds the same result). Our own holds drop
+        # the dataset from the cache before they are placed.
+        ("a hold placed", lambda: (zfs("hold", "other", f"{src}/b@1"), unseen_holds.add(f"{src}/b@1"))),
+        ("that hold released", lambda: (zfs("release", "other", f"{src}/b@1"), unseen_holds.clear())),
+        ("a bookmark created", lambda: zfs("bookmark", f"{src}/b@1", f"{src}/b#mark")),
+        ("a bookmark destroyed", lambda: zfs("destroy", f"{src}/a#one")),
+        ("a rollback", lambda: zfs("rollback", "-r", f"{src}/b@1")),
+        ("a snapshot below", lambda: zfs("snapshot", "-r", f"{src}/c@r")),
+        ("a dataset destroyed and made again", lambda: (zfs("destroy", "-r", f"{src}/c/d"),
+                                                        zfs("create", f"{src}/c/d"), zfs("snapshot", f"{src}/c/d@9"))),
+        ("a clone promoted", lambda: (zfs("clone", f"{src}/c/d@9", f"{src}/e"), zfs("promote", f"{src}/e"))),
+        ("a receive", lambda: send_recv([f"{src}/b@1"], ["-u", f"{src}/f"])),
+    ]
+    for what, act in changes:
+        act()
+        check(what + ", listed at once")  # possibly in the very second of the change
+        past_every_value(src)
+        check(what + ", listed a second later")
+
+
+@needs_property
+def test_a_corrupt_cache_is_ignored_and_written_anew(pool, tmp_path):
+    zfs("create", f"{pool}/a")
+    zfs("snapshot", f"{pool}/a@1")
+    z = CountingZfs()
+    path = tmp_path / "cache.jsonl"
+    path.write_text('{"format": "zrepl.py listing cache 1", "owner": "test"}\n{"name": "' + pool + '/a", "gu')
+    cache = zrepl.ListingCache(str(path), "test", min_snapshots=0)
+    assert z.list_datasets([pool], cache=cache) == zrepl.Zfs(zfs_bin=REAL_ZFS).list_datasets([pool])
+    assert len(z.argvs) == 1  # one full listing, as without a cache
+    assert set(zrepl.ListingCache(str(path), "test").load()) == {pool, f"{pool}/a"}
+
+
+@needs_property
+def test_push_runs_with_the_cache_see_another_tools_changes_and_survive_a_corrupt_file(make_pool, zfs_tree,
+                                                                                       zfs_shim, tmp_path):
+    src, dst = make_pool("src"), make_pool("dst")
+    zfs_tree(dst, "sink")
+    zfs_tree(src, "\n".join(f"data/fs{i}" for i in range(10)), data=False)
+    for k in range(100):  # 1,000 snapshots: the size from which runs use the cache
+        zfs("snapshot", "-r", f"{src}/data@s{k:03d}")
+    cfg = write_config(tmp_path, *push_sink(src, dst, keep_sender=[not_replicated(), last_n(101)],
+                                            keep_receiver=[last_n(101)]))
+    proc = zfs_shim.run_zrepl("--config", cfg, "run", "push")
+    assert proc.returncode == 0, proc.stderr
+    target = f"{dst}/sink/client1/{src}/data"
+    past_every_value(src)
+    past_every_value(dst)
+    zfs_shim.reset_log()
+    proc = zfs_shim.run_zrepl("--config", cfg, "run", "push")  # nothing to do
+    assert proc.returncode == 0, proc.stderr
+    lists = [c.argv for c in zfs_shim.calls("list")]
+    assert lists and all("filesystem,volume,bookmark" in c for c in lists), lists  # no snapshot listing
+
+    zfs("snapshot", f"{src}/data/fs3@new")  # another tool, between runs
+    zfs("destroy", f"{target}/fs5@s000")  # an admin, on the receiving side
+    past_every_value(src)
+    proc = zfs_shim.run_zrepl("--config", cfg, "run", "push")
+    assert proc.returncode == 0, proc.stderr
+    assert snapshots(ZFS, f"{target}/fs3")[-1] == "new"
+
+    for listing in (tmp_path / "run" / "listings").iterdir():
+        listing.write_text("garbage\n")
+    zfs("snapshot", f"{src}/data/fs7@newer")
+    proc = zfs_shim.run_zrepl("--config", cfg, "run", "push")
+    assert proc.returncode == 0, proc.stderr
+    assert snapshots(ZFS, f"{target}/fs7")[-1] == "newer"
+    for listing in (tmp_path / "run" / "listings").iterdir():  # written anew
+        assert json.loads(listing.read_text().splitlines()[0])["format"] == zrepl.LISTING_CACHE_FORMAT
