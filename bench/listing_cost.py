@@ -19,7 +19,9 @@ listing over SRC:
                     and before: with encryptionroot and keystatus, which no decision read
   fs: dataset columns + snap: version columns   the same information in two listings
 
-then `zrepl.py run` of a snap job with nothing due (periodic 1h, keep last_n S+1: lists, keeps all)
+then `zrepl.py run` of a snap job with nothing due (periodic 1h, keep last_n S+1: lists, keeps all),
+each without its listing cache (removed before every run: the full listing of before) and with it
+(filled by one untimed run),
 and, with --push, a push -> sink that has nothing to send (the sink seeded by `zfs send -R | zfs
 recv` plus zrepl's cursor bookmarks and last-received holds, as bench/spawn_count.py does). Each
 run's wall is printed as a ratio to the floor.
@@ -28,6 +30,7 @@ run's wall is printed as a ratio to the floor.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -55,6 +58,8 @@ def listings(src: str) -> list[tuple[str, list[list[str]]]]:
     return [
         ("floor: zfs list -t filesystem,volume", [lst("filesystem,volume", None)]),
         ("fs: name,guid,snapshots_changed", [lst("filesystem,volume", "name,guid,snapshots_changed")]),
+        ("fs,bm: the cache's listing (LISTING_CACHE_COLUMNS)",
+         [lst("filesystem,volume,bookmark", ",".join(zrepl.LISTING_CACHE_COLUMNS))]),
         ("all: name", [lst(ALL, "name")]),
         ("all: name,guid,createtxg", [lst(ALL, "name,guid,createtxg")]),
         ("all: name,type,guid,createtxg", [lst(ALL, "name,type,guid,createtxg")]),
@@ -74,7 +79,19 @@ def timed(argvs: list[list[str]]) -> float:
     return time.perf_counter() - start
 
 
-def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Path, tmpfs: Path) -> None:
+def timed_run(config: Path, job: str, remove_cache: Path | None = None) -> float:
+    """One `zrepl.py run JOB`; with remove_cache, its listing caches removed first (a full listing,
+    as before the cache)."""
+    if remove_cache is not None:
+        shutil.rmtree(remove_cache, ignore_errors=True)
+    m = run_measured(zrepl_argv("--config", str(config), "run", job), timeout=7200)
+    if m.returncode != 0:
+        print(f"  ! {job}: exit {m.returncode}: {m.stderr.strip()[-1500:]}", flush=True)
+    return m.wall
+
+
+def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Path, tmpfs: Path,
+              columns: bool = True) -> None:
     label = f"{filesystems}x{snapshots}"
     pools = benchlib.zfstest.PoolFactory(tmpfs / label)
     workdir = base / label
@@ -97,7 +114,7 @@ def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Pat
             print(f"  {name:48} {seconds:8.2f} s  {seconds / floor:6.2f}x", flush=True)
 
         print(f"{label} ({runs} run(s) each, median), seconds and ratio to the floor:", flush=True)
-        for name, argvs in listings(src):
+        for name, argvs in listings(src) if columns else listings(src)[:1]:
             record(name, benchlib.median([timed(argvs) for _ in range(runs)]))
         fs = {f"{src}/data<": True}
         config = support.write_config(
@@ -112,13 +129,13 @@ def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Pat
                 start = time.perf_counter()
                 seed_raw(src, dst, f"s{snapshots - 1:04d}")
                 print(f"{label}: sink seeded in {time.perf_counter() - start:.0f} s", flush=True)
-            walls = []
-            for _ in range(runs):
-                m = run_measured(zrepl_argv("--config", str(config), "run", job), timeout=7200)
-                if m.returncode != 0:
-                    print(f"  ! {job}: exit {m.returncode}: {m.stderr.strip()[-1500:]}", flush=True)
-                walls.append(m.wall)
-            record(f"zrepl.py run {job} (nothing to do)", benchlib.median(walls))
+            caches = workdir / "run" / "listings"
+            without = [timed_run(config, job, caches) for _ in range(runs)]
+            record(f"zrepl.py run {job}, no cache (full listing)", benchlib.median(without))
+            timed_run(config, job)  # fills the cache
+            time.sleep(1.5)  # values of the second the cache was listed in are not trusted
+            warm = [timed_run(config, job) for _ in range(runs)]
+            record(f"zrepl.py run {job}, with the cache", benchlib.median(warm))
     finally:
         pools.destroy_all()
 
@@ -129,6 +146,7 @@ def main() -> int:
     ap.add_argument("--scale", default="1000x10", help="FILESYSTEMSxSNAPSHOTS[,...] (default 1000x10)")
     ap.add_argument("--runs", type=int, default=1, help="timed runs per figure (median; default 1)")
     ap.add_argument("--push", action="store_true", help="also seed a sink and time a no-op push")
+    ap.add_argument("--runs-only", action="store_true", help="only the floor and the zrepl.py runs, no column sets")
     args = ap.parse_args()
     benchlib.require_guest()
     print(benchlib.environment(), flush=True)
@@ -139,7 +157,7 @@ def main() -> int:
     try:
         for scale in args.scale.split(","):
             f, _, s = scale.strip().partition("x")
-            run_scale(int(f), int(s), args.runs, args.push, base, tmpfs.path)
+            run_scale(int(f), int(s), args.runs, args.push, base, tmpfs.path, columns=not args.runs_only)
     finally:
         tmpfs.close()
     return 0
