@@ -12,7 +12,8 @@ Map of this file (sections in dependency order; a section only uses those above 
                             config regexes (Go RE2 syntax, translated)
     3. Keep rules           last_n, grid, regex, not_replicated: pure prune decisions
     4. Config               TOML loading and strict validation with key paths
-    5. ZFS command layer    argv builders, listing parser, error kinds, resume tokens, the one runner
+    5. ZFS command layer    argv builders, listing parser and its snapshots_changed cache, error kinds,
+                            resume tokens, the one runner
     6. Planner              pure replication planning from two listings
     7. Protocol             framed wire protocol, handshake, requests, streams
     8. Endpoints            the Sender/Receiver roles, local endpoints, remote proxies, confinement
@@ -36,6 +37,8 @@ Where things happen:
                      the source (PeerInfo.abstraction_job from its `endpoint.info` reply)
     receiver pruning prune_receiver (section 12) through the Receiver role
     resume handling  receive_resume_token -> Zfs.decode_resume_token -> _plan_resume -> send -t
+    listing cache    Zfs.list_datasets(cache=...) -> _list_with_cache (stale_snapshot_lists); the files:
+                     JobRunner._listing_cache, client_listing_cache; Zfs.hold/release -> ListingCache.forget
     placeholders     ReceiverEndpoint._ensure_parents / _receive (the -F check), is_placeholder
     stdinserver      cmd_stdinserver -> stdinserver_job -> passive_handlers -> serve_connection
     status document  written by JobRunner (publish) and ClientRecorder (merge) through StatusStore;
@@ -3385,6 +3388,7 @@ class ListingCache:
         self.min_snapshots = LISTING_CACHE_MIN_SNAPSHOTS if min_snapshots is None else min_snapshots
         self._lock = threading.Lock()
         self._in_file: set[str] = set()
+        self._forgotten: list[str] = []  # every dataset forget() was told of, in order (see mark)
 
     @classmethod
     def for_owner(cls, runtime_dir: str, owner: str, *, writable: bool = True) -> ListingCache:
@@ -3432,12 +3436,21 @@ class ListingCache:
             entries[name] = CachedSnapshots(stamp, float(listed_at), snaps)
         return entries
 
-    def store(self, entries: dict[str, CachedSnapshots]) -> None:
+    def mark(self) -> int:
+        """Taken before a listing's commands: store(entries, mark) leaves out the datasets whose
+        holds changed since (a parallel lane's hold between this listing and its store)."""
+        with self._lock:
+            return len(self._forgotten)
+
+    def store(self, entries: dict[str, CachedSnapshots], mark: int | None = None) -> None:
         """Replace the file (atomically) with these entries. A failure costs the next run a full
         listing, nothing else: it is logged, not raised."""
         if not self.writable:
             return
         with self._lock:
+            if mark is not None and mark < len(self._forgotten):
+                changed = set(self._forgotten[mark:])
+                entries = {name: e for name, e in entries.items() if name not in changed}
             tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
             try:
                 os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -3460,6 +3473,8 @@ class ListingCache:
         """Drop datasets from the file before their holds change (holds do not move
         snapshots_changed): appended and synced, so a crash right after still lists them again."""
         with self._lock:
+            datasets = set(datasets)
+            self._forgotten.extend(datasets)
             gone = sorted(self._in_file.intersection(datasets))
             if not gone or not self.writable:
                 return
@@ -3921,6 +3936,7 @@ class Zfs:
         `zfs holds`. When the cache is empty or small: one full listing, as without it."""
         with self._caches_lock:
             self._caches.add(cache)
+        mark = cache.mark()
         cached = cache.load()
         started = self.wall_time()
         if not cached or sum(len(e.snapshots) for e in cached.values()) < cache.min_snapshots:
@@ -3945,7 +3961,7 @@ class Zfs:
             log.debug("listing cache %s: %d of %d dataset(s) listed again", cache.path, len(fresh), len(listing))
         cache.store({name: CachedSnapshots(stamps[name], started if name in fresh else cached[name].listed_at,
                                            ds.snapshots())
-                     for name, ds in listing.items()})
+                     for name, ds in listing.items()}, mark)
         return listing
 
     def _add_snapshots(self, listing: dict[str, DatasetInfo], stale: set[str], roots: Sequence[str]) -> None:

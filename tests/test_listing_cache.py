@@ -307,3 +307,14 @@ def test_runs_decide_the_same_with_the_cache_as_without(tmp_path, monkeypatch):
     assert snapshot_listings(fake) < snapshot_listings(plain)
     files = list((tmp_path / "cached" / "run" / "listings").iterdir())
     assert len(files) == 2  # the job's sender side and the sink's side for client1
+
+
+def test_a_hold_between_a_listing_and_its_store_keeps_that_dataset_out(fake, cache, clock):
+    listed(fake, cache)
+    clock.now += 60
+    mark = cache.mark()
+    entries = cache.load()
+    fake.hold_many("zrepl_STEP_J_push", ["tank/b@1"])  # another lane, while this listing ran
+    cache.store(entries, mark)
+    assert "tank/b" not in zrepl.ListingCache(cache.path, cache.owner).load()
+    assert "tank/a" in zrepl.ListingCache(cache.path, cache.owner).load()
