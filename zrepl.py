@@ -4738,6 +4738,30 @@ def sender_needs_cleanup(info: DatasetInfo, job: str) -> bool:
     return (len(ours) > 1 or any(v.userrefs > 0 and v.createtxg <= cursor.createtxg for v in info.snapshots()))
 
 
+def sender_cleanup_holds(info: DatasetInfo, job: str) -> list[str]:
+    """The held snapshots (short names) whose hold tags decide whether sender_has_stale: those at
+    or before the cursor, where a crash can leave our step holds."""
+    cursor = replication_cursor(info, job)
+    if cursor is None:
+        return []
+    return [v.name for v in info.snapshots() if v.userrefs > 0 and v.createtxg <= cursor.createtxg]
+
+
+def sender_has_stale(info: DatasetInfo, job: str, tags: dict[str, list[str]]) -> bool:
+    """Whether the sender's release_stale would drop anything of `job` on this dataset, given the
+    tags of its held snapshots (only another tool's holds: nothing to do, nothing to spawn)."""
+    abstractions = bookmark_abstractions(info)
+    for v in info.snapshots():
+        abstractions += hold_abstractions(v, tags.get(v.name, []))
+    return any(a.type != ABSTRACTION_LAST_RECEIVED_HOLD for a in stale_abstractions(abstractions, job))
+
+
+def receiver_cleanup_holds(info: DatasetInfo) -> list[str]:
+    """The held snapshots besides the newest (short names): where an older last-received hold of
+    ours can be left (receiver_needs_cleanup)."""
+    return [v.name for v in _by_txg(info.snapshots())[:-1] if v.userrefs > 0]
+
+
 def receiver_needs_cleanup(info: DatasetInfo) -> bool:
     """Whether a receiver dataset has held snapshots besides its newest (maybe an older
     last-received hold of ours, left by a crash between placing the new one and releasing it)."""
@@ -7349,6 +7373,9 @@ class PeerInfo:
     # a receiver that takes StepRequest.defer_hold and receiver.hold_received (older ones do not
     # say so and get one check and hold per receive, as before)
     batched_holds: bool = False
+    # an endpoint that answers sender.holds_all / receiver.holds_all (hold tags of many datasets
+    # in one request); older ones are asked per dataset
+    holds_all: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -7369,7 +7396,7 @@ class PeerInfo:
         except ValueError as exc:
             raise EndpointError(f"peer sent an invalid endpoint.info reply: {exc}", kind="forbidden") from None
         return cls(job=job, type=jtype, abstraction_job=abstraction_job, root=root,
-                   batched_holds=body.get("batched_holds") is True)
+                   batched_holds=body.get("batched_holds") is True, holds_all=body.get("holds_all") is True)
 
 
 @dataclass
@@ -7488,6 +7515,10 @@ class Sender(Protocol):
 
     def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]: ...
 
+    def hold_tags_all(self, names: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+        """hold_tags of several filesystems at once (fs -> short names -> tags): one `zfs holds`."""
+        ...
+
     def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult: ...
 
 
@@ -7522,7 +7553,21 @@ class Receiver(Protocol):
 
     def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]: ...
 
+    def hold_tags_all(self, names: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]: ...
+
     def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult: ...
+
+
+def _hold_tags_all(zfs: Zfs, targets: dict[str, str], names: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+    """One `zfs holds` for snapshots of many datasets; `targets` maps each requested fs to its
+    dataset here (validated by the caller). Keyed back by fs and short name."""
+    wanted = {f"{targets[fs]}@{validate_snapshot_short_name(n)}": (fs, n) for fs, ns in names.items() for n in ns}
+    out: dict[str, dict[str, list[str]]] = {}
+    for full, tags in (zfs.holds(list(wanted)) if wanted else {}).items():
+        if full in wanted:
+            fs, short = wanted[full]
+            out.setdefault(fs, {})[short] = tags
+    return out
 
 
 def with_sender_error(exc: BaseException, send_error: str | None) -> BaseException:
@@ -7701,7 +7746,7 @@ class SenderEndpoint:
         self.zfs, self.filter, self.send_cfg = zfs, filesystems, send
         self.listing_cache = listing_cache
         self.job = abstraction_job or job
-        self.info = PeerInfo(job=job, type=job_type, abstraction_job=self.job)
+        self.info = PeerInfo(job=job, type=job_type, abstraction_job=self.job, holds_all=True)
         self.guards, self.read_only = [g for g in guards if g != self.job], read_only
         self.processes = processes or ProcessRegistry()
         self.progress = progress
@@ -7956,6 +8001,9 @@ class SenderEndpoint:
         self._allowed(fs)
         return _hold_tags(self.zfs, fs, names)
 
+    def hold_tags_all(self, names: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+        return _hold_tags_all(self.zfs, {fs: self._allowed(fs) for fs in names}, names)
+
     def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
         """Destroy snapshots of one filesystem, but never one another job or client still has to
         replicate (checked against our own listing, whoever asks)."""
@@ -8048,7 +8096,8 @@ class ReceiverEndpoint:
         self.zfs, self.job, self.root_fs, self.identity, self.recv_cfg = zfs, job, root_fs, client_identity, recv
         self.listing_cache = listing_cache
         self.root = f"{root_fs}/{client_identity}" if client_identity else root_fs
-        self.info = PeerInfo(job=job, type=job_type, abstraction_job=job, root=self.root, batched_holds=True)
+        self.info = PeerInfo(job=job, type=job_type, abstraction_job=job, root=self.root, batched_holds=True,
+                             holds_all=True)
         self.processes = processes or ProcessRegistry()
         self.progress = progress
         self._listing: dict[str, DatasetInfo] = {}
@@ -8307,6 +8356,9 @@ class ReceiverEndpoint:
     def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
         return _hold_tags(self.zfs, self.target(fs), names)
 
+    def hold_tags_all(self, names: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+        return _hold_tags_all(self.zfs, {fs: self.target(fs) for fs in names}, names)
+
     def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
         target = self.target(fs)
         for n in names:
@@ -8320,6 +8372,14 @@ def _wire_str_list(body: dict[str, Any], key: str) -> list[str]:
     value = body.get(key, [])
     if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
         raise EndpointError(f"{key!r} must be a list of strings", kind=EndpointErrorKind.FORBIDDEN)
+    return value
+
+
+def _wire_names_by_fs(body: dict[str, Any]) -> dict[str, list[str]]:
+    value = body.get("names", {})
+    if not isinstance(value, dict) or not all(isinstance(fs, str) and isinstance(ns, list)
+                                              and all(isinstance(n, str) for n in ns) for fs, ns in value.items()):
+        raise EndpointError("'names' must map filesystems to lists of strings", kind=EndpointErrorKind.FORBIDDEN)
     return value
 
 
@@ -8379,6 +8439,9 @@ def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
     def holds(body: dict, ctx: RequestContext) -> dict:
         return {"holds": ep.hold_tags(str(body.get("fs", "")), _wire_str_list(body, "names"))}
 
+    def holds_all(body: dict, ctx: RequestContext) -> dict:
+        return {"holds": ep.hold_tags_all(_wire_names_by_fs(body))}
+
     def release_stale(body: dict, ctx: RequestContext) -> dict:
         ep.release_stale(str(body.get("fs", "")))
         return {}
@@ -8389,7 +8452,7 @@ def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
     return _refuse_malformed({"endpoint.info": info, "sender.list": list_, "sender.estimate": estimate,
                               "sender.send": send, "sender.protect": protect, "sender.complete": complete,
                               "sender.release_stale": release_stale, "sender.holds": holds,
-                              "sender.destroy": destroy})
+                              "sender.holds_all": holds_all, "sender.destroy": destroy})
 
 
 def _level(body: dict[str, Any]) -> str:
@@ -8438,6 +8501,9 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
     def holds(body: dict, ctx: RequestContext) -> dict:
         return {"holds": ep.hold_tags(str(body.get("fs", "")), _wire_str_list(body, "names"))}
 
+    def holds_all(body: dict, ctx: RequestContext) -> dict:
+        return {"holds": ep.hold_tags_all(_wire_names_by_fs(body))}
+
     def hold_received(body: dict, ctx: RequestContext) -> dict:
         items = body.get("received")
         if not isinstance(items, list) or not all(
@@ -8463,7 +8529,7 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
                               "receiver.hold_last_received": hold_last_received,
                               "receiver.hold_received": hold_received,
                               "receiver.release_stale": release_stale, "receiver.holds": holds,
-                              "receiver.destroy": destroy})
+                              "receiver.holds_all": holds_all, "receiver.destroy": destroy})
 
 
 class RequestChannel(Protocol):
@@ -8496,6 +8562,23 @@ def _holds_reply(body: dict[str, Any]) -> dict[str, list[str]]:
                                               for t in holds.values()):
         raise EndpointError("peer sent an invalid holds reply")
     return {str(k): list(v) for k, v in holds.items()}
+
+
+def _remote_hold_tags_all(conn: RequestChannel, side: str, info: PeerInfo, names: dict[str, list[str]],
+                          per_fs: Callable[[str, Sequence[str]], dict[str, list[str]]]
+                          ) -> dict[str, dict[str, list[str]]]:
+    """One `SIDE.holds_all` request, or one `SIDE.holds` per filesystem to a peer without it. Only
+    what was asked for is taken from the reply."""
+    names = {fs: ns for fs, ns in names.items() if ns}
+    if not names:
+        return {}
+    if not info.holds_all:
+        return {fs: per_fs(fs, ns) for fs, ns in names.items()}
+    reply = conn.request(f"{side}.holds_all", {"names": names}).get("holds", {})
+    if not isinstance(reply, dict):
+        raise EndpointError("peer sent an invalid holds reply")
+    return {fs: {n: t for n, t in _holds_reply({"holds": reply.get(fs, {})}).items() if n in ns}
+            for fs, ns in names.items()}
 
 
 class RemoteSender:
@@ -8564,6 +8647,9 @@ class RemoteSender:
     def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
         return _holds_reply(self.conn.request("sender.holds", {"fs": fs, "names": list(names)})) if names else {}
 
+    def hold_tags_all(self, names: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+        return _remote_hold_tags_all(self.conn, "sender", self.info, names, self.hold_tags)
+
     def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
         return _destroy_result(self.conn.request("sender.destroy", {"fs": fs, "names": list(names)}))
 
@@ -8620,6 +8706,9 @@ class RemoteReceiver:
 
     def hold_tags(self, fs: str, names: Sequence[str]) -> dict[str, list[str]]:
         return _holds_reply(self.conn.request("receiver.holds", {"fs": fs, "names": list(names)})) if names else {}
+
+    def hold_tags_all(self, names: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+        return _remote_hold_tags_all(self.conn, "receiver", self.info, names, self.hold_tags)
 
     def destroy_snapshots(self, fs: str, names: Sequence[str]) -> DestroyResult:
         return _destroy_result(self.conn.request("receiver.destroy", {"fs": fs, "names": list(names)}))
@@ -9058,8 +9147,8 @@ class Replication:
             for p in plans:
                 if p.common is not None and p.error is None:
                     self._restore_bookkeeping(p, listed[p.sender_fs])
-                if p.up_to_date and p.error is None:
-                    self._release_stale(p.sender_fs, listed[p.sender_fs], receivers.get(p.sender_fs))
+            self._release_stale({p.sender_fs: (listed[p.sender_fs], receivers.get(p.sender_fs))
+                                 for p in plans if p.up_to_date and p.error is None})
         for p in plans:
             self._record_plan(p, listed[p.sender_fs])
         self.plans = plans
@@ -9133,18 +9222,34 @@ class Replication:
                       self.settings.job, fs, "replication cursor" if side == "sender" else "last-received hold",
                       side, exc)
 
-    def _release_stale(self, fs: str, sender_info: DatasetInfo, receiver_info: DatasetInfo | None) -> None:
+    def _release_stale(self, up_to_date: dict[str, tuple[DatasetInfo, DatasetInfo | None]]) -> None:
         """A no-op run heals what a crash during a step's completion left (an extra cursor, step
-        holds, an older last-received hold): otherwise they block pruning until the next step."""
+        holds, an older last-received hold): otherwise they block pruning until the next step.
+        Whose holds the listing shows is asked once per side for all filesystems (another tool's
+        holds on old snapshots are common and need nothing); only a filesystem where something
+        of ours is stale costs a release_stale."""
+        sjob, rjob = self.sender.info.abstraction_job, self.receiver.info.abstraction_job
+        sender_check = {fs: s for fs, (s, _) in up_to_date.items() if sender_needs_cleanup(s, sjob)}
+        receiver_check = {fs: r for fs, (_, r) in up_to_date.items() if r is not None and receiver_needs_cleanup(r)}
+        sender_ask = {fs: names for fs, s in sender_check.items() if (names := sender_cleanup_holds(s, sjob))}
+        receiver_ask = {fs: names for fs, r in receiver_check.items() if (names := receiver_cleanup_holds(r))}
         try:
-            if sender_needs_cleanup(sender_info, self.sender.info.abstraction_job):
-                self.changed = True
-                self.sender.release_stale(fs)
-            if receiver_info is not None and receiver_needs_cleanup(receiver_info):
-                self.changed = True
-                self.receiver.release_stale(fs)
+            stags = self.sender.hold_tags_all(sender_ask) if sender_ask else {}
+            rtags = self.receiver.hold_tags_all(receiver_ask) if receiver_ask else {}
         except (ZreplError, OSError) as exc:
-            log.warning("%s: %s: could not release stale holds or bookmarks: %s", self.settings.job, fs, exc)
+            log.warning("%s: could not ask for hold tags to release stale holds: %s", self.settings.job, exc)
+            return
+        ours = last_received_hold_tag(rjob)
+        for fs in sorted(set(sender_check) | set(receiver_check)):
+            try:
+                if fs in sender_check and sender_has_stale(sender_check[fs], sjob, stags.get(fs, {})):
+                    self.changed = True
+                    self.sender.release_stale(fs)
+                if fs in receiver_check and any(ours in t for t in rtags.get(fs, {}).values()):
+                    self.changed = True
+                    self.receiver.release_stale(fs)
+            except (ZreplError, OSError) as exc:
+                log.warning("%s: %s: could not release stale holds or bookmarks: %s", self.settings.job, fs, exc)
 
     # -- running ---------------------------------------------------------------------------------
     def run(self) -> dict[str, FilesystemReport]:

@@ -73,6 +73,13 @@ class FakeSender:
     def release_stale(self, fs):
         self.released.append(fs)
 
+    def hold_tags_all(self, names):  # every held snapshot carries our step hold unless told otherwise
+        self.asked.append(names)
+        return {fs: {n: self.tags.get(n, [zrepl.step_hold_tag("push")]) for n in ns} for fs, ns in names.items()}
+
+    asked: list = []
+    tags: dict = {}
+
     def placeholders(self, filesystems):
         return set()
 
@@ -87,6 +94,14 @@ class FakeReceiver:
 
     def release_stale(self, fs):
         self.released.append(fs)
+
+    def hold_tags_all(self, names):
+        self.asked.append(names)
+        return {fs: {n: self.tags.get(n, [zrepl.last_received_hold_tag("sink")]) for n in ns}
+                for fs, ns in names.items()}
+
+    asked: list = []
+    tags: dict = {}
 
     def placeholders(self, filesystems):
         return set()
@@ -196,6 +211,30 @@ def test_a_no_op_run_heals_what_a_crash_during_completion_left():
                                                           snap("dst/src/fs", "b", 6, 0xB, userrefs=1)])
     clean.plan()
     assert sender.released == [] and receiver.released == []  # nothing to heal: no spawn
+
+
+def test_another_tools_holds_cost_one_tag_lookup_per_side_and_no_release():
+    # zfs-autobackup holds what it sends; a user holds old snapshots: nothing of ours to heal
+    cursor = bookmark("src/fs", zrepl.cursor_bookmark_name(0xB, "push"), 20, 0xB)
+    a, b = snap("src/fs", "a", 10, 0xA, userrefs=1), snap("src/fs", "b", 20, 0xB, userrefs=1)
+    a2, b2 = snap("src/fs2", "a", 11, 0xA2, userrefs=1), snap("src/fs2", "b", 21, 0xB2)
+    cursor2 = bookmark("src/fs2", zrepl.cursor_bookmark_name(0xB2, "push"), 21, 0xB2)
+    sender = FakeSender([DatasetInfo("src/fs", "filesystem", versions=[cursor, a, b]),
+                         DatasetInfo("src/fs2", "filesystem", versions=[cursor2, a2, b2])])
+    receiver = FakeReceiver({
+        "src/fs": zrepl.ReceiverFilesystem(DatasetInfo("dst/src/fs", "filesystem", versions=[
+            snap("dst/src/fs", "a", 5, 0xA, userrefs=1), snap("dst/src/fs", "b", 6, 0xB, userrefs=1)])),
+        "src/fs2": zrepl.ReceiverFilesystem(DatasetInfo("dst/src/fs2", "filesystem", versions=[
+            snap("dst/src/fs2", "a", 7, 0xA2), snap("dst/src/fs2", "b", 8, 0xB2, userrefs=1)]))})
+    repl = zrepl.Replication(sender, receiver, zrepl.ReplicationSettings(job="push", plan=PlanSettings()),
+                             zrepl.Progress())
+    sender.asked, receiver.asked = [], []
+    sender.tags = {"a": ["zfs_autobackup:bench"], "b": ["zfs_autobackup:bench"]}
+    receiver.tags = {"a": ["keep"]}
+    assert all(p.up_to_date for p in repl.plan())
+    assert sender.asked == [{"src/fs": ["a", "b"], "src/fs2": ["a"]}]  # one question for all filesystems
+    assert receiver.asked == [{"src/fs": ["a"]}]
+    assert sender.released == [] and receiver.released == [] and not repl.changed
 
 
 def test_placeholders_are_asked_for_only_when_a_replica_has_no_snapshots():

@@ -243,3 +243,36 @@ def test_a_filesystem_gone_since_the_listing_fails_only_itself_in_the_batched_ho
     assert first_attempt == ["src/data/fs0", "src/data/fs1", "src/data/fs3"]
     assert fake_zfs.calls[step_holds[1]] == ["zfs", "hold", STEP, "src/data/fs2@s0"]
     assert all(world.snapshots(f"{ROOT}/{fs}") == ["s0"] for fs in filesystems())
+
+
+def test_another_tools_holds_cost_one_zfs_holds_per_side_on_a_no_op_run(fake_zfs, world, tmp_path):
+    # zfs-autobackup holds what it sends, admins hold old snapshots: nothing of ours to heal, so
+    # a no-op run asks whose holds they are once per side (not a listing and `zfs holds` per
+    # filesystem), releases nothing and re-lists nothing for pruning
+    build(world, 3)
+    assert push(fake_zfs, tmp_path, initial_replication="all") == 0
+    for fs in filesystems():
+        world.hold("zfs_autobackup:x", f"{fs}@s0")
+        world.hold("keep", f"{ROOT}/{fs}@s0")
+    fake_zfs.calls.clear()
+    assert push(fake_zfs, tmp_path, initial_replication="all") == 0
+    # (the `get`: src/data itself has no snapshots, so its replica's placeholder state is asked)
+    assert sorted(c[1] for c in fake_zfs.calls) == ["get", "holds", "holds", "list", "list"], fake_zfs.calls
+    assert [c for c in fake_zfs.calls if c[1] == "holds"] == [
+        ["zfs", "holds", "-H", *(f"{fs}@s0" for fs in filesystems())],
+        ["zfs", "holds", "-H", *(f"{ROOT}/{fs}@s0" for fs in filesystems())]]
+    for fs in filesystems():
+        assert world.holds(f"{fs}@s0") == {"zfs_autobackup:x"} and world.holds(f"{ROOT}/{fs}@s0") == {"keep"}
+
+
+def test_a_stale_hold_of_ours_beside_another_tools_is_still_released(fake_zfs, world, tmp_path):
+    build(world, 3)
+    assert push(fake_zfs, tmp_path, initial_replication="all") == 0
+    world.hold("zfs_autobackup:x", "src/data/fs0@s0")
+    world.hold(STEP, "src/data/fs1@s1")  # left by a crash during completion
+    world.hold(RECEIVED, f"{ROOT}/src/data/fs2@s0")  # an older last-received hold, left likewise
+    assert push(fake_zfs, tmp_path, initial_replication="all") == 0
+    assert world.holds("src/data/fs0@s0") == {"zfs_autobackup:x"}
+    assert world.holds("src/data/fs1@s1") == set()
+    assert world.holds(f"{ROOT}/src/data/fs2@s0") == set()
+    assert world.holds(f"{ROOT}/src/data/fs2@s2") == {RECEIVED}
