@@ -3237,6 +3237,43 @@ def zfs_list_argv(roots: Sequence[str], properties: Sequence[str] = LIST_PROPERT
     return ["zfs", "list", "-H", "-p", *limit, "-t", types, "-o", ",".join(properties), *roots]
 
 
+class ListingValues:
+    """One object per distinct value a listing repeats, so 100,000 versions do not carry 100,000
+    copies of it. A recursive snapshot gives every filesystem the same short name, createtxg and
+    creation, and a replica has its sender's names: names are interned process-wide (the sender's
+    listing, the sink's and the client's copy of it share them; sys.intern forgets a string once
+    nothing uses it), numbers within one listing (a dict that goes with it). Values only, never
+    decisions: an equal object stands in for an equal object."""
+
+    def __init__(self) -> None:
+        self._numbers: dict[int, int] = {}
+
+    @staticmethod
+    def name(text: str) -> str:
+        return sys.intern(text)
+
+    def number(self, value: int) -> int:
+        return self._numbers.setdefault(value, value)
+
+
+# str.splitlines() breaks lines at these as well as at "\n"; zfs never prints them, and a text
+# that has one is split by splitlines() itself, so every text is cut exactly as before
+_OTHER_LINE_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def _lines(text: str) -> Iterator[str]:
+    """text.splitlines(), a line at a time: 100,000 lines are not held as a list beside the text."""
+    if _OTHER_LINE_BREAKS.search(text):
+        yield from text.splitlines()
+        return
+    start = 0
+    while (end := text.find("\n", start)) >= 0:
+        yield text[start:end]
+        start = end + 1
+    if start < len(text):
+        yield text[start:]
+
+
 def parse_zfs_list(output: str, properties: Sequence[str] = LIST_PROPERTIES) -> dict[str, DatasetInfo]:
     """Parse `zfs list -Hp` output into datasets with their versions sorted by createtxg.
 
@@ -3246,7 +3283,8 @@ def parse_zfs_list(output: str, properties: Sequence[str] = LIST_PROPERTIES) -> 
     datasets: dict[str, DatasetInfo] = {}
     versions: list[Version] = []
     dataset_names: dict[str, str] = {}
-    for line in output.splitlines():
+    shared = ListingValues()
+    for line in _lines(output):
         if not line:
             continue
         cols = line.split("\t")
@@ -3262,11 +3300,13 @@ def parse_zfs_list(output: str, properties: Sequence[str] = LIST_PROPERTIES) -> 
             datasets[name] = DatasetInfo(name=name, type=kind, guid=_int(row.get("guid")),
                                          createtxg=_int(row.get("createtxg")), props=props)
         elif kind in ("snapshot", "bookmark"):
+            kind = "snapshot" if kind == "snapshot" else "bookmark"  # the constant, not the row's copy
             sep = "@" if kind == "snapshot" else "#"
             dataset, _, short = name.partition(sep)
             dataset = dataset_names.setdefault(dataset, dataset)  # one string per dataset, not per row
-            versions.append(Version(dataset=dataset, name=short, kind=kind, guid=_int(row.get("guid")),
-                                    createtxg=_int(row.get("createtxg")), creation=_int(row.get("creation")),
+            versions.append(Version(dataset=dataset, name=shared.name(short), kind=kind, guid=_int(row.get("guid")),
+                                    createtxg=shared.number(_int(row.get("createtxg"))),
+                                    creation=shared.number(_int(row.get("creation"))),
                                     userrefs=_int(row.get("userrefs"))))
     for v in versions:
         if v.dataset in datasets:
@@ -7207,13 +7247,16 @@ def dataset_from_wire(d: Any) -> DatasetInfo:
         raise EndpointError(f"peer sent an invalid dataset listing: {exc}") from None
 
 
-def version_from_wire(dataset: str, v: Any) -> Version:
-    """One snapshot or bookmark of `dataset` from the peer's JSON. Raises ValueError."""
+def version_from_wire(dataset: str, v: Any, shared: ListingValues | None = None) -> Version:
+    """One snapshot or bookmark of `dataset` from the peer's JSON. Raises ValueError. `shared`:
+    the listing's repeated values, one object each (ListingValues)."""
     if not isinstance(v, dict) or v.get("kind") not in ("snapshot", "bookmark"):
         raise ValueError("version entry must be an object with kind snapshot or bookmark")
-    return Version(dataset=dataset, name=validate_snapshot_short_name(v.get("name", "")),
-                   kind=VersionKind(v["kind"]), guid=_wire_int(v, "guid"), createtxg=_wire_int(v, "createtxg"),
-                   creation=_wire_int(v, "creation"), userrefs=_wire_int(v, "userrefs"))
+    shared = shared if shared is not None else ListingValues()
+    return Version(dataset=dataset, name=shared.name(validate_snapshot_short_name(v.get("name", ""))),
+                   kind=VersionKind(v["kind"]), guid=_wire_int(v, "guid"),
+                   createtxg=shared.number(_wire_int(v, "createtxg")), creation=shared.number(_wire_int(v, "creation")),
+                   userrefs=_wire_int(v, "userrefs"))
 
 
 # Listings of any size travel in pages: a flat sequence of items (a dataset header, then its
@@ -7258,9 +7301,21 @@ def listing_page(items: list[ListingItem], offset: Any) -> dict[str, Any]:
     return {"items": page, "next": end if end < len(items) else None}
 
 
+def served_listing_page(items: list[ListingItem], offset: Any) -> dict[str, Any]:
+    """listing_page for a serving side, which lets go of the items once their last page is out:
+    the client holds its own copy from then on, and a sink's listing was otherwise kept twice in
+    the process for the whole run (the local transport serves it in a thread). Asking again starts
+    at offset 0, which lists anew."""
+    page = listing_page(items, offset)
+    if page["next"] is None:
+        items.clear()
+    return page
+
+
 def fetch_listing(conn: RequestChannel, kind: str) -> list[tuple[str, DatasetInfo]]:
     """Every page of a paged listing, rebuilt into (key, dataset) pairs; each item validated."""
     out: list[tuple[str, DatasetInfo]] = []
+    shared = ListingValues()
     offset: int | None = 0
     while offset is not None:
         body = conn.request(kind, {"offset": offset})
@@ -7279,7 +7334,7 @@ def fetch_listing(conn: RequestChannel, kind: str) -> list[tuple[str, DatasetInf
                 out.append((key, dataset_from_wire(item["dataset"])))
             elif out:
                 try:
-                    out[-1][1].versions.append(version_from_wire(out[-1][1].name, item.get("version")))
+                    out[-1][1].versions.append(version_from_wire(out[-1][1].name, item.get("version"), shared))
                 except ValueError as exc:
                     raise EndpointError(f"peer sent an invalid {kind} item: {exc}") from None
             else:
@@ -8082,6 +8137,13 @@ def receive_property_args(recv: RecvConfig, creates: bool, dataset_type: str) ->
     return inherit, override
 
 
+def _datasets_only(listing: dict[str, DatasetInfo]) -> dict[str, DatasetInfo]:
+    """The listing without its versions, for a receiver that keeps it for the session only to
+    know which datasets exist and their properties (the same props dicts: what the run marks on
+    them is seen here as before); the versions go with the caller's copy, not kept twice."""
+    return {name: dataclasses.replace(ds, versions=[]) for name, ds in listing.items()}
+
+
 class ReceiverEndpoint:
     """The receiving side (implements Receiver): receives below `root` (= root_fs, or
     root_fs/<client identity> on a sink).
@@ -8125,7 +8187,7 @@ class ReceiverEndpoint:
         if self.root not in listing and not self.zfs.list_datasets([self.root_fs], depth=0):
             raise EndpointError(f"root_fs {self.root_fs!r} does not exist on the receiver; create it once "
                                 f"with `{_q('zfs', 'create', '-p', '-o', 'mountpoint=none', self.root_fs)}`")
-        self._listing, self._listed = listing, True
+        self._listing, self._listed = _datasets_only(listing), True
         mine = {name: ds for name, ds in listing.items() if is_descendant(name, self.root, include_self=True)}
         out: ReceiverListing = {}
         for name, ds in mine.items():
@@ -8136,7 +8198,7 @@ class ReceiverEndpoint:
     # -- placeholders ----------------------------------------------------------------------------
     def _ensure_parents(self, target: str) -> None:
         if not self._listing:
-            self._listing = self.zfs.list_datasets([self.root])
+            self._listing = _datasets_only(self.zfs.list_datasets([self.root]))
         for ph in placeholders_needed(target, self.root_fs, set(self._listing)):
             is_identity = self.identity is not None and ph == self.root
             enc = self.recv_cfg.placeholder_encryption
@@ -8416,7 +8478,7 @@ def sender_handlers(ep: SenderEndpoint) -> dict[str, Handler]:
     def list_(body: dict, ctx: RequestContext) -> dict:
         if body.get("offset", 0) == 0:
             pages[:] = listing_items((d.name, d) for d in ep.list_filesystems())
-        return listing_page(pages, body.get("offset", 0))
+        return served_listing_page(pages, body.get("offset", 0))
 
     def estimate(body: dict, ctx: RequestContext) -> dict:
         return {"bytes": ep.estimate(StepRequest.from_wire(body))}
@@ -8474,7 +8536,7 @@ def receiver_handlers(ep: ReceiverEndpoint) -> dict[str, Handler]:
         # keyed by the sender's filesystem name; the client decodes any resume token itself
         if body.get("offset", 0) == 0:
             pages[:] = listing_items((name, e.dataset) for name, e in ep.list_filesystems().items())
-        return listing_page(pages, body.get("offset", 0))
+        return served_listing_page(pages, body.get("offset", 0))
 
     def receive(body: dict, ctx: RequestContext) -> dict:
         if ctx.stream is None:

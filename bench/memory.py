@@ -85,27 +85,30 @@ def write_config_noop(workdir: Path, src: str, sink_root: str) -> Path:
 # The listing double
 # ------------------------------------------------------------------------------------------------
 
-def _row(*cols: object) -> str:
-    return "\t".join(str(c) for c in cols) + "\n"
+def _row(name: str, kind: str, guid: int, createtxg: int, creation: int, userrefs: object = "-",
+         encryption: str = "-") -> str:
+    """One line of `zfs list -Hp` in LIST_PROPERTIES' columns (whichever they are: looked up by
+    name, so a column added or dropped there needs no edit here; an unknown one fails loudly)."""
+    values = {"name": name, "type": kind, "guid": guid, "createtxg": createtxg, "creation": creation,
+              "userrefs": userrefs, "receive_resume_token": "-", "encryption": encryption}
+    return "\t".join(str(values[c]) for c in zrepl.LIST_PROPERTIES) + "\n"
 
 
 def generate_listings(directory: Path, src: str, sink_root: str, filesystems: int, snapshots: int) -> tuple[Path, Path]:
     """The two listings (sender, receiver) of the replicated state, in LIST_PROPERTIES' columns."""
-    assert zrepl.LIST_PROPERTIES == ("name", "type", "guid", "createtxg", "creation", "userrefs",
-                                     "receive_resume_token", "encryption", "encryptionroot", "keystatus")
     sender, receiver = directory / "sender.tsv", directory / "receiver.tsv"
     target_root = f"{sink_root}/{IDENTITY}/{src}"
     guid = 10_000_000_000
     with sender.open("w") as s, receiver.open("w") as r:
-        r.write(_row(f"{sink_root}/{IDENTITY}", "filesystem", 2, 2, BASE_TIME, "-", "-", "off", "-", "-"))
-        r.write(_row(target_root, "filesystem", 3, 3, BASE_TIME, "-", "-", "off", "-", "-"))
-        s.write(_row(src, "filesystem", 4, 1, BASE_TIME, "-", "-", "off", "-", "-"))  # the sender lists its pool
+        r.write(_row(f"{sink_root}/{IDENTITY}", "filesystem", 2, 2, BASE_TIME, encryption="off"))
+        r.write(_row(target_root, "filesystem", 3, 3, BASE_TIME, encryption="off"))
+        s.write(_row(src, "filesystem", 4, 1, BASE_TIME, encryption="off"))  # the sender lists its pool
         names = [f"{src}/data"] + [f"{src}/data/fs{i:04d}" for i in range(filesystems)]
         for n, fs in enumerate(names):
             guid += 1
-            s.write(_row(fs, "filesystem", guid, 10 + n, BASE_TIME, "-", "-", "off", "-", "-"))
+            s.write(_row(fs, "filesystem", guid, 10 + n, BASE_TIME, encryption="off"))
             r.write(_row(f"{sink_root}/{IDENTITY}/{fs}", "filesystem", guid + 5_000_000_000, 100 + n, BASE_TIME,
-                         "-", "-", "off", "-", "-"))
+                         encryption="off"))
             last_guid = 0
             for k in range(snapshots):
                 guid += 1
@@ -113,11 +116,10 @@ def generate_listings(directory: Path, src: str, sink_root: str, filesystems: in
                 txg, when = 1000 + k, BASE_TIME + 3600 * k
                 newest = k == snapshots - 1
                 short = f"zrepl_{k:06d}"
-                s.write(_row(f"{fs}@{short}", "snapshot", guid, txg, when, 0, "-", "-", "-", "-"))
-                r.write(_row(f"{sink_root}/{IDENTITY}/{fs}@{short}", "snapshot", guid, txg, when,
-                             1 if newest else 0, "-", "-", "-", "-"))
+                s.write(_row(f"{fs}@{short}", "snapshot", guid, txg, when, 0))
+                r.write(_row(f"{sink_root}/{IDENTITY}/{fs}@{short}", "snapshot", guid, txg, when, 1 if newest else 0))
             s.write(_row(f"{fs}#{zrepl.cursor_bookmark_name(last_guid, JOB)}", "bookmark", last_guid,
-                         1000 + snapshots - 1, BASE_TIME + 3600 * (snapshots - 1), "-", "-", "-", "-", "-"))
+                         1000 + snapshots - 1, BASE_TIME + 3600 * (snapshots - 1)))
     return sender, receiver
 
 
