@@ -94,7 +94,7 @@ import zlib
 import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, get_type_hints
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, ValuesView
 
 __version__ = "0.1.0"
 
@@ -1629,11 +1629,56 @@ class PruneContext:
     notes: list[str] = field(default_factory=list)
 
 
+class KeptSnapshots(Mapping[str, list[str]]):
+    """The snapshots that stay on one dataset, read as full snapshot name -> descriptions of the
+    rules that keep it, in the order they were added.
+
+    Stored for memory: a pruning run holds this for every filesystem of both sides until it ends
+    (100,000 kept snapshots per side at 1,000 x 100), and a full-name string plus a reasons list
+    per snapshot cost about 20 MiB a side. So a snapshot of `dataset` is stored under its short
+    name (the listing's own string; one of another dataset under its full name: a short name never
+    contains '@'), and every snapshot kept by the same rules shares ONE reasons list: never change
+    a list read from here; `add` another."""
+
+    __slots__ = ("dataset", "_reasons")
+
+    def __init__(self, dataset: str) -> None:
+        self.dataset = dataset
+        self._reasons: dict[str, list[str]] = {}
+
+    def add(self, dataset: str, name: str, reasons: list[str]) -> None:
+        """`dataset@name` stays, for `reasons` (a list that may be shared with other snapshots)."""
+        self._reasons[name if dataset == self.dataset else f"{dataset}@{name}"] = reasons
+
+    def by_short_name(self) -> Iterator[tuple[str, list[str]]]:
+        """(name after '@', reasons) in order, without building a full name each."""
+        for key, reasons in self._reasons.items():
+            yield (key.partition("@")[2] if "@" in key else key), reasons
+
+    def __getitem__(self, full_name: str) -> list[str]:
+        dataset, at, name = full_name.partition("@")
+        if not at:
+            raise KeyError(full_name)
+        return self._reasons[name if dataset == self.dataset else full_name]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key if "@" in key else f"{self.dataset}@{key}" for key in self._reasons)
+
+    def __len__(self) -> int:
+        return len(self._reasons)
+
+    def values(self) -> ValuesView[list[str]]:
+        return self._reasons.values()
+
+    def __repr__(self) -> str:
+        return f"KeptSnapshots({dict(self.items())!r})"
+
+
 @dataclass
 class PruneDecision:
     """Outcome for one filesystem: what stays (and which rules keep it), what goes, and notes."""
 
-    keep: dict[str, list[str]]  # full snapshot name -> descriptions of rules that keep it
+    keep: KeptSnapshots  # full snapshot name -> descriptions of rules that keep it
     destroy: list[Version]  # in createtxg order
     notes: list[str] = field(default_factory=list)
 
@@ -1843,17 +1888,34 @@ def decide_prune(snapshots: list[Version], rules: Sequence[KeepRule],
     """
     ctx = ctx if ctx is not None else PruneContext()
     snaps = sorted(_only_snapshots(snapshots), key=lambda s: (s.createtxg, s.name))
+    keep = KeptSnapshots(snaps[0].dataset if snaps else "")
     if not rules:
         ctx.notes.append("no keep rules: keeping every snapshot")
-        return PruneDecision({s.full_name: ["no keep rules"] for s in snaps}, [], list(ctx.notes))
-    reasons: dict[str, list[str]] = {s.full_name: [] for s in snaps}
-    for rule in rules:
-        description = rule.describe()
+        everything = ["no keep rules"]
+        for s in snaps:
+            keep.add(s.dataset, s.name, everything)
+        return PruneDecision(keep, [], list(ctx.notes))
+    # The rules answer in full names; which of them keep a snapshot is a bit each while they run,
+    # and each combination of bits becomes one reasons list, shared (see KeptSnapshots).
+    names = [s.full_name for s in snaps]
+    kept_by = dict.fromkeys(names, 0)
+    descriptions = []
+    for bit, rule in enumerate(rules):
+        descriptions.append(rule.describe())
         for name in rule.keep(snaps, ctx):
-            if name in reasons:
-                reasons[name].append(description)
-    keep = {name: why for name, why in reasons.items() if why}
-    destroy = [s for s in snaps if not reasons[s.full_name]]
+            if name in kept_by:
+                kept_by[name] |= 1 << bit
+    shared: dict[int, list[str]] = {}
+    destroy = []
+    for s, name in zip(snaps, names, strict=True):
+        bits = kept_by[name]
+        if not bits:
+            destroy.append(s)
+            continue
+        why = shared.get(bits)
+        if why is None:
+            why = shared[bits] = [d for bit, d in enumerate(descriptions) if bits >> bit & 1]
+        keep.add(s.dataset, s.name, why)
     return PruneDecision(keep, destroy, list(ctx.notes))
 
 
@@ -10050,7 +10112,9 @@ class PruneResult:
 
     dataset: str
     destroyed: list[str] = field(default_factory=list)
-    kept: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> rules that keep it
+    # full snapshot name -> rules that keep it; from the pruner a KeptSnapshots (compact, its
+    # reasons lists shared: read, never change them)
+    kept: Mapping[str, list[str]] = field(default_factory=dict)
     held: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> hold tags (not destroyed)
     errors: dict[str, str] = field(default_factory=dict)  # snapshot -> error
     notes: list[str] = field(default_factory=list)
@@ -10094,14 +10158,14 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
             ctx.now = now
         decision = decide_prune(ds.snapshots(), rules, ctx)
         must_stay = {**unreplicated_by(ds, guards), **(protected or {}).get(ds.name, {})}
+        kept = decision.keep
         for v in [v for v in decision.destroy if v.full_name in must_stay]:
             decision.destroy.remove(v)
-            decision.keep[v.full_name] = [must_stay[v.full_name]]
-        result = PruneResult(dataset=ds.name, kept=decision.keep, notes=list(decision.notes))
+            kept.add(v.dataset, v.name, [must_stay[v.full_name]])
+        result = PruneResult(dataset=ds.name, kept=kept, notes=list(decision.notes))
         if own_prefix:
-            result.foreign_at_risk = [full.partition("@")[2] for full, why in decision.keep.items()
-                                      if not full.partition("@")[2].startswith(own_prefix)
-                                      and all(w.startswith("last_n(") for w in why)]
+            result.foreign_at_risk = [name for name, why in kept.by_short_name()
+                                      if not name.startswith(own_prefix) and all(w.startswith("last_n(") for w in why)]
         held_names = [v.name for v in decision.destroy if v.userrefs > 0]
         tags = holds(ds.name, held_names) if (held_names and holds) else {}
         victims = []
@@ -10130,7 +10194,7 @@ def prune_datasets(datasets: list[DatasetInfo], rules: Sequence[KeepRule], destr
                 done = destroy(ds.name, victims)
                 result.destroyed, result.errors = done.destroyed, dict(done.errors)
                 for name, why in done.kept.items():  # the endpoint knows another job still needs it
-                    result.kept[f"{ds.name}@{name}"] = [why]
+                    kept.add(ds.name, name, [why])
                 _report_raced_holds(ds.name, result, holds)
             result.foreign_destroyed = [n for n in foreign if n in result.destroyed]
         results.append(result)

@@ -283,6 +283,54 @@ def test_decide_prune_grid_example_destroys_thinned_snapshots():
     assert len(d.destroy) == 73 - len(kept)
 
 
+def test_decide_prune_shares_one_reasons_list_per_rule_combination():
+    """A run holds every filesystem's decision to its end (issue 12 item 4): the snapshots kept by
+    the same rules share one reasons list, in rule order, not one list each."""
+    snaps = [snap(f"zrepl_{i}", i * H, i) for i in range(1, 9)] + [snap("manual", 0, 0)]
+    rules = [KeepRegex("^zrepl_", negate=True), KeepLastN(3), KeepNotReplicated()]
+    d = decide_prune(snaps, rules, PruneContext(cursor_guid=1000 + 4, cursor_createtxg=4))
+    assert [v.name for v in d.destroy] == ["zrepl_1", "zrepl_2", "zrepl_3"]
+    unreplicated = d.keep[f"{FS}@zrepl_4"], d.keep[f"{FS}@zrepl_5"]  # at the cursor, and after it
+    newest = d.keep[f"{FS}@zrepl_6"], d.keep[f"{FS}@zrepl_7"], d.keep[f"{FS}@zrepl_8"]
+    assert unreplicated[0] == ["not_replicated"] and unreplicated[1] is unreplicated[0]
+    assert newest[0] == ["last_n(count=3)", "not_replicated"] and all(why is newest[0] for why in newest)
+    assert d.keep[f"{FS}@manual"] == ["regex(regex='^zrepl_', negate=true)"]
+    assert len({id(why) for why in d.keep.values()}) == 3
+    everything = decide_prune(snaps, [])
+    assert len({id(why) for why in everything.keep.values()}) == 1
+
+
+def test_kept_snapshots_read_as_full_names_in_order_even_from_another_dataset():
+    """Kept under short names, read as full names: a snapshot of another dataset in the input
+    (callers pass one filesystem, but nothing stops them) keeps its own full name."""
+    other = Version("tank/other", "x", "snapshot", 7, 5, 5 * H)
+    d = decide_prune([snap("a", H, 1), other, snap("b", 9 * H, 9)], [KeepLastN(3)])
+    assert list(d.keep) == [f"{FS}@a", "tank/other@x", f"{FS}@b"]
+    assert dict(d.keep) == {f"{FS}@a": ["last_n(count=3)"], "tank/other@x": ["last_n(count=3)"],
+                            f"{FS}@b": ["last_n(count=3)"]}
+    assert list(d.keep.by_short_name()) == [("a", ["last_n(count=3)"]), ("x", ["last_n(count=3)"]),
+                                            ("b", ["last_n(count=3)"])]
+    assert "tank/other@a" not in d.keep and "a" not in d.keep and f"{FS}@x" not in d.keep
+    d.keep.add(FS, "c", ["incremental base"])
+    assert list(d.keep)[-1] == f"{FS}@c" and d.keep[f"{FS}@c"] == ["incremental base"] and len(d.keep) == 4
+
+
+def test_kept_snapshots_cost_no_string_or_list_each():
+    """100 bytes a kept snapshot at most (a full-name string, a reasons list and a dict entry
+    each cost 220): tracemalloc counts what the decision holds, the listing's versions aside."""
+    import tracemalloc
+    snaps = [snap(f"zrepl_{i:06d}", i * H, i) for i in range(20_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        d = decide_prune(snaps, [KeepRegex(".*"), KeepLastN(100)])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(d.keep) == 20_000 and not d.destroy
+    assert held / len(d.keep) < 100, f"{held / len(d.keep):.0f} bytes per kept snapshot"
+
+
 # ---- grid and clock errors (issue 8 item 14) ----
 
 def _hourly(count: int, start: int) -> list[Version]:
