@@ -282,8 +282,8 @@ def test_push_runs_with_the_cache_see_another_tools_changes_and_survive_a_corrup
     proc = zfs_shim.run_zrepl("--config", cfg, "run", "push")
     assert proc.returncode == 0, proc.stderr
     target = f"{dst}/sink/client1/{src}/data"
-    # The sink listed its side before the replicas arrived (fewer snapshots than the cache's
-    # threshold): this run's full listing of the 1,000 received ones fills its cache.
+    # The sender's first run placed and released step holds on every filesystem, which drops them
+    # from its cache: this no-op run's full listing fills it again.
     assert zfs_shim.run_zrepl("--config", cfg, "run", "push").returncode == 0
     past_every_value(src)
     past_every_value(dst)
@@ -291,7 +291,11 @@ def test_push_runs_with_the_cache_see_another_tools_changes_and_survive_a_corrup
     proc = zfs_shim.run_zrepl("--config", cfg, "run", "push")  # nothing to do
     assert proc.returncode == 0, proc.stderr
     lists = [c.argv for c in zfs_shim.calls("list")]
-    assert lists and all("filesystem,volume,bookmark" in c for c in lists), lists  # no snapshot listing
+    sender = [c for c in lists if c[-1] == src]
+    receiver = [c for c in lists if c[-1] == f"{dst}/sink/client1"]
+    assert len(sender) == 1 and "filesystem,volume,bookmark" in sender[0], lists  # no snapshot listing
+    # the sink holds 10 snapshots (initial replication: the newest of each), below the threshold
+    assert len(receiver) == 1 and "filesystem,volume,snapshot,bookmark" in receiver[0], lists
 
     zfs("snapshot", f"{src}/data/fs3@new")  # another tool, between runs
     zfs("destroy", f"{target}/fs5@s000")  # an admin, on the receiving side
