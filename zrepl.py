@@ -3336,6 +3336,11 @@ def _lines(text: str) -> Iterator[str]:
         yield text[start:]
 
 
+def sort_versions(ds: DatasetInfo) -> None:
+    """The one order of a dataset's versions: createtxg, a bookmark before its snapshot, then name."""
+    ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
+
+
 def parse_zfs_list(output: str, properties: Sequence[str] = LIST_PROPERTIES) -> dict[str, DatasetInfo]:
     """Parse `zfs list -Hp` output into datasets with their versions sorted by createtxg.
 
@@ -3374,7 +3379,7 @@ def parse_zfs_list(output: str, properties: Sequence[str] = LIST_PROPERTIES) -> 
         if v.dataset in datasets:
             datasets[v.dataset].versions.append(v)
     for ds in datasets.values():
-        ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
+        sort_versions(ds)
     return datasets
 
 
@@ -3469,10 +3474,6 @@ def take_stamps(listing: dict[str, DatasetInfo]) -> dict[str, SnapshotsStamp]:
         changed, origin = ds.props.pop("snapshots_changed", "-"), ds.props.pop("origin", "")
         stamps[name] = SnapshotsStamp(ds.guid, _int(changed), origin)
     return stamps
-
-
-def sort_versions(ds: DatasetInfo) -> None:
-    ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
 
 
 class ListingCache:
@@ -7303,7 +7304,7 @@ def dataset_from_wire(d: Any) -> DatasetInfo:
         if not isinstance(versions, list):
             raise ValueError("versions must be a list")
         ds.versions = [version_from_wire(name, v) for v in versions]
-        ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
+        sort_versions(ds)
         return ds
     except ValueError as exc:
         raise EndpointError(f"peer sent an invalid dataset listing: {exc}") from None
@@ -7403,7 +7404,7 @@ def fetch_listing(conn: RequestChannel, kind: str) -> list[tuple[str, DatasetInf
                 raise EndpointError(f"peer sent a {kind} version before any dataset")
         offset = following
     for _, ds in out:
-        ds.versions.sort(key=lambda v: (v.createtxg, v.kind == "snapshot", v.name))
+        sort_versions(ds)
     return out
 
 
