@@ -75,6 +75,7 @@ import logging
 import math
 import os
 import re
+import select
 import selectors
 import shlex
 import shutil
@@ -13042,6 +13043,35 @@ def _start_thread(name: str, target: Callable[[], None]) -> None:
     threading.Thread(target=target, name=name, daemon=True).start()
 
 
+class WakeupFlag:
+    """threading.Event's set/clear/wait, safe to set from a signal handler. A handler runs in the
+    main thread between two bytecodes, possibly while that thread holds the Event's lock (inside
+    clear() or wait(), or a previous handler's set()): Event.set() there blocks on it forever, and
+    the daemon hangs on SIGTERM. Here set() is one write to a pipe and nothing takes a lock."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for fd in (self._read, self._write):
+            weakref.finalize(self, _proto_close, fd)
+
+    def set(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: the flag is set already
+            os.write(self._write, b"!")
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                pass
+
+    def is_set(self) -> bool:
+        return self.wait(0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once set (it stays set until clear()), False after `timeout` seconds."""
+        readable, _, _ = select.select([self._read], [], [], timeout)
+        return bool(readable)
+
+
 class Daemon:
     """Runs the jobs of a config on their schedules until SIGTERM or SIGINT (see serve()).
 
@@ -13058,7 +13088,7 @@ class Daemon:
         self.zfs, self.store_for, self.load_config, self.clock = zfs, store_for, load_config, clock
         self.start_thread, self.notify, self.stop_streams, self.exit_now = start_thread, notify, stop_streams, exit_now
         self.lock = threading.RLock()
-        self.changed = threading.Event()  # set when tick() has something new to decide
+        self.changed = WakeupFlag()  # set when tick() has something new to decide (also by on_signal)
         self.jobs: dict[str, DaemonJob] = {}
         self.generation = 0
         self.stopping: str | None = None

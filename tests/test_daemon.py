@@ -580,6 +580,75 @@ def test_the_daemon_process_notifies_systemd_reloads_on_sighup_and_exits_0_on_si
                                                           "pid": proc.pid, "wakeup_queued": False}
 
 
+def _signal_at_every_line(daemon, calls, wait: float = WAIT) -> bool:
+    """Run `calls` once per line they execute (theirs and the libraries' below), each time calling
+    daemon.on_signal(SIGHUP) at that one line, as a signal handler runs between two bytecodes of
+    the main thread. True when every run returned; False at the first whose handler blocked (a
+    deadlock, as it was in the daemon's main thread)."""
+    def run_with_signal_at(line: int) -> tuple[bool, int]:
+        seen = [0]
+
+        def tracer(frame, event, arg):
+            if event == "line":
+                seen[0] += 1
+                if seen[0] == line:
+                    daemon.on_signal(signal.SIGHUP)
+            return tracer
+
+        def work():
+            sys.settrace(tracer)
+            try:
+                for call in calls:
+                    call()
+            finally:
+                sys.settrace(None)
+
+        worker = threading.Thread(target=work, daemon=True)  # a deadlocked one is left behind
+        worker.start()
+        worker.join(wait)
+        return not worker.is_alive(), seen[0]
+
+    finished, lines = run_with_signal_at(0)  # no signal: counts the lines
+    assert finished and lines > 5
+    return all(run_with_signal_at(line)[0] for line in range(1, lines + 1))
+
+
+def test_a_signal_at_any_point_of_the_loops_wait_cannot_deadlock_the_daemon(fake, clock, tmp_path):
+    """The flake that found it: SIGTERM right after the READY=1 of a reload hung the daemon. Its
+    handler had interrupted the main thread inside threading.Event.wait() (holding the Event's
+    lock) and then blocked in Event.set() on that same lock."""
+    cfg = write_config(tmp_path, push_job("push", filesystems={"src/data": True}), sink_job(root_fs="dst/sink"))
+    daemon = make_daemon(cfg, fake, clock)
+    flag = daemon.changed
+    loop = [flag.clear, lambda: flag.wait(0), flag.set, flag.is_set, flag.clear, lambda: flag.wait(0.001)]
+    assert _signal_at_every_line(daemon, loop)
+    assert flag.is_set() and len(daemon._signals) > 5  # the handlers ran, and their wake-up is seen
+    daemon.changed = event = threading.Event()  # what it was: one of the same interleavings deadlocks
+    assert not _signal_at_every_line(daemon, [event.clear, lambda: event.wait(0.001)], wait=1.0)
+
+
+def test_the_wakeup_flag_behaves_as_an_event_and_is_woken_by_a_real_signal_handler():
+    flag = zrepl.WakeupFlag()
+    assert not flag.is_set() and not flag.wait(0.01)
+    flag.set()
+    flag.set()
+    assert flag.is_set() and flag.wait(0) and flag.wait(None)  # stays set until cleared
+    flag.clear()
+    assert not flag.is_set()
+    for _ in range(100_000):  # more sets than the pipe holds: none blocks
+        flag.set()
+    flag.clear()
+    assert not flag.is_set()
+    previous = signal.signal(signal.SIGUSR1, lambda n, f: flag.set())
+    try:
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        assert flag.wait(WAIT)  # woken by the handler, long before WAIT
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_a_cancelled_pass_leaves_a_wakeup_request_for_later_instead_of_running_again(fake, clock, tmp_path):
     daemon, hang, cfg = _hung_push(fake, clock, tmp_path)
     zrepl.WakeupRequest(str(tmp_path / "run"), "push").post()  # a `wakeup` from before the daemon's socket
