@@ -163,6 +163,7 @@ class Run:
     rss_mib: float
     returncode: int
     error: str = ""
+    verbs: dict[str, int] = field(default_factory=dict)  # spawns per zfs verb: where they went
 
 
 @dataclass
@@ -256,17 +257,19 @@ class Bench:
                 argv()
             except Exception as exc:  # noqa: BLE001  (reported in the table, the bench goes on)
                 rc, err = 1, str(exc)[-1500:]
-            return Run(time.perf_counter() - start, len(self.shim.spawns()), 0.0, rc, err)
+            return Run(time.perf_counter() - start, len(self.shim.spawns()), 0.0, rc, err, self.shim.per_verb())
         m = run_measured(list(argv), env=self.env, timeout=self.args.timeout)
         err = "" if m.returncode == 0 else (m.stderr + m.stdout)[-1500:]
         # VmHWM of the tool's own process only: wait4's ru_maxrss starts from this (forking) script's size
-        return Run(m.wall, len(self.shim.spawns()), m.hwm_kib / 1024, m.returncode, err)
+        return Run(m.wall, len(self.shim.spawns()), m.hwm_kib / 1024, m.returncode, err, self.shim.per_verb())
 
     def record(self, rows: dict[str, Row], tool: str, run: Run) -> None:
         rows[tool].runs.append(run)
         state = "ok" if run.returncode == 0 else f"FAILED exit {run.returncode}: {run.error.strip()[-600:]}"
         print(f"    {rows[tool].scenario:14} {tool:15} {run.wall:8.2f} s {run.spawns:6d} spawns "
               f"{run.rss_mib:6.1f} MiB  {state}", flush=True)
+        if run.verbs:
+            print("      spawns per verb: " + ", ".join(f"{verb} {n}" for verb, n in run.verbs.items()), flush=True)
 
     def rotation(self, tools: Sequence[str], r: int) -> list[str]:
         k = r % len(tools)
