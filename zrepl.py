@@ -11904,6 +11904,10 @@ def _evaluate_active(name: str, jtype: str, doc: JobStatus, now: float, monitori
         details += [f"{fs}: {why}" for fs, why in sorted(last.failures.items())]
     elif last.result == "ok":
         parts.append(f"last run {_ago(parse_iso(last.end), now)} ok")
+    if doc.filter_unmatched:  # a renamed or mistyped dataset is no longer backed up: not OK
+        levels.append(NAGIOS_WARNING)
+        parts.append(f"the filesystems filter's {', '.join(repr(p) for p in doc.filter_unmatched[:5])}"
+                     f"{' and more' if len(doc.filter_unmatched) > 5 else ''} selected no dataset")
     age = None if success is None else now - success
     first_run = age is None and running and last.result == "running"
     if first_run:  # judged like a job that has not run yet: by how long ago it started

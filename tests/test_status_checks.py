@@ -254,3 +254,18 @@ def test_a_sink_records_each_clients_newest_received_snapshot_and_checks_its_age
     text = zrepl.render_metrics(zrepl.StatusDocument(jobs=entries), zrepl.ProcessMetrics())
     assert 'zrepl_client_last_received_timestamp_seconds{zrepl_job="sink",client="client1",' \
            'filesystem="prod/db"} 1200' in text
+
+
+# ---- the filter ------------------------------------------------------------------------------------
+
+def test_a_filter_pattern_that_selected_nothing_makes_status_a_warning_naming_it(fake_zfs, world, tmp_path):
+    """A renamed or mistyped dataset is silently no longer backed up while the rest replicates:
+    the run succeeds (exit 0, the rest is done) but status must not say OK."""
+    cfg = config(tmp_path, filesystems={"src/data": True, "src/renamed<": True})
+    assert run("--config", cfg, "run", "push", zfs=fake_zfs).code == 0
+    result = status_of(cfg)
+    assert result.code == zrepl.NAGIOS_WARNING, result
+    assert "the filesystems filter's 'src/renamed<' selected no dataset" in result.stdout
+    world.tree("src", "renamed @r")  # once it matches again, OK
+    assert run("--config", cfg, "run", "push", zfs=fake_zfs).code == 0
+    assert status_of(cfg).code == zrepl.NAGIOS_OK
