@@ -3435,6 +3435,13 @@ LISTING_CACHE_COLUMNS = (*LIST_PROPERTIES, "origin", "snapshots_changed")
 LISTING_CACHE_MIN_SNAPSHOTS = 1000
 
 
+def listing_cache_min_snapshots() -> int:
+    """LISTING_CACHE_MIN_SNAPSHOTS, unless ZREPL_LISTING_CACHE_MIN_SNAPSHOTS says otherwise (the
+    real-ZFS tests: a cached side at a size the test guest builds in seconds)."""
+    text = os.environ.get("ZREPL_LISTING_CACHE_MIN_SNAPSHOTS", "")
+    return int(text) if text.isdigit() else LISTING_CACHE_MIN_SNAPSHOTS
+
+
 @dataclass(frozen=True, slots=True)
 class SnapshotsStamp:
     """What the cheap listing says about one dataset's own list of snapshots."""
@@ -3489,7 +3496,7 @@ class ListingCache:
 
     def __init__(self, path: str, owner: str, *, writable: bool = True, min_snapshots: int | None = None):
         self.path, self.owner, self.writable = path, owner, writable
-        self.min_snapshots = LISTING_CACHE_MIN_SNAPSHOTS if min_snapshots is None else min_snapshots
+        self.min_snapshots = listing_cache_min_snapshots() if min_snapshots is None else min_snapshots
         self._lock = threading.Lock()
         self._in_file: set[str] = set()
         self._forgotten: list[str] = []  # every dataset forget() was told of, in order (see mark)

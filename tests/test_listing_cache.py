@@ -323,3 +323,12 @@ def test_a_hold_between_a_listing_and_its_store_keeps_that_dataset_out(fake, cac
     cache.store(entries, mark)
     assert "tank/b" not in zrepl.ListingCache(cache.path, cache.owner).load()
     assert "tank/a" in zrepl.ListingCache(cache.path, cache.owner).load()
+
+
+def test_the_threshold_is_1000_snapshots_unless_the_test_environment_lowers_it(monkeypatch, tmp_path):
+    path = str(tmp_path / "c.jsonl")
+    assert zrepl.ListingCache(path, "o").min_snapshots == zrepl.LISTING_CACHE_MIN_SNAPSHOTS == 1000
+    monkeypatch.setenv("ZREPL_LISTING_CACHE_MIN_SNAPSHOTS", "40")
+    assert zrepl.ListingCache(path, "o").min_snapshots == 40
+    monkeypatch.setenv("ZREPL_LISTING_CACHE_MIN_SNAPSHOTS", "-3")  # not a count: the default
+    assert zrepl.ListingCache(path, "o").min_snapshots == 1000

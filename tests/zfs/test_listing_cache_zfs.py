@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
 import time
 
 import pytest
@@ -275,38 +276,41 @@ def test_push_runs_with_the_cache_see_another_tools_changes_and_survive_a_corrup
     src, dst = make_pool("src"), make_pool("dst")
     zfs_tree(dst, "sink")
     zfs_tree(src, "\n".join(f"data/fs{i}" for i in range(10)), data=False)
-    for k in range(100):  # 1,000 snapshots: the size from which runs use the cache
+    for k in range(5):  # 55 snapshots, over this test's threshold of 40 (1,000 by default: 20x the guest time)
         zfs("snapshot", "-r", f"{src}/data@s{k:03d}")
     cfg = write_config(tmp_path, *push_sink(src, dst, keep_sender=[not_replicated(), last_n(101)],
                                             keep_receiver=[last_n(101)]))
-    proc = zfs_shim.run_zrepl("--config", cfg, "run", "push")
+
+    def run_push() -> subprocess.CompletedProcess:
+        return zfs_shim.run_zrepl("--config", cfg, "run", "push", extra_env={"ZREPL_LISTING_CACHE_MIN_SNAPSHOTS": "40"})
+    proc = run_push()
     assert proc.returncode == 0, proc.stderr
     target = f"{dst}/sink/client1/{src}/data"
     # The sender's first run placed and released step holds on every filesystem, which drops them
     # from its cache: this no-op run's full listing fills it again.
-    assert zfs_shim.run_zrepl("--config", cfg, "run", "push").returncode == 0
+    assert run_push().returncode == 0
     past_every_value(src)
     past_every_value(dst)
     zfs_shim.reset_log()
-    proc = zfs_shim.run_zrepl("--config", cfg, "run", "push")  # nothing to do
+    proc = run_push()  # nothing to do
     assert proc.returncode == 0, proc.stderr
     lists = [c.argv for c in zfs_shim.calls("list")]
     sender = [c for c in lists if c[-1] == src]
     receiver = [c for c in lists if c[-1] == f"{dst}/sink/client1"]
     assert len(sender) == 1 and "filesystem,volume,bookmark" in sender[0], lists  # no snapshot listing
-    # the sink holds 10 snapshots (initial replication: the newest of each), below the threshold
+    # the sink holds 11 snapshots (initial replication: the newest of each), below the threshold
     assert len(receiver) == 1 and "filesystem,volume,snapshot,bookmark" in receiver[0], lists
 
     zfs("snapshot", f"{src}/data/fs3@new")  # another tool, between runs
     past_every_value(src)
-    proc = zfs_shim.run_zrepl("--config", cfg, "run", "push")
+    proc = run_push()
     assert proc.returncode == 0, proc.stderr
     assert snapshots(ZFS, f"{target}/fs3")[-1] == "new"
 
     for listing in (tmp_path / "run" / "listings").iterdir():
         listing.write_text("garbage\n")
     zfs("snapshot", f"{src}/data/fs7@newer")
-    proc = zfs_shim.run_zrepl("--config", cfg, "run", "push")
+    proc = run_push()
     assert proc.returncode == 0, proc.stderr
     assert snapshots(ZFS, f"{target}/fs7")[-1] == "newer"
     for listing in (tmp_path / "run" / "listings").iterdir():  # written anew
