@@ -30,6 +30,7 @@ run's wall is printed as a ratio to the floor.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import shutil
 import sys
 import tempfile
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 import support  # noqa: E402  (benchlib put tests/ on sys.path)
 from benchlib import run, run_measured, zfs, zrepl_argv  # noqa: E402
-from spawn_count import IDENTITY, create_datasets, seed_raw  # noqa: E402
+from spawn_count import IDENTITY, create_datasets, place_cursors  # noqa: E402
 
 import zrepl  # noqa: E402  (benchlib put the repository root on sys.path)
 
@@ -79,7 +80,43 @@ def timed(argvs: list[list[str]]) -> float:
     return time.perf_counter() - start
 
 
-def timed_run(config: Path, job: str, remove_cache: Path | None = None) -> float:
+def seed_latest(src: str, dst: str, filesystems: int, snapshot: str, parallel: int = 5) -> None:
+    """The state a push leaves once everything up to SRC/data[/fsNNNN]@snapshot is replicated, built
+    from the latest snapshot alone: one full (non-incremental) `zfs send DATASET@snapshot | zfs recv`
+    per dataset (SRC/data first, then its children, `parallel` pipes at a time) below the sink's two
+    placeholders, the sink's last-received hold on every received @snapshot (`zfs hold -r`) and
+    zrepl's push cursor bookmark on every sender @snapshot (one channel program). The older
+    snapshots stay on the sender only: a push has nothing to send, since nothing is newer than the
+    latest common snapshot, whatever the sender holds before it. (seed_raw in spawn_count.py
+    receives every snapshot: 100,000 receives at 100x1000, hours under emulation.)"""
+    root = f"{dst}/sink/{IDENTITY}"
+    for placeholder in (root, f"{root}/{src}"):
+        zfs(*zrepl.create_placeholder_argv(placeholder, encryption_off=False)[1:])
+    parent = f"{src}/data"
+    children = [f"{parent}/fs{i:04d}" for i in range(filesystems)]
+
+    def receive(dataset: str) -> None:
+        result = benchlib.zfstest.send_recv(
+            [f"{dataset}@{snapshot}"], ["-u", "-o", f"{zrepl.PLACEHOLDER_PROPERTY}=off", f"{root}/{dataset}"],
+            timeout=7200)
+        assert result.ok, dataset
+
+    receive(parent)
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        for _ in pool.map(receive, children):
+            pass
+    zfs("hold", "-r", zrepl.last_received_hold_tag("sink"), f"{root}/{parent}@{snapshot}")
+    latest = [f"{dataset}@{snapshot}" for dataset in [parent, *children]]
+    rows = [line.split("\t") for line in zfs("list", "-Hp", "-o", "name,guid", *latest).splitlines()]
+    place_cursors(src, [(name, int(guid)) for name, guid in rows])
+
+
+def snapshot_names(dataset: str) -> list[str]:
+    """DATASET's own snapshots (-d 1: cheap even when its children hold 100,000)."""
+    return zfs("list", "-H", "-o", "name", "-t", "snapshot", "-d", "1", dataset).split()
+
+
+def timed_run(config: Path, job: str, remove_cache: Path | None = None) -> benchlib.Measured:
     """One `zrepl.py run JOB`; with remove_cache, its listing caches removed first (a full listing,
     as before the cache)."""
     if remove_cache is not None:
@@ -87,7 +124,18 @@ def timed_run(config: Path, job: str, remove_cache: Path | None = None) -> float
     m = run_measured(zrepl_argv("--config", str(config), "run", job), timeout=7200)
     if m.returncode != 0:
         print(f"  ! {job}: exit {m.returncode}: {m.stderr.strip()[-1500:]}", flush=True)
-    return m.wall
+    return m
+
+
+def check_noop(job: str, m: benchlib.Measured, before: list[str], after: list[str], what: str) -> None:
+    """Print whether the run was the no-op it is meant to be: exit 0 and `what` unchanged."""
+    changed = sorted(set(before) ^ set(after))
+    verdict = "a no-op" if m.returncode == 0 and not changed else "NOT a no-op"
+    print(f"  check: first {job} run: exit {m.returncode}, {what}: {len(before)} before, {len(after)} after"
+          f"{', changed: ' + ' '.join(changed[:10]) if changed else ', unchanged'}: {verdict}", flush=True)
+    tail = [line for line in (m.stdout + m.stderr).strip().splitlines() if line.strip()][-4:]
+    for line in tail or ["(no output)"]:
+        print(f"    | {line[:200]}", flush=True)
 
 
 def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Path, tmpfs: Path,
@@ -108,10 +156,14 @@ def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Pat
         print(f"{label}: created in {time.perf_counter() - start:.0f} s", flush=True)
         figures: dict[str, float] = {}
 
-        def record(name: str, seconds: float) -> None:
+        def record(name: str, seconds: float, measured: list[benchlib.Measured] | None = None) -> None:
             figures[name] = seconds
             floor = next(iter(figures.values()))
-            print(f"  {name:48} {seconds:8.2f} s  {seconds / floor:6.2f}x", flush=True)
+            rss = ""
+            if measured:  # zrepl.py's own peak (VmHWM), and wait4's (zrepl.py or a zfs it ran)
+                rss = (f"  peak RSS {max(m.hwm_kib for m in measured) / 1024:6.1f} MiB"
+                       f" (with children {max(m.maxrss_kib for m in measured) / 1024:.1f} MiB)")
+            print(f"  {name:48} {seconds:8.2f} s  {seconds / floor:6.2f}x{rss}", flush=True)
 
         print(f"{label} ({runs} run(s) each, median), seconds and ratio to the floor:", flush=True)
         for name, argvs in listings(src) if columns else listings(src)[:1]:
@@ -124,18 +176,30 @@ def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Pat
             support.push_job(filesystems=fs, client_identity=IDENTITY, keep_sender=[support.last_n(snapshots + 1)],
                              keep_receiver=[support.last_n(snapshots + 1)]),
             support.sink_job(root_fs=f"{dst}/sink"))
+
+        def state() -> list[str]:
+            """What a no-op leaves alone: SRC/data's own snapshots and the sink's."""
+            return (snapshot_names(f"{src}/data")
+                    + zfs("list", "-H", "-o", "name", "-t", "snapshot", "-r", f"{dst}/sink").split())
+
         for job in ["snap", "push"] if push else ["snap"]:
             if job == "push":
                 start = time.perf_counter()
-                seed_raw(src, dst, f"s{snapshots - 1:04d}")
+                seed_latest(src, dst, filesystems, f"s{snapshots - 1:04d}")
                 print(f"{label}: sink seeded in {time.perf_counter() - start:.0f} s", flush=True)
+            before = state()
             caches = workdir / "run" / "listings"
-            without = [timed_run(config, job, caches) for _ in range(runs)]
-            record(f"zrepl.py run {job}, no cache (full listing)", benchlib.median(without))
+            without = [timed_run(config, job, caches)]
+            check_noop(job, without[0], before, state(),
+                       "snapshots of SRC/data and of the sink")
+            without += [timed_run(config, job, caches) for _ in range(runs - 1)]
+            record(f"zrepl.py run {job}, no cache (full listing)", benchlib.median([m.wall for m in without]), without)
             timed_run(config, job)  # fills the cache
             time.sleep(1.5)  # values of the second the cache was listed in are not trusted
             warm = [timed_run(config, job) for _ in range(runs)]
-            record(f"zrepl.py run {job}, with the cache", benchlib.median(warm))
+            record(f"zrepl.py run {job}, with the cache", benchlib.median([m.wall for m in warm]), warm)
+            files = sorted(p.name for p in caches.iterdir()) if caches.is_dir() else []
+            print(f"  cache files after the {job} runs: {' '.join(files) or 'none'}", flush=True)
     finally:
         pools.destroy_all()
 
