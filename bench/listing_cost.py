@@ -3,12 +3,15 @@
 
 Runs inside the test guest, as root, on throwaway pools (file vdevs on a RAM-backed tmpfs):
 
-    ZREPL_VM_MEMORY=4096 ZREPL_VM_TIMEOUT=3600 tests/vm/run-in-guest python3 bench/listing_cost.py
+    ZREPL_VM_MEMORY=4096 ZREPL_VM_TIMEOUT=4800 tests/vm/run-in-guest python3 bench/listing_cost.py \
+        --scale 1000x10 --push --runs 3 --runs-only
     tests/vm/run-in-guest python3 bench/listing_cost.py --scale 100x10 --runs 3 --push
 
-For each scale FxS: F filesystems SRC/data/fsNNNN below SRC/data, snapshotted S times with one
-`zfs snapshot -r SRC/data@sK` per snapshot name. Then, each timed `--runs` times (median), every
-listing over SRC:
+For each scale FxS: F filesystems SRC/data/fsNNNN below SRC/data, snapshotted S times: s0000 ...
+sS-1 on all F+1 at once per name, one transaction group each (one `lzc_snapshot` per name from
+this process through libzfs_core, which is what `zfs snapshot -r SRC/data@sK` does, without a
+`zfs` spawn per name; `zfs snapshot -r` where the library cannot be loaded). Then, each timed
+`--runs` times (median), every listing over SRC:
 
   floor             `zfs list -t filesystem,volume -r SRC` (default columns): what the issue's
                     goal (a no-op run at most 2x this) is measured against
@@ -21,10 +24,20 @@ listing over SRC:
 
 then `zrepl.py run` of a snap job with nothing due (periodic 1h, keep last_n S+1: lists, keeps all),
 each without its listing cache (removed before every run: the full listing of before) and with it
-(filled by one untimed run),
-and, with --push, a push -> sink that has nothing to send (the sink seeded by `zfs send -R | zfs
-recv` plus zrepl's cursor bookmarks and last-received holds, as bench/spawn_count.py does). Each
-run's wall is printed as a ratio to the floor.
+(filled by one untimed run), and, with --push, a push -> sink that has nothing to send.
+
+The sink is seeded with the latest snapshot only: one full (non-incremental) `zfs send
+SRC/data[/fsNNNN]@sS-1 | zfs recv -u -o <placeholder property>=off` per dataset (the parent first,
+then the children, 5 pipes at a time) below the sink's two placeholders, plus what the initial push
+leaves: the sink's last-received hold on every received snapshot (`zfs hold -r`) and zrepl's push
+cursor bookmark on every sender @sS-1 (one channel program). The sender keeps all S snapshots, the
+sink 1 per filesystem (same guid): nothing is newer than the latest common snapshot, so a push has
+nothing to send; keep rules last_n S+1 on both sides keep everything. Receiving every snapshot
+(bench/spawn_count.py's seed_raw, `zfs send -R`) would take hours under emulation at 100x1000. The
+first run of each job is checked to be a no-op (exit 0, the snapshots of SRC/data and of the whole
+sink unchanged) and the verdict printed. Each run's wall is printed as a ratio to the floor, with
+the peak RSS over its runs: zrepl.py's own (VmHWM, sampled every 0.25 s) and wait4's (it or any zfs
+it ran).
 """
 
 from __future__ import annotations
