@@ -3,12 +3,15 @@
 
 Runs inside the test guest, as root, on throwaway pools (file vdevs on a RAM-backed tmpfs):
 
-    ZREPL_VM_MEMORY=4096 ZREPL_VM_TIMEOUT=3600 tests/vm/run-in-guest python3 bench/listing_cost.py
+    ZREPL_VM_MEMORY=4096 ZREPL_VM_TIMEOUT=4800 tests/vm/run-in-guest python3 bench/listing_cost.py \
+        --scale 1000x10 --push --runs 3 --runs-only
     tests/vm/run-in-guest python3 bench/listing_cost.py --scale 100x10 --runs 3 --push
 
-For each scale FxS: F filesystems SRC/data/fsNNNN below SRC/data, snapshotted S times with one
-`zfs snapshot -r SRC/data@sK` per snapshot name. Then, each timed `--runs` times (median), every
-listing over SRC:
+For each scale FxS: F filesystems SRC/data/fsNNNN below SRC/data, snapshotted S times: s0000 ...
+sS-1 on all F+1 at once per name, one transaction group each (one `lzc_snapshot` per name from
+this process through libzfs_core, which is what `zfs snapshot -r SRC/data@sK` does, without a
+`zfs` spawn per name; `zfs snapshot -r` where the library cannot be loaded). Then, each timed
+`--runs` times (median), every listing over SRC:
 
   floor             `zfs list -t filesystem,volume -r SRC` (default columns): what the issue's
                     goal (a no-op run at most 2x this) is measured against
@@ -21,15 +24,28 @@ listing over SRC:
 
 then `zrepl.py run` of a snap job with nothing due (periodic 1h, keep last_n S+1: lists, keeps all),
 each without its listing cache (removed before every run: the full listing of before) and with it
-(filled by one untimed run),
-and, with --push, a push -> sink that has nothing to send (the sink seeded by `zfs send -R | zfs
-recv` plus zrepl's cursor bookmarks and last-received holds, as bench/spawn_count.py does). Each
-run's wall is printed as a ratio to the floor.
+(filled by one untimed run), and, with --push, a push -> sink that has nothing to send.
+
+The sink is seeded with the latest snapshot only: one full (non-incremental) `zfs send
+SRC/data[/fsNNNN]@sS-1 | zfs recv -u -o <placeholder property>=off` per dataset (the parent first,
+then the children, 5 pipes at a time) below the sink's two placeholders, plus what the initial push
+leaves: the sink's last-received hold on every received snapshot (`zfs hold -r`) and zrepl's push
+cursor bookmark on every sender @sS-1 (one channel program). The sender keeps all S snapshots, the
+sink 1 per filesystem (same guid): nothing is newer than the latest common snapshot, so a push has
+nothing to send; keep rules last_n S+1 on both sides keep everything. Receiving every snapshot
+(bench/spawn_count.py's seed_raw, `zfs send -R`) would take hours under emulation at 100x1000. The
+first run of each job is checked to be a no-op (exit 0, the snapshots of SRC/data and of the whole
+sink unchanged) and the verdict printed. Each run's wall is printed as a ratio to the floor, with
+the peak RSS over its runs: zrepl.py's own (VmHWM, sampled every 0.25 s) and wait4's (it or any zfs
+it ran).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import ctypes
+import glob
 import shutil
 import sys
 import tempfile
@@ -40,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 import support  # noqa: E402  (benchlib put tests/ on sys.path)
 from benchlib import run, run_measured, zfs, zrepl_argv  # noqa: E402
-from spawn_count import IDENTITY, create_datasets, seed_raw  # noqa: E402
+from spawn_count import IDENTITY, create_datasets, place_cursors  # noqa: E402
 
 import zrepl  # noqa: E402  (benchlib put the repository root on sys.path)
 
@@ -79,7 +95,90 @@ def timed(argvs: list[list[str]]) -> float:
     return time.perf_counter() - start
 
 
-def timed_run(config: Path, job: str, remove_cache: Path | None = None) -> float:
+def seed_latest(src: str, dst: str, filesystems: int, snapshot: str, parallel: int = 5) -> None:
+    """The state a push leaves once everything up to SRC/data[/fsNNNN]@snapshot is replicated, built
+    from the latest snapshot alone: one full (non-incremental) `zfs send DATASET@snapshot | zfs recv`
+    per dataset (SRC/data first, then its children, `parallel` pipes at a time) below the sink's two
+    placeholders, the sink's last-received hold on every received @snapshot (`zfs hold -r`) and
+    zrepl's push cursor bookmark on every sender @snapshot (one channel program). The older
+    snapshots stay on the sender only: a push has nothing to send, since nothing is newer than the
+    latest common snapshot, whatever the sender holds before it. (seed_raw in spawn_count.py
+    receives every snapshot: 100,000 receives at 100x1000, hours under emulation.)"""
+    root = f"{dst}/sink/{IDENTITY}"
+    for placeholder in (root, f"{root}/{src}"):
+        zfs(*zrepl.create_placeholder_argv(placeholder, encryption_off=False)[1:])
+    parent = f"{src}/data"
+    children = [f"{parent}/fs{i:04d}" for i in range(filesystems)]
+
+    def receive(dataset: str) -> None:
+        result = benchlib.zfstest.send_recv(
+            [f"{dataset}@{snapshot}"], ["-u", "-o", f"{zrepl.PLACEHOLDER_PROPERTY}=off", f"{root}/{dataset}"],
+            timeout=7200)
+        assert result.ok, dataset
+
+    receive(parent)
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        for _ in pool.map(receive, children):
+            pass
+    zfs("hold", "-r", zrepl.last_received_hold_tag("sink"), f"{root}/{parent}@{snapshot}")
+    latest = [f"{dataset}@{snapshot}" for dataset in [parent, *children]]
+    rows = [line.split("\t") for line in zfs("list", "-Hp", "-o", "name,guid", *latest).splitlines()]
+    place_cursors(src, [(name, int(guid)) for name, guid in rows])
+
+
+def lzc_snapshotter() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
+    """libzfs_core and libnvpair, initialised, or None where they cannot be loaded."""
+    try:
+        def load(stem: str) -> ctypes.CDLL:
+            paths = sorted(glob.glob(f"/lib/*/{stem}.so.*") + glob.glob(f"/usr/lib/*/{stem}.so.*"))
+            return ctypes.CDLL(paths[0] if paths else f"{stem}.so")
+        lzc, nvpair = load("libzfs_core"), load("libnvpair")
+        if lzc.libzfs_core_init() != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    lzc.lzc_snapshot.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+    nvpair.nvlist_alloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint, ctypes.c_int]
+    nvpair.nvlist_add_boolean.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    nvpair.nvlist_free.argtypes = [ctypes.c_void_p]
+    return lzc, nvpair
+
+
+def snapshot_all(datasets: list[str], names: list[str]) -> str:
+    """Each of names, in order, on all datasets at once: what `zfs snapshot -r PARENT@name` does (one
+    lzc_snapshot ioctl listing every descendant, atomic, one transaction group per name), but all
+    from this one process through libzfs_core (ctypes): under emulation a `zfs` spawn costs more
+    than the snapshot, and 100x1000 needs 1,000 of them. Falls back to `zfs snapshot -r` per name
+    when the library cannot be used (before anything was created). Returns which way it went."""
+    libs = lzc_snapshotter()
+    for k, name in enumerate(names):
+        if libs is None:
+            zfs("snapshot", "-r", f"{datasets[0]}@{name}")
+            continue
+        lzc, nvpair = libs
+        snaps, errors = ctypes.c_void_p(), ctypes.c_void_p()
+        assert nvpair.nvlist_alloc(ctypes.byref(snaps), 1, 0) == 0  # NV_UNIQUE_NAME
+        try:
+            for dataset in datasets:
+                assert nvpair.nvlist_add_boolean(snaps, f"{dataset}@{name}".encode()) == 0
+            rc = lzc.lzc_snapshot(snaps, None, ctypes.byref(errors))
+        finally:
+            nvpair.nvlist_free(snaps)
+        if rc != 0 and k == 0:  # nothing created yet: the plain way
+            print(f"  (lzc_snapshot failed: errno {rc}; using zfs snapshot -r)", flush=True)
+            libs = None
+            zfs("snapshot", "-r", f"{datasets[0]}@{name}")
+        elif rc != 0:
+            raise OSError(rc, f"lzc_snapshot of @{name} failed")
+    return "zfs snapshot -r per name" if libs is None else "one lzc_snapshot per name (= zfs snapshot -r)"
+
+
+def snapshot_names(dataset: str) -> list[str]:
+    """DATASET's own snapshots (-d 1: cheap even when its children hold 100,000)."""
+    return zfs("list", "-H", "-o", "name", "-t", "snapshot", "-d", "1", dataset).split()
+
+
+def timed_run(config: Path, job: str, remove_cache: Path | None = None) -> benchlib.Measured:
     """One `zrepl.py run JOB`; with remove_cache, its listing caches removed first (a full listing,
     as before the cache)."""
     if remove_cache is not None:
@@ -87,7 +186,18 @@ def timed_run(config: Path, job: str, remove_cache: Path | None = None) -> float
     m = run_measured(zrepl_argv("--config", str(config), "run", job), timeout=7200)
     if m.returncode != 0:
         print(f"  ! {job}: exit {m.returncode}: {m.stderr.strip()[-1500:]}", flush=True)
-    return m.wall
+    return m
+
+
+def check_noop(job: str, m: benchlib.Measured, before: list[str], after: list[str], what: str) -> None:
+    """Print whether the run was the no-op it is meant to be: exit 0 and `what` unchanged."""
+    changed = sorted(set(before) ^ set(after))
+    verdict = "a no-op" if m.returncode == 0 and not changed else "NOT a no-op"
+    print(f"  check: first {job} run: exit {m.returncode}, {what}: {len(before)} before, {len(after)} after"
+          f"{', changed: ' + ' '.join(changed[:10]) if changed else ', unchanged'}: {verdict}", flush=True)
+    tail = [line for line in (m.stdout + m.stderr).strip().splitlines() if line.strip()][-4:]
+    for line in tail or ["(no output)"]:
+        print(f"    | {line[:200]}", flush=True)
 
 
 def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Path, tmpfs: Path,
@@ -102,16 +212,23 @@ def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Pat
         zfs("create", "-o", "mountpoint=none", f"{src}/data")
         zfs("create", "-o", "mountpoint=none", f"{dst}/sink")
         start = time.perf_counter()
-        create_datasets(f"{src}/data", filesystems)
-        for k in range(snapshots):
-            zfs("snapshot", "-r", f"{src}/data@s{k:04d}")
-        print(f"{label}: created in {time.perf_counter() - start:.0f} s", flush=True)
+        children = create_datasets(f"{src}/data", filesystems)
+        created = time.perf_counter()
+        how = snapshot_all([f"{src}/data", *children], [f"s{k:04d}" for k in range(snapshots)])
+        newest = snapshot_names(f"{src}/data")[-1]  # zfs list sorts a dataset's snapshots by createtxg
+        assert newest == f"{src}/data@s{snapshots - 1:04d}", newest
+        print(f"{label}: {filesystems} filesystems created in {created - start:.0f} s, {snapshots} snapshots"
+              f" of all {filesystems + 1} in {time.perf_counter() - created:.0f} s ({how})", flush=True)
         figures: dict[str, float] = {}
 
-        def record(name: str, seconds: float) -> None:
+        def record(name: str, seconds: float, measured: list[benchlib.Measured] | None = None) -> None:
             figures[name] = seconds
             floor = next(iter(figures.values()))
-            print(f"  {name:48} {seconds:8.2f} s  {seconds / floor:6.2f}x", flush=True)
+            rss = ""
+            if measured:  # zrepl.py's own peak (VmHWM), and wait4's (zrepl.py or a zfs it ran)
+                rss = (f"  peak RSS {max(m.hwm_kib for m in measured) / 1024:6.1f} MiB"
+                       f" (with children {max(m.maxrss_kib for m in measured) / 1024:.1f} MiB)")
+            print(f"  {name:48} {seconds:8.2f} s  {seconds / floor:6.2f}x{rss}", flush=True)
 
         print(f"{label} ({runs} run(s) each, median), seconds and ratio to the floor:", flush=True)
         for name, argvs in listings(src) if columns else listings(src)[:1]:
@@ -124,18 +241,30 @@ def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Pat
             support.push_job(filesystems=fs, client_identity=IDENTITY, keep_sender=[support.last_n(snapshots + 1)],
                              keep_receiver=[support.last_n(snapshots + 1)]),
             support.sink_job(root_fs=f"{dst}/sink"))
+
+        def state() -> list[str]:
+            """What a no-op leaves alone: SRC/data's own snapshots and the sink's."""
+            return (snapshot_names(f"{src}/data")
+                    + zfs("list", "-H", "-o", "name", "-t", "snapshot", "-r", f"{dst}/sink").split())
+
         for job in ["snap", "push"] if push else ["snap"]:
             if job == "push":
                 start = time.perf_counter()
-                seed_raw(src, dst, f"s{snapshots - 1:04d}")
+                seed_latest(src, dst, filesystems, f"s{snapshots - 1:04d}")
                 print(f"{label}: sink seeded in {time.perf_counter() - start:.0f} s", flush=True)
+            before = state()
             caches = workdir / "run" / "listings"
-            without = [timed_run(config, job, caches) for _ in range(runs)]
-            record(f"zrepl.py run {job}, no cache (full listing)", benchlib.median(without))
+            without = [timed_run(config, job, caches)]
+            check_noop(job, without[0], before, state(),
+                       "snapshots of SRC/data and of the sink")
+            without += [timed_run(config, job, caches) for _ in range(runs - 1)]
+            record(f"zrepl.py run {job}, no cache (full listing)", benchlib.median([m.wall for m in without]), without)
             timed_run(config, job)  # fills the cache
             time.sleep(1.5)  # values of the second the cache was listed in are not trusted
             warm = [timed_run(config, job) for _ in range(runs)]
-            record(f"zrepl.py run {job}, with the cache", benchlib.median(warm))
+            record(f"zrepl.py run {job}, with the cache", benchlib.median([m.wall for m in warm]), warm)
+            files = sorted(p.name for p in caches.iterdir()) if caches.is_dir() else []
+            print(f"  cache files after the {job} runs: {' '.join(files) or 'none'}", flush=True)
     finally:
         pools.destroy_all()
 

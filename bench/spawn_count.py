@@ -120,17 +120,20 @@ def seed_raw(src: str, dst: str, snapshot: str = "base") -> None:
     assert result.ok
     zfs("hold", "-r", zrepl.last_received_hold_tag("sink"), f"{target}@{snapshot}")
     rows = [line.split("\t") for line in zfs("list", "-Hp", "-o", "name,guid", "-t", "snapshot", "-r", fs).splitlines()]
+    place_cursors(src, [(name, int(guid)) for name, guid in rows if name.endswith(f"@{snapshot}")])
+
+
+def place_cursors(pool: str, snapshots: list[tuple[str, int]]) -> None:
+    """zrepl's push cursor bookmark on each (snapshot name, guid), in one channel program."""
     lines = []
-    for name, guid in rows:
-        if not name.endswith(f"@{snapshot}"):
-            continue
+    for name, guid in snapshots:
         dataset = name.split("@", 1)[0]
-        bookmark = f"{dataset}#{zrepl.cursor_bookmark_name(int(guid), 'push')}"
+        bookmark = f"{dataset}#{zrepl.cursor_bookmark_name(guid, 'push')}"
         lines.append(f'assert(zfs.sync.bookmark("{name}", "{bookmark}") == 0)')
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write("\n".join(lines) + "\n")
     try:
-        zfs("program", "-t", str(100_000_000), src, f.name)
+        zfs("program", "-t", str(100_000_000), pool, f.name)
     finally:
         os.unlink(f.name)
 
