@@ -6779,6 +6779,8 @@ class LaneMux:
         self._next_id = 1
         self._break: ProtocolError | None = None  # a lane's ProtocolError, for the mux thread
         self._cancel_reason: str | None = None
+        self._closing = False
+        self._write_error: ConnectionLost | None = None  # server: the client stopped reading
         self._out = bytearray()
         self._rbuf = bytearray()
         self._turn = 0
@@ -6871,12 +6873,14 @@ class LaneMux:
     def close(self) -> None:
         """Cancel and wait for the mux thread (lanes are closed by their owners; lane 0 here). After
         the connection broke, lanes are not cancelled: each fails with why it broke, and may redial."""
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._closing = True  # the frames queued go out whole first: the peer sees a clean end
+            self._wake()
+            self._thread.join(timeout=10)
         if self._thread.is_alive() or not self._thread.ident:
             self.cancel("connection closed")
         else:
             self.channel.cancel("connection closed")
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
         self.lane0.close()
         if self._wake_r >= 0:
             for fd in (self._wake_r, self._wake_w):
@@ -6921,6 +6925,9 @@ class LaneMux:
         ch = self.channel
         while True:
             self._adopt()
+            if self._closing:
+                self._drain(time.monotonic() + 2)
+                return
             if self._break is not None:
                 err = self._break
                 raise self._fatal(f"lane session broke: {err.message if isinstance(err, ProtocolError) else err}")
@@ -6963,6 +6970,8 @@ class LaneMux:
                 self._queue_ctl({"op": "open", "lane": ln.id})
 
     def _queue(self, ftype: int, payload: bytes) -> None:
+        if self._write_error is not None:
+            return
         self._out += FRAME_HEADER.pack(FRAME_MAGIC, ftype, len(payload))
         self._out += payload
         self.channel.stats.count(self.channel.stats.frames_sent, FRAME_NAMES[ftype])
@@ -6971,9 +6980,26 @@ class LaneMux:
         self._queue(FRAME_LANE_CTL, encode_control(FRAME_LANE_CTL, body))
 
     def _flush(self) -> None:
-        if self._out:
+        if not self._out:
+            return
+        try:
             n = self.channel.write_some(memoryview(self._out))
-            del self._out[:n]
+        except ConnectionLost as e:
+            if self._on_open is None:
+                raise
+            # The client hung up while we wrote (a credit, a lane's end, a heartbeat): as with one
+            # lane, its EOF decides; a clean one between frames ends serving normally.
+            self._write_error = e
+            self._out.clear()
+            return
+        del self._out[:n]
+
+    def _drain(self, deadline: float) -> None:
+        """Write what is queued (whole frames), until `deadline` at most."""
+        while self._out and time.monotonic() < deadline:
+            self._flush()
+            if self._out:
+                self.channel.wait([], [self.channel.wfd], max(0.0, deadline - time.monotonic()))
 
     def _fatal(self, message: str) -> ProtocolError:
         """The peer broke the lane protocol (or a lane's session broke): a fatal ERROR frame after
@@ -6983,11 +7009,7 @@ class LaneMux:
         with contextlib.suppress(ZreplError):
             self._queue(FRAME_ERROR, encode_control(FRAME_ERROR, {
                 "error": message, "type": "ProtocolError", "fatal": True, "temporary": False}))
-            deadline = time.monotonic() + 1
-            while self._out and time.monotonic() < deadline:
-                self._flush()
-                if self._out:
-                    self.channel.wait([], [self.channel.wfd], max(0.0, deadline - time.monotonic()))
+            self._drain(time.monotonic() + 1)
         return err
 
     def _lane_for(self, lane: object, what: str) -> _MuxLane:
@@ -7012,6 +7034,8 @@ class LaneMux:
             if self._on_open is None:  # the client never expects the server to go away
                 raise ch.lost("connection closed by the peer")
             return False
+        if self._write_error is not None:  # it talks on but no longer reads: gone after all
+            raise self._write_error
         self._rbuf += data
         buf, pos = self._rbuf, 0
         try:

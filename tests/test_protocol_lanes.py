@@ -687,4 +687,182 @@ def test_lanes_over_ssh_connect_to_a_stdio_server(tmp_path):
             c.close()
     finally:
         conn.close()
-    assert conn.channel.process.proc.returncode == 0
+    assert conn.channel.process.proc.returncode == 0, conn.channel.process.stderr.text()
+
+
+# ---- the runner: parallel steps on lanes of one ssh+stdinserver connection -----------------------
+
+STEPS_ROOT = "dst/sink/client1"
+SSH = {"type": "ssh+stdinserver", "host": "backup.example.com", "user": "zrepl", "port": 22,
+       "identity_file": "/etc/zrepl/id"}
+
+
+class InProcessSsh:
+    """Stands in for ssh_connect: a pipe pair whose far end is served in a thread exactly as
+    cmd_stdinserver serves it (the sink job of the identity, its handlers, serve_connection), on
+    the same ZFS double. `servers` keeps each server Connection, `errors` how serving ended."""
+
+    def __init__(self, cfg: Path, zfs, identity: str = "client1", *, old_server: bool = False):
+        self.cfg, self.zfs, self.identity, self.old_server = cfg, zfs, identity, old_server
+        self.servers: list[zrepl.Connection] = []
+        self.errors: list[BaseException | None] = []
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, argv, *, name=None, timeout=zrepl.DEFAULT_PEER_TIMEOUT, **_kw) -> zrepl.Connection:
+        client, server = pipe_pair(timeout=timeout, heartbeat=1.0)
+        if self.old_server:
+            server._hello_lanes = lambda body, most: None
+        config = zrepl.load_config(str(self.cfg))
+        job = zrepl.stdinserver_job(config, self.identity)
+        handlers = zrepl.passive_handlers(job, self.identity, self.zfs, zrepl.ProcessRegistry(), zrepl.Progress(),
+                                          zrepl.replication_guards(config),
+                                          zrepl.client_listing_cache(config, job, self.identity))
+        index = len(self.servers)
+        self.servers.append(server)
+        self.errors.append(None)
+
+        def serve() -> None:
+            try:
+                zrepl.serve_connection(server, handlers, identity=self.identity)
+            except BaseException as e:
+                self.errors[index] = e
+            finally:
+                server.close()
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        self.threads.append(t)
+        return client
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(WAIT)
+            assert not t.is_alive(), "a server did not end"
+
+
+def steps_config(tmp_path: Path, steps: int) -> Path:
+    from support import last_n, push_job, sink_job, stdinserver, write_config
+    return write_config(tmp_path, push_job(filesystems={"src/data<": True}, connect=SSH,
+                                           keep_sender=[last_n(30)], keep_receiver=[last_n(30)],
+                                           replication={"concurrency": {"steps": steps}}),
+                        sink_job(root_fs="dst/sink", serve=stdinserver("client1")))
+
+
+@pytest.fixture
+def three_filesystems(fake_zfs):
+    w = fake_zfs.world
+    w.tree("src", "data\n" + "\n".join(f"data/fs{i} @s0" for i in range(3)))
+    w.tree("dst", "sink")
+    return w
+
+
+def test_push_over_ssh_runs_its_steps_on_lanes_of_one_connection(fake_zfs, three_filesystems, tmp_path,
+                                                                   monkeypatch):
+    from support import run
+    cfg = steps_config(tmp_path, steps=3)
+    ssh = InProcessSsh(cfg, fake_zfs)
+    monkeypatch.setattr(zrepl, "ssh_connect", ssh)
+    result = run("--config", cfg, "run", "push", zfs=fake_zfs)
+    assert result.code == 0, result
+    ssh.join()
+    assert len(ssh.servers) == 1 and ssh.errors == [None]  # one connection, one server: one lock
+    server = ssh.servers[0]
+    assert server.lanes == 3
+    mux = server._mux
+    assert mux is not None and mux._used == {0, 1, 2}
+    assert all(c.stats.frames_received.get("REQUEST", 0) > 0 for c in mux._conns)  # every lane served
+    for i in range(3):
+        assert three_filesystems.snapshots(f"{STEPS_ROOT}/src/data/fs{i}") == ["s0"]
+    assert "one at a time" not in result.stderr and "serves no lanes" not in result.stderr
+
+
+def test_push_over_ssh_to_an_older_server_runs_one_step_at_a_time_with_a_warning(
+        fake_zfs, three_filesystems, tmp_path, monkeypatch):
+    from support import run
+    cfg = steps_config(tmp_path, steps=3)
+    ssh = InProcessSsh(cfg, fake_zfs, old_server=True)
+    monkeypatch.setattr(zrepl, "ssh_connect", ssh)
+    result = run("--config", cfg, "run", "push", zfs=fake_zfs)
+    assert result.code == 0, result
+    ssh.join()
+    assert len(ssh.servers) == 1 and ssh.servers[0].lanes == 1 and ssh.servers[0]._mux is None
+    assert "serves no lanes" in result.stderr
+    for i in range(3):
+        assert three_filesystems.snapshots(f"{STEPS_ROOT}/src/data/fs{i}") == ["s0"]
+
+
+def test_a_cut_stream_in_one_of_three_parallel_ssh_steps_resumes_on_the_next_run(
+        fake_zfs, three_filesystems, tmp_path, monkeypatch):
+    from support import fs_status, run
+    cfg = steps_config(tmp_path, steps=3)
+    world = three_filesystems
+    for i in range(3):
+        world.write(f"src/data/fs{i}", 1 << 20)
+        world.snapshot(f"src/data/fs{i}@s1")
+    fake_zfs.cut("send", 300_000, match="src/data/fs1@s1", stderr="ssh: connection reset\n")
+    fake_zfs.fail("send", match="send -v -P -t", stderr="ssh: connection reset\n")
+    ssh = InProcessSsh(cfg, fake_zfs)
+    monkeypatch.setattr(zrepl, "ssh_connect", ssh)
+    result = run("--config", cfg, "run", "push", zfs=fake_zfs)
+    assert result.code == 1, result
+    ssh.join()
+    token = world.resume_token(f"{STEPS_ROOT}/src/data/fs1")
+    assert token and "the sending side failed" in fs_status(cfg, "push", "src/data/fs1")["error"]
+    for i in (0, 2):  # the other steps' results are intact
+        assert world.snapshots(f"{STEPS_ROOT}/src/data/fs{i}") == ["s1"]
+    assert len(ssh.servers) == 1 and ssh.servers[0].lanes == 3
+    fake_zfs.clear()
+    fake_zfs.calls.clear()
+    result = run("--config", cfg, "run", "push", zfs=fake_zfs)
+    assert result.code == 0, result
+    ssh.join()
+    assert ["zfs", "send", "-v", "-P", "-t", token] in fake_zfs.calls
+    assert world.snapshots(f"{STEPS_ROOT}/src/data/fs1") == ["s1"]
+    assert world.resume_token(f"{STEPS_ROOT}/src/data/fs1") is None
+    assert world.guid(f"{STEPS_ROOT}/src/data/fs1@s1") == world.guid("src/data/fs1@s1")
+
+
+def test_a_lane_redials_the_connection_it_rides_on_once_that_broke():
+    """ssh dies under three lanes: once the connection knows, a lane's next request dials ONE new
+    connection and opens its lane there, and the connection's own requests use it too."""
+    servers: list[Server] = []
+
+    def dial() -> zrepl.Connection:
+        client, server = pipe_pair()
+        servers.append(Server(server, HANDLERS))
+        client.lanes_wanted = 3
+        client.handshake_client("c")
+        return client
+
+    main = zrepl.RedialingConnection(dial)
+    lanes = [zrepl.RedialingConnection(main.open_lane) for _ in range(2)]
+    assert [c.request("echo", {"n": i})["echo"] for i, c in enumerate([main, *lanes])] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    first = servers[0].conn
+    os.close(first.channel.rfd)  # the transport dies under the server
+    os.close(first.channel.wfd)
+    servers[0].thread.join(WAIT)
+    old_mux = main.conn._mux
+    old_mux._thread.join(WAIT)  # the client's side saw the end
+    assert isinstance(old_mux.error, zrepl.ConnectionLost) and not main.conn.usable
+    assert [lane.request("echo", {"again": 1})["echo"] for lane in lanes] == [{"again": 1}] * 2
+    assert main.request("echo", {"main": 1})["echo"] == {"main": 1}
+    assert main.dials == 2 and len(servers) == 2 and servers[1].conn.lanes == 3
+    for lane in lanes:
+        lane.close()
+    main.close()
+    servers[1].join()
+    assert servers[1].error is None
+
+
+def test_a_client_hanging_up_while_the_server_writes_is_a_clean_end():
+    """The client stops reading, closes lane 1 (the server answers with its own close, into a
+    pipe nobody reads) and hangs up: serving ends without error, as with one lane."""
+    c = RawClient()
+    c.ctl(op="open", lane=1)
+    os.close(c.s2c_r)
+    c.s2c_r = os.open(os.devnull, os.O_RDONLY)  # for close()
+    c.ctl(op="close", lane=1)
+    os.close(c.c2s_w)
+    c.c2s_w = os.open(os.devnull, os.O_WRONLY)
+    c.st.join()
+    assert c.st.error is None
+    c.close()
