@@ -5579,14 +5579,14 @@ class FrameChannel:
             self._heartbeat = Heartbeat(self)
             self._heartbeat.start()
 
-    def write_some(self, data: bytes | memoryview) -> int:
-        """One non-blocking write (a LaneMux, which never blocks on the peer); returns the bytes
-        written, 0 if the peer is not reading now.
+    def write_some(self, data: bytes | memoryview, fds: list[int] | None = None) -> int:
+        """One non-blocking write (write_all's, and a LaneMux's, which never blocks on the peer);
+        returns the bytes written, 0 if the peer is not reading now.
 
         Raises: ConnectionLost, Cancelled as write_all
         """
         try:
-            n = self._write_once(data)
+            n = self._write_once(data, fds)
         except BlockingIOError:
             return 0
         except (BrokenPipeError, ConnectionResetError):
@@ -5953,20 +5953,11 @@ class FrameChannel:
         while view:
             if self._cancel_reason is not None:
                 raise self.cancelled_error()
-            try:
-                n = self._write_once(view, fds)
-            except BlockingIOError:
-                n = 0
-            except (BrokenPipeError, ConnectionResetError):
-                raise self.lost("connection closed by the peer while sending") from None
-            except OSError as e:
-                if self._cancel_reason is not None:
-                    raise self.cancelled_error() from None
-                raise self.lost(f"writing to the peer failed: {e.strerror}") from None
+            n = self.write_some(view, fds)
             if n:
                 view = view[n:]
                 fds = None  # the descriptors travel with the first byte
-                self._last_write = alive_mark = time.monotonic()
+                alive_mark = self._last_write
                 continue
             if on_blocked is not None and on_blocked():
                 continue
@@ -6983,7 +6974,8 @@ class LaneMux:
         if not self._out:
             return
         try:
-            n = self.channel.write_some(memoryview(self._out))
+            with memoryview(self._out) as view:  # released before _out may change size
+                n = self.channel.write_some(view)
         except ConnectionLost as e:
             if self._on_open is None:
                 raise

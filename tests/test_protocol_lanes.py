@@ -36,6 +36,16 @@ def pipe_pair(timeout: float = WAIT, heartbeat: float = 0.0) -> tuple[zrepl.Conn
     return client, server
 
 
+def cut_transport(conn: zrepl.Connection) -> None:
+    """The transport dies under conn: its pipe ends close (the peer reads EOF, its writes fail);
+    /dev/null takes their fd numbers, so nothing closes a reused number later."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (conn.channel.rfd, conn.channel.wfd):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    conn.cancel("killed")  # a poll(2) under way still waits on the old pipe: the dead process stops too
+
+
 def pattern(seed: int, size: int) -> bytes:
     """size bytes that differ per seed and per position (loss, reordering or mixing show in a hash)."""
     block = hashlib.sha256(b"seed %d" % seed).digest() * 2048  # 64 KiB
@@ -119,6 +129,17 @@ def send(body: dict, ctx: zrepl.RequestContext) -> zrepl.Reply:
 
 
 HANDLERS = {"echo": echo, "receive": receive, "send": send}
+
+
+def hash_rest(f, h, n: int, ctx: zrepl.RequestContext) -> dict:
+    """A receive handler's answer: the rest of stream file f hashed on into h (n bytes so far)."""
+    while chunk := f.read(1 << 16):
+        h.update(chunk)
+        n += len(chunk)
+    f.close()
+    assert ctx.stream is not None
+    ctx.stream.finish()
+    return {"sha256": h.hexdigest(), "bytes": n}
 
 
 def hashing(result: dict):
@@ -263,12 +284,7 @@ def test_streams_on_several_lanes_arrive_whole_in_order_and_at_the_same_time(lan
                 first += more
             h.update(first)
             barrier.wait()
-            n = len(first)
-            while chunk := f.read(1 << 16):
-                h.update(chunk)
-                n += len(chunk)
-        ctx.stream.finish()
-        return {"sha256": h.hexdigest(), "bytes": n}
+            return hash_rest(f, h, len(first), ctx)
 
     client, _, _ = lanes(wanted=6, handlers=dict(HANDLERS, meet=receive_meeting))
     conns = [client] + [client.open_lane() for _ in range(5)]
@@ -299,12 +315,7 @@ def test_a_stalled_consumer_stalls_only_its_own_lane(lanes):
             h = hashlib.sha256(f.read(1000))
             reading.set()
             assert release.wait(WAIT)
-            n = 1000
-            while chunk := f.read(1 << 16):
-                h.update(chunk)
-                n += len(chunk)
-        ctx.stream.finish()
-        return {"sha256": h.hexdigest(), "bytes": n}
+            return hash_rest(f, h, 1000, ctx)
 
     client, _, _ = lanes(wanted=3, handlers=dict(HANDLERS, slow=slow_receive))
     lane1, lane2 = client.open_lane(), client.open_lane()
@@ -443,8 +454,7 @@ def test_a_lost_connection_fails_every_lane_with_connection_lost():
                                                                         for c in conns])), daemon=True)
     waiter.start()
     entered.wait()
-    os.close(server.channel.rfd)  # the transport dies under the server
-    os.close(server.channel.wfd)
+    cut_transport(server)
     waiter.join(WAIT)
     assert not waiter.is_alive()
     assert all(isinstance(r, zrepl.ConnectionLost) and r.temporary for r in results), results
@@ -837,8 +847,7 @@ def test_a_lane_redials_the_connection_it_rides_on_once_that_broke():
     lanes = [zrepl.RedialingConnection(main.open_lane) for _ in range(2)]
     assert [c.request("echo", {"n": i})["echo"] for i, c in enumerate([main, *lanes])] == [{"n": 0}, {"n": 1}, {"n": 2}]
     first = servers[0].conn
-    os.close(first.channel.rfd)  # the transport dies under the server
-    os.close(first.channel.wfd)
+    cut_transport(first)
     servers[0].thread.join(WAIT)
     old_mux = main.conn._mux
     old_mux._thread.join(WAIT)  # the client's side saw the end
@@ -866,3 +875,24 @@ def test_a_client_hanging_up_while_the_server_writes_is_a_clean_end():
     c.st.join()
     assert c.st.error is None
     c.close()
+
+
+def test_pull_over_ssh_runs_its_steps_on_lanes_of_one_connection(fake_zfs, tmp_path, monkeypatch):
+    from support import last_n, pull_job, run, source_job, stdinserver, write_config
+    w = fake_zfs.world
+    w.tree("src", "data\n" + "\n".join(f"data/fs{i} @s0" for i in range(3)))
+    w.tree("dst", "pulled")
+    cfg = write_config(tmp_path, pull_job(root_fs="dst/pulled", connect=SSH, keep_sender=[last_n(30)],
+                                          keep_receiver=[last_n(30)], replication={"concurrency": {"steps": 3}}),
+                       source_job(filesystems={"src/data<": True}, serve=stdinserver("client1")))
+    ssh = InProcessSsh(cfg, fake_zfs)
+    monkeypatch.setattr(zrepl, "ssh_connect", ssh)
+    result = run("--config", cfg, "run", "pull", zfs=fake_zfs)
+    assert result.code == 0, result
+    ssh.join()
+    assert len(ssh.servers) == 1 and ssh.errors == [None] and ssh.servers[0].lanes == 3
+    mux = ssh.servers[0]._mux
+    assert mux is not None and all(c.stats.frames_received.get("REQUEST", 0) > 0 for c in mux._conns)
+    for i in range(3):
+        assert w.snapshots(f"dst/pulled/src/data/fs{i}") == ["s0"]
+        assert w.guid(f"dst/pulled/src/data/fs{i}@s0") == w.guid(f"src/data/fs{i}@s0")
