@@ -7652,6 +7652,34 @@ class Connection:
                                                          **error}), None
 
 
+def session_handlers(make: Callable[[], dict[str, Handler]]) -> dict[str, Handler]:
+    """Handlers that give each session (a connection, or each lane of one: ctx.conn) a set of
+    make()'s own, made at its first request. What a handler keeps between requests (an endpoint's
+    listing of this run, the pages of a paged answer) then belongs to one session, whose requests
+    come one at a time, as on a connection of its own; lanes served at once never share it."""
+    first = make()
+    sets: weakref.WeakKeyDictionary[Connection, dict[str, Handler]] = weakref.WeakKeyDictionary()
+    lock = threading.Lock()
+    handed_out = False
+
+    def session_set(ctx: RequestContext) -> dict[str, Handler]:
+        nonlocal handed_out
+        with lock:
+            handlers = sets.get(ctx.conn)
+            if handlers is None:
+                handlers = make() if handed_out else first
+                handed_out = True
+                sets[ctx.conn] = handlers
+            return handlers
+
+    def dispatcher(kind: str) -> Handler:
+        def handle(body: dict, ctx: RequestContext) -> dict | Reply | None:
+            return session_set(ctx)[kind](body, ctx)
+        return handle
+
+    return {kind: dispatcher(kind) for kind in first}
+
+
 def serve_connection(conn: Connection, handlers: dict[str, Handler], *, identity: str | None = None,
                      lane_handlers: Callable[[], dict[str, Handler]] | None = None) -> None:
     """conn.serve(handlers, identity=identity, lane_handlers=lane_handlers): see Connection.serve."""
@@ -9672,15 +9700,19 @@ def passive_handlers(job: JobConfig, identity: str, zfs: Zfs, processes: Process
                      listing_cache: ListingCache | None = None) -> dict[str, Handler]:
     """The protocol handlers a sink (receiver below root_fs/<identity>) or a source (sender of its
     filesystems filter) offers one client. A source gives each client its own abstraction names
-    and keeps what its other clients and this host's other jobs (`guards`) still need."""
-    if job.type == "sink":
-        return receiver_handlers(ReceiverEndpoint(zfs, job.name, job.root_fs, identity, job.recv, processes,
-                                                  progress, job_type="sink", listing_cache=listing_cache))
-    assert job.filesystems is not None and job.serve is not None
-    return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress,
-                                          job_type="source", abstraction_job=source_abstraction_job(job, identity),
-                                          guards=guards, read_only=job.serve.read_only,
-                                          listing_cache=listing_cache))
+    and keeps what its other clients and this host's other jobs (`guards`) still need. Each lane
+    of an ssh connection gets an endpoint of its own (session_handlers), as each connection of the
+    local transport does."""
+    def make() -> dict[str, Handler]:
+        if job.type == "sink":
+            return receiver_handlers(ReceiverEndpoint(zfs, job.name, job.root_fs, identity, job.recv, processes,
+                                                      progress, job_type="sink", listing_cache=listing_cache))
+        assert job.filesystems is not None and job.serve is not None
+        return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress,
+                                              job_type="source", abstraction_job=source_abstraction_job(job, identity),
+                                              guards=guards, read_only=job.serve.read_only,
+                                              listing_cache=listing_cache))
+    return session_handlers(make)
 
 
 # =================================================================================================

@@ -896,3 +896,36 @@ def test_pull_over_ssh_runs_its_steps_on_lanes_of_one_connection(fake_zfs, tmp_p
     for i in range(3):
         assert w.snapshots(f"dst/pulled/src/data/fs{i}") == ["s0"]
         assert w.guid(f"dst/pulled/src/data/fs{i}@s0") == w.guid(f"src/data/fs{i}@s0")
+
+
+def test_each_lane_gets_handlers_of_its_own():
+    """A paged listing's pages (and an endpoint's run state) belong to one lane: two lanes paging
+    at once never see each other's pages."""
+    made: list[dict] = []
+
+    def make() -> dict:
+        state: dict = {}
+
+        def start(body: dict, ctx: zrepl.RequestContext) -> dict:
+            state["pages"] = body["pages"]
+            return {}
+
+        def page(body: dict, ctx: zrepl.RequestContext) -> dict:
+            return {"page": state["pages"][body["i"]]}
+        made.append(state)
+        return {"start": start, "page": page}
+
+    client, server = pipe_pair()
+    st = Server(server, zrepl.session_handlers(make))
+    client.lanes_wanted = 2
+    client.handshake_client("c")
+    lane1 = client.open_lane()
+    client.request("start", {"pages": ["a0", "a1"]})
+    lane1.request("start", {"pages": ["b0", "b1"]})
+    assert [client.request("page", {"i": i})["page"] for i in range(2)] == ["a0", "a1"]
+    assert [lane1.request("page", {"i": i})["page"] for i in range(2)] == ["b0", "b1"]
+    assert len(made) == 2
+    lane1.close()
+    client.close()
+    st.join()
+    server.close()
