@@ -4916,7 +4916,8 @@ def replica_protection(sender: DatasetInfo | None, receiver: DatasetInfo) -> dic
 #   raw stream bytes; HEARTBEAT is empty.
 # * A connection starts with a HELLO exchange (protocol name, version, identity, fd acceptance).
 #   Then the active side sends REQUESTs and the passive side answers each with RESPONSE or ERROR,
-#   one request at a time.
+#   one request at a time. Over ssh the HELLOs may agree on lanes (LaneMux): several such sessions
+#   at once on the one connection, each its own request/answer sequence.
 # * A request may carry a stream (push: `zfs send` output for the peer's `zfs recv`) and a
 #   response may carry one (pull). A stream is either FDPASS (over AF_UNIX: the pipe fd itself
 #   travels with SCM_RIGHTS, zero copies in Python) or DATA frames (over pipes: copied with
@@ -4946,6 +4947,7 @@ def replica_protection(sender: DatasetInfo | None, receiver: DatasetInfo) -> dic
 #                    bucket, pacer, byte counting
 #   StreamSender     an outgoing stream (FDPASS or DATA frames, then END), serving ABORT meanwhile
 #   IncomingStream   an arriving stream: the passed fd, or DATA frames pumped into a consumer
+#   LaneMux          lanes: sessions multiplexed on one channel, each a Connection over local pipes
 #   Connection       the session: handshake, request(), serve(); serve_connection, ProtocolServer
 
 PROTOCOL_NAME = "zrepl.py"
