@@ -6773,6 +6773,7 @@ class LaneMux:
         self._break: ProtocolError | None = None  # a lane's ProtocolError, for the mux thread
         self._cancel_reason: str | None = None
         self._closing = False
+        self._ended = False  # the mux thread has finished: new lanes can't be served
         self._write_error: ConnectionLost | None = None  # server: the client stopped reading
         self._out = bytearray()
         self._rbuf = bytearray()
@@ -6813,9 +6814,15 @@ class LaneMux:
         conn.channel.carrier = lambda: self.error
         with self._lock:
             self._used.add(lane)
-            self._new.append(_MuxLane(lane, conn, out_r, in_w))
             self._conns.append(conn)
-            cancelled = self._cancel_reason
+            cancelled, ended = self._cancel_reason, self._ended
+            if not ended:
+                self._new.append(_MuxLane(lane, conn, out_r, in_w))
+        if ended:  # the mux thread is gone: the lane reads EOF at once, and says why
+            if self.error is not None:
+                conn.channel.mark_broken(self.error)
+            _proto_close(out_r)
+            _proto_close(in_w)
         if cancelled is not None:
             conn.cancel(cancelled)
         conn.channel.start_heartbeat()
@@ -6832,8 +6839,9 @@ class LaneMux:
         if self._cancel_reason is not None:
             raise self.channel.cancelled_error()
         if self.error is not None:
-            raise ProtocolError(f"connection unusable after an earlier error: {self.error.message}",
-                                peer=self.channel.name, temporary=self.error.temporary)
+            cls = type(self.error) if isinstance(self.error, ConnectionLost) else ProtocolError
+            raise cls(f"connection unusable after an earlier error: {self.error.message}",
+                      peer=self.channel.name, temporary=self.error.temporary)
         with self._lock:
             lane = self._next_id
             if lane >= self.count:
@@ -6905,6 +6913,7 @@ class LaneMux:
             with self._lock:
                 lanes = list(self._lanes.values()) + self._new
                 self._new = []
+                self._ended = True
             for lane in lanes:
                 if self.error is not None:
                     lane.conn.channel.mark_broken(self.error)

@@ -461,6 +461,8 @@ def test_a_lost_connection_fails_every_lane_with_connection_lost():
     assert not client.usable and not conns[1].usable
     with pytest.raises(zrepl.ProtocolError):
         conns[2].request("echo", {})
+    with pytest.raises(zrepl.ConnectionLost):  # nor can a new lane ride on it
+        client.open_lane()
     release.set()
     st.thread.join(WAIT)
     for c in conns[1:]:
