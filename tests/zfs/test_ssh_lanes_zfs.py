@@ -3,7 +3,7 @@ steps on three lanes of ONE ssh connection (LaneMux), served by one stdinserver 
 cut in one step leaves the others' results intact and is resumed by the next run.
 
 ssh setup as in test_ssh_zfs.py (sshd on localhost, a forced command). No assertion depends on the
-guest's speed: a shim delay makes one-at-a-time steps observable (they would start DELAY apart).
+guest's speed: shim delays make one-at-a-time steps observable (they would start DELAY apart).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from test_ssh_zfs import forced, installed_zrepl, ssh_connect  # noqa: F401 (ins
 from zfstest import ZFS, get
 
 STEP_HOLD = "zrepl_STEP_J_push"
-DELAY = 15.0  # b's send waits this long; c's starts within it only if the steps run at once
+DELAY = 15.0  # b's and c's sends each wait this long: one after the other they start DELAY apart
 
 
 def test_three_steps_on_lanes_of_one_ssh_connection_and_a_cut_one_resumes(make_pool, zfs_tree, sshd_localhost,
@@ -35,7 +35,7 @@ def test_three_steps_on_lanes_of_one_ssh_connection_and_a_cut_one_resumes(make_p
     zfs_shim.cut("send", nbytes=1 << 20, times=1, match=f"send -v -P {src}/a@")
     zfs_shim.fail("send", match="send -v -P -t", stderr="ssh: connection reset by peer\n")
     zfs_shim.delay("send", DELAY, times=1, match=f"send -v -P {src}/b@")
-    zfs_shim.delay("send", 0, match=f"send -v -P {src}/c@")  # timestamped
+    zfs_shim.delay("send", DELAY, times=1, match=f"send -v -P {src}/c@")
     proc = zfs_shim.run_zrepl("--config", client_cfg, "run", "push", extra_env={"ZREPL_RETRY_DELAY": "0.5"})
     assert proc.returncode == 1, proc.stderr
     assert "one at a time" not in proc.stderr and "serves no lanes" not in proc.stderr
