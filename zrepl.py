@@ -6971,11 +6971,13 @@ class LaneMux:
             if ln.id and self._on_open is None:  # we opened it: tell the server
                 self._queue_ctl({"op": "open", "lane": ln.id})
 
-    def _queue(self, ftype: int, payload: bytes) -> None:
+    def _queue(self, ftype: int, payload: bytes, more: bytes = b"") -> None:
+        """Queue a frame of payload + more (a lane's bytes: one copy less than joining them)."""
         if self._write_error is not None:
             return
-        self._out += FRAME_HEADER.pack(FRAME_MAGIC, ftype, len(payload))
+        self._out += FRAME_HEADER.pack(FRAME_MAGIC, ftype, len(payload) + len(more))
         self._out += payload
+        self._out += more
         self.channel.stats.count(self.channel.stats.frames_sent, FRAME_NAMES[ftype])
 
     def _queue_ctl(self, body: dict[str, Any]) -> None:
@@ -7057,27 +7059,32 @@ class LaneMux:
                     break
                 start = pos + FRAME_HEADER.size
                 ch.stats.count(ch.stats.frames_received, FRAME_NAMES[ftype])
-                self._frame(ftype, buf[start:start + length])  # a copy: no view pins the buffer
+                if ftype == FRAME_LANE:
+                    self._lane_data(buf, start, length)
+                else:
+                    self._frame(ftype, buf[start:start + length])  # a copy: no view pins the buffer
                 pos = start + length
         finally:
             del buf[:pos]
         return True
 
+    def _lane_data(self, buf: bytearray, start: int, length: int) -> None:
+        """A LANE frame's payload, buf[start:start + length]: into its lane's buffer."""
+        (lane,) = _LANE_ID.unpack_from(buf, start)
+        ln = self._lane_for(lane, "LANE frame")
+        n = length - _LANE_ID.size
+        if len(ln.inbuf) + ln.owed + n > LANE_WINDOW:
+            raise self._fatal(f"lane {lane}: the peer sent more than the {LANE_WINDOW} bytes it was credited")
+        if ln.in_broken:
+            ln.owed += n
+            self._credit(ln)
+            return
+        # one copy, straight from the read buffer (the view lives for this statement only)
+        ln.inbuf += memoryview(buf)[start + _LANE_ID.size:start + length]
+        self._deliver(ln)
+
     def _frame(self, ftype: int, payload: bytearray) -> None:
         if ftype == FRAME_HEARTBEAT:
-            return
-        if ftype == FRAME_LANE:
-            (lane,) = _LANE_ID.unpack_from(payload)
-            ln = self._lane_for(lane, "LANE frame")
-            n = len(payload) - _LANE_ID.size
-            if len(ln.inbuf) + ln.owed + n > LANE_WINDOW:
-                raise self._fatal(f"lane {lane}: the peer sent more than the {LANE_WINDOW} bytes it was credited")
-            if ln.in_broken:
-                ln.owed += n
-                self._credit(ln)
-            else:
-                ln.inbuf += memoryview(payload)[_LANE_ID.size:]
-                self._deliver(ln)
             return
         try:
             body = decode_control(bytes(payload))
@@ -7163,7 +7170,7 @@ class LaneMux:
                 self._queue_ctl({"op": "close", "lane": ln.id})
                 continue
             ln.send_credit -= len(data)
-            self._queue(FRAME_LANE, _LANE_ID.pack(ln.id) + data)
+            self._queue(FRAME_LANE, _LANE_ID.pack(ln.id), data)
 
 
 # ---- the session --------------------------------------------------------------------------------
