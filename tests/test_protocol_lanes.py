@@ -931,3 +931,20 @@ def test_each_lane_gets_handlers_of_its_own():
     client.close()
     st.join()
     server.close()
+
+
+@pytest.mark.parametrize("lanes", [True, 0, -3, "4", 1.5, 1 << 40, [2]])
+def test_a_hello_asking_for_invalid_lanes_is_refused(lanes):
+    c2s_r, c2s_w = os.pipe()
+    s2c_r, s2c_w = os.pipe()
+    server = zrepl.Connection(rfd=c2s_r, wfd=s2c_w, name="server end", timeout=WAIT, heartbeat_interval=0)
+    st = Server(server, HANDLERS)
+    hello = json.dumps({"protocol": zrepl.PROTOCOL_NAME, "version": zrepl.PROTOCOL_VERSION, "lanes": lanes}).encode()
+    os.write(c2s_w, zrepl.FRAME_HEADER.pack(zrepl.FRAME_MAGIC, zrepl.FRAME_HELLO, len(hello)) + hello)
+    st.join()
+    assert isinstance(st.error, zrepl.ProtocolError) and "invalid lanes" in str(st.error)
+    head = os.read(s2c_r, zrepl.FRAME_HEADER.size)
+    assert zrepl.FRAME_HEADER.unpack(head)[1] == zrepl.FRAME_ERROR
+    for fd in (c2s_w, s2c_r):
+        os.close(fd)
+    server.close()
