@@ -4924,7 +4924,8 @@ def replica_protection(sender: DatasetInfo | None, receiver: DatasetInfo) -> dic
 #   raw stream bytes; HEARTBEAT is empty.
 # * A connection starts with a HELLO exchange (protocol name, version, identity, fd acceptance).
 #   Then the active side sends REQUESTs and the passive side answers each with RESPONSE or ERROR,
-#   one request at a time.
+#   one request at a time. Over ssh the HELLOs may agree on lanes (LaneMux): several such sessions
+#   at once on the one connection, each its own request/answer sequence.
 # * A request may carry a stream (push: `zfs send` output for the peer's `zfs recv`) and a
 #   response may carry one (pull). A stream is either FDPASS (over AF_UNIX: the pipe fd itself
 #   travels with SCM_RIGHTS, zero copies in Python) or DATA frames (over pipes: copied with
@@ -4954,6 +4955,7 @@ def replica_protection(sender: DatasetInfo | None, receiver: DatasetInfo) -> dic
 #                    bucket, pacer, byte counting
 #   StreamSender     an outgoing stream (FDPASS or DATA frames, then END), serving ABORT meanwhile
 #   IncomingStream   an arriving stream: the passed fd, or DATA frames pumped into a consumer
+#   LaneMux          lanes: sessions multiplexed on one channel, each a Connection over local pipes
 #   Connection       the session: handshake, request(), serve(); serve_connection, ProtocolServer
 
 PROTOCOL_NAME = "zrepl.py"
@@ -4981,10 +4983,12 @@ FRAME_END = 6
 FRAME_HEARTBEAT = 7
 FRAME_FDPASS = 8
 FRAME_ABORT = 9
+FRAME_LANE = 10  # payload: the lane id (>H), then a slice of that lane's own byte stream
+FRAME_LANE_CTL = 11  # JSON {"op": "open" | "credit" | "close", "lane": id[, "bytes": n]}
 FRAME_NAMES = {
     FRAME_HELLO: "HELLO", FRAME_REQUEST: "REQUEST", FRAME_RESPONSE: "RESPONSE", FRAME_ERROR: "ERROR",
     FRAME_DATA: "DATA", FRAME_END: "END", FRAME_HEARTBEAT: "HEARTBEAT", FRAME_FDPASS: "FDPASS",
-    FRAME_ABORT: "ABORT",
+    FRAME_ABORT: "ABORT", FRAME_LANE: "LANE", FRAME_LANE_CTL: "LANE_CTL",
 }
 _HEARTBEAT_FRAME = FRAME_HEADER.pack(FRAME_MAGIC, FRAME_HEARTBEAT, 0)
 
@@ -5499,6 +5503,8 @@ class FrameChannel:
         self._broken: ZreplError | None = None
         self._closed = False
         self._heartbeat: Heartbeat | None = None
+        # a lane's channel: why the connection carrying it broke (None while it works)
+        self.carrier: Callable[[], ProtocolError | None] | None = None
 
     @property
     def is_socket(self) -> bool:
@@ -5583,6 +5589,26 @@ class FrameChannel:
             self._heartbeat = Heartbeat(self)
             self._heartbeat.start()
 
+    def write_some(self, data: bytes | memoryview, fds: list[int] | None = None) -> int:
+        """One non-blocking write (write_all's, and a LaneMux's, which never blocks on the peer);
+        returns the bytes written, 0 if the peer is not reading now.
+
+        Raises: ConnectionLost, Cancelled as write_all
+        """
+        try:
+            n = self._write_once(data, fds)
+        except BlockingIOError:
+            return 0
+        except (BrokenPipeError, ConnectionResetError):
+            raise self.lost("connection closed by the peer while sending") from None
+        except OSError as e:
+            if self._cancel_reason is not None:
+                raise self.cancelled_error() from None
+            raise self.lost(f"writing to the peer failed: {e.strerror}") from None
+        if n:
+            self._last_write = time.monotonic()
+        return n
+
     # ---- errors -------------------------------------------------------------------------------
 
     def cancelled_error(self) -> Cancelled:
@@ -5597,6 +5623,12 @@ class FrameChannel:
         """
         if self._cancel_reason is not None:
             raise self.cancelled_error()
+        carried = self.carrier() if self.carrier is not None else None
+        if carried is not None:  # the lane's end is a symptom: say what broke the connection
+            cls = type(carried) if isinstance(carried, ConnectionLost) else ConnectionLost
+            err = cls(carried.message, kind=self.kind, peer=carried.peer, temporary=carried.temporary)
+            self.mark_broken(err)
+            return err
         extra, permanent = self.process.report() if self.process is not None else ("", False)
         err = cls(message + extra, kind=self.kind, peer=self.name, temporary=False if permanent else None)
         self.mark_broken(err)
@@ -5931,20 +5963,11 @@ class FrameChannel:
         while view:
             if self._cancel_reason is not None:
                 raise self.cancelled_error()
-            try:
-                n = self._write_once(view, fds)
-            except BlockingIOError:
-                n = 0
-            except (BrokenPipeError, ConnectionResetError):
-                raise self.lost("connection closed by the peer while sending") from None
-            except OSError as e:
-                if self._cancel_reason is not None:
-                    raise self.cancelled_error() from None
-                raise self.lost(f"writing to the peer failed: {e.strerror}") from None
+            n = self.write_some(view, fds)
             if n:
                 view = view[n:]
                 fds = None  # the descriptors travel with the first byte
-                self._last_write = alive_mark = time.monotonic()
+                alive_mark = self._last_write
                 continue
             if on_blocked is not None and on_blocked():
                 continue
@@ -6693,6 +6716,471 @@ class IncomingStream:
         self.channel.credit_peer()
 
 
+# ---- lanes: several sessions on one connection ---------------------------------------------------
+
+# ssh+stdinserver runs parallel replication steps as lanes of ONE connection (why: JobRunner.
+# _lanes_possible). Negotiated in the HELLOs: the client asks `"lanes": N`, a server that can
+# answers `"lanes": M` (M <= N); a peer without the key (an older zrepl.py) gets one lane, the
+# plain protocol. With M >= 2 every frame after the HELLOs is LANE (lane id + a slice of that
+# lane's bytes), LANE_CTL (open, credit, close), HEARTBEAT or a fatal ERROR. Each lane is a whole
+# Connection of its own over a pair of local pipes, with its own request ids, streams, heartbeats
+# and errors: the mux only carries bytes, so a lane speaks exactly the protocol above.
+#
+# Flow control is per lane: a side sends at most LANE_WINDOW bytes of a lane that its peer has not
+# credited back, and credits only what it handed to the lane's pipe. So the mux thread never blocks
+# (it always reads the connection, a lane's backlog is bounded by its window), and a lane whose
+# consumer stalls stops only its own sender. It reads a lane's pipe only while less than one
+# LANE_CHUNK waits to be written, round robin: a stream on one lane delays another lane's request
+# by about one frame.
+MUX_MAX_LANES = 16  # lanes a server serves on one connection at most
+LANE_WINDOW = 2 << 20  # un-credited bytes of one lane in flight (memory per lane and direction)
+LANE_CHUNK = 256 << 10  # payload of one LANE frame at most
+_LANE_ID = struct.Struct(">H")
+
+
+class _MuxLane:
+    """The mux's side of one lane: the two pipe ends it moves bytes through, and the credits."""
+
+    def __init__(self, lane: int, conn: Connection, out_r: int, in_w: int):
+        self.id, self.conn, self.out_r, self.in_w = lane, conn, out_r, in_w
+        self.send_credit = LANE_WINDOW  # bytes we may still send before the peer credits more
+        self.inbuf = bytearray()  # arrived from the peer, not yet in the lane's pipe
+        self.owed = 0  # handed to the lane's pipe, not yet credited to the peer
+        self.out_open = True  # the lane still writes (else we sent close)
+        self.in_open = True  # the peer still sends (else it sent close)
+        self.in_broken = False  # the lane stopped reading: what arrives is dropped (and credited)
+
+    @property
+    def finished(self) -> bool:
+        """Both directions closed and delivered: the lane's id may go (it is never reused)."""
+        return not self.out_open and not self.in_open and self.in_w < 0
+
+
+class LaneMux:
+    """The lanes of one connection (see above): one thread moves the bytes between the channel and
+    each lane's pipes. The client opens lanes (open_lane); the server is told (`on_open`, from the
+    mux thread) and serves each. Lane 0 exists from the start on both sides.
+
+    A broken connection (lost, garbage, a hostile lane id or window, the peer's fatal ERROR, a lane's
+    own ProtocolError via break_all) ends every lane: their pipes close and their errors name the
+    cause (FrameChannel.carrier); cancel() cancels every lane. `error` keeps the cause; None after
+    the peer closed the connection between frames.
+    """
+
+    def __init__(self, owner: Connection, count: int,
+                 on_open: Callable[[int, Connection], None] | None = None):
+        self.owner, self.channel, self.count = owner, owner.channel, count
+        self._on_open = on_open
+        self.error: ProtocolError | None = None
+        self._lock = threading.Lock()
+        self._lanes: dict[int, _MuxLane] = {}  # the mux thread's; others add under _lock via _new
+        self._new: list[_MuxLane] = []
+        self._conns: list[Connection] = []  # every lane made, for cancel()
+        self._used: set[int] = set()
+        self._next_id = 1
+        self._break: ProtocolError | None = None  # a lane's ProtocolError, for the mux thread
+        self._cancel_reason: str | None = None
+        self._closing = False
+        self._ended = False  # the mux thread has finished: new lanes can't be served
+        self._write_error: ConnectionLost | None = None  # server: the client stopped reading
+        self._out = bytearray()
+        self._rbuf = bytearray()
+        self._turn = 0
+        self._wake_r, self._wake_w = _proto_pipe()
+        os.set_blocking(self._wake_w, False)
+        self.lane0 = self._make_lane(0)
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,), daemon=True,
+                                        name=f"lanes {self.channel.name}")
+
+    def start(self) -> None:
+        if self._on_open is not None:
+            self._on_open(0, self.lane0)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    # ---- lanes --------------------------------------------------------------------------------
+
+    def _make_lane(self, lane: int) -> Connection:
+        """A lane's Connection over two fresh pipes, set up as if it had shaken hands (the owner's
+        HELLOs, identity, limits and progress); queued for the mux thread."""
+        owner = self.owner
+        in_r, in_w = _proto_pipe()
+        out_r, out_w = _proto_pipe()
+        for fd in (in_w, out_r):
+            os.set_blocking(fd, False)
+        ch = owner.channel
+        conn = Connection(rfd=in_r, wfd=out_w, name=f"{ch.name} lane {lane}", timeout=ch.timeout,
+                          heartbeat_interval=ch.heartbeat_interval)
+        conn.fd_passing = False
+        conn.peer_hello = {k: v for k, v in owner.peer_hello.items() if k != "lanes"}
+        conn.peer_hello["accept_fds"] = False
+        conn.identity, conn._is_client = owner.identity, owner._is_client
+        conn.send_limit, conn.recv_limit, conn.progress = owner.send_limit, owner.recv_limit, owner.progress
+        conn._mux_parent = self
+        conn.channel.carrier = lambda: self.error
+        with self._lock:
+            self._used.add(lane)
+            self._conns.append(conn)
+            cancelled, ended = self._cancel_reason, self._ended
+            if not ended:
+                self._new.append(_MuxLane(lane, conn, out_r, in_w))
+        if ended:  # the mux thread is gone: the lane reads EOF at once, and says why
+            if self.error is not None:
+                conn.channel.mark_broken(self.error)
+            _proto_close(out_r)
+            _proto_close(in_w)
+        if cancelled is not None:
+            conn.cancel(cancelled)
+        conn.channel.start_heartbeat()
+        return conn
+
+    def open_lane(self) -> Connection:
+        """Client: a new lane (its Connection; close it when done).
+
+        Raises:
+        ProtocolError if the connection broke or all negotiated lanes are in use (lane ids are not
+          reused on one connection)
+        Cancelled if cancel() was called
+        """
+        if self._cancel_reason is not None:
+            raise self.channel.cancelled_error()
+        if self.error is not None:
+            cls = type(self.error) if isinstance(self.error, ConnectionLost) else ProtocolError
+            raise cls(f"connection unusable after an earlier error: {self.error.message}",
+                      peer=self.channel.name, temporary=self.error.temporary)
+        with self._lock:
+            lane = self._next_id
+            if lane >= self.count:
+                raise ProtocolError(f"all {self.count} lanes of this connection are taken",
+                                    peer=self.channel.name, temporary=False)
+            self._next_id += 1
+        conn = self._make_lane(lane)
+        self._wake()
+        return conn
+
+    def break_all(self, err: ZreplError) -> None:
+        """A lane's session broke (ProtocolError, Cancelled): end all lanes, from any thread."""
+        if isinstance(err, Cancelled):
+            self.cancel(str(err))
+            return
+        if isinstance(err, ProtocolError) and self._break is None:
+            self._break = err
+            self._wake()
+
+    def cancel(self, reason: str) -> None:
+        """Cancel the connection and every lane, from any thread."""
+        with self._lock:
+            if self._cancel_reason is None:
+                self._cancel_reason = reason
+            conns = list(self._conns)
+        for conn in conns:
+            conn.channel.cancel(reason)
+        self.channel.cancel(reason)
+
+    def close(self) -> None:
+        """Cancel and wait for the mux thread (lanes are closed by their owners; lane 0 here). After
+        the connection broke, lanes are not cancelled: each fails with why it broke, and may redial."""
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._closing = True  # the frames queued go out whole first: the peer sees a clean end
+            self._wake()
+            self._thread.join(timeout=10)
+        if self._thread.is_alive() or not self._thread.ident:
+            self.cancel("connection closed")
+        else:
+            self.channel.cancel("connection closed")
+        self.lane0.close()
+        if self._wake_r >= 0:
+            for fd in (self._wake_r, self._wake_w):
+                _proto_close(fd)
+            self._wake_r = self._wake_w = -1
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass
+
+    # ---- the mux thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        ch = self.channel
+        try:
+            with ch.send_lock:  # nobody else writes: our frames are whole, heartbeats come from here
+                self._loop()
+        except Cancelled:
+            pass
+        except ProtocolError as e:
+            self.error = e
+        except ZreplError as e:  # FrameTooLarge can't happen (our frames are small): be safe anyway
+            self.error = ProtocolError(str(e), peer=ch.name)
+        finally:
+            if self.error is not None:
+                ch.mark_broken(self.error)
+            with self._lock:
+                lanes = list(self._lanes.values()) + self._new
+                self._new = []
+                self._ended = True
+            for lane in lanes:
+                if self.error is not None:
+                    lane.conn.channel.mark_broken(self.error)
+                for fd in (lane.in_w, lane.out_r):
+                    if fd >= 0:
+                        _proto_close(fd)
+                lane.in_w = lane.out_r = -1
+                lane.out_open = False
+
+    def _loop(self) -> None:
+        ch = self.channel
+        while True:
+            self._adopt()
+            if self._closing:
+                self._drain(time.monotonic() + 2)
+                return
+            if self._break is not None:
+                err = self._break
+                raise self._fatal(f"lane session broke: {err.message if isinstance(err, ProtocolError) else err}")
+            if not self._out and ch.heartbeat_interval > 0 and ch.idle_for() >= ch.heartbeat_interval:
+                self._queue(FRAME_HEARTBEAT, b"")
+            lanes = list(self._lanes.values())
+            reads = [ch.rfd, self._wake_r]
+            if len(self._out) < LANE_CHUNK:
+                reads += [ln.out_r for ln in lanes if ln.out_open and ln.send_credit > 0]
+            writes = [ln.in_w for ln in lanes if ln.inbuf and ln.in_w >= 0]
+            if self._out:
+                writes.append(ch.wfd)
+            alive = ch.time_left()
+            if alive <= 0:
+                raise ch.timeout_error()
+            wait = alive if ch.heartbeat_interval <= 0 else min(alive, ch.heartbeat_interval)
+            readable, writable = ch.wait(reads, writes, wait)
+            if self._wake_r in readable:
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 4096)
+            if ch.rfd in readable and not self._read_peer():
+                return  # the peer closed the connection between frames
+            for ln in lanes:
+                if ln.in_w in writable:
+                    self._deliver(ln)
+            if len(self._out) < LANE_CHUNK:
+                self._read_lanes([ln for ln in lanes if ln.out_r in readable])
+            if ch.wfd in writable or self._out:
+                self._flush()
+            for ln in lanes:
+                if ln.finished and ln.out_r < 0:
+                    del self._lanes[ln.id]
+
+    def _adopt(self) -> None:
+        with self._lock:
+            new, self._new = self._new, []
+        for ln in new:
+            self._lanes[ln.id] = ln
+            if ln.id and self._on_open is None:  # we opened it: tell the server
+                self._queue_ctl({"op": "open", "lane": ln.id})
+
+    def _queue(self, ftype: int, payload: bytes, more: bytes = b"") -> None:
+        """Queue a frame of payload + more (a lane's bytes: one copy less than joining them)."""
+        if self._write_error is not None:
+            return
+        self._out += FRAME_HEADER.pack(FRAME_MAGIC, ftype, len(payload) + len(more))
+        self._out += payload
+        self._out += more
+        self.channel.stats.count(self.channel.stats.frames_sent, FRAME_NAMES[ftype])
+
+    def _queue_ctl(self, body: dict[str, Any]) -> None:
+        self._queue(FRAME_LANE_CTL, encode_control(FRAME_LANE_CTL, body))
+
+    def _flush(self) -> None:
+        if not self._out:
+            return
+        try:
+            with memoryview(self._out) as view:  # released before _out may change size
+                n = self.channel.write_some(view)
+        except ConnectionLost as e:
+            if self._on_open is None:
+                raise
+            # The client hung up while we wrote (a credit, a lane's end, a heartbeat): as with one
+            # lane, its EOF decides; a clean one between frames ends serving normally.
+            self._write_error = e
+            self._out.clear()
+            return
+        del self._out[:n]
+
+    def _drain(self, deadline: float) -> None:
+        """Write what is queued (whole frames), until `deadline` at most."""
+        while self._out and time.monotonic() < deadline:
+            self._flush()
+            if self._out:
+                self.channel.wait([], [self.channel.wfd], max(0.0, deadline - time.monotonic()))
+
+    def _fatal(self, message: str) -> ProtocolError:
+        """The peer broke the lane protocol (or a lane's session broke): a fatal ERROR frame after
+        whatever frames are queued (best effort, for a second), and the error to raise."""
+        message = _proto_cut(message)
+        err = ProtocolError(message, peer=self.channel.name)
+        with contextlib.suppress(ZreplError):
+            self._queue(FRAME_ERROR, encode_control(FRAME_ERROR, {
+                "error": message, "type": "ProtocolError", "fatal": True, "temporary": False}))
+            self._drain(time.monotonic() + 1)
+        return err
+
+    def _lane_for(self, lane: object, what: str) -> _MuxLane:
+        if not isinstance(lane, int) or isinstance(lane, bool) or not 0 <= lane < self.count:
+            raise self._fatal(f"{what} for lane {lane!r:.50}, outside the {self.count} negotiated lanes")
+        ln = self._lanes.get(lane)
+        if ln is None or not ln.in_open:
+            raise self._fatal(f"{what} for lane {lane}, which is not open")
+        return ln
+
+    # peer -> lanes
+
+    def _read_peer(self) -> bool:
+        """Read what the peer sent and handle the whole frames. False at EOF between frames."""
+        ch = self.channel
+        data = ch.read_some(STREAM_CHUNK)
+        if data is None:
+            return True
+        if not data:
+            if self._rbuf:
+                raise ch.lost("connection closed by the peer in the middle of a frame (truncated frame)")
+            if self._on_open is None:  # the client never expects the server to go away
+                raise ch.lost("connection closed by the peer")
+            return False
+        if self._write_error is not None:  # it talks on but no longer reads: gone after all
+            raise self._write_error
+        self._rbuf += data
+        buf, pos = self._rbuf, 0
+        try:
+            while len(buf) - pos >= FRAME_HEADER.size:
+                magic, ftype, length = FRAME_HEADER.unpack_from(buf, pos)
+                if magic != FRAME_MAGIC:
+                    raise self._fatal(f"bad frame magic {bytes(buf[pos:pos + 4])!r} on a connection with lanes")
+                limit = {FRAME_LANE: _LANE_ID.size + LANE_CHUNK, FRAME_LANE_CTL: MAX_HEADER_SIZE,
+                         FRAME_ERROR: MAX_HEADER_SIZE, FRAME_HEARTBEAT: 0}.get(ftype)
+                if limit is None:
+                    raise self._fatal(f"unexpected {FRAME_NAMES.get(ftype, str(ftype))} frame on a connection "
+                                      "with lanes")
+                if length > limit or (ftype == FRAME_LANE and length <= _LANE_ID.size):
+                    raise self._fatal(f"{FRAME_NAMES[ftype]} frame of {length} bytes (allowed at most {limit})")
+                if len(buf) - pos - FRAME_HEADER.size < length:
+                    break
+                start = pos + FRAME_HEADER.size
+                ch.stats.count(ch.stats.frames_received, FRAME_NAMES[ftype])
+                if ftype == FRAME_LANE:
+                    self._lane_data(buf, start, length)
+                else:
+                    self._frame(ftype, buf[start:start + length])  # a copy: no view pins the buffer
+                pos = start + length
+        finally:
+            del buf[:pos]
+        return True
+
+    def _lane_data(self, buf: bytearray, start: int, length: int) -> None:
+        """A LANE frame's payload, buf[start:start + length]: into its lane's buffer."""
+        (lane,) = _LANE_ID.unpack_from(buf, start)
+        ln = self._lane_for(lane, "LANE frame")
+        n = length - _LANE_ID.size
+        if len(ln.inbuf) + ln.owed + n > LANE_WINDOW:
+            raise self._fatal(f"lane {lane}: the peer sent more than the {LANE_WINDOW} bytes it was credited")
+        if ln.in_broken:
+            ln.owed += n
+            self._credit(ln)
+            return
+        # one copy, straight from the read buffer (the view lives for this statement only)
+        ln.inbuf += memoryview(buf)[start + _LANE_ID.size:start + length]
+        self._deliver(ln)
+
+    def _frame(self, ftype: int, payload: bytearray) -> None:
+        if ftype == FRAME_HEARTBEAT:
+            return
+        try:
+            body = decode_control(bytes(payload))
+        except ValueError as e:
+            raise self._fatal(f"{FRAME_NAMES[ftype]} frame: {e}") from None
+        if ftype == FRAME_ERROR:
+            raise ProtocolError(f"the peer reported a protocol error: {_proto_cut(str(body.get('error')))}",
+                                peer=self.channel.name)
+        op, lane = body.get("op"), body.get("lane")
+        if op == "open":
+            if self._on_open is None:
+                raise self._fatal("LANE_CTL open from the server (only the client opens lanes)")
+            if not isinstance(lane, int) or isinstance(lane, bool) or not 0 < lane < self.count:
+                raise self._fatal(f"LANE_CTL open for lane {lane!r:.50}, outside the {self.count} negotiated lanes")
+            if lane in self._used:
+                raise self._fatal(f"LANE_CTL open for lane {lane}, which was opened before")
+            self._on_open(lane, self._make_lane(lane))
+            self._adopt()
+        elif op == "credit":
+            count = body.get("bytes")
+            if not isinstance(lane, int) or isinstance(lane, bool) or lane not in self._used:
+                raise self._fatal(f"LANE_CTL credit for lane {lane!r:.50}, which was never opened")
+            if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+                raise self._fatal(f"LANE_CTL credit of {count!r:.50} bytes")
+            credited = self._lanes.get(lane)
+            if credited is not None:  # else: a late credit for a lane both sides closed
+                if credited.send_credit + count > LANE_WINDOW:
+                    raise self._fatal(f"lane {lane}: the peer credited more than the {LANE_WINDOW} byte window")
+                credited.send_credit += count
+        elif op == "close":
+            ln = self._lane_for(lane, "LANE_CTL close")
+            ln.in_open = False
+            self._deliver(ln)
+        else:
+            raise self._fatal(f"LANE_CTL frame with unknown op {op!r:.50}")
+
+    def _deliver(self, ln: _MuxLane) -> None:
+        """Move what arrived for a lane into its pipe (as much as fits now) and credit it."""
+        while ln.inbuf and ln.in_w >= 0:
+            try:
+                n = os.write(ln.in_w, ln.inbuf)
+            except BlockingIOError:
+                break
+            except OSError:  # the lane closed its end: drop the rest, keep the peer unblocked
+                n = len(ln.inbuf)
+                ln.in_broken = True
+                _proto_close(ln.in_w)
+                ln.in_w = -1
+            del ln.inbuf[:n]
+            ln.owed += n
+        if not ln.inbuf and not ln.in_open and ln.in_w >= 0:
+            _proto_close(ln.in_w)  # the lane reads EOF
+            ln.in_w = -1
+        if not ln.in_open and ln.in_w < 0:
+            ln.inbuf.clear()
+        self._credit(ln)
+
+    def _credit(self, ln: _MuxLane) -> None:
+        if ln.owed and ln.in_open and (ln.owed >= LANE_CHUNK or not ln.inbuf):
+            self._queue_ctl({"op": "credit", "lane": ln.id, "bytes": ln.owed})
+            ln.owed = 0
+
+    # lanes -> peer
+
+    def _read_lanes(self, ready: list[_MuxLane]) -> None:
+        """One chunk from each ready lane, round robin, while less than a chunk waits to be written."""
+        if not ready:
+            return
+        self._turn = (self._turn + 1) % len(ready)
+        for ln in ready[self._turn:] + ready[:self._turn]:
+            if len(self._out) >= LANE_CHUNK:
+                break
+            try:
+                data = os.read(ln.out_r, min(ln.send_credit, LANE_CHUNK))
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:  # the lane's session ended: the peer's end of it reads EOF
+                ln.out_open = False
+                _proto_close(ln.out_r)
+                ln.out_r = -1
+                self._queue_ctl({"op": "close", "lane": ln.id})
+                continue
+            ln.send_credit -= len(data)
+            self._queue(FRAME_LANE, _LANE_ID.pack(ln.id), data)
+
+
 # ---- the session --------------------------------------------------------------------------------
 
 class Connection:
@@ -6704,8 +7192,10 @@ class Connection:
     handshake_server() and the loop yourself). Attributes you may set before the handshake:
     `send_limit` / `recv_limit` (TokenBucket, bandwidth limits for streams), `progress` (called
     with the byte count of every stream chunk moved, from whichever thread moves it), `fd_passing`
-    (False forces DATA frames even over AF_UNIX). `channel` is the layer below (its `timeout` and
-    `heartbeat_interval` may change any time); `name` and `stats` are the channel's.
+    (False forces DATA frames even over AF_UNIX), `lanes_wanted` (client: ask for that many lanes,
+    see LaneMux). `channel` is the layer below (its `timeout` and `heartbeat_interval` may change
+    any time); `name` and `stats` are the channel's. After a handshake `lanes` is the number agreed
+    (1: the plain protocol); with more, request() runs on lane 0 and open_lane() gives the others.
     """
 
     def __init__(self, *, sock: socket.socket | None = None, rfd: int | None = None,
@@ -6721,6 +7211,10 @@ class Connection:
         self.fd_passing = self.channel.is_socket
         self.peer_hello: dict[str, Any] = {}
         self.identity: str | None = None
+        self.lanes_wanted = 1
+        self.lanes = 1
+        self._mux: LaneMux | None = None  # our lanes, once more than one was agreed
+        self._mux_parent: LaneMux | None = None  # a lane's: the mux it rides on
         self._request_lock = threading.Lock()
         self._next_id = 1
         self._is_client = False
@@ -6776,15 +7270,36 @@ class Connection:
     def _may_pass_fd(self, peer_accepts: bool) -> bool:
         return peer_accepts and self.is_socket and self.fd_passing and self.send_limit is None
 
+    @property
+    def usable(self) -> bool:
+        """Neither cancelled, closed nor broken (nor the connection under its lanes)."""
+        return self.channel.usable and (self._mux is None or self._mux.error is None)
+
     def cancel(self, reason: str = "cancelled") -> None:
-        """Abort whatever this connection is doing, from any thread: every blocked call raises
-        Cancelled promptly. The connection is unusable after."""
+        """Abort whatever this connection (and each of its lanes) is doing, from any thread: every
+        blocked call raises Cancelled promptly. The connection is unusable after."""
+        if self._mux is not None:
+            self._mux.cancel(reason)
         self.channel.cancel(reason)
 
     def close(self) -> None:
         """Cancel, close the fds and stop the transport process (ssh) if there is one. Call it from
         the owning thread once nothing uses the connection; other threads use cancel()."""
+        if self._mux is not None:
+            self._mux.close()
         self.channel.close()
+
+    def open_lane(self) -> Connection:
+        """Client: one more lane on this connection (request() as here; close it when done).
+
+        Raises:
+        ProtocolError if no more lanes were agreed, or the connection broke
+        Cancelled if cancel() was called
+        """
+        if self._mux is None:
+            raise ProtocolError("the peer agreed to no lanes on this connection", peer=self.name,
+                                temporary=False)
+        return self._mux.open_lane()
 
     def __enter__(self) -> Connection:
         return self
@@ -6800,6 +7315,21 @@ class Connection:
         if identity is not None:
             hello["identity"] = identity
         return hello
+
+    def _hello_with_lanes(self, identity: str | None, lanes: int | None) -> dict[str, Any]:
+        hello = self._hello(identity)
+        if lanes is not None:  # only when asked: an older peer sees the HELLO it always saw
+            hello["lanes"] = lanes
+        return hello
+
+    def _hello_lanes(self, body: dict[str, Any], most: int) -> int | None:
+        """The peer HELLO's `lanes` (None without one), validated: an int from 1 to `most`."""
+        lanes = body.get("lanes")
+        if lanes is None:
+            return None
+        if not isinstance(lanes, int) or isinstance(lanes, bool) or not 1 <= lanes <= most:
+            raise self.channel.fail(f"HELLO with invalid lanes {lanes!r:.50} (allowed 1..{most})")
+        return lanes
 
     def _check_hello(self, body: dict[str, Any]) -> None:
         if body.get("protocol") != PROTOCOL_NAME:
@@ -6826,8 +7356,9 @@ class Connection:
         ch = self.channel
         ch.check_usable()
         self._is_client = True
+        wanted = self.lanes_wanted if self.lanes_wanted > 1 else None
         try:
-            ch.send_frame(FRAME_HELLO, self._hello(identity))
+            ch.send_frame(FRAME_HELLO, self._hello_with_lanes(identity, wanted))
             frame = ch.read_frame(deadline=time.monotonic() + ch.timeout)
             if frame.type == FRAME_ERROR:
                 body = frame.body or {}
@@ -6839,15 +7370,23 @@ class Connection:
                 raise ch.fail(f"expected HELLO from the server, got {frame.name}")
             assert frame.body is not None
             self._check_hello(frame.body)
+            agreed = self._hello_lanes(frame.body, wanted) if wanted else None
         except ConnectionLost as e:
             e.message = f"handshake failed: {e.message}"
             raise
         self.peer_hello, self.identity = frame.body, identity
-        ch.start_heartbeat()
+        self.lanes = agreed or 1
+        if self.lanes > 1:
+            self._mux = LaneMux(self, self.lanes)  # it sends the heartbeats
+            self._mux.start()
+        else:
+            ch.start_heartbeat()
         return frame.body
 
-    def handshake_server(self, identity: str | None = None) -> str:
-        """Passive side: read the client's HELLO, check the version, answer with ours.
+    def handshake_server(self, identity: str | None = None, *, lanes: int = 1) -> str:
+        """Passive side: read the client's HELLO, check the version, answer with ours. `lanes`: how
+        many lanes we can serve (serve() can, MUX_MAX_LANES); a client asking for some gets
+        min(asked, lanes) in our HELLO, and `self.lanes` says what was agreed.
 
         Returns:
         the client identity: `identity` if given (stdinserver: it comes from the forced command
@@ -6872,9 +7411,13 @@ class Connection:
                     or any(ord(c) < 32 or c in "/@#" for c in claimed)):
                 raise ch.fail(f"invalid client identity {claimed!r:.300}")
             identity = claimed
-        ch.send_frame(FRAME_HELLO, self._hello(None))
+        asked = self._hello_lanes(frame.body, 1 << 16)
+        agreed = None if asked is None else min(asked, max(1, lanes))
+        ch.send_frame(FRAME_HELLO, self._hello_with_lanes(None, agreed))
         self.peer_hello, self.identity = frame.body, identity
-        ch.start_heartbeat()
+        self.lanes = agreed or 1
+        if self.lanes == 1:
+            ch.start_heartbeat()  # else serve()'s LaneMux sends them
         return identity
 
     # ---- client requests ----------------------------------------------------------------------
@@ -6899,6 +7442,9 @@ class Connection:
         ProtocolError, ConnectionLost, PeerTimeout if the connection broke (unusable afterwards)
         Cancelled if cancel() was called
         """
+        if self._mux is not None:  # the connection's own requests go on lane 0
+            return self._mux.lane0.request(kind, body, stream_in=stream_in, stream_out=stream_out,
+                                           timeout=timeout, progress=progress)
         out = OutgoingStream(stream_in) if isinstance(stream_in, int) else stream_in
         with self._request_lock:
             try:
@@ -6914,6 +7460,8 @@ class Connection:
                 return self._request(kind, body or {}, out, stream_out, timeout, progress or self.progress)
             except (ProtocolError, Cancelled) as e:
                 self.channel.mark_broken(e)
+                if self._mux_parent is not None:  # one lane's session broke: the connection did
+                    self._mux_parent.break_all(e)
                 raise
             finally:
                 self.channel.kind = None
@@ -6988,8 +7536,14 @@ class Connection:
 
     # ---- serving ------------------------------------------------------------------------------
 
-    def serve(self, handlers: dict[str, Handler], *, identity: str | None = None) -> None:
+    def serve(self, handlers: dict[str, Handler], *, identity: str | None = None,
+              lane_handlers: Callable[[], dict[str, Handler]] | None = None) -> None:
         """Serve this connection until the client disconnects (then return normally).
+
+        A client may ask for lanes (LaneMux): then each lane is served in a thread of its own, its
+        requests in order, with `handlers` (lanes 1 and up: `lane_handlers()` if given), and this
+        returns once the connection ended AND every lane's handler has returned, so a caller's lock
+        covers every `zfs recv` any lane ran.
 
         Handshakes first if not done (`identity` as in handshake_server). Each REQUEST goes to
         handlers[kind](body, ctx); a ZreplError from a handler becomes an ERROR answer (the
@@ -7004,7 +7558,10 @@ class Connection:
         Cancelled if cancel() was called
         """
         if not self.peer_hello:
-            self.handshake_server(identity)
+            self.handshake_server(identity, lanes=MUX_MAX_LANES)
+        if self.lanes > 1:
+            self._serve_lanes(handlers, lane_handlers)
+            return
         ch = self.channel
         while True:
             ch.credit_peer()
@@ -7019,6 +7576,45 @@ class Connection:
                 self._serve_request(frame.body or {}, handlers)
             finally:
                 ch.kind = None
+
+    def _serve_lanes(self, handlers: dict[str, Handler],
+                     lane_handlers: Callable[[], dict[str, Handler]] | None) -> None:
+        threads: list[threading.Thread] = []
+        errors: list[BaseException] = []
+
+        def serve_lane(lane: int, conn: Connection) -> None:
+            try:
+                conn.serve(lane_handlers() if lane and lane_handlers is not None else handlers)
+            except ZreplError as e:
+                errors.append(e)
+                mux.break_all(e)
+            except Exception as e:  # a bug: the others must still end, the caller's lock held till then
+                log.error("lane %d of %s ended by an internal error: %s: %s", lane, self.name, type(e).__name__, e,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                errors.append(e)
+                mux.break_all(ProtocolError(f"internal error serving lane {lane}", peer=self.name))
+            finally:
+                conn.close()
+
+        def on_open(lane: int, conn: Connection) -> None:
+            t = threading.Thread(target=contextvars.copy_context().run, args=(serve_lane, lane, conn),
+                                 daemon=True, name=f"serve {conn.name}")
+            threads.append(t)  # only the mux thread appends, and only before join() returns
+            t.start()
+
+        mux = LaneMux(self, self.lanes, on_open)
+        self._mux = mux
+        mux.start()
+        mux.join()
+        for t in threads:
+            t.join()
+        if mux.error is not None:
+            raise mux.error
+        if self.channel._cancel_reason is not None:
+            raise self.channel.cancelled_error()
+        first = next((e for e in errors if isinstance(e, ZreplError)), None)
+        if first is not None:
+            raise first
 
     def _serve_request(self, header: dict[str, Any], handlers: dict[str, Handler]) -> None:
         ch = self.channel
@@ -7082,9 +7678,38 @@ class Connection:
                                                          **error}), None
 
 
-def serve_connection(conn: Connection, handlers: dict[str, Handler], *, identity: str | None = None) -> None:
-    """conn.serve(handlers, identity=identity): see Connection.serve."""
-    conn.serve(handlers, identity=identity)
+def session_handlers(make: Callable[[], dict[str, Handler]]) -> dict[str, Handler]:
+    """Handlers that give each session (a connection, or each lane of one: ctx.conn) a set of
+    make()'s own, made at its first request. What a handler keeps between requests (an endpoint's
+    listing of this run, the pages of a paged answer) then belongs to one session, whose requests
+    come one at a time, as on a connection of its own; lanes served at once never share it."""
+    first = make()
+    sets: weakref.WeakKeyDictionary[Connection, dict[str, Handler]] = weakref.WeakKeyDictionary()
+    lock = threading.Lock()
+    handed_out = False
+
+    def session_set(ctx: RequestContext) -> dict[str, Handler]:
+        nonlocal handed_out
+        with lock:
+            handlers = sets.get(ctx.conn)
+            if handlers is None:
+                handlers = make() if handed_out else first
+                handed_out = True
+                sets[ctx.conn] = handlers
+            return handlers
+
+    def dispatcher(kind: str) -> Handler:
+        def handle(body: dict, ctx: RequestContext) -> dict | Reply | None:
+            return session_set(ctx)[kind](body, ctx)
+        return handle
+
+    return {kind: dispatcher(kind) for kind in first}
+
+
+def serve_connection(conn: Connection, handlers: dict[str, Handler], *, identity: str | None = None,
+                     lane_handlers: Callable[[], dict[str, Handler]] | None = None) -> None:
+    """conn.serve(handlers, identity=identity, lane_handlers=lane_handlers): see Connection.serve."""
+    conn.serve(handlers, identity=identity, lane_handlers=lane_handlers)
 
 
 class ProtocolServer:
@@ -8871,11 +9496,15 @@ def _decoded_token(ds: DatasetInfo) -> DecodedToken | None:
 
 @dataclass
 class Peer:
-    """A connected peer for one active run: the connection and how to tear it down."""
+    """A connected peer for one active run: the connection and how to tear it down. Over
+    ssh+stdinserver, `open_lane(progress)` gives another lane of the same connection (a Peer of
+    its own) and `lanes()` says how many the passive side agreed to (LaneMux)."""
 
     conn: RequestChannel
     close: Callable[[], None]
     cancel: Callable[[str], None]
+    open_lane: Callable[[Progress], Peer] | None = None
+    lanes: Callable[[], int] = lambda: 1
 
 
 def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry,
@@ -8961,6 +9590,7 @@ def connect_ssh(job: JobConfig, progress: Progress, clock: Clock = SYSTEM_CLOCK)
     def dial_once() -> Connection:
         conn = ssh_connect(ssh_argv(connect), name=f"{connect.user}@{connect.host}",
                            timeout=max(connect.dial_timeout, DEFAULT_PEER_TIMEOUT))
+        conn.lanes_wanted = job.replication.concurrency_steps  # parallel steps ride on lanes
         if job.type == "push":
             conn.send_limit = _bucket(job.send.bandwidth_limit)
         else:
@@ -8988,7 +9618,17 @@ def connect_ssh(job: JobConfig, progress: Progress, clock: Clock = SYSTEM_CLOCK)
         return dial_once()
 
     redialing = RedialingConnection(dial)
-    return Peer(redialing, redialing.close, redialing.cancel)
+
+    def open_lane(lane_progress: Progress) -> Peer:
+        def dial_lane() -> Connection:
+            lane = redialing.open_lane()
+            if job.type == "pull":
+                lane.progress = lane_progress.add_bytes
+            return lane
+        lane = RedialingConnection(dial_lane)
+        return Peer(lane, lane.close, lane.cancel)
+
+    return Peer(redialing, redialing.close, redialing.cancel, open_lane, lambda: redialing.conn.lanes)
 
 
 def ssh_argv(c: ConnectConfig) -> list[str]:
@@ -9008,7 +9648,9 @@ class RedialingConnection:
     """An active side's connection that dials again after the previous one broke (a RequestChannel).
 
     A request that fails with ProtocolError (lost, timed out, garbage) marks the connection stale;
-    the next request dials anew. Cancelled connections never redial: cancel means stop.
+    the next request dials anew; so does one on a connection that broke under another user (a
+    lane of it: lanes and the connection's own requests run in several threads, hence the lock).
+    Cancelled connections never redial: cancel means stop.
     """
 
     def __init__(self, dial: Callable[[], Connection]):
@@ -9017,21 +9659,31 @@ class RedialingConnection:
         self.dials = 1
         self._stale = False
         self._cancelled: str | None = None
+        self._lock = threading.Lock()
 
     def request(self, kind: str, body: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
-        if self._stale and self._cancelled is None:
-            try:
-                self._redial()
-            except BaseException:
-                stream_in = kwargs.get("stream_in")
-                if stream_in is not None:  # ownership passed to us: don't leak the producer's pipe
-                    os.close(stream_in if isinstance(stream_in, int) else stream_in.fd)
-                raise
+        try:
+            self._redial_if_broken()
+        except BaseException:
+            stream_in = kwargs.get("stream_in")
+            if stream_in is not None:  # ownership passed to us: don't leak the producer's pipe
+                os.close(stream_in if isinstance(stream_in, int) else stream_in.fd)
+            raise
         try:
             return self.conn.request(kind, body, **kwargs)
         except ProtocolError:
             self._stale = True
             raise
+
+    def open_lane(self) -> Connection:
+        """Another lane of the (working, redialed if need be) connection: see Connection.open_lane."""
+        self._redial_if_broken()
+        return self.conn.open_lane()
+
+    def _redial_if_broken(self) -> None:
+        with self._lock:
+            if (self._stale or not self.conn.usable) and self._cancelled is None:
+                self._redial()
 
     def _redial(self) -> None:
         log.warning("%s: connecting again after the lost connection", self.conn.name)
@@ -9074,15 +9726,19 @@ def passive_handlers(job: JobConfig, identity: str, zfs: Zfs, processes: Process
                      listing_cache: ListingCache | None = None) -> dict[str, Handler]:
     """The protocol handlers a sink (receiver below root_fs/<identity>) or a source (sender of its
     filesystems filter) offers one client. A source gives each client its own abstraction names
-    and keeps what its other clients and this host's other jobs (`guards`) still need."""
-    if job.type == "sink":
-        return receiver_handlers(ReceiverEndpoint(zfs, job.name, job.root_fs, identity, job.recv, processes,
-                                                  progress, job_type="sink", listing_cache=listing_cache))
-    assert job.filesystems is not None and job.serve is not None
-    return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress,
-                                          job_type="source", abstraction_job=source_abstraction_job(job, identity),
-                                          guards=guards, read_only=job.serve.read_only,
-                                          listing_cache=listing_cache))
+    and keeps what its other clients and this host's other jobs (`guards`) still need. Each lane
+    of an ssh connection gets an endpoint of its own (session_handlers), as each connection of the
+    local transport does."""
+    def make() -> dict[str, Handler]:
+        if job.type == "sink":
+            return receiver_handlers(ReceiverEndpoint(zfs, job.name, job.root_fs, identity, job.recv, processes,
+                                                      progress, job_type="sink", listing_cache=listing_cache))
+        assert job.filesystems is not None and job.serve is not None
+        return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress,
+                                              job_type="source", abstraction_job=source_abstraction_job(job, identity),
+                                              guards=guards, read_only=job.serve.read_only,
+                                              listing_cache=listing_cache))
+    return session_handlers(make)
 
 
 # =================================================================================================
@@ -10786,25 +11442,28 @@ class JobRunner:
 
     def _lanes_possible(self) -> int:
         """How many filesystems may replicate at once: replication.concurrency.steps, each on a
-        connection of its own. Over ssh+stdinserver the passive side serves one connection per client
-        identity (its resume state must be saved before the next one starts), so one lane there."""
-        # Parallel steps over ssh, decided: several streams on the ONE connection, not several
-        # connections. The passive side's safety rests on one server process per (job, identity):
-        # its lock covers every `zfs recv` it runs and is released only once they have exited (and
-        # saved their resume state), so no two receives into one filesystem and no two savers of
-        # its resume state exist. Streams multiplexed into that process keep the rule as it is.
-        # Extra connections would need a second authority: lanes proving they belong to the
-        # primary, confined to the filesystems it hands out, per-filesystem locks outliving a
-        # primary that dies mid-receive, status records merged from several processes; plus an ssh
-        # login and an sshd per lane. The price: one ssh channel's cipher caps the combined byte
-        # rate, but many small filesystems are bound by per-step latency (zfs spawns on both
-        # sides), which multiplexing overlaps. Not built yet: frames carry no stream id (section
-        # 7) and Connection.serve answers one request at a time; until then, one lane over ssh.
+        lane: locally a connection of its own; over ssh+stdinserver a lane of the one connection
+        (LaneMux), as many as the passive side agreed to (an older zrepl.py there: one)."""
+        # Parallel steps over ssh: several streams on the ONE connection, not several connections.
+        # The passive side's safety rests on one server process per (job, identity): its lock
+        # covers every `zfs recv` it runs and is released only once they have exited (and saved
+        # their resume state), so no two receives into one filesystem and no two savers of its
+        # resume state exist. Lanes multiplexed into that process keep the rule as it is (serve()
+        # returns only after every lane's handler did). Extra connections would need a second
+        # authority: lanes proving they belong to the primary, confined to the filesystems it
+        # hands out, per-filesystem locks outliving a primary that dies mid-receive, status
+        # records merged from several processes; plus an ssh login and an sshd per lane. The
+        # price: one ssh channel's cipher caps the combined byte rate, but many small filesystems
+        # are bound by per-step latency (zfs spawns on both sides), which lanes overlap.
         steps = self.job.replication.concurrency_steps
         if steps > 1 and self.job.connect is not None and self.job.connect.type != "local":
-            log.warning("job %s: replication.concurrency.steps = %d: over ssh+stdinserver steps run one at a "
-                        "time (one connection per client identity)", self.job.name, steps)
-            return 1
+            agreed = getattr(self, "_peer_lanes", 1)  # set by _active_pass once connected
+            if agreed < steps:
+                why = ("its zrepl.py serves no lanes (an older version?); update it for parallel steps"
+                       if agreed <= 1 else f"it serves at most {agreed} lanes on one connection")
+                log.warning("job %s: replication.concurrency.steps = %d: %d step(s) at a time over ssh+stdinserver: "
+                            "%s", self.job.name, steps, max(1, agreed), why)
+            return max(1, min(steps, agreed))
         return steps
 
     def _active_pass(self) -> PassResult:
@@ -10822,6 +11481,7 @@ class JobRunner:
                 self._take_snapshots([ds for ds in datasets if ds.name not in paused], result)
         self._set_activity("connecting")
         peer = connect_peer(self.config, job, self.zfs, processes, progress, self.clock)
+        self._peer_lanes = peer.lanes()
         try:
             sender, receiver = mode.sides(peer.conn)
             replicated_peer = self._replicate(mode, sender, receiver, peer, processes, progress, result)
@@ -10864,7 +11524,10 @@ class JobRunner:
 
         def new_lane() -> Lane:
             lane_progress = Progress(self.clock, parent=progress)
-            lane_peer = connect_peer(self.config, self.job, self.zfs, processes, lane_progress, self.clock)
+            if peer.open_lane is not None:  # ssh: a lane of the run's connection
+                lane_peer = peer.open_lane(lane_progress)
+            else:
+                lane_peer = connect_peer(self.config, self.job, self.zfs, processes, lane_progress, self.clock)
             lanes.append(lane_peer)
             lane_sender, lane_receiver = mode.sides(lane_peer.conn, lane_progress)
             # One listing per side and lane, as the run's own pair has: without it each step
