@@ -11237,6 +11237,7 @@ class JobRunner:
         # Set by cancel() (the daemon: SIGTERM, `signal reset`), cleared when a pass starts.
         self.stop_reason: str | None = None
         self._cancel_replication: Callable[[str], None] | None = None
+        self._peer_lanes = 1  # lanes the passive side agreed to on this pass's connection (ssh)
 
     def cancel(self, reason: str) -> None:
         """Stop the current pass at a resumable point: a running replication is cancelled the way the
@@ -11457,7 +11458,7 @@ class JobRunner:
         # are bound by per-step latency (zfs spawns on both sides), which lanes overlap.
         steps = self.job.replication.concurrency_steps
         if steps > 1 and self.job.connect is not None and self.job.connect.type != "local":
-            agreed = getattr(self, "_peer_lanes", 1)  # set by _active_pass once connected
+            agreed = self._peer_lanes  # set by _active_pass once connected
             if agreed < steps:
                 why = ("its zrepl.py serves no lanes (an older version?); update it for parallel steps"
                        if agreed <= 1 else f"it serves at most {agreed} lanes on one connection")
