@@ -13,7 +13,8 @@ from test_ssh_zfs import forced, installed_zrepl, ssh_connect  # noqa: F401 (ins
 from zfstest import ZFS, get
 
 STEP_HOLD = "zrepl_STEP_J_push"
-DELAY = 15.0  # b's and c's sends each wait this long: one after the other they start DELAY apart
+DELAY = 30.0  # b's and c's sends each wait this long: one after the other they start DELAY apart (10x the
+# few seconds a lane takes to start, listings included, on a slow guest)
 
 
 def test_three_steps_on_lanes_of_one_ssh_connection_and_a_cut_one_resumes(make_pool, zfs_tree, sshd_localhost,
