@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import zrepl
+from test_protocol import ServerThread
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -91,20 +92,11 @@ def digest_of(fd: int) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-class Server:
-    """Connection.serve in a thread, remembering how it ended."""
+class Server(ServerThread):
+    """test_protocol's ServerThread, serving as the identity "lane-client" unless told otherwise."""
 
     def __init__(self, conn: zrepl.Connection, handlers: dict, identity: str | None = "lane-client"):
-        self.conn = conn
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(handlers, identity), daemon=True)
-        self.thread.start()
-
-    def _run(self, handlers: dict, identity: str | None) -> None:
-        try:
-            zrepl.serve_connection(self.conn, handlers, identity=identity)
-        except BaseException as e:
-            self.error = e
+        super().__init__(conn, handlers, identity)
 
     def join(self) -> None:
         self.thread.join(WAIT)
