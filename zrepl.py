@@ -9496,9 +9496,10 @@ def _decoded_token(ds: DatasetInfo) -> DecodedToken | None:
 
 @dataclass
 class Peer:
-    """A connected peer for one active run: the connection and how to tear it down. Over
-    ssh+stdinserver, `open_lane(progress)` gives another lane of the same connection (a Peer of
-    its own) and `lanes()` says how many the passive side agreed to (LaneMux)."""
+    """A connected peer for one active run: the connection and how to tear it down.
+    `open_lane(progress)` gives another lane for a parallel step (a Peer of its own: over
+    ssh+stdinserver a lane of the same connection, locally another socketpair), sharing the run's
+    bandwidth limits; `lanes()` says how many lanes the passive side agreed to (LaneMux)."""
 
     conn: RequestChannel
     close: Callable[[], None]
@@ -9507,24 +9508,41 @@ class Peer:
     lanes: Callable[[], int] = lambda: 1
 
 
+@dataclass(frozen=True)
+class LocalLimits:
+    """The bandwidth limits of one local run, as TokenBuckets shared by all its connections: the
+    lanes of parallel steps draw from the same buckets, so `steps = 4` does not mean four times the
+    configured rate (over ssh the lanes share their connection's buckets likewise)."""
+
+    client_send: TokenBucket | None = None
+    client_recv: TokenBucket | None = None
+    server_send: TokenBucket | None = None
+    server_recv: TokenBucket | None = None
+
+    @classmethod
+    def of(cls, job: JobConfig, passive: JobConfig) -> LocalLimits:
+        if passive.type == "sink":
+            return cls(client_send=_bucket(job.send.bandwidth_limit), server_recv=_bucket(passive.recv.bandwidth_limit))
+        return cls(server_send=_bucket(passive.send.bandwidth_limit), client_recv=_bucket(job.recv.bandwidth_limit))
+
+
 def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry,
-                  progress: Progress) -> Peer:
+                  progress: Progress, limits: LocalLimits | None = None) -> Peer:
     """Join an active job to the sink/source serving its local listener: a socketpair, the passive
     endpoint served in a thread of this process. Streams pass as file descriptors (zero copies)
-    unless a bandwidth limit forces copying."""
+    unless a bandwidth limit forces copying. `open_lane` gives another such pair for a parallel
+    step, drawing from the same bandwidth buckets (`limits`, made here when not given)."""
     assert job.connect is not None
     passive = local_listener_job(config, job.connect.listener_name)
+    if limits is None:
+        limits = LocalLimits.of(job, passive)
     client, server = local_pair()
     client.name, server.name = f"local listener {job.connect.listener_name}", f"local client {job.name}"
     identity = job.connect.client_identity
     handlers = passive_handlers(passive, identity, zfs, processes, progress, replication_guards(config),
                                 client_listing_cache(config, passive, identity))
-    if passive.type == "sink":
-        client.send_limit = _bucket(job.send.bandwidth_limit)
-        server.recv_limit = _bucket(passive.recv.bandwidth_limit)
-    else:
-        server.send_limit = _bucket(passive.send.bandwidth_limit)
-        client.recv_limit = _bucket(job.recv.bandwidth_limit)
+    client.send_limit, client.recv_limit = limits.client_send, limits.client_recv
+    server.send_limit, server.recv_limit = limits.server_send, limits.server_recv
     failure: list[BaseException] = []
 
     def serve() -> None:
@@ -9545,7 +9563,10 @@ def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRe
         client.close()
         thread.join(timeout=30)
 
-    return Peer(client, close, client.cancel)
+    def open_lane(lane_progress: Progress) -> Peer:
+        return connect_local(config, job, zfs, processes, lane_progress, limits)
+
+    return Peer(client, close, client.cancel, open_lane, lambda: job.replication.concurrency_steps)
 
 
 def client_listing_cache(config: Config, passive: JobConfig, identity: str) -> ListingCache:
@@ -11525,7 +11546,7 @@ class JobRunner:
 
         def new_lane() -> Lane:
             lane_progress = Progress(self.clock, parent=progress)
-            if peer.open_lane is not None:  # ssh: a lane of the run's connection
+            if peer.open_lane is not None:  # ssh: a lane of the run's connection; local: a pair of its own
                 lane_peer = peer.open_lane(lane_progress)
             else:
                 lane_peer = connect_peer(self.config, self.job, self.zfs, processes, lane_progress, self.clock)

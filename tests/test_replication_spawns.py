@@ -167,6 +167,33 @@ def test_parallel_lanes_protect_and_complete_in_one_batch_like_the_serial_run(fa
     assert single == []
 
 
+def test_local_lanes_share_the_runs_bandwidth_buckets(fake_zfs, world, tmp_path, monkeypatch):
+    """Each lane of a local run used to make its own TokenBuckets, so `steps = 3` let three times
+    the configured rate through; every pair of the run must draw from the same buckets."""
+    pairs: list[tuple[zrepl.Connection, zrepl.Connection]] = []
+    local_pair = zrepl.local_pair
+
+    def recording_pair(*args, **kwargs):
+        pair = local_pair(*args, **kwargs)
+        pairs.append(pair)
+        return pair
+
+    monkeypatch.setattr(zrepl, "local_pair", recording_pair)
+    build(world, 1)
+    limit = {"max": "100 MiB", "bucket_capacity": "1 MiB"}
+    cfg = write_config(tmp_path, push_job(filesystems={"src/data<": True}, keep_sender=[not_replicated(), last_n(30)],
+                                          keep_receiver=[last_n(30)], send={"bandwidth_limit": limit},
+                                          replication={"concurrency": {"steps": 3}}),
+                       sink_job(root_fs="dst/sink", recv={"bandwidth_limit": limit}))
+    assert run("--config", cfg, "run", "push", zfs=fake_zfs).code == 0
+    for fs in filesystems():
+        assert world.snapshots(f"{ROOT}/{fs}") == ["s0"]
+    assert len(pairs) >= 3  # the run's own pair and its lanes
+    assert len({id(client.send_limit) for client, _ in pairs}) == 1 and pairs[0][0].send_limit is not None
+    assert len({id(server.recv_limit) for _, server in pairs}) == 1 and pairs[0][1].recv_limit is not None
+    assert all(client.recv_limit is None and server.send_limit is None for client, server in pairs)
+
+
 def test_parallel_lanes_block_the_child_of_a_failed_parent_and_leave_it_unheld(fake_zfs, world, tmp_path):
     world.tree("src", "data/p @a\ndata/p/child @b\ndata/q @c")
     fake_zfs.fail("recv", match=f"{ROOT}/src/data/p")
