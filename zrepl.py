@@ -14515,6 +14515,46 @@ class _Stop:
             signal.signal(signum, handler)
 
 
+class CancelOnSignals:
+    """While entered (in the main thread), SIGTERM and SIGHUP cancel `cancel`'s target with "terminated
+    by SIGTERM": the stdinserver records why its connection ended instead of vanishing.
+
+    The handler only notes the signal and sets a WakeupFlag; a watcher thread makes the call. A
+    handler runs in the main thread between two bytecodes, possibly while that thread holds a lock
+    the cancel needs (the LaneMux's, a heartbeat Event's): calling it there blocks the process
+    forever, holding its client lock, and every later connection of that client is refused."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, cancel: Callable[[str], None]):
+        self._cancel = cancel
+        self._signums: list[int] = []  # list.append takes no lock a handler could find held
+        self._flag = WakeupFlag()
+        self._saved: dict[int, Any] = {}
+        self._watcher = threading.Thread(target=self._watch, name="stdinserver signals", daemon=True)
+
+    def on_signal(self, signum: int, frame: Any = None) -> None:
+        self._signums.append(signum)
+        self._flag.set()
+
+    def _watch(self) -> None:
+        self._flag.wait()
+        if self._signums:
+            self._cancel(f"terminated by {signal.Signals(self._signums[0]).name}")
+
+    def __enter__(self) -> CancelOnSignals:
+        self._watcher.start()
+        if threading.current_thread() is threading.main_thread():
+            self._saved = {signum: signal.signal(signum, self.on_signal) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        self._flag.set()  # ends the watcher (no signal noted: it cancels nothing)
+        self._watcher.join()
+
+
 def _job_thread(item: _JobThread, previous: dict[str, Any] | None) -> None:
     LOG_JOB.set(item.job.name)
     item.started = time.monotonic()
@@ -14997,12 +15037,11 @@ def cmd_stdinserver(args: argparse.Namespace) -> int:
             conn.recv_limit = _bucket(job.recv.bandwidth_limit)
         else:
             conn.send_limit = _bucket(job.send.bandwidth_limit)
-        for signum in (signal.SIGTERM, signal.SIGHUP):  # record the end instead of vanishing
-            signal.signal(signum, lambda n, _f: conn.cancel(f"terminated by {signal.Signals(n).name}"))
         log.info("job %s: serving client %s (pid %d)", job.name, identity, os.getpid())
         recorder.publish()
         try:
-            serve_connection(conn, handlers, identity=identity)
+            with CancelOnSignals(conn.cancel):  # record the end instead of vanishing
+                serve_connection(conn, handlers, identity=identity)
         except (ZreplError, OSError) as exc:
             error = str(exc).removeprefix(f"{conn.name}: ")
         except Exception as exc:  # a bug: record it, never a traceback on the client's terminal

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -482,7 +484,6 @@ def test_one_connection_per_identity_a_reconnect_waits_for_the_previous(setup):
     other = connect("client2")  # another identity is not held up
     assert other.request("endpoint.info", {})["root"] == "tank/sink/client2"
     second = connect("client1", handshake=False)
-    import threading
     done = {}
     t = threading.Thread(target=lambda: done.update(hello=second.handshake_client("client1"),
                                                     at=time.monotonic()))
@@ -680,7 +681,6 @@ def test_redial_failure_closes_the_stream_handed_over():
 
 
 def threading_serve(server: zrepl.Connection, handlers: dict) -> None:
-    import threading
 
     def run() -> None:
         try:
@@ -743,3 +743,51 @@ def test_evaluate_clients_levels():
     died = {"last_connection": {"start": iso(now - 5), "end": None, "result": "running", "pid": 2 ** 22 + 7}}
     level, lines = zrepl.evaluate_clients("source", {"b": died}, now, mon)
     assert level == zrepl.NAGIOS_WARNING and "died" in lines[0] and "no successful connection ever" in lines[0]
+
+
+# ---- signals ---------------------------------------------------------------------------------
+
+def test_sigterm_ends_the_stdinserver_with_its_reason_recorded_and_the_client_lock_released(setup, tmp_path):
+    fake, cfg, connect = setup
+    conn = connect("client1")
+    conn.request("receiver.list", {})
+    proc = conn.channel.process.proc
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == zrepl.EXIT_FAILED
+    last = json.loads((tmp_path / "status.json").read_text())["jobs"]["sink"]["clients"]["client1"]["last_connection"]
+    assert last["result"] == "error" and "terminated by SIGTERM" in last["error"], last
+    # the lock went with the process: the next connection of client1 is served, not refused
+    assert connect("client1").request("endpoint.info", {})["root"] == "tank/sink/client1"
+
+
+def test_a_signal_while_the_main_thread_holds_the_lock_cancel_needs_does_not_hang():
+    """A handler that called conn.cancel() itself could interrupt the main thread inside the
+    LaneMux's lock (or a heartbeat Event's) and then wait for that lock forever: the stdinserver
+    hung on SIGTERM with its client lock held. CancelOnSignals' handler only notes the signal."""
+    lock = threading.Lock()
+    reasons: list[str] = []
+
+    def cancel(reason: str) -> None:
+        with lock:  # as LaneMux.cancel takes its lock
+            reasons.append(reason)
+
+    with zrepl.CancelOnSignals(cancel) as on_signals:
+        with lock:  # the main thread inside the lock when the signal arrives
+            returned = threading.Event()
+            handler = threading.Thread(target=lambda: (on_signals.on_signal(signal.SIGTERM), returned.set()),
+                                       daemon=True)
+            handler.start()
+            assert returned.wait(10)  # the handler returned while the lock is still held
+            assert reasons == []
+        deadline = time.monotonic() + 10
+        while not reasons and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert reasons == ["terminated by SIGTERM"]  # made by the watcher once the lock was free
+
+
+def test_leaving_cancel_on_signals_without_a_signal_cancels_nothing_and_restores_the_handlers():
+    previous = signal.getsignal(signal.SIGTERM)
+    reasons: list[str] = []
+    with zrepl.CancelOnSignals(reasons.append) as on_signals:
+        assert signal.getsignal(signal.SIGTERM) == on_signals.on_signal
+    assert signal.getsignal(signal.SIGTERM) == previous and reasons == []
