@@ -62,6 +62,7 @@ if sys.version_info < (3, 11):  # noqa: UP036
 import argparse
 import array
 import bisect
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -8236,6 +8237,9 @@ class Sender(Protocol):
     # True when send() puts the stream's size in the lane's Progress.stream_size (`zfs send -v`
     # prints its estimate first), so a step needs no separate `zfs send -n` estimate
     sizes_in_stream: bool
+    # True when estimate() may be called from several threads at once (each its own `zfs send -n`);
+    # a remote sender's requests go one at a time on its connection
+    concurrent_estimates: bool
 
     def list_filesystems(self) -> list[DatasetInfo]: ...
 
@@ -8486,6 +8490,7 @@ class SenderEndpoint:
     """
 
     sizes_in_stream = True  # open_send's progress reader takes the size from `zfs send -v -P`
+    concurrent_estimates = True  # each estimate is a `zfs send -n` of its own
 
     def __init__(self, zfs: Zfs, job: str, filesystems: DatasetFilter, send: SendConfig,
                  processes: ProcessRegistry | None = None, progress: Progress | None = None,
@@ -9343,6 +9348,7 @@ class RemoteSender:
     """A pull job's view of a source's SenderEndpoint, through a connection (implements Sender)."""
 
     sizes_in_stream = False  # the source's `zfs send` stderr stays on the source: ask for estimates
+    concurrent_estimates = False  # one request at a time on the connection
 
     def __init__(self, conn: RequestChannel):
         self.conn = conn
@@ -9835,6 +9841,7 @@ class ReplicationSettings:
     retry_delay: float = 2.0
     dry_run: bool = False
     concurrency: int = 1  # replication.concurrency.steps: filesystems replicated at once
+    size_estimates: int = 1  # replication.concurrency.size_estimates: a dry run's estimates at once
 
 
 @dataclass
@@ -10077,10 +10084,9 @@ class Replication:
                     continue
                 raise
             if self.settings.dry_run:
-                for p in plans:
-                    if p.runnable:
-                        for step in p.steps:
-                            self.estimates[f"{p.sender_fs}: {step.describe()}"] = self._estimate(p, step)
+                wanted = [(p, step) for p in plans if p.runnable for step in p.steps]
+                for (p, step), size in zip(wanted, self._estimate_all(wanted), strict=True):
+                    self.estimates[f"{p.sender_fs}: {step.describe()}"] = size
                 return self.reports
             retry = self._run_steps(plans, failed_now)
             # A cursor or hold that could not be put back is worth another attempt too: the next
@@ -10097,6 +10103,17 @@ class Replication:
                 rep.error_count = 0
         self._publish()
         return self.reports
+
+    def _estimate_all(self, wanted: list[tuple[FilesystemPlan, Step]]) -> list[int | None]:
+        """The estimates of a dry run, in order: replication.concurrency.size_estimates at a time
+        where the sender takes them at once (a local sender: one `zfs send -n` each), else one after
+        another (a remote sender: one request at a time on its connection)."""
+        workers = min(self.settings.size_estimates, len(wanted)) if self.sender.concurrent_estimates else 1
+        if workers <= 1:
+            return [self._estimate(p, step) for p, step in wanted]
+        context = contextvars.copy_context()  # the job's name stays on the workers' log lines
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="estimate") as pool:
+            return list(pool.map(lambda ps: context.copy().run(self._estimate, *ps), wanted))
 
     def _estimate(self, plan: FilesystemPlan, step: Step, sender: Sender | None = None) -> int | None:
         try:
@@ -11460,7 +11477,8 @@ class JobRunner:
                             receiving_job=receiver.info.abstraction_job, sending_job=sender.info.abstraction_job)
         return ReplicationSettings(job=job.name, plan=plan, timeout=job.replication.timeout, dry_run=self.dry_run,
                                    retry_delay=float(os.environ.get("ZREPL_RETRY_DELAY", "2")),
-                                   concurrency=self._lanes_possible())
+                                   concurrency=self._lanes_possible(),
+                                   size_estimates=self.job.replication.concurrency_size_estimates)
 
     def _lanes_possible(self) -> int:
         """How many filesystems may replicate at once: replication.concurrency.steps, each on a

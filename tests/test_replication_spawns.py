@@ -5,6 +5,7 @@ filesystem keeps held, where the cursor goes when a later step fails)."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from fakezfs import FakeZfs
 from support import fs_status, last_n, not_replicated, pull_job, push_job, run, sink_job, source_job, write_config
 
 N = 4
+WAIT = 30.0  # seconds for something that happens at once (10x margin and more)
 STEP, RECEIVED = "zrepl_STEP_J_push", "zrepl_last_received_J_sink"
 ROOT = "dst/sink/client1"
 
@@ -192,6 +194,34 @@ def test_local_lanes_share_the_runs_bandwidth_buckets(fake_zfs, world, tmp_path,
     assert len({id(client.send_limit) for client, _ in pairs}) == 1 and pairs[0][0].send_limit is not None
     assert len({id(server.recv_limit) for _, server in pairs}) == 1 and pairs[0][1].recv_limit is not None
     assert all(client.recv_limit is None and server.send_limit is None for client, server in pairs)
+
+
+@pytest.mark.parametrize("size_estimates", [1, 3])
+def test_a_dry_runs_estimates_run_size_estimates_at_a_time(fake_zfs, world, tmp_path, size_estimates):
+    """replication.concurrency.size_estimates: that many `zfs send -n` at once (zrepl's key); each
+    of the first three estimates hangs until all three have started, which only happens in parallel."""
+    build(world, 1)
+    hung = [fake_zfs.hang("send", match=f"src/data/fs{i}@", times=1) for i in range(3)]
+    cfg = write_config(tmp_path, push_job(filesystems={"src/data<": True}, keep_sender=[last_n(30)],
+                                          keep_receiver=[last_n(30)],
+                                          replication={"concurrency": {"size_estimates": size_estimates}}),
+                       sink_job(root_fs="dst/sink"))
+    results: list = []
+    runner = threading.Thread(target=lambda: results.append(run("--config", cfg, "run", "push", "--dry-run",
+                                                                 zfs=fake_zfs)))
+    runner.start()
+    try:
+        hung[0].entered.wait(WAIT)
+        started_together = all(rule.entered.wait(WAIT if size_estimates > 1 else 0.5) for rule in hung)
+    finally:
+        for rule in hung:
+            rule.release()
+        runner.join(WAIT)
+    assert started_together == (size_estimates >= 3)
+    assert results and results[0].code == 0, results
+    estimates = [line for line in results[0].stdout.splitlines() if line.strip().startswith("estimate ")]
+    assert len(estimates) == N  # every child (src/data itself has no snapshot), in plan order
+    assert not [c for c in fake_zfs.calls if c[1] == "send" and "-n" not in c]
 
 
 def test_parallel_lanes_block_the_child_of_a_failed_parent_and_leave_it_unheld(fake_zfs, world, tmp_path):
