@@ -246,6 +246,26 @@ def run_measured(argv: Sequence[str], env: Mapping[str, str] | None = None, time
                         out.read().decode(errors="replace"), err.read().decode(errors="replace"), samples)
 
 
+class MachineCpu:
+    """How busy the machine's CPUs were between start() and busy() (from /proc/stat: everything but
+    idle and iowait), as a fraction of all of them: a run that keeps the guest's 2 vCPUs at 0.9 can
+    gain at most about 1/0.9 from doing its work in parallel, whatever it overlaps."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle  # user nice system idle iowait irq softirq steal (not guest)
+
+    def busy(self) -> float:
+        total, idle = self._read()
+        elapsed = total - self._start[0]
+        return 1.0 - (idle - self._start[1]) / elapsed if elapsed > 0 else 0.0
+
+
 def zrepl_argv(*args: str) -> list[str]:
     return [sys.executable, str(ZREPL_PY), *args]
 

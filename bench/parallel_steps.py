@@ -19,6 +19,9 @@ target tree) and a fresh push job name (so no cursor bookmarks or holds of its o
 the earlier runs' cursors belong to other jobs and are left alone). Wall time is `zrepl.py run`
 from start to exit, checked for exit 0 and every filesystem received. Printed: each run, then per
 transport the median wall per steps value and the speed-up (median at steps=1 / median at steps=N).
+Each run also shows how busy the machine's CPUs were (/proc/stat, all CPUs, also the sink's and
+sshd's work) and zrepl.py's own CPU seconds: a steps=1 run that already keeps the CPUs busy has
+little left for parallel steps to overlap (under emulation every `zfs` spawn costs CPU).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 import support  # noqa: E402  (benchlib put tests/ on sys.path)
-from benchlib import REPO, Series, SpawnLog, require_guest, run_measured, zfs, zrepl_argv  # noqa: E402
+from benchlib import REPO, MachineCpu, Series, SpawnLog, require_guest, run_measured, zfs, zrepl_argv  # noqa: E402
 from spawn_count import create_datasets  # noqa: E402
 from zfstest import PoolFactory, SshServer  # noqa: E402
 
@@ -102,7 +105,9 @@ def main() -> int:
                     jobs = [push] if transport == "ssh" else [push, support.sink_job(root_fs=f"{dst}/sink")]
                     cfg = support.write_config(run_dir, *jobs)
                     shim.reset()  # zfs spawns of the local side (over ssh the sink's run on the far side)
+                    cpu = MachineCpu()
                     m = run_measured(zrepl_argv("--config", str(cfg), "run", job), env=shim.env, timeout=7200)
+                    busy = cpu.busy()
                     spawns = len(shim.spawns())
                     received = zfs("list", "-H", "-o", "name", "-t", "filesystem", "-r",
                                    f"{dst}/sink/{identity}/{src}/data", check=False).split()
@@ -111,7 +116,8 @@ def main() -> int:
                             f"{m.stderr[-3000:]}")
                         return 1
                     lanes = "1 lane (ssh)" if "one at a time" in m.stderr else ""
-                    say(f"{transport:5} steps={steps}: {m.wall:7.1f} s  {spawns} zfs spawns  {lanes}")
+                    say(f"{transport:5} steps={steps}: {m.wall:7.1f} s  {spawns} zfs spawns  "
+                        f"machine CPU {busy:.0%} busy, zrepl.py {m.cpu:.1f} CPU s  {lanes}")
                     walls.setdefault((transport, steps), Series()).add(m.wall)
 
         say("")
