@@ -19,7 +19,9 @@ this process through libzfs_core, which is what `zfs snapshot -r SRC/data@sK` do
   all: name / name,guid,createtxg   OpenZFS's fast path for snapshots
   all: + type, + creation, + userrefs   one column more each
   all: zrepl.py's columns           what the sender and receiver listings request (LIST_PROPERTIES),
-                    and before: with encryptionroot and keystatus, which no decision read
+                    and before: with encryptionroot and keystatus, which no decision read; and
+                    with the cache's two more (origin, snapshots_changed), which every full listing
+                    requests to fill the cache
   fs: dataset columns + snap: version columns   the same information in two listings
 
 then `zrepl.py run` of a snap job with nothing due (periodic 1h, keep last_n S+1: lists, keeps all),
@@ -83,6 +85,8 @@ def listings(src: str) -> list[tuple[str, list[list[str]]]]:
         ("all: name,guid,createtxg,userrefs", [lst(ALL, "name,guid,createtxg,userrefs")]),
         ("all: zrepl.py's columns before 2026-12-01", [lst(ALL, ",".join((*zrepl.LIST_PROPERTIES, *BEFORE)))]),
         ("all: zrepl.py's columns (LIST_PROPERTIES)", [lst(ALL, ",".join(zrepl.LIST_PROPERTIES))]),
+        # what a full listing asks for when it may fill the cache (also below the cache's threshold)
+        ("all: + origin,snapshots_changed (LISTING_CACHE_COLUMNS)", [lst(ALL, ",".join(zrepl.LISTING_CACHE_COLUMNS))]),
         ("fs: dataset cols + snap,bm: version cols", [lst("filesystem,volume", DATASET_COLUMNS),
                                                      lst("snapshot,bookmark", VERSION_COLUMNS)]),
     ]
