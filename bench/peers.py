@@ -40,7 +40,8 @@ How each tool is configured (also printed with the table):
   zrepl.py     push -> sink over the local transport, manual snapshotting,
                initial_replication = "all", keep rules that keep everything (regex ".*") on both
                sides; run as `python3 zrepl.py run push` and (row "zrepl -m") `python3 -m zrepl`
-               (cached bytecode, see README.md, Install). Prune: a snap job, keep = last_n 1.
+               (cached bytecode, see README.md, Install); row "zrepl steps4" (only when --tools
+               names it) adds replication.concurrency.steps = 4. Prune: a snap job, keep = last_n 1.
   bzfs         `bzfs SRC DST --recursive` (its defaults: every snapshot, several datasets in
                parallel); row "bzfs cache" adds `--cache-snapshots` (OpenZFS >= 2.2's
                snapshots_changed). Prune: `bzfs dummy TREE --recursive --skip-replication
@@ -179,8 +180,16 @@ class Row:
         return [r for r in self.runs if r.returncode == 0]
 
 
-TOOLS = ("floor", "zrepl", "bzfs", "syncoid", "zfs-autobackup")
+TOOLS = ("floor", "zrepl", "zrepl steps4", "bzfs", "syncoid", "zfs-autobackup")
 NOOP_VARIANTS = {"zrepl -m": "zrepl", "bzfs cache": "bzfs"}  # rows sharing a base tool's state
+# zrepl.py rows that push, and their replication.concurrency.steps ("zrepl steps4": bzfs too
+# replicates several datasets at once by default)
+ZREPL_PUSH_ROWS = {"zrepl": 1, "zrepl steps4": 4}
+
+
+def slug(tool: str) -> str:
+    """A tool's name as part of a dataset name ("zfs-autobackup" -> "zfsautobackup")."""
+    return tool.replace("-", "").replace(" ", "")
 
 
 class Bench:
@@ -203,20 +212,27 @@ class Bench:
 
     # ---- the tools' commands ----------------------------------------------------------------
 
-    def zrepl_config(self, key: str, tree: str, dst_root: str, prune_keep: int | None = None) -> Path:
+    def zrepl_config(self, key: str, tree: str, dst_root: str, prune_keep: int | None = None,
+                     steps: int = 1) -> Path:
         if prune_keep is not None:
             jobs = [support.snap_job("prune", filesystems={f"{tree}<": True}, keep=[support.last_n(prune_keep)])]
         else:
+            parallel = {"replication": {"concurrency": {"steps": steps}}} if steps > 1 else {}
             jobs = [support.push_job(filesystems={f"{tree}<": True}, client_identity="c",
                                      keep_sender=[support.regex(".*")], keep_receiver=[support.regex(".*")],
-                                     initial_replication="all"),
+                                     initial_replication="all", **parallel),
                     support.sink_job(root_fs=dst_root)]
-        return support.write_config(self.workdir / f"zrepl-{key}", *jobs)
+        return support.write_config(self.workdir / f"zrepl-{key}" + (f"-steps{steps}" if steps > 1 else ""), *jobs)
+
+    def push_config(self, tool: str, key: str, tree: str, dst_root: str) -> Path | None:
+        """The config of a zrepl.py row that pushes ("zrepl", "zrepl steps4"), None for the others."""
+        steps = ZREPL_PUSH_ROWS.get(tool)
+        return None if steps is None else self.zrepl_config(key, tree, dst_root, steps=steps)
 
     def replicate_argv(self, tool: str, tree: str, dst_root: str, config: Path | None) -> list[str]:
         target = f"{dst_root}/{tree.rsplit('/', 1)[1]}"
         py = sys.executable
-        if tool == "zrepl":
+        if tool in ZREPL_PUSH_ROWS:
             return [py, str(benchlib.ZREPL_PY), "--config", str(config), "run", "push"]
         if tool == "zrepl -m":
             return ["env", f"PYTHONPATH={benchlib.ZREPL_PY.parent}", py, "-m", "zrepl", "--config", str(config),
@@ -360,7 +376,7 @@ class Bench:
                                                  ["-u", f"{dst_of[tool]}/data"], timeout=self.args.timeout)
                 assert res.ok
                 continue
-            configs[tool] = self.zrepl_config(f"n{f}x{s}", tree, dst_of[tool]) if tool == "zrepl" else None
+            configs[tool] = self.push_config(tool, f"n{f}x{s}", tree, dst_of[tool])
             run = self.timed(self.replicate_argv(tool, tree, dst_of[tool], configs[tool]))
             got = self.count_snapshots(dst_of[tool])
             print(f"    {scen:14} {tool:15} initial replication (untimed set-up): {run.wall:.1f} s, "
@@ -402,14 +418,14 @@ class Bench:
         rows = self.new_rows(scen, tools)
         for r in range(self.args.runs):
             for tool in self.rotation(tools, r):
-                dst_root = f"{self.dst}/{tool.replace('-', '')}-i{f}x{s}"
+                dst_root = f"{self.dst}/{slug(tool)}-i{f}x{s}"
                 self.clean_source(tree)
                 self.fresh_dst(dst_root)
                 if tool == "floor":
                     run = self.timed(functools.partial(self._send_recv, ["-R", f"{tree}@{last}"],
                                                        ["-u", f"{dst_root}/data"]))
                 else:
-                    config = self.zrepl_config(f"i{f}x{s}", tree, dst_root) if tool == "zrepl" else None
+                    config = self.push_config(tool, f"i{f}x{s}", tree, dst_root)
                     run = self.timed(self.replicate_argv(tool, tree, dst_root, config))
                 got = self.count_snapshots(dst_root)
                 if run.returncode == 0 and got != expected:
@@ -427,8 +443,8 @@ class Bench:
         scen = f"backlog {n}"
         tools = self.tools()
         rows = self.new_rows(scen, tools)
-        fs_of = {t: f"{self.src}/b{n}-{t.replace('-', '')}/data" for t in tools}
-        dst_of = {t: f"{self.dst}/{t.replace('-', '')}-b{n}" for t in tools}
+        fs_of = {t: f"{self.src}/b{n}-{slug(t)}/data" for t in tools}
+        dst_of = {t: f"{self.dst}/{slug(t)}-b{n}" for t in tools}
         for fs in fs_of.values():
             zfs("create", "-p", fs)
         if "zfs-autobackup" in fs_of:
@@ -440,7 +456,7 @@ class Bench:
             if tool == "floor":
                 self._send_recv([f"{fs_of[tool]}@{prev}"], ["-u", f"{dst_of[tool]}/data"])
                 continue
-            configs[tool] = self.zrepl_config(f"b{n}", fs_of[tool], dst_of[tool]) if tool == "zrepl" else None
+            configs[tool] = self.push_config(tool, f"b{n}", fs_of[tool], dst_of[tool])
             run = self.timed(self.replicate_argv(tool, fs_of[tool], dst_of[tool], configs[tool]))
             if run.returncode != 0:
                 rows[tool].note = f"set-up failed: exit {run.returncode}: {run.error[-300:]}"
@@ -479,28 +495,28 @@ class Bench:
         rows = self.new_rows(scen, tools)
         for r in range(self.args.runs):
             for tool in self.rotation(tools, r):
-                dst_root = f"{self.dst}/{tool.replace('-', '')}-tp"
+                dst_root = f"{self.dst}/{slug(tool)}-tp"
                 self.clean_source(fs)
                 self.fresh_dst(dst_root)
                 if tool == "floor":
                     run = self.timed(functools.partial(self._send_recv, [f"{fs}@{snap}"], ["-u", f"{dst_root}/data"]))
                 else:
-                    config = self.zrepl_config("tp", fs, dst_root) if tool == "zrepl" else None
+                    config = self.push_config(tool, "tp", fs, dst_root)
                     run = self.timed(self.replicate_argv(tool, fs, dst_root, config))
                 if run.returncode == 0 and self.count_snapshots(dst_root) != 1:
                     run.returncode, run.error = -1, "the snapshot did not arrive"
                 self.record(rows, tool, run)
             for tool in tools:
-                self.fresh_dst(f"{self.dst}/{tool.replace('-', '')}-tp")
+                self.fresh_dst(f"{self.dst}/{slug(tool)}-tp")
 
     def prune(self) -> None:
         nfs, nsnap = (int(x) for x in self.args.prune.split("x"))
         scen = f"prune {nfs}x{nsnap}"
-        tools = [t for t in self.tools() if t != "syncoid"]
+        tools = [t for t in self.tools() if t not in ("syncoid", "zrepl steps4")]  # steps: replication only
         rows = self.new_rows(scen, tools + (["syncoid"] if "syncoid" in self.tools() else []))
         if "syncoid" in rows:
             rows["syncoid"].note = "n/a: syncoid does not prune (sanoid does, by its own names and config)"
-        trees = {t: f"{self.src}/p-{t.replace('-', '')}" for t in tools}
+        trees = {t: f"{self.src}/p-{slug(t)}" for t in tools}
         children = {t: self.create_tree(trees[t], nfs) for t in tools}
         if "zfs-autobackup" in trees:
             self.mark_zab(trees["zfs-autobackup"], ZAB_NAME)  # its thinner keeps to its own names
