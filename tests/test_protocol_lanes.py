@@ -471,6 +471,7 @@ class RawClient:
         self.server = zrepl.Connection(rfd=self.c2s_r, wfd=self.s2c_w, name="server end", timeout=WAIT,
                                        heartbeat_interval=0)
         self.released = threading.Event()
+        self.actors: list[threading.Thread] = []
 
         def hold(body: dict, ctx: zrepl.RequestContext) -> dict:
             self.released.wait(WAIT)
@@ -479,7 +480,7 @@ class RawClient:
         self.send(zrepl.FRAME_HELLO, json.dumps({"protocol": zrepl.PROTOCOL_NAME, "version": zrepl.PROTOCOL_VERSION,
                                                  "identity": "x", "lanes": lanes}).encode())
         ftype, body = self.read()
-        assert ftype == zrepl.FRAME_HELLO and json.loads(body)["lanes"] == lanes
+        assert ftype == zrepl.FRAME_HELLO and json.loads(body)["lanes"] == lanes, body
 
     def send(self, ftype: int, payload: bytes = b"") -> None:
         self.write(zrepl.FRAME_HEADER.pack(zrepl.FRAME_MAGIC, ftype, len(payload)) + payload)
@@ -496,7 +497,9 @@ class RawClient:
                 fn(self)
             except OSError:  # the server closed its end
                 pass
-        threading.Thread(target=run, daemon=True).start()
+        thread = threading.Thread(target=run, daemon=True)
+        self.actors.append(thread)
+        thread.start()
 
     def ctl(self, **body) -> None:
         self.send(zrepl.FRAME_LANE_CTL, json.dumps(body).encode())
@@ -536,9 +539,16 @@ class RawClient:
     def close(self) -> None:
         self.released.set()
         self.st.join()
+        # The server's end first: a writer still in act() then fails with EPIPE and ends. Only after
+        # it has ended may our fds close: a write after that would land in whatever the next test
+        # opened under the same fd number (that is how the window test's 4 MiB of zeros once reached
+        # the next test's handshake: "bad frame magic").
+        self.server.close()
+        for thread in self.actors:
+            thread.join(WAIT)
+            assert not thread.is_alive(), "a writer of the test did not end"
         for fd in (self.c2s_w, self.s2c_r):
             os.close(fd)
-        self.server.close()
 
 
 HOSTILE = {
