@@ -366,6 +366,46 @@ class PeriodicThread:
         raise NotImplementedError
 
 
+class Throttle:
+    """Calls that may be skipped when they come too often: `call(fn)` runs fn unless the last run
+    ended less than a gap ago (or one is running in another thread), the gap being `min_gap` or
+    `1/share` times what the last run took, whichever is longer, so fn never takes more than about
+    `share` of the time. Skipping is only right where something runs fn again soon anyway (a
+    status ticker): a call that must happen uses `call(fn, force=True)`, which waits its turn."""
+
+    def __init__(self, min_gap: float = 1.0, share: float = 0.1, clock: Callable[[], float] = time.monotonic):
+        self.min_gap, self.share, self._clock = min_gap, share, clock
+        self._lock = threading.Lock()
+        self._next = float("-inf")
+
+    def call(self, fn: Callable[[], None], force: bool = False) -> bool:
+        """Run fn now or skip it; True if it ran."""
+        if not self._lock.acquire(blocking=force):
+            return False
+        try:
+            if not force and self._clock() < self._next:
+                return False
+            start = self._clock()
+            try:
+                fn()
+            finally:
+                end = self._clock()
+                self._next = end + max(self.min_gap, (end - start) / self.share)
+            return True
+        finally:
+            self._lock.release()
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of JSON-shaped data (dicts, lists, tuples and scalars), as dataclasses.asdict
+    copies a field's value: what one thread hands another to serialise is not changed under it."""
+    if isinstance(value, dict):
+        return {k: copy_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(copy_json(v) for v in value)
+    return value
+
+
 def utcnow() -> float:
     """Wall-clock seconds; one place so tests can reason about time."""
     return time.time()
@@ -9822,7 +9862,12 @@ class FilesystemReport:
     bytes_total: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # What dataclasses.asdict gave, without its recursion into every value: a status publish
+        # makes one of these per filesystem, so at 1,000 filesystems it was most of a run's CPU.
+        doc = dict(self.__dict__)
+        if self.error_details:
+            doc["error_details"] = copy_json(self.error_details)
+        return doc
 
 
 def _nonnegative_int(value: Any) -> int:
@@ -11585,7 +11630,16 @@ class JobRunner:
                 self.doc["replication"] = {**state, "filesystems": {fs: r.to_json() for fs, r in reports.items()}}
                 self.publish(self.job.name, self.doc)
 
-        repl.on_update = publish
+        # Every step's start and end asks for a publish, and each one writes every filesystem's
+        # report: at 1,000 filesystems, publishing each was most of the run's CPU (quadratic in
+        # the filesystems). So they are throttled; the status ticker below publishes every 2 s
+        # through the same throttle, so the file is never more than a few seconds behind, and the
+        # last publish after the run is forced.
+        throttle = Throttle(min_gap=1.0, share=0.1)
+
+        def publish_soon(reports: dict[str, FilesystemReport]) -> None:
+            throttle.call(lambda: publish(reports))
+        repl.on_update = publish_soon
 
         def cancel(reason: str) -> None:
             repl.cancel_reason = reason
@@ -11601,7 +11655,7 @@ class JobRunner:
         try:
             def tick() -> None:
                 repl.refresh()
-                publish(repl.reports)
+                throttle.call(lambda: publish(repl.reports))
             with Watchdog(progress, settings.timeout, cancel), StatusTicker(tick):
                 repl.run()
         except (ZreplError, OSError) as exc:
@@ -12291,16 +12345,22 @@ class StatusStore:
             entry.clear()
             entry.update(doc)
             if clients is not None and "clients" not in doc:
-                entry["clients"] = clients
-        self.update(job, replace)
+                # the only part kept of the old entry, so the only part checked (a broken one is
+                # rewritten from its well-formed parts, as _update does for a whole entry)
+                parsed, problems = JobStatus.from_json({"clients": clients})
+                entry["clients"] = parsed.to_json().get("clients", {}) if problems else clients
+        self.update(job, replace, check_entry=False)
 
-    def update(self, job: str, mutate: Callable[[dict[str, Any]], None]) -> None:
-        """Change one job's entry in place under the lock (mutate gets the entry, {} if none)."""
+    def update(self, job: str, mutate: Callable[[dict[str, Any]], None], *, check_entry: bool = True) -> None:
+        """Change one job's entry in place under the lock (mutate gets the entry, {} if none).
+        `check_entry=False`: mutate replaces the entry and checks what it keeps of it itself (a
+        running job publishes often: typed-reading its whole old entry each time cost more than
+        the work it reported)."""
         try:
             with self._lock:
                 if self.closed:
                     return
-                self._update(job, mutate)
+                self._update(job, mutate, check_entry)
         except (OSError, ZreplError) as exc:
             log.warning("cannot write status file %s: %s", self.path, exc)
 
@@ -12318,7 +12378,7 @@ class StatusStore:
         """update() for close()'s `final` (the lock is already held)."""
         self._update(job, mutate)
 
-    def _update(self, job: str, mutate: Callable[[dict[str, Any]], None]) -> None:
+    def _update(self, job: str, mutate: Callable[[dict[str, Any]], None], check_entry: bool = True) -> None:
         directory = os.path.dirname(self.path) or "."
         try:
             os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -12336,7 +12396,9 @@ class StatusStore:
             doc["version"] = STATUS_VERSION
             doc["updated"] = iso_time(utcnow())
             entry = doc["jobs"].get(job)
-            if entry is not None:
+            if entry is not None and not check_entry:
+                entry = dict(entry) if isinstance(entry, dict) else {}
+            elif entry is not None:
                 parsed, problems = JobStatus.from_json(entry)
                 entry = parsed.to_json() if problems else dict(entry)  # only a broken entry is rewritten
             entry = entry or {}
@@ -12349,7 +12411,7 @@ class StatusStore:
             fd, tmp = tempfile.mkstemp(prefix=".status.", dir=directory)
             try:
                 with os.fdopen(fd, "w") as f:
-                    json.dump(doc, f, indent=1, sort_keys=True, default=str)
+                    f.write(status_text(doc))
                     f.flush()
                     os.fsync(f.fileno())
                 os.chmod(tmp, 0o644)
@@ -12374,6 +12436,23 @@ class StatusStore:
         return document_to_json(dataclasses.replace(self.configured, jobs=jobs))
 
 
+def status_text(doc: dict[str, Any]) -> str:
+    """The status file's text: one top-level key per line and one line per job (valid JSON, keys
+    sorted). Not `json.dump(indent=...)`: with an indent CPython's encoder runs in Python, and a
+    running job rewrites the file often (at 1,000 filesystems that encoding was most of a run's CPU)."""
+    def compact(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+    lines = []
+    for key in sorted(doc):
+        value = doc[key]
+        if key == "jobs" and isinstance(value, dict) and value:
+            jobs = ",\n".join(f"  {compact(str(name))}: {compact(entry)}" for name, entry in sorted(value.items()))
+            lines.append(f' "jobs": {{\n{jobs}\n }}')
+        else:
+            lines.append(f" {compact(str(key))}: {compact(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def status_document(raw: dict[str, Any]) -> StatusDocument:
     """A read document (the file's, or the daemon's live one) as a StatusDocument."""
     doc = document_from_json(StatusDocument, {**raw, "jobs": {}})[0] or StatusDocument()
@@ -12386,18 +12465,25 @@ def _refuse_json_constant(name: str) -> Any:
 
 
 def _replication_progress(raw: Any) -> str:
-    """activity.progress while replicating: filesystems done of all, bytes moved of expected."""
-    rep = document_from_json(ReplicationRecord, raw if isinstance(raw, dict) else {})[0] or ReplicationRecord()
-    reports = list(rep.filesystems.values())
+    """activity.progress while replicating: filesystems done of all, bytes moved of expected.
+
+    Read straight from the raw reports (each field checked where it is used), not through the typed
+    reader: a running job publishes often, and typed-reading 1,000 reports each time cost more than
+    the replication's own work."""
+    filesystems = raw.get("filesystems") if isinstance(raw, dict) else None
+    reports = [r for r in filesystems.values() if isinstance(r, dict)] if isinstance(filesystems, dict) else []
     if not reports:
         return ""
-    done = sum(1 for r in reports if r.state == FilesystemState.DONE)
-    moved = sum(r.bytes_replicated for r in reports)
-    expected = sum(r.bytes_expected or 0 for r in reports if r.state == FilesystemState.STEPPING)
+
+    def count(r: dict[str, Any], key: str) -> int:
+        return _nonnegative_int(r.get(key))
+    done = sum(1 for r in reports if r.get("state") == FilesystemState.DONE)
+    moved = sum(count(r, "bytes_replicated") for r in reports)
+    running = [r for r in reports if r.get("state") == FilesystemState.STEPPING]
+    expected = sum(count(r, "bytes_expected") for r in running)
     text = f"{done}/{len(reports)} filesystems done, {format_size(moved)} moved"
-    running = [r for r in reports if r.state == FilesystemState.STEPPING]
     if running and expected:
-        text += f" (current step: {format_size(running[0].bytes_replicated)} of {format_size(expected)})"
+        text += f" (current step: {format_size(count(running[0], 'bytes_replicated'))} of {format_size(expected)})"
     return text
 
 

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,11 +44,27 @@ def test_the_document_carries_real_progress_while_and_after_replicating(pushing,
         original(store, job, doc)
         published.append(json.loads(json.dumps(store.read()["jobs"][job])))
     monkeypatch.setattr(zrepl.StatusStore, "publish", record)
-    assert run("--config", cfg, "run", "push", zfs=fake).code == 0
-    progress = [d["activity"]["progress"] for d in published
+
+    def progress() -> list[str]:
+        return [d["activity"]["progress"] for d in list(published)
                 if d.get("state") == "running" and d.get("activity", {}).get("step") == "replicating"]
-    assert "0/2 filesystems done, 0 B moved" in progress
-    assert any(p.startswith("1/2 filesystems done, ") and not p.endswith(" 0 B moved") for p in progress), progress
+
+    # The child's send waits until the document shows the parent done: step events are throttled,
+    # the status ticker (every 2 s) publishes what they skipped while the step runs.
+    hung = fake.hang("send", match="src/data/child@", times=1)
+    results: list = []
+    runner = threading.Thread(target=lambda: results.append(run("--config", cfg, "run", "push", zfs=fake)))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.startswith("1/2 filesystems done, ") for p in progress()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        hung.release()
+        runner.join(60)
+    assert results and results[0].code == 0, results
+    assert "0/2 filesystems done, 0 B moved" in progress()
+    assert any(p.startswith("1/2 filesystems done, ") and not p.endswith(" 0 B moved") for p in progress()), progress()
     for fs in ("src/data", "src/data/child"):
         report = fs_status(cfg, "push", fs)
         sent = [c for c in fake.calls_of("send") if "-n" not in c and c[-1].startswith(fs + "@")]
