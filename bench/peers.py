@@ -222,7 +222,7 @@ class Bench:
                                      keep_sender=[support.regex(".*")], keep_receiver=[support.regex(".*")],
                                      initial_replication="all", **parallel),
                     support.sink_job(root_fs=dst_root)]
-        return support.write_config(self.workdir / f"zrepl-{key}" + (f"-steps{steps}" if steps > 1 else ""), *jobs)
+        return support.write_config(self.workdir / (f"zrepl-{key}" + (f"-steps{steps}" if steps > 1 else "")), *jobs)
 
     def push_config(self, tool: str, key: str, tree: str, dst_root: str) -> Path | None:
         """The config of a zrepl.py row that pushes ("zrepl", "zrepl steps4"), None for the others."""
