@@ -7,7 +7,8 @@ ZFS is driven exclusively through `zfs`/`zpool` subprocesses with argument lists
 
 Map of this file (sections in dependency order; a section only uses those above it):
 
-    1. Utilities            durations, sizes and data rates, ring buffer, errors, clock, logging
+    1. Utilities            durations, sizes and data rates, ring buffer, errors, clock, logging,
+                            a throttle for calls that may be skipped
     2. Filters and naming   filesystems filter, timestamp formats, cron specs, abstraction names,
                             config regexes (Go RE2 syntax, translated)
     3. Keep rules           last_n, grid, regex, not_replicated: pure prune decisions
@@ -40,8 +41,10 @@ Where things happen:
     listing cache    Zfs.list_datasets(cache=...) -> _list_with_cache (stale_snapshot_lists); the files:
                      JobRunner._listing_cache, client_listing_cache; Zfs.hold/release -> ListingCache.forget
     placeholders     ReceiverEndpoint._ensure_parents / _receive (the -F check), is_placeholder
-    stdinserver      cmd_stdinserver -> stdinserver_job -> passive_handlers -> serve_connection
-    status document  written by JobRunner (publish) and ClientRecorder (merge) through StatusStore;
+    stdinserver      cmd_stdinserver -> stdinserver_job -> passive_handlers -> serve_connection;
+                     SIGTERM/SIGHUP: CancelOnSignals (a watcher thread cancels, not the handler)
+    status document  written by JobRunner (publish; while replicating throttled: Throttle, StatusTicker)
+                     and ClientRecorder (merge) through StatusStore (status_text);
                      read by cmd_status -> evaluate_status -> render_status (status --watch:
                      watch_status -> watch_lines); an interactive run's line: TerminalProgress
     daemon           cmd_daemon -> Daemon.serve -> tick (next_pass_time) -> _pass -> JobRunner.run; signals:
