@@ -367,7 +367,7 @@ class Bench:
         rows_order = ["floor"] + [t for t in base] + [v for v, b in NOOP_VARIANTS.items() if v in wanted and b in base]
         rows = self.new_rows(scen, rows_order)
         expected = (len(children) + 1) * s
-        dst_of = {t: f"{self.dst}/{t.replace(' ', '').replace('-', '')}-n{f}x{s}" for t in base + ["floor"]}
+        dst_of = {t: f"{self.dst}/{slug(t)}-n{f}x{s}" for t in base + ["floor"]}
         configs = {}
         for tool in ["floor"] + base:  # the replicated state, untimed
             self.fresh_dst(dst_of[tool])
