@@ -6,6 +6,7 @@ Runs inside the test guest, as root, on throwaway pools (file vdevs on a RAM-bac
     ZREPL_VM_MEMORY=4096 ZREPL_VM_TIMEOUT=4800 tests/vm/run-in-guest python3 bench/listing_cost.py \
         --scale 1000x10 --push --runs 3 --runs-only
     tests/vm/run-in-guest python3 bench/listing_cost.py --scale 100x10 --runs 3 --push
+    tests/vm/run-in-guest python3 bench/listing_cost.py --scale 1000x10 --jobs push --runs 3 --runs-only
 
 For each scale FxS: F filesystems SRC/data/fsNNNN below SRC/data, snapshotted S times: s0000 ...
 sS-1 on all F+1 at once per name, one transaction group each (one `lzc_snapshot` per name from
@@ -204,7 +205,7 @@ def check_noop(job: str, m: benchlib.Measured, before: list[str], after: list[st
         print(f"    | {line[:200]}", flush=True)
 
 
-def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Path, tmpfs: Path,
+def run_scale(filesystems: int, snapshots: int, runs: int, jobs: list[str], base: Path, tmpfs: Path,
               columns: bool = True) -> None:
     label = f"{filesystems}x{snapshots}"
     pools = benchlib.zfstest.PoolFactory(tmpfs / label)
@@ -251,7 +252,7 @@ def run_scale(filesystems: int, snapshots: int, runs: int, push: bool, base: Pat
             return (snapshot_names(f"{src}/data")
                     + zfs("list", "-H", "-o", "name", "-t", "snapshot", "-r", f"{dst}/sink").split())
 
-        for job in ["snap", "push"] if push else ["snap"]:
+        for job in jobs:
             if job == "push":
                 start = time.perf_counter()
                 seed_latest(src, dst, filesystems, f"s{snapshots - 1:04d}")
@@ -279,8 +280,12 @@ def main() -> int:
     ap.add_argument("--scale", default="1000x10", help="FILESYSTEMSxSNAPSHOTS[,...] (default 1000x10)")
     ap.add_argument("--runs", type=int, default=1, help="timed runs per figure (median; default 1)")
     ap.add_argument("--push", action="store_true", help="also seed a sink and time a no-op push")
+    ap.add_argument("--jobs", help="the zrepl.py jobs to time, of snap,push (default snap, and push with --push)")
     ap.add_argument("--runs-only", action="store_true", help="only the floor and the zrepl.py runs, no column sets")
     args = ap.parse_args()
+    jobs = args.jobs.split(",") if args.jobs else ["snap", "push"] if args.push else ["snap"]
+    if not set(jobs) <= {"snap", "push"}:
+        ap.error(f"--jobs: {args.jobs!r}: name snap, push or both")
     benchlib.require_guest()
     print(benchlib.environment(), flush=True)
     startup = benchlib.median([run_measured(zrepl_argv("version")).wall for _ in range(2)])
@@ -290,7 +295,7 @@ def main() -> int:
     try:
         for scale in args.scale.split(","):
             f, _, s = scale.strip().partition("x")
-            run_scale(int(f), int(s), args.runs, args.push, base, tmpfs.path, columns=not args.runs_only)
+            run_scale(int(f), int(s), args.runs, jobs, base, tmpfs.path, columns=not args.runs_only)
     finally:
         tmpfs.close()
     return 0
