@@ -8524,6 +8524,19 @@ class IncomingSource:
 
 # ---- the local endpoints --------------------------------------------------------------------------
 
+@dataclass
+class RunListing:
+    """An endpoint's listing of this run (its list_filesystems), shared by the endpoints of the
+    run's lanes (replication.concurrency.steps): one listing per side and run, not one per lane
+    (at 1,000 filesystems each is a whole-tree `zfs list`). What a step adds (a received dataset, a
+    placeholder) is seen by every lane: a child on another lane does not take its parent for
+    missing. Lanes touch different filesystems, and single dict operations are atomic."""
+
+    datasets: dict[str, DatasetInfo] = field(default_factory=dict)
+    listed: bool = False  # whether `datasets` is this run's listing (with what it made since); else empty
+    placing: threading.Lock = field(default_factory=threading.Lock, repr=False)  # placeholders: a lane at a time
+
+
 class SenderEndpoint:
     """The sending side of a job (implements Sender): lists its filesystems, sends streams, protects
     and moves cursors.
@@ -8538,10 +8551,12 @@ class SenderEndpoint:
     def __init__(self, zfs: Zfs, job: str, filesystems: DatasetFilter, send: SendConfig,
                  processes: ProcessRegistry | None = None, progress: Progress | None = None,
                  job_type: str = "push", abstraction_job: str | None = None, guards: Sequence[str] = (),
-                 read_only: bool = False, listing_cache: ListingCache | None = None):
+                 read_only: bool = False, listing_cache: ListingCache | None = None,
+                 run_listing: RunListing | None = None):
         """`abstraction_job` names this side's holds and bookmarks (default: the job; a source with
         several clients gives each its own). `guards` are the other replicating jobs whose
-        unreplicated snapshots a destroy keeps. `read_only` refuses every destroy."""
+        unreplicated snapshots a destroy keeps. `read_only` refuses every destroy. `run_listing`:
+        shared with the endpoints of the run's other lanes."""
         self.zfs, self.filter, self.send_cfg = zfs, filesystems, send
         self.listing_cache = listing_cache
         self.job = abstraction_job or job
@@ -8549,7 +8564,7 @@ class SenderEndpoint:
         self.guards, self.read_only = [g for g in guards if g != self.job], read_only
         self.processes = processes or ProcessRegistry()
         self.progress = progress
-        self._listing: dict[str, DatasetInfo] = {}
+        self._run = run_listing if run_listing is not None else RunListing()
         # tentative cursors protect_all made this run, by filesystem (complete_all drops them)
         self._tentative: dict[str, list[Abstraction]] = {}
 
@@ -8567,11 +8582,12 @@ class SenderEndpoint:
     # -- listing ---------------------------------------------------------------------------------
     def list_filesystems(self) -> list[DatasetInfo]:
         listing = self.zfs.list_datasets(list_roots_for_filter(self.filter), cache=self.listing_cache)
-        self._listing = {n: ds for n, ds in listing.items() if self.filter.accepts(n)}
-        return [self._listing[n] for n in sorted(self._listing)]
+        mine = {n: ds for n, ds in listing.items() if self.filter.accepts(n)}
+        self._run.datasets, self._run.listed = mine, True
+        return [mine[n] for n in sorted(mine)]
 
     def _info(self, fs: str) -> DatasetInfo | None:
-        return self._listing.get(fs)
+        return self._run.datasets.get(fs)
 
     # -- sending ---------------------------------------------------------------------------------
     def _flags(self) -> SendFlags:
@@ -8780,7 +8796,7 @@ class SenderEndpoint:
     def drop_stale(self, fs: str, keep_cursor_guid: int | None = None, dry_run: bool = False) -> list[Abstraction]:
         """Release this job's stale abstractions on one filesystem (see stale_abstractions)."""
         self._allowed(fs)
-        info = self.zfs.list_one(fs) if not dry_run or fs not in self._listing else self._listing.get(fs)
+        info = self.zfs.list_one(fs) if not dry_run or fs not in self._run.datasets else self._run.datasets.get(fs)
         if info is None:
             return []
         abstractions = bookmark_abstractions(info)
@@ -8898,7 +8914,8 @@ class ReceiverEndpoint:
 
     def __init__(self, zfs: Zfs, job: str, root_fs: str, client_identity: str | None, recv: RecvConfig,
                  processes: ProcessRegistry | None = None, progress: Progress | None = None,
-                 job_type: str = "sink", listing_cache: ListingCache | None = None):
+                 job_type: str = "sink", listing_cache: ListingCache | None = None,
+                 run_listing: RunListing | None = None):
         self.zfs, self.job, self.root_fs, self.identity, self.recv_cfg = zfs, job, root_fs, client_identity, recv
         self.listing_cache = listing_cache
         self.root = f"{root_fs}/{client_identity}" if client_identity else root_fs
@@ -8906,8 +8923,7 @@ class ReceiverEndpoint:
                              holds_all=True)
         self.processes = processes or ProcessRegistry()
         self.progress = progress
-        self._listing: dict[str, DatasetInfo] = {}
-        self._listed = False  # whether _listing is this run's listing of root (list_filesystems)
+        self._run = run_listing if run_listing is not None else RunListing()  # of root; shared by lanes
         self._prepared_absent: set[str] = set()  # targets prepare() found missing (parents made)
 
     def target(self, sender_fs: str) -> str:
@@ -8931,7 +8947,7 @@ class ReceiverEndpoint:
         if self.root not in listing and not self.zfs.list_datasets([self.root_fs], depth=0):
             raise EndpointError(f"root_fs {self.root_fs!r} does not exist on the receiver; create it once "
                                 f"with `{_q('zfs', 'create', '-p', '-o', 'mountpoint=none', self.root_fs)}`")
-        self._listing, self._listed = _datasets_only(listing), True
+        self._run.datasets, self._run.listed = _datasets_only(listing), True
         mine = {name: ds for name, ds in listing.items() if is_descendant(name, self.root, include_self=True)}
         out: ReceiverListing = {}
         for name, ds in mine.items():
@@ -8941,12 +8957,17 @@ class ReceiverEndpoint:
 
     # -- placeholders ----------------------------------------------------------------------------
     def _ensure_parents(self, target: str) -> None:
-        if not self._listing:
-            self._listing = _datasets_only(self.zfs.list_datasets([self.root]))
-        for ph in placeholders_needed(target, self.root_fs, set(self._listing)):
+        with self._run.placing:  # lanes: one creates a parent they share, the others then see it made
+            self._make_parents(target)
+
+    def _make_parents(self, target: str) -> None:
+        if not self._run.listed:
+            self._run.datasets, self._run.listed = _datasets_only(self.zfs.list_datasets([self.root])), True
+        known = self._run.datasets
+        for ph in placeholders_needed(target, self.root_fs, set(known)):
             is_identity = self.identity is not None and ph == self.root
             enc = self.recv_cfg.placeholder_encryption
-            parent = self._listing.get(ph.rsplit("/", 1)[0])
+            parent = known.get(ph.rsplit("/", 1)[0])
             parent_encrypted = parent is not None and parent.props.get("encryption", "off") not in ("off", "")
             # zrepl refuses every placeholder while this is unspecified. The choice only matters
             # below an encrypted parent (inherit = encrypted, off = plain), so only there we ask.
@@ -8965,7 +8986,7 @@ class ReceiverEndpoint:
                 mounted_by_root_only = "successfully created, but it may only be mounted by root" in exc.stderr
                 if exc.kind != ZfsErrorKind.EXISTS and not mounted_by_root_only:
                     raise
-            self._listing.setdefault(ph, DatasetInfo(name=ph, type="filesystem", props={PLACEHOLDER_PROPERTY: "on"}))
+            known.setdefault(ph, DatasetInfo(name=ph, type="filesystem", props={PLACEHOLDER_PROPERTY: "on"}))
 
     # -- receiving -------------------------------------------------------------------------------
     def prepare(self, req: StepRequest) -> None:
@@ -8979,7 +9000,7 @@ class ReceiverEndpoint:
         target = self.target(req.fs)
         # The run's listing knows (a full step is planned only for a target it did not show); one
         # made since is refused by `zfs recv` without -F, so nothing is overwritten.
-        if (target not in self._listing) if self._listed else (self.zfs.list_one(target) is None):
+        if (target not in self._run.datasets) if self._run.listed else (self.zfs.list_one(target) is None):
             self._ensure_parents(target)
             self._prepared_absent.add(target)
 
@@ -9034,8 +9055,8 @@ class ReceiverEndpoint:
             failure = ZfsError(argv, proc.returncode, err.decode("utf-8", "replace"))
             raise self._explained(failure, target) from failure
         if req.defer_hold:  # checked and held by hold_received_all, for all filesystems at once
-            if self._listing:  # a child's step must not take this new dataset for a missing parent
-                self._listing.setdefault(target, DatasetInfo(name=target, type=req.dataset_type))
+            if self._run.listed:  # a child's step must not take this new dataset for a missing parent
+                self._run.datasets.setdefault(target, DatasetInfo(name=target, type=req.dataset_type))
             return ReceiveResult(received=req.to, guid=req.to_guid)
         return self._verify(target, req)
 
@@ -9069,8 +9090,8 @@ class ReceiverEndpoint:
         if got.get(req.to) != req.to_guid:
             raise EndpointError(f"{target}@{req.to} has guid {got.get(req.to)} after the receive, "
                                 f"expected {req.to_guid}")
-        if self._listing:  # a child's step must not take this new dataset for a missing parent
-            self._listing[target] = info
+        if self._run.listed:  # a child's step must not take this new dataset for a missing parent
+            self._run.datasets[target] = info
         self._hold_last_received(target, info, req.to)
         return ReceiveResult(received=req.to, guid=req.to_guid)
 
@@ -9576,20 +9597,25 @@ class LocalLimits:
 
 
 def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRegistry,
-                  progress: Progress, limits: LocalLimits | None = None) -> Peer:
+                  progress: Progress, limits: LocalLimits | None = None,
+                  run_listing: RunListing | None = None) -> Peer:
     """Join an active job to the sink/source serving its local listener: a socketpair, the passive
     endpoint served in a thread of this process. Streams pass as file descriptors (zero copies)
     unless a bandwidth limit forces copying. `open_lane` gives another such pair for a parallel
-    step, drawing from the same bandwidth buckets (`limits`, made here when not given)."""
+    step, drawing from the same bandwidth buckets (`limits`, made here when not given) and sharing
+    the passive endpoint's listing of the run (`run_listing`, likewise), as an ssh connection's
+    lanes do."""
     assert job.connect is not None
     passive = local_listener_job(config, job.connect.listener_name)
     if limits is None:
         limits = LocalLimits.of(job, passive)
+    if run_listing is None:
+        run_listing = RunListing()
     client, server = local_pair()
     client.name, server.name = f"local listener {job.connect.listener_name}", f"local client {job.name}"
     identity = job.connect.client_identity
     handlers = passive_handlers(passive, identity, zfs, processes, progress, replication_guards(config),
-                                client_listing_cache(config, passive, identity))
+                                client_listing_cache(config, passive, identity), run_listing)
     client.send_limit, client.recv_limit = limits.client_send, limits.client_recv
     server.send_limit, server.recv_limit = limits.server_send, limits.server_recv
     failure: list[BaseException] = []
@@ -9613,7 +9639,7 @@ def connect_local(config: Config, job: JobConfig, zfs: Zfs, processes: ProcessRe
         thread.join(timeout=30)
 
     def open_lane(lane_progress: Progress) -> Peer:
-        return connect_local(config, job, zfs, processes, lane_progress, limits)
+        return connect_local(config, job, zfs, processes, lane_progress, limits, run_listing)
 
     return Peer(client, close, client.cancel, open_lane, lambda: job.replication.concurrency_steps)
 
@@ -9793,21 +9819,26 @@ def stdinserver_job(config: Config, identity: str) -> JobConfig:
 
 def passive_handlers(job: JobConfig, identity: str, zfs: Zfs, processes: ProcessRegistry,
                      progress: Progress, guards: Sequence[str] = (),
-                     listing_cache: ListingCache | None = None) -> dict[str, Handler]:
+                     listing_cache: ListingCache | None = None,
+                     run_listing: RunListing | None = None) -> dict[str, Handler]:
     """The protocol handlers a sink (receiver below root_fs/<identity>) or a source (sender of its
     filesystems filter) offers one client. A source gives each client its own abstraction names
     and keeps what its other clients and this host's other jobs (`guards`) still need. Each lane
     of an ssh connection gets an endpoint of its own (session_handlers), as each connection of the
-    local transport does."""
+    local transport does; they share one listing of the run (`run_listing`, made here unless a
+    local run's other lanes pass theirs), which the client's first lane asks for."""
+    shared = run_listing if run_listing is not None else RunListing()
+
     def make() -> dict[str, Handler]:
         if job.type == "sink":
             return receiver_handlers(ReceiverEndpoint(zfs, job.name, job.root_fs, identity, job.recv, processes,
-                                                      progress, job_type="sink", listing_cache=listing_cache))
+                                                      progress, job_type="sink", listing_cache=listing_cache,
+                                                      run_listing=shared))
         assert job.filesystems is not None and job.serve is not None
         return sender_handlers(SenderEndpoint(zfs, job.name, job.filesystems, job.send, processes, progress,
                                               job_type="source", abstraction_job=source_abstraction_job(job, identity),
                                               guards=guards, read_only=job.serve.read_only,
-                                              listing_cache=listing_cache))
+                                              listing_cache=listing_cache, run_listing=shared))
     return session_handlers(make)
 
 
@@ -11235,7 +11266,8 @@ class ActiveMode(Protocol):
 
     def sides(self, conn: RequestChannel, progress: Progress | None = None) -> tuple[Sender, Receiver]:
         """The sender and receiver for one connection (built again after a reconnect, and for each
-        extra lane of parallel steps, with that lane's progress)."""
+        extra lane of parallel steps, with that lane's progress); the local side's endpoints of one
+        run share its listing (RunListing)."""
         ...
 
 
@@ -11249,6 +11281,7 @@ class PushMode:
         self.job, self.zfs, self.processes, self.progress = job, zfs, processes, progress
         self.guards = list(guards)
         self.listing_cache: ListingCache | None = None
+        self.run_listing = RunListing()  # the sender's, shared by the run's lanes
 
     def takes_snapshots(self) -> bool:
         return self.job.snapshotting.type != "manual"
@@ -11257,7 +11290,7 @@ class PushMode:
         assert self.job.filesystems is not None
         sender = SenderEndpoint(self.zfs, self.job.name, self.job.filesystems, self.job.send, self.processes,
                                 progress or self.progress, job_type="push", guards=self.guards,
-                                listing_cache=self.listing_cache)
+                                listing_cache=self.listing_cache, run_listing=self.run_listing)
         return sender, RemoteReceiver(conn)
 
 
@@ -11270,6 +11303,7 @@ class PullMode:
                  guards: Sequence[str] = ()):
         self.job, self.zfs, self.processes, self.progress = job, zfs, processes, progress
         self.listing_cache: ListingCache | None = None
+        self.run_listing = RunListing()  # the receiver's, shared by the run's lanes
 
     def takes_snapshots(self) -> bool:
         return False
@@ -11277,7 +11311,7 @@ class PullMode:
     def sides(self, conn: RequestChannel, progress: Progress | None = None) -> tuple[Sender, Receiver]:
         receiver = ReceiverEndpoint(self.zfs, self.job.name, self.job.root_fs, None, self.job.recv,
                                     self.processes, progress or self.progress, job_type="pull",
-                                    listing_cache=self.listing_cache)
+                                    listing_cache=self.listing_cache, run_listing=self.run_listing)
         return RemoteSender(conn), receiver
 
 
@@ -11618,10 +11652,8 @@ class JobRunner:
                 lane_peer = connect_peer(self.config, self.job, self.zfs, processes, lane_progress, self.clock)
             lanes.append(lane_peer)
             lane_sender, lane_receiver = mode.sides(lane_peer.conn, lane_progress)
-            # One listing per side and lane, as the run's own pair has: without it each step
-            # would look up its filesystem on both sides (two `zfs list` per filesystem).
-            lane_sender.list_filesystems()
-            lane_receiver.list_filesystems()
+            # No listing of its own: the lane's endpoints on both sides share the run's (RunListing:
+            # the mode's here, the passive side's per connection), made by the planning.
             return Lane(lane_sender, lane_receiver, lane_progress)
         repl = Replication(sender, receiver, settings, progress, error_counts=counts, previous=previous,
                            clock=self.clock, lane_factory=new_lane if settings.concurrency > 1 else None)

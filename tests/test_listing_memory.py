@@ -126,7 +126,7 @@ def test_a_receiver_endpoint_keeps_datasets_not_versions(fake_zfs):
     ep = zrepl.ReceiverEndpoint(fake_zfs, "sink", "tank/sink", "c", zrepl.RecvConfig())
     listing = ep.list_filesystems()
     assert [v.name for v in listing["prod/fs"].dataset.snapshots()] == ["a", "b", "c"]
-    assert sorted(ep._listing) == ["tank/sink/c", "tank/sink/c/prod", "tank/sink/c/prod/fs"]
-    assert all(ds.versions == [] for ds in ep._listing.values())
+    assert sorted(ep._run.datasets) == ["tank/sink/c", "tank/sink/c/prod", "tank/sink/c/prod/fs"]
+    assert all(ds.versions == [] for ds in ep._run.datasets.values())
     # the same props: what the run marks on its copy (placeholders) the endpoint sees
-    assert ep._listing["tank/sink/c/prod/fs"].props is listing["prod/fs"].dataset.props
+    assert ep._run.datasets["tank/sink/c/prod/fs"].props is listing["prod/fs"].dataset.props

@@ -163,10 +163,38 @@ def test_parallel_lanes_protect_and_complete_in_one_batch_like_the_serial_run(fa
     assert [c for c in fake_zfs.calls if c[1] == "hold" and c[2] == STEP] == [["zfs", "hold", STEP, *every]]
     assert len([c for c in fake_zfs.calls if c[1] == "release" and c[2] == STEP]) == 1
     assert len([c for c in fake_zfs.calls if c[1] == "hold" and c[2] == RECEIVED]) == 1
-    # each extra lane lists both sides once; no step looks up its own filesystem on either side
+    # no step looks up its own filesystem on either side
     single = [c for c in fake_zfs.calls if c[1] == "list" and "-d" in c and c[-1].startswith(("src/data/fs", ROOT))
               and len([a for a in c if a.startswith(("src/", "dst/"))]) == 1]
     assert single == []
+
+
+def test_parallel_lanes_spawn_what_the_serial_run_does_sharing_its_listings(fake_zfs, world, tmp_path):
+    """Each extra lane used to list both sides again before its first step (at 1,000 filesystems,
+    two whole-tree listings per lane, one lane after another): the lanes share the run's listing
+    on both sides, so a run with steps = 3 spawns exactly the commands of a serial one. The tree
+    has children below children, received on whichever lane is free: none of them takes a parent
+    another lane received for missing (no placeholder `zfs create` beyond the serial run's)."""
+    def nested(w) -> None:
+        w.tree("src", "\n".join(f"data/p{i}{child} @s0 @s1" for i in range(3) for child in ("", "/c0", "/c1", "/c2")))
+
+    counts = []
+    for steps in (1, 3):
+        fake = FakeZfs()
+        fake.world.tree("src", "data")
+        fake.world.tree("dst", "sink")
+        nested(fake.world)
+        run_dir = tmp_path / f"steps{steps}"
+        run_dir.mkdir()
+        assert push(fake, run_dir, initial_replication="all", replication={"concurrency": {"steps": steps}}) == 0
+        assert fake.errors == []
+        for i in range(3):
+            for fs in (f"src/data/p{i}", *(f"src/data/p{i}/c{j}" for j in range(3))):
+                assert fake.world.snapshots(f"{ROOT}/{fs}") == ["s0", "s1"], (steps, fs)
+        counts.append(Counter(c[1] for c in fake.calls))
+    serial, parallel = counts
+    assert parallel == serial, (serial, parallel)
+    assert serial["list"] > 0 and serial["recv"] == 24  # 12 filesystems, a full and an incremental stream
 
 
 def test_local_lanes_share_the_runs_bandwidth_buckets(fake_zfs, world, tmp_path, monkeypatch):
