@@ -7724,9 +7724,10 @@ class Connection:
 
 def session_handlers(make: Callable[[], dict[str, Handler]]) -> dict[str, Handler]:
     """Handlers that give each session (a connection, or each lane of one: ctx.conn) a set of
-    make()'s own, made at its first request. What a handler keeps between requests (an endpoint's
-    listing of this run, the pages of a paged answer) then belongs to one session, whose requests
-    come one at a time, as on a connection of its own; lanes served at once never share it."""
+    make()'s own, made at its first request. What a handler keeps between requests (the pages of
+    a paged answer, the targets prepare() found missing) then belongs to one session, whose
+    requests come one at a time, as on a connection of its own; lanes served at once never share
+    it. What make() hands every session on purpose (the run's listing: RunListing) is shared."""
     first = make()
     sets: weakref.WeakKeyDictionary[Connection, dict[str, Handler]] = weakref.WeakKeyDictionary()
     lock = threading.Lock()
