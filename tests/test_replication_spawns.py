@@ -169,21 +169,18 @@ def test_parallel_lanes_protect_and_complete_in_one_batch_like_the_serial_run(fa
     assert single == []
 
 
-def test_parallel_lanes_spawn_what_the_serial_run_does_sharing_its_listings(fake_zfs, world, tmp_path):
+def test_parallel_lanes_spawn_what_the_serial_run_does_sharing_its_listings(tmp_path):
     """Each extra lane used to list both sides again before its first step (at 1,000 filesystems,
     two whole-tree listings per lane, one lane after another): the lanes share the run's listing
     on both sides, so a run with steps = 3 spawns exactly the commands of a serial one. The tree
     has children below children, received on whichever lane is free: none of them takes a parent
     another lane received for missing (no placeholder `zfs create` beyond the serial run's)."""
-    def nested(w) -> None:
-        w.tree("src", "\n".join(f"data/p{i}{child} @s0 @s1" for i in range(3) for child in ("", "/c0", "/c1", "/c2")))
-
     counts = []
     for steps in (1, 3):
         fake = FakeZfs()
-        fake.world.tree("src", "data")
+        fake.world.tree("src", "\n".join(f"data/p{i}{child} @s0 @s1"
+                                         for i in range(3) for child in ("", "/c0", "/c1", "/c2")))
         fake.world.tree("dst", "sink")
-        nested(fake.world)
         run_dir = tmp_path / f"steps{steps}"
         run_dir.mkdir()
         assert push(fake, run_dir, initial_replication="all", replication={"concurrency": {"steps": steps}}) == 0
